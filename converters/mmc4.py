@@ -1,0 +1,288 @@
+"""MMC4 zips + downloaded images -> interleaved (MMC4-form) shards with embedded base64 images.
+
+One unit per input zip. Each jsonl line becomes one record keyed ``<unit>-<line>`` or a counted,
+reasoned reject. Image layouts: ``indexed`` (``<images>/<position in the shard list>/<name>``)
+and ``flat`` (``<images>/<shard>_images/<name>``); ``auto`` picks the one where images are found
+and fails loudly when nearly every image is missing under both.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from flamingo_data.executors import run_units
+from flamingo_data.images import ImagePolicy, process_image
+from flamingo_data.records import InterleavedDoc
+from flamingo_data.schema import schema_errors
+from flamingo_data.shards import safe_stem
+from flamingo_data.specs import SpecError, expand_specs
+from flamingo_data.stats import Stats
+from flamingo_data.units import RunOptions, Unit, UnitContext, finalize, prepare_out_dir, unit_names
+
+LAYOUTS = ("auto", "indexed", "flat")
+
+
+class LayoutError(RuntimeError):
+    """Images were looked for and nearly none were found: wrong layout or wrong folder."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mmc4Options:
+    """What to read and what to keep."""
+
+    images: str
+    layout: str = "auto"
+    keep_docs_without_images: bool = False
+    drop_docs_with_missing_images: bool = False
+    policy: ImagePolicy = field(default_factory=ImagePolicy)
+    min_found_rate: float = 0.05
+
+
+class DocumentError(ValueError):
+    """A source line that cannot become a record; ``args[0]`` is the reason."""
+
+
+def unit_stem(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".zip", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return safe_stem(name)
+
+
+def flat_folder_candidates(images: Path, unit: Unit) -> list[Path]:
+    """Possible names of the flat per-shard folder: ``<stem>_images`` for several readings of <shard>."""
+    name = Path(unit.source).name
+    stems = [unit_stem(unit.source), name.removesuffix(".zip"), name.split(".")[0]]
+    digits = "".join(ch if ch.isdigit() else " " for ch in name.split(".")[0]).split()
+    if digits:
+        stems += [digits[0], f"shard_{digits[0]}"]
+    return [images / f"{stem}_images" for stem in dict.fromkeys(stems)]
+
+
+def image_folder(images: Path, unit: Unit, layout: str) -> Path:
+    """Where this unit's images live under ``layout`` (indexed or flat)."""
+    if layout == "indexed":
+        return images / str(unit.index)
+    candidates = flat_folder_candidates(images, unit)
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def iter_lines(path: str) -> Iterator[tuple[str, int, bytes]]:
+    """(member, line number, raw line) for every .jsonl member of the zip, members in name order."""
+    with zipfile.ZipFile(path) as zf:
+        members = sorted(n for n in zf.namelist() if n.endswith(".jsonl"))
+        if not members:
+            raise zipfile.BadZipFile("no .jsonl member")
+        for member in members:
+            with zf.open(member) as handle:
+                for number, line in enumerate(io.BufferedReader(handle), start=1):
+                    yield member, number, line
+
+
+def parse_document(line: bytes) -> dict[str, Any]:
+    """Decode and structurally check one MMC4 line; raises DocumentError(reason)."""
+    try:
+        doc = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DocumentError("bad_json") from exc
+    if not isinstance(doc, dict):
+        raise DocumentError("not_an_object")
+    text_list, image_info, matrix = (
+        doc.get("text_list"),
+        doc.get("image_info"),
+        doc.get("similarity_matrix"),
+    )
+    if not isinstance(text_list, list) or not all(isinstance(t, str) for t in text_list):
+        raise DocumentError("bad_text_list")
+    if not text_list:
+        raise DocumentError("empty_text_list")
+    if not isinstance(image_info, list) or not all(
+        _valid_info(i, len(text_list)) for i in image_info
+    ):
+        raise DocumentError("bad_image_info")
+    if not _matrix_shape_ok(matrix, len(image_info), len(text_list)):
+        raise DocumentError("bad_matrix_shape")
+    return doc
+
+
+def _valid_info(info: Any, n_sentences: int) -> bool:
+    if not isinstance(info, dict) or not isinstance(info.get("image_name"), str):
+        return False
+    index = info.get("matched_text_index")
+    return isinstance(index, int) and not isinstance(index, bool) and 0 <= index < n_sentences
+
+
+def _matrix_shape_ok(matrix: Any, rows: int, cols: int) -> bool:
+    if not isinstance(matrix, list) or len(matrix) != rows:
+        return False
+    return all(
+        isinstance(r, list) and len(r) == cols and all(_is_number(v) for v in r) for r in matrix
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _safe_image_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def attach_images(
+    doc: InterleavedDoc, folder: Path, ctx: UnitContext, key: str, policy: ImagePolicy
+) -> int:
+    """Load, check and attach each image's bytes; returns how many have bytes. Every outcome counted."""
+    found = 0
+    for info in doc.image_info:
+        if not _safe_image_name(info.image_name):
+            ctx.reject("images", f"{key}/{info.image_name}", "unsafe_image_name")
+            continue
+        try:
+            data = (folder / info.image_name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            ctx.stats.add("images", "missing")
+            continue
+        result = process_image(data, policy)
+        if not result.ok:
+            ctx.reject("images", f"{key}/{info.image_name}", result.reason or "rejected")
+            continue
+        ctx.stats.add("images", "found")
+        ctx.stats.add("images", result.outcome)
+        info.image_bytes = result.data
+        found += 1
+    return found
+
+
+def convert_line(
+    line: bytes, key: str, folder: Path, ctx: UnitContext, options: Mmc4Options
+) -> None:
+    """One jsonl line -> one written record or one counted reject."""
+    ctx.stats.add("documents", "in")
+    try:
+        doc = InterleavedDoc.from_json(parse_document(line))
+    except DocumentError as exc:
+        ctx.reject("documents", key, exc.args[0])
+        return
+    ctx.stats.add("images", "in", len(doc.image_info))
+    found = attach_images(doc, folder, ctx, key, options.policy)
+    if found == 0 and not options.keep_docs_without_images:
+        ctx.reject("documents", key, "no_images")
+        return
+    if found < len(doc.image_info) and options.drop_docs_with_missing_images:
+        ctx.reject("documents", key, "missing_images")
+        return
+    record = doc.to_json()
+    errors = schema_errors("interleaved", record)
+    if errors:
+        ctx.reject("documents", key, "schema", "; ".join(errors))
+        return
+    ctx.write(key, {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
+    ctx.stats.add("documents", "written")
+
+
+def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str) -> None:
+    """Convert every line of one zip; an unreadable or truncated zip is a counted unit-level reject."""
+    folder = image_folder(Path(options.images), unit, layout)
+    lines = iter_lines(unit.source)
+    count = 0
+    try:
+        for member, _number, line in lines:
+            if not line.strip():
+                continue
+            count += 1
+            convert_line(line, f"{unit.name}-{count:07d}", folder, ctx, options)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        reason = "unreadable_zip" if count == 0 else "truncated_zip"
+        ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
+
+
+def detect_layout(
+    units: list[Unit], options: Mmc4Options, sample_docs: int = 200
+) -> tuple[str, dict[str, float]]:
+    """Found-rate of images under each layout on a sample of documents; the best one wins.
+
+    Raises LayoutError when even the best layout finds under ``min_found_rate`` of the images.
+    """
+    layouts = ("indexed", "flat") if options.layout == "auto" else (options.layout,)
+    names = _sample_image_names(units, sample_docs)
+    if not names:
+        return (layouts[0], {})
+    rates = {}
+    for layout in layouts:
+        hits = sum(
+            (image_folder(Path(options.images), unit, layout) / name).is_file()
+            for unit, name in names
+        )
+        rates[layout] = hits / len(names)
+    best = max(rates, key=rates.get)
+    if rates[best] < options.min_found_rate:
+        raise LayoutError(_layout_message(options, rates, len(names)))
+    return best, rates
+
+
+def _layout_message(options: Mmc4Options, rates: dict[str, float], checked: int) -> str:
+    found = ", ".join(f"{layout}: {rate:.0%}" for layout, rate in rates.items())
+    return (
+        f"nearly every image is missing under --images {options.images} ({found} of {checked} sampled "
+        f"images found). Check the folder and --image-layout: indexed = <images>/<position of the zip in "
+        f"the --docs list>/<image_name>, flat = <images>/<shard>_images/<image_name>"
+    )
+
+
+def _sample_image_names(units: list[Unit], limit: int) -> list[tuple[Unit, str]]:
+    names: list[tuple[Unit, str]] = []
+    for unit in units:
+        try:
+            for _member, _number, line in iter_lines(unit.source):
+                names.extend((unit, i["image_name"]) for i in _image_infos(line))
+                if len(names) >= limit:
+                    return names
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError):
+            continue
+    return names
+
+
+def _image_infos(line: bytes) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads(line)
+        infos = doc.get("image_info") or []
+        return [i for i in infos if isinstance(i, dict) and isinstance(i.get("image_name"), str)]
+    except (ValueError, AttributeError):
+        return []
+
+
+def convert_mmc4(
+    docs: str | list[str],
+    options: Mmc4Options,
+    run: RunOptions,
+    *,
+    overwrite: bool = False,
+    processes: int | None = None,
+    executor: str = "local",
+    progress: bool = True,
+) -> Stats:
+    """Convert MMC4 zips into interleaved shards in ``run.out_dir``; returns the merged stats."""
+    if options.layout not in LAYOUTS:
+        raise ValueError(f"--image-layout must be one of {', '.join(LAYOUTS)}")
+    sources = expand_specs(docs, folder_suffix=".zip", keep_missing=True)
+    units = [u for u in unit_names(sources, unit_stem) if Path(u.source).is_file()]
+    if not units:
+        raise SpecError(f"no MMC4 zip matches {docs!r}")
+    if not Path(options.images).is_dir():
+        raise SpecError(f"image folder {options.images} does not exist")
+    layout, _rates = detect_layout(units, options)
+    prepare_out_dir(run.out_dir, run.resume, overwrite)
+    fn = partial(convert_unit, options=options, layout=layout)
+    run_units(units, fn, run, executor=executor, processes=processes, progress=progress)
+    missing = Stats(converter="mmc4")
+    missing.add("units", "missing_input", len(sources) - len(units))
+    missing.add("units", f"layout_{layout}")
+    return finalize(run.out_dir, "mmc4", missing)

@@ -1,0 +1,68 @@
+"""The ``flamingo-data`` console script: a thin shell over the library.
+
+Each subcommand lives in ``flamingo_data.commands.<name>`` with ``add_arguments(parser)`` and
+``run(args) -> int``; the module builds a config and calls the library function of the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from flamingo_data.commands.common import UsageError
+
+COMMANDS = {
+    "validate": "Check shards are fit for training; write sizes.json",
+    "inspect": "Summarise a dataset: counts, histograms, what the loader would keep",
+    "preview": "Render documents as HTML, the way the loader will see them",
+    "train": "Train a Flamingo model on shards (run under torchrun for several processes)",
+    "demo": "Build a small sample, convert, validate, preview and train a tiny model (no network)",
+}
+CONVERTERS = {
+    "mmc4": "MMC4 zips + downloaded images -> interleaved shards",
+    "laion": "LAION-style parquet -> image-text pair shards (downloads with img2dataset)",
+    "chatgpt": "ChatGPT-generated sequences -> GPT shards with embedded images",
+    "conversations": "LLaVA-style conversation JSON + image folder -> interleaved or GPT shards",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flamingo-data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    convert = sub.add_parser("convert", help="Convert a source format into WebDataset shards")
+    convert_sub = convert.add_subparsers(dest="source", required=True)
+    for name, help_text in CONVERTERS.items():
+        _add(convert_sub, name, help_text, f"flamingo_data.commands.convert_{name}")
+    for name, help_text in COMMANDS.items():
+        _add(sub, name, help_text, f"flamingo_data.commands.{name}")
+    return parser
+
+
+def _add(sub: argparse._SubParsersAction, name: str, help_text: str, module_name: str) -> None:
+    if importlib.util.find_spec(module_name) is None:
+        return
+    module = importlib.import_module(module_name)
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    module.add_arguments(parser)
+    parser.set_defaults(handler=module.run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as exc:
+        print(f"flamingo-data: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "flamingo-data: interrupted; committed units are kept, rerun with --resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Options and error handling shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from flamingo_data.executors import default_processes
+from flamingo_data.images import DEFAULT_MAX_PIXELS, ImagePolicy
+from flamingo_data.specs import SpecError
+from flamingo_data.units import OutputExistsError, RunOptions
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every converter shares: output, parallelism, resume, rejects, shard size."""
+    parser.add_argument(
+        "--out", required=True, help="output folder for shards, sizes.json, stats.json"
+    )
+    parser.add_argument(
+        "--processes", type=int, default=default_processes(), help="parallel units (default: cores)"
+    )
+    parser.add_argument("--executor", default="local", help="local (default), spark or ray")
+    parser.add_argument(
+        "--resume", action="store_true", help="skip finished units, redo unfinished ones"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run's output first"
+    )
+    parser.add_argument("--rejects", action="store_true", help="write rejects.jsonl (key + reason)")
+    parser.add_argument("--max-samples-per-shard", type=int, default=10_000)
+    parser.add_argument("--max-bytes-per-shard", type=int, default=2**30)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    """The image stage's policy: pixel cap (always on), optional resize, JPEG quality."""
+    parser.add_argument(
+        "--max-side", type=int, default=None, help="downscale so the longer side is at most N"
+    )
+    parser.add_argument(
+        "--short-side", type=int, default=None, help="downscale so the shorter side is N"
+    )
+    parser.add_argument(
+        "--quality", type=int, default=90, help="JPEG quality when re-encoding (default 90)"
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images"
+    )
+
+
+def image_policy(args: argparse.Namespace) -> ImagePolicy:
+    return ImagePolicy(
+        max_pixels=args.max_pixels,
+        max_side=args.max_side,
+        short_side=args.short_side,
+        quality=args.quality,
+    )
+
+
+def run_options(args: argparse.Namespace, converter: str) -> RunOptions:
+    return RunOptions(
+        out_dir=args.out,
+        converter=converter,
+        max_samples=args.max_samples_per_shard,
+        max_bytes=args.max_bytes_per_shard,
+        write_rejects=args.rejects,
+        resume=args.resume,
+    )
+
+
+def check_writable(out_dir: str) -> None:
+    """Fail early with one line when the output folder cannot be created or written."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"output folder {out_dir} is not writable")
+
+
+def usage_errors(fn):
+    """Turn the library's input errors into UsageError (one line, exit 2)."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (SpecError, OutputExistsError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from exc
+
+    return wrapper

@@ -1,0 +1,195 @@
+"""The image stage shared by every converter: sniff, cap pixels, keep or convert, optional resize.
+
+Source bytes are kept when they already are a decodable JPEG/PNG/WebP within policy (faster and
+lossless); anything else is converted to an RGB JPEG, and the outcome says which happened.
+``process_image`` never raises on bad data: it returns a rejected result with a reason.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+KEEPABLE = {"jpeg": {"RGB", "L"}, "png": {"RGB", "L", "RGBA", "LA", "P"}, "webp": {"RGB", "RGBA"}}
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; a decompression bomb is far above this
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePolicy:
+    """What the image stage accepts and produces. ``max_pixels`` is always on."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int | None = None
+    short_side: int | None = None
+    quality: int = 90
+    min_side: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """``outcome`` is kept | converted | resized | rejected; ``reason`` says why when not kept."""
+
+    outcome: str
+    data: bytes | None = None
+    fmt: str | None = None
+    width: int = 0
+    height: int = 0
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != "rejected"
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The real format from the leading bytes, never from a file name."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    return None
+
+
+def open_capped(data: bytes, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and refuse images over ``max_pixels`` before any pixel is decoded.
+
+    Raises ``ValueError('too_many_pixels')`` for a bomb; PIL errors for undecodable headers.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ValueError("too_many_pixels") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError("too_many_pixels")
+    return image
+
+
+def decode_rgb(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """Decode to RGB with the pixel cap; JPEGs decode at reduced DCT scale when ``draft_size`` allows."""
+    image = open_capped(data, max_pixels)
+    if draft_size and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))
+    image = ImageOps.exif_transpose(image) or image
+    return _to_rgb(image)
+
+
+def process_image(data: bytes | None, policy: ImagePolicy) -> ImageResult:
+    """Run one image through the stage; never raises on bad bytes."""
+    if not data:
+        return ImageResult("rejected", reason="empty")
+    fmt = sniff_format(data)
+    if fmt is None:
+        return ImageResult("rejected", reason="not_an_image")
+    try:
+        image = open_capped(data, policy.max_pixels)
+    except ValueError as exc:
+        return ImageResult("rejected", reason=str(exc))
+    except Exception:  # PIL raises many types for a corrupt header; all mean the same here
+        return ImageResult("rejected", reason="undecodable")
+    if min(image.size) < policy.min_side:
+        return ImageResult("rejected", reason="too_small")
+    try:
+        return _keep_or_convert(data, fmt, image, policy)
+    except Exception:  # truncated or corrupt pixel data surfaces only on decode
+        return ImageResult("rejected", reason="undecodable")
+
+
+def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePolicy) -> ImageResult:
+    target = _target_size(image.size, policy)
+    if target is None and _keepable(fmt, image):
+        _verify_decodes(image)
+        return ImageResult("kept", data, fmt, image.width, image.height)
+    if target is not None and image.format == "JPEG":
+        image.draft("RGB", target)
+    image = ImageOps.exif_transpose(image) or image
+    rgb = _to_rgb(image)
+    outcome = "converted"
+    if target is not None:
+        target = _target_size(rgb.size, policy) or rgb.size
+        if target != rgb.size:
+            rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
+            outcome = "resized"
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=policy.quality, optimize=False)
+    return ImageResult(
+        outcome, buf.getvalue(), "jpeg", rgb.width, rgb.height, reason=_why(fmt, image, outcome)
+    )
+
+
+def _keepable(fmt: str, image: Image.Image) -> bool:
+    if image.mode not in KEEPABLE.get(fmt, set()) or getattr(image, "is_animated", False):
+        return False
+    if image.mode == "P" and "transparency" in image.info:
+        return False
+    orientation = image.getexif().get(0x0112, 1) if fmt == "jpeg" else 1
+    return orientation in (0, 1)
+
+
+def _verify_decodes(image: Image.Image) -> None:
+    """Prove the pixels decode; JPEGs at 1/8 DCT scale (cheap, still reads the whole stream)."""
+    if image.format == "JPEG":
+        image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+    image.load()
+
+
+def _target_size(size: tuple[int, int], policy: ImagePolicy) -> tuple[int, int] | None:
+    """The resized size under ``max_side``/``short_side``, or None when no resize is due (never upscales)."""
+    width, height = size
+    scale = 1.0
+    if policy.max_side and max(width, height) > policy.max_side:
+        scale = policy.max_side / max(width, height)
+    if policy.short_side and min(width, height) * scale > policy.short_side:
+        scale = policy.short_side / min(width, height)
+    if scale >= 1.0:
+        return None
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for every mode: alpha composited on white, 16-bit scaled down, first frame of animations."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.uint32)
+        scale = 257 if arr.max(initial=0) > 255 else 1
+        return Image.fromarray((arr // scale).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _why(fmt: str, image: Image.Image, outcome: str) -> str:
+    if outcome == "resized":
+        return "resized"
+    if getattr(image, "is_animated", False):
+        return "animated"
+    if fmt not in KEEPABLE:
+        return f"format_{fmt}"
+    return (
+        f"mode_{image.mode.lower().replace(';', '_')}"
+        if image.mode not in KEEPABLE[fmt]
+        else "exif_or_alpha"
+    )

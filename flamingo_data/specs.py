@@ -1,0 +1,44 @@
+"""Expand shard/input specs: brace patterns, globs, folders, or lists of them."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable
+
+from braceexpand import braceexpand
+
+_GLOB_CHARS = set("*?[")
+
+
+class SpecError(ValueError):
+    """A spec that names nothing usable; the CLI turns it into a one-line error and exit 2."""
+
+
+def expand_specs(
+    specs: str | Iterable[str], folder_suffix: str = ".tar", keep_missing: bool = False
+) -> list[str]:
+    """Paths named by ``specs`` in the order given.
+
+    A folder expands to its files ending in ``folder_suffix`` (sorted), a glob to its sorted
+    matches, a brace pattern to each alternative. Paths that do not exist are dropped unless
+    ``keep_missing`` (MMC4's shard list has gaps, and positions in it still matter).
+    """
+    if isinstance(specs, str):
+        specs = [specs]
+    paths: list[str] = []
+    for spec in specs:
+        for item in braceexpand(spec):
+            paths.extend(_expand_one(item, folder_suffix, keep_missing))
+    return paths
+
+
+def _expand_one(item: str, folder_suffix: str, keep_missing: bool) -> list[str]:
+    if os.path.isdir(item):
+        names = sorted(n for n in os.listdir(item) if n.endswith(folder_suffix))
+        return [os.path.join(item, n) for n in names]
+    if _GLOB_CHARS & set(item):
+        return sorted(glob.glob(item))
+    if keep_missing or os.path.exists(item):
+        return [item]
+    return []
