@@ -194,7 +194,7 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str
     lines = iter_lines(unit.source)
     count = 0
     try:
-        for member, _number, line in lines:
+        for _member, _number, line in lines:
             if not line.strip():
                 continue
             count += 1
