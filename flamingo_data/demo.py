@@ -37,6 +37,10 @@ class DemoResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     numbers: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def ok(self) -> bool:
+        return self.numbers.get("validate") == "OK"
+
 
 def bundled_photo(name: str) -> Image.Image:
     data = resources.files("flamingo_data").joinpath("assets", f"{name}.jpg").read_bytes()
@@ -80,3 +84,71 @@ def _photo_document(folder: Path, doc_id: str, rng: np.random.Generator) -> dict
         doc["text_list"][info["matched_text_index"]] = CAPTIONS[photo]
         (folder / info["image_name"]).write_bytes(photo_variant(photo, rng))
     return doc
+
+
+def run_demo(out: str | Path, steps: int = 12, seed: int = 0, train: bool = True) -> DemoResult:
+    """Every step of the product on the bundled sample; each artifact's path goes into the result."""
+    from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
+    from flamingo_data.units import RunOptions
+    from flamingo_data.validate import validate_shards
+
+    root = Path(out)
+    result = DemoResult(root=root)
+    docs, images = write_photo_sample(root / "source", seed=seed)
+    result.artifacts["source"] = str(root / "source")
+    shards = root / "shards"
+    stats = convert_mmc4(
+        docs,
+        Mmc4Options(images=images),
+        RunOptions(out_dir=str(shards), converter="mmc4"),
+        overwrite=True,
+        processes=1,
+        progress=False,
+    )
+    result.artifacts.update(
+        shards=str(shards), stats=str(shards / "stats.json"), sizes=str(shards / "sizes.json")
+    )
+    result.numbers["documents written"] = stats.get("documents", "written")
+    report = validate_shards(str(shards))
+    result.numbers["validate"] = "OK" if report.ok else f"FAILED {dict(report.reasons())}"
+    _demo_views(shards, root, result)
+    if train:
+        _demo_train(shards, root, steps, seed, result)
+    return result
+
+
+def _demo_views(shards: Path, root: Path, result: DemoResult) -> None:
+    """inspect + preview, when those commands are installed."""
+    try:
+        from flamingo_data.inspect import inspect_shards
+        from flamingo_data.preview import write_preview
+    except ImportError:
+        return
+    report = inspect_shards(str(shards))
+    (root / "inspect.json").write_text(json.dumps(report.to_json(), indent=1))
+    result.artifacts["inspect"] = str(root / "inspect.json")
+    write_preview(str(shards), str(root / "preview.html"), n=8)
+    result.artifacts["preview"] = str(root / "preview.html")
+
+
+def _demo_train(shards: Path, root: Path, steps: int, seed: int, result: DemoResult) -> None:
+    from flamingo_data.train import main as train_main
+
+    run_dir = root / "run"
+    argv = [
+        "--mmc4-shards",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        "--steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--batch-size",
+        "4",
+        "--tiny",
+    ]
+    summary = train_main(argv)
+    result.artifacts["training run"] = str(run_dir)
+    if isinstance(summary, dict):
+        result.numbers.update({f"train {k}": v for k, v in summary.items()})

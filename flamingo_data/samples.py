@@ -14,7 +14,36 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-_WORDS = ["the", "a", "flamingo", "stands", "in", "shallow", "water", "near", "pink", "birds", "lake", "sunset", "feathers", "long", "legs", "colony", "nest", "beak", "salt", "flat", "flock", "wading", "island", "bright", "sky", "reflection", "morning", "calm"]
+_WORDS = [
+    "the",
+    "a",
+    "flamingo",
+    "stands",
+    "in",
+    "shallow",
+    "water",
+    "near",
+    "pink",
+    "birds",
+    "lake",
+    "sunset",
+    "feathers",
+    "long",
+    "legs",
+    "colony",
+    "nest",
+    "beak",
+    "salt",
+    "flat",
+    "flock",
+    "wading",
+    "island",
+    "bright",
+    "sky",
+    "reflection",
+    "morning",
+    "calm",
+]
 
 
 def make_image(

@@ -1,0 +1,31 @@
+"""``flamingo-data demo``: bundled sample -> shards -> validate -> inspect -> preview -> a few training steps."""
+
+from __future__ import annotations
+
+import argparse
+
+from flamingo_data.demo import run_demo
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out", default="demo-output", help="folder for every artifact (default: demo-output)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=12, help="training steps of the tiny model (default 12)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-train", action="store_true", help="stop after the data steps (no torch needed)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_demo(args.out, steps=args.steps, seed=args.seed, train=not args.no_train)
+    print("\nflamingo-data demo finished. Artifacts:")
+    for name, path in result.artifacts.items():
+        print(f"  {name:<12} {path}")
+    print("Numbers:")
+    for name, value in result.numbers.items():
+        print(f"  {name:<28} {value}")
+    return 0 if result.ok else 1

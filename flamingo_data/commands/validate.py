@@ -1,0 +1,67 @@
+"""``flamingo-data validate``: exit 0 only when every shard is fit for training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flamingo_data.commands.common import usage_errors
+from flamingo_data.validate import ValidationReport, validate_shards
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", nargs="+", help="shards: brace patterns, globs or folders")
+    parser.add_argument(
+        "--deep", action="store_true", help="also decode every image (pixel cap on)"
+    )
+    parser.add_argument("--kind", choices=("auto", "interleaved", "gpt", "pair"), default="auto")
+    parser.add_argument(
+        "--write-sizes", action="store_true", help="write/update sizes.json beside the shards"
+    )
+    parser.add_argument(
+        "--sizes", default=None, help="sizes.json path (default: beside the shards)"
+    )
+    parser.add_argument(
+        "--json", dest="json_out", default=None, help="write the full report as JSON (- for stdout)"
+    )
+    parser.add_argument("--max-failures-shown", type=int, default=20)
+
+
+@usage_errors
+def run(args: argparse.Namespace) -> int:
+    report = validate_shards(
+        args.shards,
+        deep=args.deep,
+        kind=args.kind,
+        write_sizes=args.write_sizes,
+        sizes_path=args.sizes,
+    )
+    if args.json_out == "-":
+        json.dump(report.to_json(), sys.stdout, indent=1)
+        print()
+    else:
+        print_summary(report, args.max_failures_shown)
+        if args.json_out:
+            with open(args.json_out, "w") as handle:
+                json.dump(report.to_json(), handle, indent=1)
+    return 0 if report.ok else 1
+
+
+def print_summary(report: ValidationReport, limit: int) -> None:
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.kinds.items())) or "none"
+    print(
+        f"{report.shards} shards, {report.samples} samples ({kinds}), {report.images} images checked"
+    )
+    if report.ok:
+        print("OK: fit for training")
+        return
+    print(f"FAILED: {len(report.failures)} problems")
+    for reason, count in report.reasons().most_common():
+        print(f"  {reason}: {count}")
+    for failure in report.failures[:limit]:
+        print(
+            f"  {failure.shard} {failure.key or '<shard>'}: {failure.reason} {failure.detail}".rstrip()
+        )
+    if len(report.failures) > limit:
+        print(f"  ... {len(report.failures) - limit} more (use --json for all)")

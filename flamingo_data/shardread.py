@@ -1,0 +1,101 @@
+"""Read WebDataset tars safely: group members into samples, never unpickle, report every problem.
+
+Used by ``validate``, ``inspect`` and ``preview``; the loader applies the same member-name rules.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+DECODED_EXTS = frozenset(("json", "txt", *IMAGE_EXTS))
+
+
+@dataclass(slots=True)
+class Sample:
+    """One sample: members by extension (raw bytes; nothing is decoded here)."""
+
+    shard: str
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIssue:
+    """A problem met while reading: ``key`` is empty for shard-level problems."""
+
+    shard: str
+    key: str
+    reason: str
+    detail: str = ""
+
+
+IssueSink = Callable[[ReadIssue], None]
+
+
+def unsafe_member_name(name: str) -> bool:
+    """Absolute paths and ``..`` components could escape an extraction folder."""
+    return name.startswith("/") or ".." in name.split("/") or "\\" in name or name == ""
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the base name."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem) if folder else stem, ext.lower()
+
+
+def iter_samples(path: str, on_issue: IssueSink) -> Iterator[Sample]:
+    """Samples of one tar in order; unreadable tars and bad members go to ``on_issue``, never raise."""
+    current: Sample | None = None
+    read_any = False
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                read_any = True
+                sample = _accept(path, tar, member, on_issue)
+                if sample is None:
+                    continue
+                key, ext, data = sample
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                current = current or Sample(path, key)
+                if ext in current.members:
+                    on_issue(ReadIssue(path, key, "duplicate_member", ext))
+                current.members[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        on_issue(
+            ReadIssue(path, "", _tar_error_reason(path, read_any), f"{type(exc).__name__}: {exc}")
+        )
+    if current is not None:
+        yield current
+
+
+def _accept(path: str, tar: tarfile.TarFile, member: tarfile.TarInfo, on_issue: IssueSink):
+    if unsafe_member_name(member.name):
+        on_issue(ReadIssue(path, member.name, "unsafe_member_name"))
+        return None
+    if not member.isfile():
+        on_issue(ReadIssue(path, member.name, "not_a_regular_file"))
+        return None
+    key, ext = split_key(member.name)
+    handle = tar.extractfile(member)
+    data = handle.read() if handle is not None else b""
+    if len(data) != member.size:
+        raise EOFError(f"member {member.name} is truncated")
+    return key, ext, data
+
+
+def _tar_error_reason(path: str, read_any: bool) -> str:
+    import os
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty_tar"
+    except OSError:
+        return "unreadable_tar"
+    return "truncated_tar" if read_any else "not_a_tar"

@@ -1,0 +1,299 @@
+"""``validate``: prove a set of shards is fit for training before a GPU hour is spent.
+
+Checks every tar end to end (readable, safe member names, unique keys, the members each kind needs),
+every record against its JSON Schema, and what a schema cannot express (matrix shape, index bounds,
+placeholders <-> image_map, base64 decodes to an image; ``deep`` decodes every image under the pixel
+cap). Compares counts with ``sizes.json`` or writes it. Never unpickles or evaluates anything.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_rgb, sniff_format
+from flamingo_data.records import decode_base64
+from flamingo_data.schema import record_kind, schema_errors
+from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
+from flamingo_data.shards import write_atomic
+from flamingo_data.specs import SpecError, expand_specs
+
+PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
+
+
+@dataclass
+class Failure:
+    shard: str
+    key: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class ValidationReport:
+    """What was checked and every failure, by key and reason; ``ok`` only when nothing failed."""
+
+    shards: int = 0
+    samples: int = 0
+    kinds: Counter = field(default_factory=Counter)
+    images: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.shards > 0 and not self.failures
+
+    def reasons(self) -> Counter:
+        return Counter(f.reason for f in self.failures)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "shards": self.shards,
+            "samples": self.samples,
+            "images": self.images,
+            "kinds": dict(self.kinds),
+            "failures_by_reason": dict(self.reasons()),
+            "failures": [f.__dict__ for f in self.failures],
+            "sizes": self.sizes,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ValidateOptions:
+    deep: bool = False
+    kind: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def validate_shards(
+    specs: str | list[str],
+    *,
+    deep: bool = False,
+    kind: str = "auto",
+    write_sizes: bool = False,
+    sizes_path: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ValidationReport:
+    """Validate every shard named by ``specs`` (brace patterns, globs, folders)."""
+    paths = expand_specs(specs, folder_suffix=".tar")
+    if not paths:
+        raise SpecError(f"no shard matches {specs!r}")
+    options = ValidateOptions(deep=deep, kind=kind, max_pixels=max_pixels)
+    report = ValidationReport()
+    seen_keys: set[str] = set()
+    for path in paths:
+        report.shards += 1
+        count = _validate_shard(path, options, report, seen_keys)
+        if count is not None:
+            report.sizes[os.path.basename(path)] = count
+    _check_sizes(paths, report, write_sizes, sizes_path)
+    _check_stats(paths, report)
+    return report
+
+
+def _validate_shard(
+    path: str, options: ValidateOptions, report: ValidationReport, seen: set[str]
+) -> int | None:
+    """Returns the shard's sample count, or None when the shard itself is unreadable."""
+    shard = os.path.basename(path)
+    shard_broken = False
+
+    def on_issue(issue: ReadIssue) -> None:
+        nonlocal shard_broken
+        shard_broken = shard_broken or not issue.key
+        report.failures.append(Failure(shard, issue.key, issue.reason, issue.detail))
+
+    count = 0
+    for sample in iter_samples(path, on_issue):
+        count += 1
+        report.samples += 1
+        if sample.key in seen:
+            report.failures.append(Failure(shard, sample.key, "duplicate_key"))
+        seen.add(sample.key)
+        for reason, detail in check_sample(sample, options, report):
+            report.failures.append(Failure(shard, sample.key, reason, detail))
+    return None if shard_broken else count
+
+
+def check_sample(
+    sample: Sample, options: ValidateOptions, report: ValidationReport
+) -> list[tuple[str, str]]:
+    """(reason, detail) for everything wrong with one sample; empty when it is fit for training."""
+    if "json" not in sample.members:
+        return [("missing_json", ", ".join(sorted(sample.members)))]
+    try:
+        record = json.loads(sample.members["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [("bad_json", str(exc)[:200])]
+    kind = record_kind(record) if options.kind == "auto" else options.kind
+    report.kinds[kind] += 1
+    problems = _member_problems(sample, kind)
+    errors = schema_errors(kind, record)
+    if errors:
+        return problems + [("schema", "; ".join(errors))]
+    checker = {"interleaved": _check_interleaved, "gpt": _check_gpt, "pair": _check_pair}[kind]
+    return problems + checker(record, sample, options, report)
+
+
+def _member_problems(sample: Sample, kind: str) -> list[tuple[str, str]]:
+    allowed = {"json"} if kind in ("interleaved", "gpt") else {"json", "txt", *IMAGE_EXTS}
+    extra = sorted(set(sample.members) - allowed)
+    return [("unexpected_member", ext) for ext in extra]
+
+
+def _check_image_b64(
+    text: str, options: ValidateOptions, report: ValidationReport
+) -> tuple[str, str] | None:
+    try:
+        data = decode_base64(text)
+    except (binascii.Error, ValueError) as exc:
+        return ("bad_base64", str(exc)[:100])
+    return _check_image_bytes(data, options, report)
+
+
+def _check_image_bytes(
+    data: bytes, options: ValidateOptions, report: ValidationReport
+) -> tuple[str, str] | None:
+    report.images += 1
+    fmt = sniff_format(data)
+    if fmt not in ("jpeg", "png", "webp"):
+        return ("not_an_image", f"sniffed {fmt}")
+    if options.deep:
+        try:
+            decode_rgb(data, options.max_pixels)
+        except ValueError as exc:
+            return (str(exc), "")
+        except Exception as exc:  # any PIL decode failure means the same: the loader cannot use it
+            return ("undecodable_image", f"{type(exc).__name__}: {exc}"[:200])
+    return None
+
+
+def _check_interleaved(
+    record: dict, sample: Sample, options: ValidateOptions, report: ValidationReport
+):
+    problems = []
+    n_images, n_sentences = len(record["image_info"]), len(record["text_list"])
+    matrix = record["similarity_matrix"]
+    if len(matrix) != n_images or any(len(row) != n_sentences for row in matrix):
+        shape = f"{len(matrix)}x{len(matrix[0]) if matrix else 0}"
+        problems.append(("bad_matrix_shape", f"{shape}, want {n_images}x{n_sentences}"))
+    with_bytes = 0
+    for i, info in enumerate(record["image_info"]):
+        if info["matched_text_index"] >= n_sentences:
+            problems.append(
+                ("index_out_of_range", f"image {i}: {info['matched_text_index']} >= {n_sentences}")
+            )
+        if "image_base64" in info:
+            with_bytes += 1
+            if (problem := _check_image_b64(info["image_base64"], options, report)) is not None:
+                problems.append((problem[0], f"image {i}: {problem[1]}"))
+    if with_bytes == 0:
+        problems.append(("no_images", "no image_info entry has image_base64"))
+    return problems
+
+
+def _check_gpt(record: dict, sample: Sample, options: ValidateOptions, report: ValidationReport):
+    problems = []
+    numbers = [int(n) for n in PLACEHOLDER.findall(record["example"])]
+    names = set(record["image_map"])
+    if {f"_!_IMAGE{n}_!_" for n in numbers} != names:
+        problems.append(
+            (
+                "placeholder_mismatch",
+                f"text has {sorted(set(numbers))}, image_map has {sorted(names)}",
+            )
+        )
+    elif sorted(set(numbers)) != list(range(1, len(names) + 1)):
+        problems.append(("placeholder_numbering", f"{sorted(set(numbers))} is not 1..{len(names)}"))
+    if len(numbers) != len(set(numbers)):
+        problems.append(("placeholder_repeated", str(sorted(numbers))))
+    for name in sorted(names):
+        if (
+            problem := _check_image_b64(record["image_map"][name]["base64_image"], options, report)
+        ) is not None:
+            problems.append((problem[0], f"{name}: {problem[1]}"))
+    return problems
+
+
+def _check_pair(record: dict, sample: Sample, options: ValidateOptions, report: ValidationReport):
+    problems = []
+    image_exts = [ext for ext in IMAGE_EXTS if ext in sample.members]
+    if not image_exts:
+        problems.append(("missing_image", ", ".join(sorted(sample.members))))
+    elif (
+        problem := _check_image_bytes(sample.members[image_exts[0]], options, report)
+    ) is not None:
+        problems.append(problem)
+    if "txt" not in sample.members:
+        problems.append(("missing_caption", ""))
+    else:
+        try:
+            sample.members["txt"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(("caption_not_utf8", str(exc)[:100]))
+    return problems
+
+
+def _check_sizes(
+    paths: list[str], report: ValidationReport, write: bool, sizes_path: str | None
+) -> None:
+    """Compare with (or write) sizes.json in each folder holding shards."""
+    folders = sorted({os.path.dirname(p) or "." for p in paths})
+    for folder in folders:
+        target = Path(sizes_path) if sizes_path else Path(folder) / "sizes.json"
+        here = {
+            os.path.basename(p): report.sizes.get(os.path.basename(p))
+            for p in paths
+            if (os.path.dirname(p) or ".") == folder
+        }
+        if write:
+            _write_sizes(target, here)
+        elif target.exists():
+            _compare_sizes(target, here, report)
+
+
+def _write_sizes(target: Path, here: dict[str, int | None]) -> None:
+    sizes = json.loads(target.read_text()) if target.exists() else {}
+    sizes.update({name: count for name, count in here.items() if count is not None})
+    write_atomic(target, json.dumps(dict(sorted(sizes.items())), indent=1).encode())
+
+
+def _compare_sizes(target: Path, here: dict[str, int | None], report: ValidationReport) -> None:
+    try:
+        sizes = json.loads(target.read_text())
+    except json.JSONDecodeError as exc:
+        report.failures.append(Failure(target.name, "", "bad_sizes_json", str(exc)[:200]))
+        return
+    if errors := schema_errors("sizes", sizes):
+        report.failures.append(Failure(target.name, "", "sizes_schema", "; ".join(errors)))
+        return
+    for name, count in here.items():
+        if name not in sizes:
+            report.failures.append(Failure(name, "", "missing_from_sizes_json"))
+        elif count is not None and sizes[name] != count:
+            report.failures.append(
+                Failure(
+                    name, "", "count_mismatch", f"sizes.json says {sizes[name]}, shard has {count}"
+                )
+            )
+
+
+def _check_stats(paths: list[str], report: ValidationReport) -> None:
+    for folder in sorted({os.path.dirname(p) or "." for p in paths}):
+        stats_path = Path(folder) / "stats.json"
+        if not stats_path.exists():
+            continue
+        try:
+            errors = schema_errors("stats", json.loads(stats_path.read_text()))
+        except json.JSONDecodeError as exc:
+            errors = [str(exc)[:200]]
+        if errors:
+            report.failures.append(Failure("stats.json", "", "stats_schema", "; ".join(errors)))
