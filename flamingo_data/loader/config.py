@@ -1,0 +1,45 @@
+"""Loader options and dataset specs: plain dataclasses, never the trainer's whole argparse namespace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Defaults follow open_flamingo's published recipe, where it is sound."""
+
+    batch_size: int = 8
+    num_workers: int = 0
+    seed: int = 0
+    max_tokens: int = 256
+    pair_max_tokens: int = 32
+    max_images: int = 6
+    min_images: int = 1
+    sim_threshold: float = 0.24
+    min_image_bytes: int = 0
+    image_size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    flip_prob: float = 0.5
+    single_image_keep_prob: float = 1.0
+    max_pixels: int = 64_000_000
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 1000
+    resample: bool = False
+    samples_per_epoch: int | None = None
+    drop_last: bool = False
+    prefetch_factor: int = 2
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: shard specs (brace patterns, lists, folders), kind, and mixing weight."""
+
+    name: str
+    shards: str | list[str] | tuple[str, ...]
+    kind: str = "auto"
+    weight: float = 1.0

@@ -1,0 +1,260 @@
+"""The loader object: worker-side batching with positions and rejection counts, main-side bookkeeping.
+
+Each batch comes from one worker and carries that worker's stream position and the rejections it
+counted since its previous batch. The main process keeps the last delivered position per worker:
+that is the resumable state (samples prefetched but not delivered are simply produced again).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from flamingo_data.loader.config import DatasetSpec, LoaderConfig
+from flamingo_data.loader.interleaved import Reject
+from flamingo_data.loader.sample import TextContext, preprocess, sample_rng
+from flamingo_data.loader.stream import Dataset, mixed, resolve
+from flamingo_data.loader.tokenizer import special_ids
+from flamingo_data.shardread import DECODED_EXTS, ReadIssue
+
+log = logging.getLogger("flamingo_data.loader")
+LOG_EVERY_S = 30.0
+
+
+class _WorkerStream(IterableDataset):
+    """What runs inside each DataLoader worker (or in-process when num_workers is 0)."""
+
+    def __init__(
+        self,
+        datasets: list[Dataset],
+        tokenizer,
+        config: LoaderConfig,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        skip: dict[int, int],
+        limit: int | None,
+    ) -> None:
+        self.datasets, self.tokenizer, self.config = datasets, tokenizer, config
+        self.epoch, self.rank, self.world_size, self.skip, self.limit = (
+            epoch,
+            rank,
+            world_size,
+            skip,
+            limit,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers = max(1, self.config.num_workers)
+        slot = self.rank * workers + (info.id if info is not None else 0)
+        yield from self._batches(slot, self.world_size * workers)
+
+    def _batches(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
+        text = TextContext.of(self.tokenizer)
+        rejections: Counter = Counter()
+        on_issue = lambda issue: rejections.update([issue.reason])  # noqa: E731
+        batch: list[dict[str, Any]] = []
+        position, start = 0, self.skip.get(slot, 0)
+        for name, sample in mixed(self.datasets, self.config, self.epoch, slot, slots, on_issue):
+            if self.limit is not None and position >= self.limit:
+                break
+            position += 1
+            if position <= start:
+                continue
+            out = self._one(name, sample, text, rejections)
+            if out is not None:
+                batch.append(out)
+            if len(batch) == self.config.batch_size:
+                yield _collate(batch, text.ids["pad"], slot, position, rejections)
+                batch, rejections = [], Counter()
+        if batch and not self.config.drop_last:
+            yield _collate(batch, text.ids["pad"], slot, position, rejections)
+            rejections = Counter()
+        yield {
+            "_slot": slot,
+            "_position": max(position, start),
+            "_rejections": dict(rejections),
+            "_end": True,
+        }
+
+    def _one(
+        self, name: str, sample, text: TextContext, rejections: Counter
+    ) -> dict[str, Any] | None:
+        unexpected = set(sample.members) - DECODED_EXTS
+        if unexpected:
+            rejections.update(["unexpected_member"] * len(unexpected))
+            sample.members = {k: v for k, v in sample.members.items() if k in DECODED_EXTS}
+        try:
+            return preprocess(
+                sample,
+                name,
+                text,
+                self.config,
+                sample_rng(self.config.seed, self.epoch, sample.key),
+            )
+        except Reject as reject:
+            rejections[reject.args[0]] += 1
+            return None
+
+
+def _collate(
+    samples: list[dict[str, Any]], pad_id: int, slot: int, position: int, rejections: Counter
+) -> dict[str, Any]:
+    n_images = max(s["pad_images"] for s in samples)
+    n_tokens = max(s["input_ids"].shape[0] for s in samples)
+    first = samples[0]["vision_x"]
+    vision = torch.zeros((len(samples), n_images, 1, *first.shape[2:]), dtype=first.dtype)
+    lang = torch.full((len(samples), n_tokens), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), n_tokens), dtype=torch.long)
+    labels = torch.full((len(samples), n_tokens), -100, dtype=torch.long)
+    for i, s in enumerate(samples):
+        vision[i, : s["vision_x"].shape[0]] = s["vision_x"]
+        length = s["input_ids"].shape[0]
+        lang[i, :length], mask[i, :length], labels[i, :length] = (
+            s["input_ids"],
+            s["attention_mask"],
+            s["labels"],
+        )
+    return {
+        "vision_x": vision,
+        "lang_x": lang,
+        "attention_mask": mask,
+        "labels": labels,
+        "keys": [s["key"] for s in samples],
+        "dataset": [s["dataset"] for s in samples],
+        "_slot": slot,
+        "_position": position,
+        "_rejections": dict(rejections),
+    }
+
+
+class FlamingoLoader:
+    """Iterable over one epoch of batches; ``set_epoch``, ``state_dict``/``load_state_dict``, ``rejections``."""
+
+    def __init__(
+        self,
+        specs: list[DatasetSpec],
+        tokenizer,
+        config: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.datasets = [resolve(spec, i) for i, spec in enumerate(specs)]
+        self.tokenizer, self.config, self.rank, self.world_size = (
+            tokenizer,
+            config,
+            rank,
+            world_size,
+        )
+        special_ids(tokenizer)  # fail now, not in a worker, if the special tokens are missing
+        self.epoch = 0
+        self._positions: dict[int, int] = {}
+        self._rejections: Counter = Counter()
+        self._last_log = 0.0
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * max(1, self.config.num_workers)
+
+    @property
+    def samples_per_epoch(self) -> int | None:
+        """From the config, else sizes.json (all datasets together, all ranks together)."""
+        if self.config.samples_per_epoch is not None:
+            return self.config.samples_per_epoch
+        sizes = [ds.size for ds in self.datasets]
+        return None if any(s is None for s in sizes) else sum(sizes)
+
+    def batches_per_epoch(self) -> int | None:
+        """Upper bound on this rank's batches per epoch (rejections make it smaller)."""
+        total = self.samples_per_epoch
+        return (
+            None if total is None else math.ceil(total / self.world_size / self.config.batch_size)
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._positions = {}
+        self.epoch = epoch
+
+    def rejections(self) -> dict[str, int]:
+        return dict(self._rejections)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "positions": dict(self._positions),
+            "slots": self.slots,
+            "rejections": dict(self._rejections),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["slots"] != self.slots:
+            raise ValueError(
+                f"loader state was saved with {state['slots']} worker slots (world size x workers); "
+                f"this loader has {self.slots}: resume with the same world size and num_workers"
+            )
+        self.epoch = int(state["epoch"])
+        self._positions = {int(k): int(v) for k, v in state["positions"].items()}
+        self._rejections = Counter(state.get("rejections", {}))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        limit = None
+        if self.config.resample:
+            if self.samples_per_epoch is None:
+                raise ValueError(
+                    "resampling needs samples_per_epoch (or sizes.json beside the shards)"
+                )
+            limit = math.ceil(self.samples_per_epoch / self.slots)
+        stream = _WorkerStream(
+            self.datasets,
+            self.tokenizer,
+            self.config,
+            self.epoch,
+            self.rank,
+            self.world_size,
+            dict(self._positions),
+            limit,
+        )
+        for batch in self._source(stream):
+            self._positions[batch.pop("_slot")] = batch.pop("_position")
+            self._rejections.update(batch.pop("_rejections"))
+            self._maybe_log()
+            if not batch.pop("_end", False):
+                yield batch
+
+    def _source(self, stream: _WorkerStream) -> Iterator[dict[str, Any]]:
+        if self.config.num_workers == 0:
+            return iter(stream)
+        return iter(
+            DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.config.num_workers,
+                prefetch_factor=self.config.prefetch_factor,
+                persistent_workers=False,
+            )
+        )
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if self._rejections and now - self._last_log > LOG_EVERY_S:
+            self._last_log = now
+            log.warning("loader rejections so far: %s", dict(self._rejections.most_common()))
+
+
+def build_loader(
+    specs: list[DatasetSpec], tokenizer, config: LoaderConfig, rank: int = 0, world_size: int = 1
+) -> FlamingoLoader:
+    """Batches of Flamingo training samples from the given datasets, for this rank."""
+    return FlamingoLoader(specs, tokenizer, config, rank, world_size)
+
+
+__all__ = ["FlamingoLoader", "build_loader", "ReadIssue"]

@@ -1,0 +1,199 @@
+"""One raw tar sample -> one training sample (tensors), or a Reject with a counted reason.
+
+A plain function of (sample, options, rng): testable without workers, reproducible, and the rng is
+seeded from (seed, epoch, key) so random choices do not depend on worker count or order.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from flamingo_data.loader.config import LoaderConfig
+from flamingo_data.loader.gpt import gpt_image_bytes, plan_gpt
+from flamingo_data.loader.imageproc import preprocess_image
+from flamingo_data.loader.interleaved import (
+    Reject,
+    interleaved_text,
+    placed_image_bytes,
+    plan_interleaved,
+)
+from flamingo_data.loader.labels import IGNORE, make_labels
+from flamingo_data.loader.tokenizer import EOC_TOKEN, IMAGE_TOKEN, special_ids
+from flamingo_data.shardread import DECODED_EXTS, IMAGE_EXTS, Sample
+
+
+@dataclass
+class TextContext:
+    """The tokenizer and its special ids, looked up once per worker."""
+
+    tokenizer: Any
+    ids: dict[str, int]
+
+    @classmethod
+    def of(cls, tokenizer) -> TextContext:
+        return cls(tokenizer, special_ids(tokenizer))
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode("utf-8"))])
+
+
+def preprocess(
+    sample: Sample,
+    dataset: str,
+    text: TextContext,
+    config: LoaderConfig,
+    rng: np.random.Generator,
+    max_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Dispatch on the record kind; raises Reject(reason)."""
+    if "json" in sample.members and not any(ext in sample.members for ext in IMAGE_EXTS):
+        record = _parse_json(sample.members["json"])
+        if record.get("is_gpt"):
+            out = _gpt(record, text, config, rng)
+        elif "text_list" in record:
+            out = _interleaved(record, text, config, rng)
+        else:
+            raise Reject("unknown_record_kind")
+    elif any(ext in sample.members for ext in IMAGE_EXTS):
+        out = _pair(sample, text, config, rng)
+    else:
+        raise Reject("unexpected_member" if set(sample.members) - DECODED_EXTS else "missing_json")
+    out.update(key=sample.key, dataset=dataset)
+    return out
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Reject("bad_json") from exc
+    if not isinstance(record, dict):
+        raise Reject("bad_json")
+    return record
+
+
+def _tokenize(text: TextContext, string: str, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = text.tokenizer(
+        string, max_length=max_tokens, truncation=True, padding="max_length", return_tensors="pt"
+    )
+    return enc["input_ids"][0], enc["attention_mask"][0]
+
+
+def _finish(
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    images: list[torch.Tensor],
+    text: TextContext,
+    config: LoaderConfig,
+    rng: np.random.Generator,
+    pad_images: int,
+) -> dict[str, Any]:
+    if len(images) < config.min_images:
+        raise Reject("too_few_images_after_truncation")
+    if (
+        len(images) == 1
+        and config.single_image_keep_prob < 1.0
+        and rng.random() >= config.single_image_keep_prob
+    ):
+        raise Reject("single_image_subsampled")
+    labels = make_labels(ids, text.ids["image"], text.ids["eoc"], text.ids["pad"])
+    if not bool((labels != IGNORE).any()):
+        raise Reject("no_trainable_tokens")
+    return {
+        "vision_x": torch.stack(images).unsqueeze(1),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pad_images": pad_images,
+    }
+
+
+def _decode_all(
+    blobs: list[bytes], config: LoaderConfig, flip: bool
+) -> tuple[list[torch.Tensor], int | None]:
+    """Tensors for each blob, or the position of the first one that does not decode."""
+    tensors = []
+    for position, data in enumerate(blobs):
+        try:
+            tensors.append(preprocess_image(data, config, flip))
+        except Exception:  # undecodable or over the pixel cap: the caller drops this image
+            return tensors, position
+    return tensors, None
+
+
+def _interleaved(
+    record: dict[str, Any], text: TextContext, config: LoaderConfig, rng: np.random.Generator
+):
+    _check_interleaved_shape(record)
+    flip = rng.random() < config.flip_prob
+    excluded: set[int] = set()
+    while True:
+        plan = plan_interleaved(record, config, frozenset(excluded))
+        if plan.rejected_reason:
+            raise Reject(
+                "undecodable_image"
+                if excluded and plan.rejected_reason == "no_images"
+                else plan.rejected_reason
+            )
+        ids, mask = _tokenize(
+            text, interleaved_text(plan, text.tokenizer.eos_token), config.max_tokens
+        )
+        n_tokens = int((ids == text.ids["image"]).sum())
+        placed = placed_image_bytes(record, plan)[:n_tokens]
+        tensors, bad = _decode_all([data for _, data in placed], config, flip)
+        if bad is None:
+            return _finish(ids, mask, tensors, text, config, rng, config.max_images)
+        excluded.add(placed[bad][0])
+
+
+def _check_interleaved_shape(record: dict[str, Any]) -> None:
+    try:
+        n_images, n_sentences = len(record["image_info"]), len(record["text_list"])
+        matrix = record["similarity_matrix"]
+        ok = len(matrix) == n_images and all(len(row) == n_sentences for row in matrix)
+    except (KeyError, TypeError) as exc:
+        raise Reject("bad_record") from exc
+    if not ok or n_sentences == 0:
+        raise Reject("bad_matrix_shape")
+
+
+def _gpt(record: dict[str, Any], text: TextContext, config: LoaderConfig, rng: np.random.Generator):
+    try:
+        plan = plan_gpt(record, config)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise Reject("bad_record") from exc
+    if plan.rejected_reason:
+        raise Reject(plan.rejected_reason)
+    ids, mask = _tokenize(
+        text, f"{plan.text}{EOC_TOKEN}{text.tokenizer.eos_token}", config.max_tokens
+    )
+    n_tokens = int((ids == text.ids["image"]).sum())
+    tensors, bad = _decode_all(
+        gpt_image_bytes(record, plan)[:n_tokens], config, rng.random() < config.flip_prob
+    )
+    if bad is not None:
+        raise Reject("undecodable_image")
+    return _finish(ids, mask, tensors, text, config, rng, config.max_images)
+
+
+def _pair(sample: Sample, text: TextContext, config: LoaderConfig, rng: np.random.Generator):
+    image_ext = next(ext for ext in IMAGE_EXTS if ext in sample.members)
+    try:
+        caption = sample.members["txt"].decode("utf-8").strip()
+    except KeyError as exc:
+        raise Reject("missing_caption") from exc
+    except UnicodeDecodeError as exc:
+        raise Reject("bad_caption") from exc
+    string = f"{IMAGE_TOKEN}{caption}{EOC_TOKEN}{text.tokenizer.eos_token}"
+    ids, mask = _tokenize(text, string, config.pair_max_tokens)
+    tensors, bad = _decode_all([sample.members[image_ext]], config, rng.random() < config.flip_prob)
+    if bad is not None:
+        raise Reject("undecodable_image")
+    return _finish(ids, mask, tensors, text, config, rng, 1)

