@@ -1,0 +1,166 @@
+"""Per-sample preprocessing against answers written out by hand (built-in byte tokenizer: id = byte)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flamingo_data.loader import LoaderConfig, make_tokenizer
+from flamingo_data.loader.interleaved import Reject, plan_interleaved
+from flamingo_data.loader.labels import make_labels
+from flamingo_data.loader.sample import TextContext, preprocess, sample_rng
+from flamingo_data.records import encode_base64
+from flamingo_data.shardread import Sample
+from tests.loader_data import interleaved_record, solid_jpeg
+
+EOS, IMG, EOC, PAD = 256, 257, 258, 259
+RED, BLUE, GREEN = (250, 0, 0), (0, 0, 250), (0, 250, 0)
+CONFIG = LoaderConfig(image_size=32, flip_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def run(record_or_members, config: LoaderConfig = CONFIG) -> dict:
+    import json
+
+    members = (
+        record_or_members
+        if isinstance(record_or_members, dict) and "txt" in record_or_members
+        else {"json": json.dumps(record_or_members).encode()}
+    )
+    text = TextContext.of(make_tokenizer(None))
+    return preprocess(Sample("s.tar", "k", members), "d", text, config, sample_rng(0, 0, "k"))
+
+
+def dominant_channel(image: torch.Tensor) -> int:
+    return int(image.reshape(3, -1).mean(dim=1).argmax())
+
+
+def test_interleaved_tokens_mask_and_labels_written_out() -> None:
+    record = interleaved_record(
+        ["A", "B", "C"], [[0.3, 0.1, 0.1], [0.1, 0.1, 0.3]], [solid_jpeg(RED), solid_jpeg(BLUE)]
+    )
+    out = run(record)
+    # "<image>A B<|endofchunk|><image>C<|endofchunk|><|endoftext|>"
+    expected = [IMG, 65, 32, 66, EOC, IMG, 67, EOC, EOS]
+    assert out["input_ids"][:9].tolist() == expected
+    assert out["input_ids"][9:].eq(PAD).all() and out["input_ids"].shape == (256,)
+    assert out["attention_mask"].tolist() == [1] * 9 + [0] * 247
+    assert out["labels"][:9].tolist() == [-100, 65, 32, 66, EOC, -100, 67, EOC, -100]
+    assert out["labels"][9:].eq(-100).all()
+    assert out["vision_x"].shape == (2, 1, 3, 32, 32)
+
+
+def test_images_bound_in_text_order_when_image_order_differs() -> None:
+    # image 0 (red) belongs to the LAST sentence, image 1 (blue) to the FIRST: tensors follow the text.
+    record = interleaved_record(
+        ["A", "B", "C"], [[0.1, 0.1, 0.3], [0.3, 0.1, 0.1]], [solid_jpeg(RED), solid_jpeg(BLUE)]
+    )
+    out = run(record)
+    assert [dominant_channel(img[0]) for img in out["vision_x"]] == [2, 0]  # blue first, then red
+    plan = plan_interleaved(record, CONFIG)
+    assert [(p.image_index, p.sentence_index) for p in plan.placements] == [(1, 0), (0, 2)]
+
+
+def test_threshold_and_missing_bytes_drop_images_with_reasons() -> None:
+    record = interleaved_record(
+        ["A", "B", "C"],
+        [[0.3, 0.1, 0.1], [0.1, 0.2, 0.1], [0.1, 0.1, 0.9]],
+        [solid_jpeg(RED), solid_jpeg(BLUE), None],
+    )
+    plan = plan_interleaved(record, CONFIG)
+    assert [(p.image_index, p.sentence_index) for p in plan.placements] == [(0, 0)]
+    assert [(d.image_index, d.reason) for d in plan.dropped] == [
+        (1, "below_threshold"),
+        (2, "no_image_bytes"),
+    ]
+
+
+def test_max_images_keeps_the_first_in_text_order() -> None:
+    n = 8
+    matrix = [[0.9 if j == n - 1 - i else 0.1 for j in range(n)] for i in range(n)]
+    record = interleaved_record([f"s{j}" for j in range(n)], matrix, [solid_jpeg(RED)] * n)
+    plan = plan_interleaved(record, CONFIG)
+    assert [p.sentence_index for p in plan.placements] == [0, 1, 2, 3, 4, 5]
+    assert sorted(d.image_index for d in plan.dropped) == [0, 1]  # images of sentences 7 and 6
+    assert {d.reason for d in plan.dropped} == {"over_max_images"}
+    assert run(record)["vision_x"].shape[0] == 6
+
+
+def test_truncation_drops_images_whose_token_was_cut() -> None:
+    record = interleaved_record(
+        ["A" * 20, "B" * 300], [[0.3, 0.1], [0.1, 0.3]], [solid_jpeg(RED), solid_jpeg(BLUE)]
+    )
+    out = run(record, LoaderConfig(**{**CONFIG.__dict__, "max_tokens": 40}))
+    assert int((out["input_ids"] == IMG).sum()) == 2
+    out = run(record, LoaderConfig(**{**CONFIG.__dict__, "max_tokens": 20}))
+    assert int((out["input_ids"] == IMG).sum()) == 1 and out["vision_x"].shape[0] == 1
+    assert out["attention_mask"].sum() == 20
+
+
+def test_document_without_usable_image_is_rejected_with_reason() -> None:
+    record = interleaved_record(["A", "B"], [[0.1, 0.1]], [solid_jpeg(RED)])
+    with pytest.raises(Reject, match="no_images"):
+        run(record)
+
+
+def test_bad_base64_and_undecodable_image_are_rejections() -> None:
+    record = interleaved_record(["A"], [[0.5]], [solid_jpeg(RED)])
+    record["image_info"][0]["image_base64"] = "@@@@not-base64@@@@"
+    with pytest.raises(Reject, match="bad_base64"):
+        run(record)
+    record["image_info"][0]["image_base64"] = encode_base64(b"\xff\xd8\xff" + b"\0" * 50)
+    with pytest.raises(Reject, match="undecodable_image"):
+        run(record)
+
+
+def test_gpt_record_binds_images_by_number_in_text_order() -> None:
+    record = {
+        "is_gpt": True,
+        "example": "_!_IMAGE2_!_ first. _!_IMAGE1_!_ second.",
+        "image_map": {
+            "_!_IMAGE1_!_": {"base64_image": encode_base64(solid_jpeg(RED))},
+            "_!_IMAGE2_!_": {"base64_image": encode_base64(solid_jpeg(BLUE))},
+        },
+    }
+    out = run(record)
+    expected = [IMG, *b"first.", EOC, IMG, *b"second.", EOC, EOS]
+    assert out["input_ids"][: len(expected)].tolist() == expected
+    assert [dominant_channel(img[0]) for img in out["vision_x"]] == [
+        2,
+        0,
+    ]  # IMAGE2 (blue) comes first
+
+
+def test_gpt_keeps_exactly_max_images() -> None:
+    images = {
+        f"_!_IMAGE{k}_!_": {"base64_image": encode_base64(solid_jpeg(GREEN))} for k in (1, 2, 3)
+    }
+    record = {
+        "is_gpt": True,
+        "example": "_!_IMAGE1_!_ a _!_IMAGE2_!_ b _!_IMAGE3_!_ c",
+        "image_map": images,
+    }
+    out = run(record, LoaderConfig(**{**CONFIG.__dict__, "max_images": 2}))
+    assert int((out["input_ids"] == IMG).sum()) == 2 and out["vision_x"].shape[0] == 2
+
+
+def test_pair_sample_written_out() -> None:
+    out = run({"jpg": solid_jpeg(GREEN), "txt": b" hi ", "json": b"{}"})
+    assert out["input_ids"].shape == (32,)
+    assert out["input_ids"][:5].tolist() == [IMG, 104, 105, EOC, EOS]
+    assert out["labels"][:5].tolist() == [-100, 104, 105, EOC, -100]
+    assert (
+        out["vision_x"].shape == (1, 1, 3, 32, 32) and dominant_channel(out["vision_x"][0, 0]) == 1
+    )
+
+
+def test_labels_rule_on_a_batch() -> None:
+    ids = torch.tensor([[65, IMG, 66, EOC, 67, IMG, 68, EOC, EOS, PAD]])
+    assert make_labels(ids, IMG, EOC, PAD).tolist() == [
+        [-100, -100, 66, EOC, -100, -100, 68, EOC, -100, -100]
+    ]
+
+
+def test_flip_is_reproducible_per_key() -> None:
+    record = interleaved_record(["A"], [[0.5]], [solid_jpeg(RED, (64, 32))])
+    config = LoaderConfig(**{**CONFIG.__dict__, "flip_prob": 0.5})
+    assert torch.equal(run(record, config)["vision_x"], run(record, config)["vision_x"])

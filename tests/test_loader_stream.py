@@ -1,0 +1,212 @@
+"""The loader over real tars: splitting, determinism, mixing, resume, and corrupt input."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+from flamingo_data.records import encode_base64
+from tests.loader_data import interleaved_record, simple_docs, solid_jpeg, write_json_shard
+
+CONFIG = LoaderConfig(batch_size=3, image_size=32, shuffle_buffer=8, seed=7)
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    docs = simple_docs(24)
+    keys = sorted(docs)
+    for part in range(4):
+        write_json_shard(
+            tmp_path, f"part{part}", {k: docs[k] for k in keys[part * 6 : (part + 1) * 6]}
+        )
+    return tmp_path
+
+
+def epoch_keys(loader) -> list[str]:
+    return [key for batch in loader for key in batch["keys"]]
+
+
+def config(**changes) -> LoaderConfig:
+    return LoaderConfig(**{**CONFIG.__dict__, **changes})
+
+
+def test_every_sample_once_per_epoch_with_workers(shards: Path) -> None:
+    for workers in (0, 2):
+        loader = build_loader(
+            [DatasetSpec("mmc4", str(shards))], make_tokenizer(None), config(num_workers=workers)
+        )
+        keys = epoch_keys(loader)
+        assert sorted(keys) == sorted(simple_docs(24)) and loader.samples_per_epoch == 24
+
+
+def test_split_by_node_is_a_partition(shards: Path) -> None:
+    tokenizer = make_tokenizer(None)
+    per_rank = [
+        epoch_keys(build_loader([DatasetSpec("d", str(shards))], tokenizer, config(), rank, 2))
+        for rank in range(2)
+    ]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(simple_docs(24))
+
+
+def test_fewer_shards_than_workers_still_covers_each_sample_once(tmp_path: Path) -> None:
+    write_json_shard(tmp_path, "only", simple_docs(7))
+    keys = epoch_keys(
+        build_loader([DatasetSpec("d", str(tmp_path))], make_tokenizer(None), config(num_workers=2))
+    )
+    assert sorted(keys) == sorted(simple_docs(7))
+
+
+def test_same_seed_same_batches_and_worker_count_does_not_change_samples(shards: Path) -> None:
+    tokenizer = make_tokenizer(None)
+    spec = [DatasetSpec("d", str(shards))]
+    run_a = list(build_loader(spec, tokenizer, config(flip_prob=0.5)))
+    run_b = list(build_loader(spec, tokenizer, config(flip_prob=0.5)))
+    assert [b["keys"] for b in run_a] == [b["keys"] for b in run_b]
+    assert all(torch.equal(a["vision_x"], b["vision_x"]) for a, b in zip(run_a, run_b, strict=True))
+    by_key = lambda batches: {k: b["vision_x"][i] for b in batches for i, k in enumerate(b["keys"])}  # noqa: E731
+    two_workers = by_key(build_loader(spec, tokenizer, config(flip_prob=0.5, num_workers=2)))
+    one_worker = by_key(run_a)
+    assert two_workers.keys() == one_worker.keys()
+    assert all(torch.equal(two_workers[k], one_worker[k]) for k in one_worker)
+
+
+def test_other_epoch_other_order(shards: Path) -> None:
+    loader = build_loader([DatasetSpec("d", str(shards))], make_tokenizer(None), config())
+    first = epoch_keys(loader)
+    loader.set_epoch(1)
+    second = epoch_keys(loader)
+    assert sorted(first) == sorted(second) and first != second
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_yields_exactly_the_unseen_samples(shards: Path, workers: int) -> None:
+    spec, tokenizer = [DatasetSpec("d", str(shards))], make_tokenizer(None)
+    full = epoch_keys(build_loader(spec, tokenizer, config(num_workers=workers)))
+    first = build_loader(spec, tokenizer, config(num_workers=workers))
+    iterator, seen = iter(first), []
+    for _ in range(3):
+        seen += next(iterator)["keys"]
+    state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
+    del iterator
+    resumed = build_loader(spec, tokenizer, config(num_workers=workers))
+    resumed.load_state_dict(state)
+    rest = epoch_keys(resumed)
+    assert not set(seen) & set(rest)
+    assert sorted(seen + rest) == sorted(full)
+
+
+def test_resume_refuses_a_different_worker_layout(shards: Path) -> None:
+    loader = build_loader(
+        [DatasetSpec("d", str(shards))], make_tokenizer(None), config(num_workers=2)
+    )
+    other = build_loader([DatasetSpec("d", str(shards))], make_tokenizer(None), config())
+    with pytest.raises(ValueError, match="worker slots"):
+        other.load_state_dict(loader.state_dict())
+
+
+def test_weighted_mix_sees_every_sample_of_both_datasets(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    write_json_shard(tmp_path / "a", "a", simple_docs(10, seed=1))
+    write_json_shard(tmp_path / "b", "b", simple_docs(30, seed=2))
+    specs = [
+        DatasetSpec("a", str(tmp_path / "a"), weight=1.0),
+        DatasetSpec("b", str(tmp_path / "b"), weight=3.0),
+    ]
+    batches = list(build_loader(specs, make_tokenizer(None), config()))
+    names = [(k, d) for b in batches for k, d in zip(b["keys"], b["dataset"], strict=True)]
+    assert sorted(k for k, d in names if d == "a") == sorted(simple_docs(10, seed=1))
+    assert sorted(k for k, d in names if d == "b") == sorted(simple_docs(30, seed=2))
+
+
+def test_resampling_draws_samples_per_epoch(shards: Path) -> None:
+    loader = build_loader(
+        [DatasetSpec("d", str(shards))],
+        make_tokenizer(None),
+        config(resample=True, samples_per_epoch=30),
+    )
+    assert len(epoch_keys(loader)) == 30
+
+
+class _Boom:
+    """Unpickling this would create a file: the loader must never do it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_members_are_counted_and_nothing_is_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    good = interleaved_record(["A"], [[0.5]], [solid_jpeg((10, 200, 10))])
+    bad_b64 = interleaved_record(["A"], [[0.5]], [solid_jpeg((10, 200, 10))])
+    bad_b64["image_info"][0]["image_base64"] = "%%%%"
+    bomb = interleaved_record(["A"], [[0.5]], [None])
+    bomb_png = _bomb_png()
+    bomb["image_info"][0]["image_base64"] = encode_base64(bomb_png)
+    shard = tmp_path / "data" / "bad.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        _add(tar, "good.json", json.dumps(good).encode())
+        _add(tar, "badjson.json", b"{not json")
+        _add(tar, "badb64.json", json.dumps(bad_b64).encode())
+        _add(tar, "bomb.json", json.dumps(bomb).encode())
+        _add(tar, "evil.pickle", pickle.dumps(_Boom(str(marker))))
+        _add(tar, "../escape.json", json.dumps(good).encode())
+    truncated = tmp_path / "data" / "truncated.tar"
+    truncated.write_bytes(shard.read_bytes()[:700])
+    (tmp_path / "data" / "empty.tar").write_bytes(b"")
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path / "data"))],
+        make_tokenizer(None),
+        config(num_workers=0, shuffle_shards=False),
+    )
+    keys = epoch_keys(loader)
+    assert keys == ["good"]
+    reasons = loader.rejections()
+    assert (
+        reasons["bad_json"] == 1
+        and reasons["bad_base64"] == 1
+        and reasons["unexpected_member"] == 1
+    )
+    assert (
+        reasons["unsafe_member_name"] == 1
+        and reasons["truncated_tar"] == 1
+        and reasons["empty_tar"] == 1
+    )
+    assert reasons["undecodable_image"] == 1  # the bomb: refused by the pixel cap before decoding
+    assert not marker.exists()
+
+
+def _bomb_png() -> bytes:
+    """A valid PNG header declaring 40000 x 40000 pixels (tiny file, 1.6 G pixels if decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + chunk(b"IEND", b"")
+    )
