@@ -29,6 +29,7 @@ class ByteTokenizer:
         self.additional_special_tokens = [EOC_TOKEN, IMAGE_TOKEN]
         self._special = {EOS_TOKEN: 256, IMAGE_TOKEN: 257, EOC_TOKEN: 258, PAD_TOKEN: 259}
         self._by_id = {v: k for k, v in self._special.items()}
+        self.base_vocab_size = 257  # bytes + <|endoftext|>; the rest are Flamingo's added tokens
         self._split = re.compile("(" + "|".join(re.escape(t) for t in self._special) + ")")
 
     def __len__(self) -> int:

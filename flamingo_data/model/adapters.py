@@ -1,0 +1,92 @@
+"""Adapters for Hugging Face and open_clip models (optional extras, imported only when asked for)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_LAYER_PATHS = (
+    "transformer.h",
+    "model.layers",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.blocks",
+)
+
+
+def _find(module: nn.Module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+class HFCausalLM(nn.Module):
+    """Any Hugging Face decoder whose blocks sit in a ModuleList (GPT-2, Llama, NeoX, OPT, MPT...).
+
+    ``source`` is a local path (weights loaded with local_files_only) or a model instance.
+    """
+
+    def __init__(self, source) -> None:
+        super().__init__()
+        if isinstance(source, str):
+            from transformers import AutoModelForCausalLM
+
+            source = AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+        self.model = source
+        self.dim = (
+            source.config.hidden_size
+            if hasattr(source.config, "hidden_size")
+            else source.config.n_embd
+        )
+        for path in _LAYER_PATHS:
+            if (layers := _find(source, path)) is not None:
+                self.layers = layers
+                break
+        else:
+            raise ValueError(f"cannot find the decoder layers of {type(source).__name__}")
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def run(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return out.logits, out.hidden_states[-1]
+
+
+class HFVisionEncoder(nn.Module):
+    """A Hugging Face ``CLIPVisionModel`` (path or instance): patch features from the last layer."""
+
+    def __init__(self, source) -> None:
+        super().__init__()
+        if isinstance(source, str):
+            from transformers import CLIPVisionModel
+
+            source = CLIPVisionModel.from_pretrained(source, local_files_only=True)
+        self.model = source
+        self.dim = source.config.hidden_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).last_hidden_state
+
+
+class OpenClipVisionEncoder(nn.Module):
+    """An open_clip vision tower (``pip install flamingo-data[openclip]``); weights from a local file."""
+
+    def __init__(self, arch: str, weights: str) -> None:
+        super().__init__()
+        import open_clip
+
+        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=weights)
+        self.visual = model.visual
+        self.visual.output_tokens = True
+        self.dim = self.visual.transformer.width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)[1]
