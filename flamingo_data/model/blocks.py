@@ -69,7 +69,7 @@ class PerceiverResampler(nn.Module):
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
-        return self.norm(latents).view(b, t, -1, d)
+        return self.norm(latents.reshape(b, t, -1, d))
 
 
 class MaskedCrossAttention(nn.Module):

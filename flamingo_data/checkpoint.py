@@ -1,0 +1,75 @@
+"""Checkpoints: trainable weights + optimizer via torch.distributed.checkpoint (sharded, FSDP2-aware),
+plus per-rank trainer state (step, scheduler, RNG, loader positions). Directories are committed
+atomically: written as ``step_N.tmp``, renamed, then ``latest`` points at them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from flamingo_data.shards import write_atomic
+
+
+def _trainable_model_state(model: torch.nn.Module) -> dict[str, Any]:
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    state = get_model_state_dict(model)
+    return {k: v for k, v in state.items() if k in trainable}
+
+
+def save_checkpoint(
+    run_dir: str | Path, step: int, model, optimizer, trainer_state: dict[str, Any]
+) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = {
+        "model": _trainable_model_state(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(trainer_state, tmp / f"trainer_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_atomic(root / "latest", final.name.encode())
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
+    """Restore weights and optimizer in place; returns this rank's trainer state (weights_only load)."""
+    state = {
+        "model": _trainable_model_state(model),
+        "optim": get_optimizer_state_dict(model, optimizer),
+    }
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    return torch.load(path / f"trainer_rank{dist.get_rank()}.pt", weights_only=True)

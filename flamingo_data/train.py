@@ -1,0 +1,345 @@
+"""Train Flamingo on shards: ``torchrun --nproc_per_node=N -m flamingo_data.train ...`` or in-process ``main(argv)``.
+
+FSDP2 (``fully_shard``) on gloo (CPU) or nccl (GPU), bf16 mixed precision, activation checkpointing,
+gradient accumulation, per-dataset loss weights, warmup + cosine/linear schedule, and checkpoints
+that resume the exact data stream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flamingo_data.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+from flamingo_data.model import FlamingoConfig, build_flamingo
+from flamingo_data.trainconfig import TrainConfig, parse_args
+
+NO_DECAY_MARKERS = ("tokens.", "latents", "frame_embs", "_gate", "norm", "bias")
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join torchrun's process group, or make a one-process group on 127.0.0.1 when run directly."""
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def build_model(config: TrainConfig, tokenizer, device: torch.device):
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    model_config = FlamingoConfig(
+        vision=config.vision,
+        lm=config.lm,
+        image_size=config.image_size,
+        cross_attn_every_n_layers=config.cross_attn_every_n_layers,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    model = build_flamingo(model_config, tokenizer).to(device)
+    if config.fsdp:
+        shard_model(model, config.precision)
+    elif dist.get_world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+def shard_model(model, precision: str) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if precision == "bf16"
+        else MixedPrecisionPolicy()
+    )
+    for layer in model.flamingo_layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model.resampler, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay only on trainable weight matrices (not gates, norms, biases, latents, embeddings)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            plain = param.ndim >= 2 and not any(m in name for m in NO_DECAY_MARKERS)
+            (decay if plain else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+def make_scheduler(optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then cosine/linear decay, counted in optimizer steps (so accumulation is accounted for)."""
+    warmup, total = max(0, config.warmup_steps), max(1, config.steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if config.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - progress if config.schedule == "linear" else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_loaders(config: TrainConfig, tokenizer, rank: int, world: int) -> dict[str, Any]:
+    """One loader per dataset, so each gets its own loss weight (the paper's per-dataset lambda)."""
+    loaders = {}
+    for i, ds in enumerate(config.datasets):
+        loader_config = LoaderConfig(
+            batch_size=config.batch_size,
+            num_workers=config.workers,
+            seed=config.seed + i,
+            max_tokens=config.max_tokens,
+            max_images=config.max_images,
+            image_size=config.image_size,
+            sim_threshold=config.sim_threshold,
+        )
+        loaders[ds.name] = build_loader(
+            [DatasetSpec(ds.name, ds.shards, ds.kind)], tokenizer, loader_config, rank, world
+        )
+    return loaders
+
+
+class BatchStream:
+    """Endless batches from one loader, moving to the next epoch when one ends."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self._iter: Iterator | None = None
+
+    def next(self) -> dict[str, Any]:
+        for _ in range(2):
+            if self._iter is None:
+                self._iter = iter(self.loader)
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self._iter = None
+                self.loader.set_epoch(self.loader.epoch + 1)
+        raise RuntimeError(
+            f"dataset yields no usable sample: rejections {self.loader.rejections()}"
+        )
+
+
+def forward_loss(
+    model, batch: dict[str, Any], device: torch.device, precision: str, fsdp: bool
+) -> torch.Tensor:
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bf16" and not fsdp
+        else nullcontext()
+    )
+    with autocast:
+        out = model(
+            batch["vision_x"].to(device),
+            batch["lang_x"].to(device),
+            batch["attention_mask"].to(device),
+            labels=batch["labels"].to(device),
+        )
+    return out.loss
+
+
+def train_step(
+    model, streams: dict[str, BatchStream], config: TrainConfig, device, optimizer
+) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-steps, each taking one batch of every dataset."""
+    losses = {name: 0.0 for name in streams}
+    wait, samples, keys = 0.0, 0, []
+    for _ in range(config.grad_accum):
+        total = torch.zeros((), device=device)
+        for name, stream in streams.items():
+            start = time.perf_counter()
+            batch = stream.next()
+            wait += time.perf_counter() - start
+            loss = forward_loss(model, batch, device, config.precision, config.fsdp)
+            total = total + config.loss_weights.get(name, 1.0) * loss
+            losses[name] += loss.item() / config.grad_accum
+            samples += len(batch["keys"])
+            keys += batch["keys"]
+        (total / config.grad_accum).backward()
+    norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
+    )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return {
+        "losses": losses,
+        "data_wait_s": wait,
+        "samples": samples,
+        "keys": keys,
+        "grad_norm": float(norm),
+    }
+
+
+def mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / dist.get_world_size()).tolist(), strict=True))
+
+
+class RunLog:
+    """Rank 0 writes one JSON line per logged step to stdout and ``<run_dir>/log.jsonl`` (+ wandb if asked)."""
+
+    def __init__(self, config: TrainConfig, rank: int) -> None:
+        self.active = rank == 0
+        self.path = Path(config.run_dir) / "log.jsonl"
+        self.wandb = None
+        if self.active and config.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(
+                    project="flamingo-data", dir=config.run_dir, config=vars(config)
+                )
+            except ImportError:
+                print(
+                    "wandb is not installed: logging to stdout and log.jsonl only", file=sys.stderr
+                )
+
+    def write(self, entry: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        line = json.dumps(entry)
+        print(line, flush=True)
+        with open(self.path, "a") as handle:
+            handle.write(line + "\n")
+        if self.wandb is not None:
+            self.wandb.log(
+                {k: v for k, v in entry.items() if isinstance(v, int | float)}, step=entry["step"]
+            )
+
+
+def fixed_batch_loss(model, config: TrainConfig, tokenizer, device, rank: int, world: int) -> float:
+    """Loss on the first batch of the first dataset from a fresh loader (independent of the training stream)."""
+    loader = make_loaders(config, tokenizer, rank, world)[config.datasets[0].name]
+    batch = next(iter(loader))
+    model.eval()
+    with torch.no_grad():
+        loss = forward_loss(model, batch, device, config.precision, config.fsdp)
+    model.train()
+    return mean_across_ranks({"loss": loss.item()}, device)["loss"]
+
+
+def trainer_state(step: int, scheduler, loaders: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "step": step,
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "loaders": {name: loader.state_dict() for name, loader in loaders.items()},
+    }
+
+
+def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str, Any]) -> int:
+    """Load the latest checkpoint if resuming; returns the step to continue from."""
+    path = latest_checkpoint(config.run_dir) if config.resume else None
+    if path is None:
+        return 0
+    state = load_checkpoint(path, model, optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    for name, loader in loaders.items():
+        loader.load_state_dict(state["loaders"][name])
+    return int(state["step"])
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """The training loop; returns a summary (first/last loss, fixed-batch loss before and after, steps)."""
+    rank, world, device = setup_distributed()
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(config.tokenizer)
+    model = build_model(config, tokenizer, device)
+    optimizer, log = make_optimizer(model, config), RunLog(config, rank)
+    scheduler = make_scheduler(optimizer, config)
+    loaders = make_loaders(config, tokenizer, rank, world)
+    start = restore(config, model, optimizer, scheduler, loaders)
+    streams = {name: BatchStream(loader) for name, loader in loaders.items()}
+    summary: dict[str, Any] = {"start_step": start}
+    if start == 0:
+        summary["fixed_batch_loss_start"] = fixed_batch_loss(
+            model, config, tokenizer, device, rank, world
+        )
+    model.train()
+    step = start
+    while step < config.steps and (config.stop_after is None or step - start < config.stop_after):
+        began = time.perf_counter()
+        result = train_step(model, streams, config, device, optimizer)
+        scheduler.step()
+        step += 1
+        entry = _log_entry(
+            step, result, scheduler, loaders, time.perf_counter() - began, world, device, config
+        )
+        summary.setdefault("first_loss", entry["loss"])
+        summary["last_loss"] = entry["loss"]
+        if step % config.log_every == 0 or step == config.steps:
+            log.write(entry)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save_checkpoint(
+                config.run_dir, step, model, optimizer, trainer_state(step, scheduler, loaders)
+            )
+    summary["steps"] = step
+    if step == config.steps:
+        summary["fixed_batch_loss_end"] = fixed_batch_loss(
+            model, config, tokenizer, device, rank, world
+        )
+    log.write({"summary": summary, "step": step})
+    return summary
+
+
+def _log_entry(
+    step, result, scheduler, loaders, seconds, world, device, config: TrainConfig
+) -> dict[str, Any]:
+    losses = mean_across_ranks(result["losses"], device)
+    entry = {
+        "step": step,
+        "loss": sum(config.loss_weights.get(n, 1.0) * v for n, v in losses.items()),
+        **{f"loss/{n}": v for n, v in losses.items()},
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": result["grad_norm"],
+        "samples_per_s": result["samples"] * world / max(seconds, 1e-9),
+        "data_wait_s": result["data_wait_s"],
+        "rejections": {name: loader.rejections() for name, loader in loaders.items()},
+    }
+    if config.log_keys:
+        entry["keys"] = result["keys"]
+    return entry
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config = parse_args(argv)
+    try:
+        return run(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

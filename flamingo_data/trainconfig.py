@@ -1,0 +1,146 @@
+"""Trainer options: ``parse_args(argv) -> TrainConfig``; nothing is parsed at import time."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DatasetArg:
+    name: str
+    kind: str
+    shards: str
+
+
+@dataclass
+class TrainConfig:
+    datasets: list[DatasetArg]
+    run_dir: str
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    resume: bool = False
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    fsdp: bool = False
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    seed: int = 0
+    workers: int = 0
+    image_size: int = 32
+    max_tokens: int = 128
+    max_images: int = 6
+    sim_threshold: float = 0.24
+    tokenizer: str | None = None
+    vision: str = "tiny"
+    lm: str = "tiny"
+    cross_attn_every_n_layers: int = 1
+    log_every: int = 1
+    log_keys: bool = False
+    wandb: bool = False
+    stop_after: int | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flamingo-data train", description="Train Flamingo on shards (torchrun for >1 process)"
+    )
+    p.add_argument("--mmc4-shards", help="interleaved shards (MMC4 form)")
+    p.add_argument("--laion-shards", help="image-text pair shards")
+    p.add_argument("--gpt-shards", help="ChatGPT-generated sequence shards")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=KIND:SPEC",
+        help="any dataset, e.g. conv=interleaved:conv-shards/ (repeatable)",
+    )
+    p.add_argument(
+        "--loss-weights", default="", help="per-dataset loss weights, e.g. mmc4=1.0,laion=0.2"
+    )
+    p.add_argument("--run-dir", required=True)
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --run-dir"
+    )
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="per dataset, per process, per micro-step"
+    )
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="loader worker processes per dataset")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-images", type=int, default=6)
+    p.add_argument("--sim-threshold", type=float, default=0.24)
+    p.add_argument(
+        "--tokenizer", default=None, help="local Hugging Face tokenizer path (default: built-in)"
+    )
+    p.add_argument("--vision", default="tiny", help="tiny | hf:<path> | open_clip:<arch>:<weights>")
+    p.add_argument("--lm", default="tiny", help="tiny | hf:<path>")
+    p.add_argument("--cross-attn-every-n-layers", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--log-keys", action="store_true", help="log rank 0's sample keys per step")
+    p.add_argument(
+        "--wandb", action="store_true", help="also log to Weights & Biases (if installed)"
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="exit after this many steps in this run (testing)",
+    )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    datasets = [
+        DatasetArg(n, k, s)
+        for n, k, s in (
+            ("mmc4", "interleaved", args.mmc4_shards),
+            ("laion", "pair", args.laion_shards),
+            ("gpt", "gpt", args.gpt_shards),
+        )
+        if s
+    ]
+    datasets += [_dataset_arg(text) for text in args.dataset]
+    if not datasets:
+        build_parser().error(
+            "give at least one of --mmc4-shards, --laion-shards, --gpt-shards, --dataset"
+        )
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    values.update(datasets=datasets, loss_weights=_weights(args.loss_weights))
+    return TrainConfig(**values)
+
+
+def _dataset_arg(text: str) -> DatasetArg:
+    name, _, rest = text.partition("=")
+    kind, _, spec = rest.partition(":")
+    if not (name and kind and spec):
+        raise SystemExit(f"--dataset wants NAME=KIND:SPEC, got {text!r}")
+    return DatasetArg(name, kind, spec)
+
+
+def _weights(text: str) -> dict[str, float]:
+    weights = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        weights[name.strip()] = float(value)
+    return weights

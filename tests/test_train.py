@@ -1,0 +1,177 @@
+"""The trainer under a real torchrun: 2 CPU processes, FSDP2 (gloo), checkpoint, SIGKILL, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
+from flamingo_data.samples import write_mmc4_sample
+from flamingo_data.trainconfig import parse_args
+from flamingo_data.units import RunOptions
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    sample = write_mmc4_sample(
+        root / "src", n_shards=4, docs_per_shard=12, missing_rate=0.0, seed=3
+    )
+    convert_mmc4(
+        sample["docs"],
+        Mmc4Options(images=sample["images"]),
+        RunOptions(out_dir=str(root / "shards"), converter="mmc4"),
+        processes=1,
+        progress=False,
+    )
+    return root / "shards"
+
+
+def torchrun_command(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--master-addr",
+        "127.0.0.1",
+        "-m",
+        "flamingo_data.train",
+        "--mmc4-shards",
+        str(shards),
+        "--run-dir",
+        str(run_dir),
+        "--fsdp",
+        "--batch-size",
+        "3",
+        "--max-tokens",
+        "160",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--seed",
+        "1",
+        "--log-keys",
+        *extra,
+    ]
+
+
+def log_entries(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_parse_args_builds_datasets_and_weights() -> None:
+    config = parse_args(
+        [
+            "--mmc4-shards",
+            "a/{0..3}.tar",
+            "--laion-shards",
+            "b/",
+            "--dataset",
+            "conv=gpt:c/*.tar",
+            "--loss-weights",
+            "mmc4=1.0,laion=0.2",
+            "--run-dir",
+            "r",
+        ]
+    )
+    assert [(d.name, d.kind, d.shards) for d in config.datasets] == [
+        ("mmc4", "interleaved", "a/{0..3}.tar"),
+        ("laion", "pair", "b/"),
+        ("conv", "gpt", "c/*.tar"),
+    ]
+    assert config.loss_weights == {"mmc4": 1.0, "laion": 0.2}
+
+
+def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -> None:
+    from flamingo_data.train import main
+
+    summary = main(
+        [
+            "--mmc4-shards",
+            str(shards),
+            "--run-dir",
+            str(tmp_path),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--max-tokens",
+            "160",
+            "--precision",
+            "bf16",
+            "--gradient-checkpointing",
+            "--grad-accum",
+            "2",
+        ]
+    )
+    assert summary["steps"] == 3
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"
+    assert [e["step"] for e in log_entries(tmp_path) if "loss" in e] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_loss_goes_down_on_a_fixed_batch(shards: Path, tmp_path: Path) -> None:
+    subprocess.run(
+        torchrun_command(shards, tmp_path, "--steps", "16", "--checkpoint-every", "100"),
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
+    summary = log_entries(tmp_path)[-1]["summary"]
+    assert summary["fixed_batch_loss_end"] < 0.97 * summary["fixed_batch_loss_start"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_the_exact_stream(shards: Path, tmp_path: Path) -> None:
+    steps = ["--steps", "6", "--checkpoint-every", "3"]
+    whole = tmp_path / "whole"
+    subprocess.run(
+        torchrun_command(shards, whole, *steps), check=True, capture_output=True, timeout=240
+    )
+    expected = {e["step"]: e for e in log_entries(whole) if "loss" in e}
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        torchrun_command(shards, killed, *steps),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    pointer = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 180
+    while (
+        not (pointer.exists() and pointer.read_text() == "step_0000003")
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert pointer.read_text() == "step_0000003"
+
+    subprocess.run(
+        torchrun_command(shards, killed, *steps, "--resume"),
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
+    resumed = [e for e in log_entries(killed) if "loss" in e]
+    after = {
+        e["step"]: e
+        for e in resumed[resumed.index(next(e for e in resumed[::-1] if e["step"] == 4)) :]
+    }
+    assert sorted(after) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert after[step]["keys"] == expected[step]["keys"]
+        assert after[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5)
