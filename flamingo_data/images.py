@@ -116,9 +116,11 @@ def process_image(data: bytes | None, policy: ImagePolicy) -> ImageResult:
 
 def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePolicy) -> ImageResult:
     target = _target_size(image.size, policy)
+    width, height = image.size
     if target is None and _keepable(fmt, image):
         _verify_decodes(image)
-        return ImageResult("kept", data, fmt, image.width, image.height)
+        return ImageResult("kept", data, fmt, width, height)
+    reason = "resized" if target is not None else _why(fmt, image)
     if target is not None and image.format == "JPEG":
         image.draft("RGB", target)
     image = ImageOps.exif_transpose(image) or image
@@ -131,9 +133,7 @@ def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePol
             outcome = "resized"
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=policy.quality, optimize=False)
-    return ImageResult(
-        outcome, buf.getvalue(), "jpeg", rgb.width, rgb.height, reason=_why(fmt, image, outcome)
-    )
+    return ImageResult(outcome, buf.getvalue(), "jpeg", rgb.width, rgb.height, reason=reason)
 
 
 def _keepable(fmt: str, image: Image.Image) -> bool:
@@ -181,15 +181,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _why(fmt: str, image: Image.Image, outcome: str) -> str:
-    if outcome == "resized":
-        return "resized"
+def _why(fmt: str, image: Image.Image) -> str:
+    """Why bytes could not be kept as they are."""
     if getattr(image, "is_animated", False):
         return "animated"
     if fmt not in KEEPABLE:
         return f"format_{fmt}"
-    return (
-        f"mode_{image.mode.lower().replace(';', '_')}"
-        if image.mode not in KEEPABLE[fmt]
-        else "exif_or_alpha"
-    )
+    if image.mode not in KEEPABLE[fmt]:
+        return f"mode_{image.mode.lower().replace(';', '_')}"
+    return "exif_or_alpha"

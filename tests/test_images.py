@@ -1,0 +1,146 @@
+"""The image stage on real bytes: kept, converted, resized, rejected — each with its reason."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flamingo_data.images import ImagePolicy, decode_rgb, process_image, sniff_format
+from flamingo_data.samples import make_image
+
+POLICY = ImagePolicy()
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
+    """A real PNG header declaring a huge image; a few hundred bytes on disk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_valid_jpeg_png_webp_are_kept_byte_identical(fmt: str) -> None:
+    data = make_image(3, 80, 60, fmt)
+    result = process_image(data, POLICY)
+    assert (result.outcome, result.data, result.fmt, result.width, result.height) == (
+        "kept",
+        data,
+        fmt.lower(),
+        80,
+        60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (
+            lambda: encode(Image.open(io.BytesIO(make_image(1))).convert("CMYK"), "JPEG"),
+            "mode_cmyk",
+        ),
+        (
+            lambda: encode(
+                Image.new("RGBA", (30, 20), (255, 0, 0, 128)).convert("P"), "PNG", transparency=0
+            ),
+            "exif_or_alpha",
+        ),
+        (
+            lambda: encode(Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16)), "PNG"),
+            "mode_i_16",
+        ),
+        (lambda: encode(Image.open(io.BytesIO(make_image(2))), "BMP"), "format_bmp"),
+        (lambda: encode(Image.open(io.BytesIO(make_image(2))), "TIFF"), "format_tiff"),
+    ],
+    ids=["cmyk", "palette-alpha", "16-bit", "bmp", "tiff"],
+)
+def test_other_images_are_converted_to_rgb_jpeg(make, reason: str) -> None:
+    result = process_image(make(), POLICY)
+    assert result.outcome == "converted" and result.reason == reason and result.fmt == "jpeg"
+    decoded = Image.open(io.BytesIO(result.data))
+    assert decoded.format == "JPEG" and decoded.mode == "RGB"
+
+
+def test_animated_gif_becomes_its_first_frame() -> None:
+    frames = [Image.new("RGB", (20, 20), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    result = process_image(buf.getvalue(), POLICY)
+    assert result.outcome == "converted" and result.reason == "animated"
+    pixel = Image.open(io.BytesIO(result.data)).getpixel((10, 10))
+    assert pixel[0] > 200 and pixel[2] < 60  # red: the first frame
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    result = process_image(encode(image, "JPEG", exif=exif.tobytes(), quality=95), POLICY)
+    assert result.outcome == "converted" and (result.width, result.height) == (20, 40)
+    top = Image.open(io.BytesIO(result.data)).getpixel((10, 5))
+    assert top[0] > 200  # the red half is now on top
+
+
+def test_resize_limits_sides_and_never_upscales() -> None:
+    data = make_image(4, 800, 600)
+    short = process_image(data, ImagePolicy(short_side=256))
+    assert (short.outcome, short.width, short.height) == ("resized", 341, 256)
+    longest = process_image(data, ImagePolicy(max_side=400))
+    assert (longest.width, longest.height) == (400, 300)
+    small = process_image(make_image(5, 100, 80), ImagePolicy(short_side=256))
+    assert small.outcome == "kept"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"<html><body>404</body></html>", "not_an_image"),
+        (np.random.default_rng(0).bytes(3000), "not_an_image"),
+        (make_image(6, 200, 150)[:1500], "undecodable"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "undecodable"),
+    ],
+    ids=["empty", "html", "random", "truncated-jpeg", "broken-png"],
+)
+def test_bad_bytes_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
+    result = process_image(data, POLICY)
+    assert (result.outcome, result.reason, result.data) == ("rejected", reason, None)
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    bomb = png_bomb()
+    assert len(bomb) < 1000
+    assert process_image(bomb, POLICY).reason == "too_many_pixels"
+    with pytest.raises(ValueError, match="too_many_pixels"):
+        decode_rgb(bomb)
+    assert (
+        process_image(make_image(7, 100, 100), ImagePolicy(max_pixels=5000)).reason
+        == "too_many_pixels"
+    )
+
+
+def test_sniffing_reads_bytes_not_names() -> None:
+    assert sniff_format(make_image(8, fmt="PNG")) == "png"
+    assert sniff_format(make_image(8, fmt="WEBP")) == "webp"
+    assert sniff_format(b"GIF89a...") == "gif" and sniff_format(b"hello") is None

@@ -1,0 +1,307 @@
+"""MMC4 converter end to end: round trip, determinism, layouts, every bad input counted, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from flamingo_data.cli import main as cli
+from flamingo_data.converters.mmc4 import LayoutError, Mmc4Options, convert_mmc4
+from flamingo_data.images import ImagePolicy
+from flamingo_data.samples import make_image, write_mmc4_sample
+from flamingo_data.units import RunOptions
+from flamingo_data.validate import validate_shards
+from tests.test_images import png_bomb
+
+
+def convert(sample: dict, out: Path, **options) -> dict:
+    policy = options.pop("policy", ImagePolicy())
+    processes = options.pop("processes", 1)
+    stats = convert_mmc4(
+        sample["docs"],
+        Mmc4Options(images=sample["images"], policy=policy, **options),
+        RunOptions(out_dir=str(out), converter="mmc4", write_rejects=True),
+        processes=processes,
+        progress=False,
+    )
+    return stats.to_json()
+
+
+def read_records(out: Path) -> dict[str, dict]:
+    records = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                records[member.name.removesuffix(".json")] = json.loads(
+                    tar.extractfile(member).read()
+                )
+    return records
+
+
+def tar_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> dict:
+    return write_mmc4_sample(
+        tmp_path / "src", n_shards=3, docs_per_shard=10, missing_rate=0.15, seed=5
+    )
+
+
+def test_round_trip_equals_source_documents_and_image_bytes(sample: dict, tmp_path: Path) -> None:
+    stats = convert(sample, tmp_path / "out")
+    records = read_records(tmp_path / "out")
+    images = Path(sample["images"])
+    compared = 0
+    for shard_no, docs in enumerate(sample["documents"]):
+        for line, doc in enumerate(docs, start=1):
+            key = f"shard_{shard_no}-{line:07d}"
+            if key not in records:
+                continue
+            record = records[key]
+            assert {k: record[k] for k in ("url", "text_list", "similarity_matrix")} == {
+                k: doc[k] for k in ("url", "text_list", "similarity_matrix")
+            }
+            for info, source in zip(record["image_info"], doc["image_info"], strict=True):
+                path = images / str(shard_no) / source["image_name"]
+                assert {k: v for k, v in info.items() if k != "image_base64"} == source
+                if path.exists():
+                    assert base64.b64decode(info["image_base64"]) == path.read_bytes()
+                else:
+                    assert "image_base64" not in info
+            compared += 1
+    counts = stats["counts"]["documents"]
+    assert compared == counts["written"] == len(records) and counts["in"] == counts[
+        "written"
+    ] + counts.get("rejected", 0)
+    assert validate_shards(str(tmp_path / "out")).ok
+
+
+def test_rerun_is_byte_identical_and_two_processes_match_one(sample: dict, tmp_path: Path) -> None:
+    convert(sample, tmp_path / "a")
+    convert(sample, tmp_path / "b")
+    convert(sample, tmp_path / "c", processes=2)
+    assert tar_bytes(tmp_path / "a") == tar_bytes(tmp_path / "b") == tar_bytes(tmp_path / "c")
+    assert (tmp_path / "a" / "sizes.json").read_bytes() == (
+        tmp_path / "c" / "sizes.json"
+    ).read_bytes()
+
+
+def test_flat_layout_and_auto_detection(tmp_path: Path) -> None:
+    flat = write_mmc4_sample(
+        tmp_path / "flat", n_shards=2, docs_per_shard=6, layout="flat", missing_rate=0.0
+    )
+    stats = convert(flat, tmp_path / "out")
+    assert (
+        stats["counts"]["units"]["layout_flat"] == 1
+        and stats["counts"]["images"].get("missing", 0) == 0
+    )
+    stats = convert(flat, tmp_path / "out2", layout="flat")
+    assert stats["counts"]["documents"]["written"] == 12
+
+
+def test_wrong_layout_or_folder_fails_loudly(sample: dict, tmp_path: Path, capsys) -> None:
+    with pytest.raises(LayoutError, match="nearly every image is missing"):
+        convert(sample, tmp_path / "out", layout="flat")
+    empty = tmp_path / "empty_images"
+    empty.mkdir()
+    code = cli(
+        [
+            "convert",
+            "mmc4",
+            "--docs",
+            sample["docs"],
+            "--images",
+            str(empty),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    assert code == 2 and "nearly every image is missing" in capsys.readouterr().err
+    assert not list((tmp_path / "o").glob("*.tar"))
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def test_every_bad_input_is_a_counted_reasoned_skip(tmp_path: Path) -> None:
+    sample = write_mmc4_sample(
+        tmp_path / "src", n_shards=1, docs_per_shard=4, missing_rate=0.0, seed=9
+    )
+    docs_dir, images = Path(sample["docs"]).parent, Path(sample["images"]) / "0"
+    good = json.loads(
+        zipfile.ZipFile(docs_dir / "shard_0.zip").read("shard_0.jsonl").splitlines()[0]
+    )
+    name = good["image_info"][0]["image_name"]
+    (images / "corrupt.jpg").write_bytes(make_image(1)[:300])
+    (images / "bomb.png").write_bytes(png_bomb())
+
+    def variant(**changes) -> bytes:
+        return json.dumps({**good, **changes}).encode()
+
+    one = {**good["image_info"][0]}
+    lines = [
+        b"{not json",
+        variant(similarity_matrix=[[0.1]]),
+        variant(text_list=[]),
+        variant(image_info=[{**one, "matched_text_index": 99}]),
+        variant(
+            image_info=[{**one, "image_name": "missing.jpg"}],
+            similarity_matrix=[good["similarity_matrix"][0]],
+        ),
+        variant(
+            image_info=[{**one, "image_name": "corrupt.jpg"}],
+            similarity_matrix=[good["similarity_matrix"][0]],
+        ),
+        variant(
+            image_info=[{**one, "image_name": "bomb.png"}],
+            similarity_matrix=[good["similarity_matrix"][0]],
+        ),
+        variant(
+            image_info=[{**one, "image_name": "../escape.jpg"}],
+            similarity_matrix=[good["similarity_matrix"][0]],
+        ),
+        b"[1, 2, 3]",
+    ]
+    _zip(
+        docs_dir / "shard_0.zip",
+        {"a.jsonl": b"\n".join(lines) + b"\n", "b.jsonl": json.dumps(good).encode() + b"\n"},
+    )
+    (docs_dir / "shard_1.zip").write_bytes(b"PK\x03\x04 truncated zip")
+    stats = convert(
+        {"docs": str(docs_dir / "shard_{0..2}.zip"), "images": sample["images"]}, tmp_path / "out"
+    )
+    docs = stats["counts"]["documents"]
+    assert docs == {"in": 10, "written": 1, "rejected": 9}
+    assert stats["reasons"]["documents"] == {
+        "bad_json": 1,
+        "bad_matrix_shape": 1,
+        "empty_text_list": 1,
+        "bad_image_info": 1,
+        "no_images": 4,
+        "not_an_object": 1,
+    }
+    assert stats["reasons"]["images"] == {
+        "undecodable": 1,
+        "too_many_pixels": 1,
+        "unsafe_image_name": 1,
+    }
+    assert stats["counts"]["images"]["missing"] == 1
+    assert (
+        stats["reasons"]["units"] == {"unreadable_zip": 1}
+        and stats["counts"]["units"]["missing_input"] == 1
+    )
+    rejects = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == 9 + 3 + 1  # documents + images + the unit
+    assert list(read_records(tmp_path / "out")) == [
+        "shard_0-0000010"
+    ]  # the line of b.jsonl: every member read
+
+
+def test_keep_and_drop_options(sample: dict, tmp_path: Path) -> None:
+    default = convert(sample, tmp_path / "a")["counts"]["documents"]
+    keep = convert(sample, tmp_path / "b", keep_docs_without_images=True)["counts"]["documents"]
+    strict = convert(sample, tmp_path / "c", drop_docs_with_missing_images=True)["counts"][
+        "documents"
+    ]
+    assert keep["written"] == keep["in"] and keep.get("rejected", 0) == 0
+    assert strict["written"] < default["written"] < keep["written"]
+
+
+def test_bad_command_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    assert (
+        cli(
+            [
+                "convert",
+                "mmc4",
+                "--docs",
+                str(tmp_path / "none_{0..3}.zip"),
+                "--images",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "no MMC4 zip matches" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=2)
+    assert (
+        cli(
+            [
+                "convert",
+                "mmc4",
+                "--docs",
+                sample["docs"],
+                "--images",
+                sample["images"],
+                "--out",
+                str(blocker / "sub"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot create output folder" in err[0]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_exactly_the_uninterrupted_documents(tmp_path: Path) -> None:
+    sample = write_mmc4_sample(
+        tmp_path / "src",
+        n_shards=12,
+        docs_per_shard=40,
+        missing_rate=0.1,
+        seed=2,
+        image_size=(320, 240),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "flamingo_data",
+        "convert",
+        "mmc4",
+        "--docs",
+        sample["docs"],
+        "--images",
+        sample["images"],
+        "--processes",
+        "1",
+        "--no-progress",
+        "--max-samples-per-shard",
+        "15",
+    ]
+    subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    while len(list((killed / "_done").glob("*.json"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list((killed / "_done").glob("*.json"))) < 12, (
+        "the run finished before it was killed"
+    )
+    subprocess.run([*command, "--out", str(killed), "--resume"], check=True, capture_output=True)
+    assert tar_bytes(killed) == tar_bytes(tmp_path / "whole")
+    assert not list(killed.rglob("*.tmp"))
+    assert validate_shards(str(killed)).ok
