@@ -147,7 +147,6 @@ def test_every_bad_input_is_a_counted_reasoned_skip(tmp_path: Path) -> None:
     good = json.loads(
         zipfile.ZipFile(docs_dir / "shard_0.zip").read("shard_0.jsonl").splitlines()[0]
     )
-    name = good["image_info"][0]["image_name"]
     (images / "corrupt.jpg").write_bytes(make_image(1)[:300])
     (images / "bomb.png").write_bytes(png_bomb())
 

@@ -1,0 +1,223 @@
+"""validate: good shards pass; each kind of broken shard is reported by key and reason, exit non-zero."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from flamingo_data.cli import main as cli
+from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
+from flamingo_data.records import encode_base64
+from flamingo_data.samples import make_image, write_mmc4_sample
+from flamingo_data.shards import ShardWriter
+from flamingo_data.units import RunOptions
+from flamingo_data.validate import validate_shards
+from tests.test_images import png_bomb
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("validate")
+    sample = write_mmc4_sample(root / "src", n_shards=2, docs_per_shard=5, missing_rate=0.0)
+    convert_mmc4(
+        sample["docs"],
+        Mmc4Options(images=sample["images"]),
+        RunOptions(out_dir=str(root / "out"), converter="mmc4"),
+        processes=1,
+        progress=False,
+    )
+    return root / "out"
+
+
+def first_record(good: Path) -> dict:
+    with tarfile.open(next(good.glob("*.tar"))) as tar:
+        return json.loads(tar.extractfile(tar.next()).read())
+
+
+def gpt_record(example: str, numbers: list[int], image: bytes | None = None) -> dict:
+    image = image or make_image(3)
+    return {
+        "is_gpt": True,
+        "example": example,
+        "image_map": {f"_!_IMAGE{n}_!_": {"base64_image": encode_base64(image)} for n in numbers},
+    }
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_good_shards_pass_and_counts_match_sizes(good: Path) -> None:
+    report = validate_shards(str(good), deep=True)
+    assert report.ok and report.samples == sum(
+        json.loads((good / "sizes.json").read_text()).values()
+    )
+    assert cli(["validate", str(good)]) == 0
+
+
+def test_gpt_and_pair_shards_pass(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path, "mix")
+    writer.write(
+        "g1", {"json": json.dumps(gpt_record("a _!_IMAGE1_!_ b _!_IMAGE2_!_", [1, 2])).encode()}
+    )
+    writer.write(
+        "p1",
+        {
+            "jpg": make_image(4),
+            "txt": "a caption é".encode(),
+            "json": b'{"key": "p1", "status": "success"}',
+        },
+    )
+    writer.close()
+    report = validate_shards(str(tmp_path), deep=True)
+    assert report.ok and dict(report.kinds) == {"gpt": 1, "pair": 1}
+
+
+def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
+    """name -> (tar members, failing key, reason)."""
+    rec = first_record(good)
+    wrong_shape = {**rec, "similarity_matrix": rec["similarity_matrix"][:-1] + [[0.1]]}
+    bad_index = {
+        **rec,
+        "image_info": [{**rec["image_info"][0], "matched_text_index": 999}] + rec["image_info"][1:],
+    }
+    bad_b64 = {
+        **rec,
+        "image_info": [{**rec["image_info"][0], "image_base64": "@@@@"}] + rec["image_info"][1:],
+    }
+    not_image = {
+        **rec,
+        "image_info": [{**rec["image_info"][0], "image_base64": encode_base64(b"<html>hi</html>")}]
+        + rec["image_info"][1:],
+    }
+    bomb = {
+        **rec,
+        "image_info": [{**rec["image_info"][0], "image_base64": encode_base64(png_bomb())}]
+        + rec["image_info"][1:],
+    }
+    dumps = lambda obj: json.dumps(obj).encode()  # noqa: E731
+    return {
+        "bad_json": ({"k.json": b"{oops"}, "k", "bad_json"),
+        "schema": ({"k.json": dumps({**rec, "text_list": "not a list"})}, "k", "schema"),
+        "matrix": ({"k.json": dumps(wrong_shape)}, "k", "bad_matrix_shape"),
+        "index": ({"k.json": dumps(bad_index)}, "k", "index_out_of_range"),
+        "base64": ({"k.json": dumps(bad_b64)}, "k", "bad_base64"),
+        "not_image": ({"k.json": dumps(not_image)}, "k", "not_an_image"),
+        "gpt_mismatch": (
+            {"k.json": dumps(gpt_record("_!_IMAGE1_!_ x _!_IMAGE3_!_", [1, 2]))},
+            "k",
+            "placeholder_mismatch",
+        ),
+        "gpt_gap": (
+            {"k.json": dumps(gpt_record("_!_IMAGE1_!_ x _!_IMAGE3_!_", [1, 3]))},
+            "k",
+            "placeholder_numbering",
+        ),
+        "pair_no_image": ({"k.txt": b"caption", "k.json": b'{"key": "k"}'}, "k", "missing_image"),
+        "pickle": (
+            {"k.json": dumps(rec), "k.pickle": pickle.dumps({"a": 1})},
+            "k",
+            "unexpected_member",
+        ),
+        "dotdot": ({"../k.json": dumps(rec)}, "../k.json", "unsafe_member_name"),
+        "absolute": ({"/etc/k.json": dumps(rec)}, "/etc/k.json", "unsafe_member_name"),
+        "deep_bomb": ({"k.json": dumps(bomb)}, "k", "too_many_pixels"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad_json",
+        "schema",
+        "matrix",
+        "index",
+        "base64",
+        "not_image",
+        "gpt_mismatch",
+        "gpt_gap",
+        "pair_no_image",
+        "pickle",
+        "dotdot",
+        "absolute",
+        "deep_bomb",
+    ],
+)
+def test_each_broken_shard_is_reported_by_key_and_reason(
+    good: Path, tmp_path: Path, case: str
+) -> None:
+    members, key, reason = broken_cases(good)[case]
+    shard = write_tar(tmp_path / "broken.tar", members)
+    report = validate_shards(str(shard), deep=True)
+    assert not report.ok
+    assert (key, reason) in {(f.key, f.reason) for f in report.failures}
+    assert cli(["validate", str(shard), "--deep"]) == 1
+
+
+def test_shard_level_breakage(good: Path, tmp_path: Path) -> None:
+    data = next(good.glob("*.tar")).read_bytes()
+    (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "zero.tar").write_bytes(b"")
+    (tmp_path / "text.tar").write_bytes(b"this is not a tar file at all" * 40)
+    reasons = {(f.shard, f.reason) for f in validate_shards(str(tmp_path)).failures}
+    assert {
+        ("truncated.tar", "truncated_tar"),
+        ("zero.tar", "empty_tar"),
+        ("text.tar", "not_a_tar"),
+    } <= reasons
+
+
+def test_duplicate_keys_across_shards_and_sizes_mismatch(good: Path, tmp_path: Path) -> None:
+    shard = next(good.glob("*.tar"))
+    (tmp_path / "a.tar").write_bytes(shard.read_bytes())
+    (tmp_path / "b.tar").write_bytes(shard.read_bytes())
+    (tmp_path / "sizes.json").write_text(json.dumps({"a.tar": 999}))
+    report = validate_shards(str(tmp_path))
+    reasons = report.reasons()
+    assert reasons["duplicate_key"] == json.loads((good / "sizes.json").read_text())[shard.name]
+    assert {(f.shard, f.reason) for f in report.failures} >= {
+        ("a.tar", "count_mismatch"),
+        ("b.tar", "missing_from_sizes_json"),
+    }
+
+
+def test_write_sizes_and_json_report(good: Path, tmp_path: Path) -> None:
+    for shard in good.glob("*.tar"):
+        (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    assert cli(["validate", str(tmp_path), "--write-sizes"]) == 0
+    assert json.loads((tmp_path / "sizes.json").read_text()) == json.loads(
+        (good / "sizes.json").read_text()
+    )
+    report_path = tmp_path / "report.json"
+    assert cli(["validate", f"{tmp_path}/*.tar", "--json", str(report_path)]) == 0
+    assert json.loads(report_path.read_text())["ok"] is True
+
+
+def test_real_subprocess_and_bad_spec(good: Path, tmp_path: Path) -> None:
+    bad = write_tar(tmp_path / "bad.tar", {"x.json": b"{"})
+    result = subprocess.run(
+        [sys.executable, "-m", "flamingo_data", "validate", str(bad), "--json", "-"],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        result.returncode == 1 and json.loads(result.stdout)["failures"][0]["reason"] == "bad_json"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "flamingo_data", "validate", str(tmp_path / "none_{1..3}.tar")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "no shard matches" in result.stderr
