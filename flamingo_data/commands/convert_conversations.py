@@ -1,0 +1,61 @@
+"""``flamingo-data convert conversations``: LLaVA-style JSON + image folder -> shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flamingo_data.commands.common import (
+    add_image_options,
+    add_run_options,
+    check_writable,
+    image_policy,
+    run_options,
+    usage_errors,
+)
+from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", required=True, nargs="+", help="JSON array or JSONL files (patterns, folders)"
+    )
+    parser.add_argument(
+        "--images", required=True, help="folder the items' image paths are relative to"
+    )
+    parser.add_argument(
+        "--as",
+        dest="as_",
+        choices=("interleaved", "gpt"),
+        default="interleaved",
+        help="interleaved (MMC4 form, default) or gpt (placeholders exactly where the tags were)",
+    )
+    parser.add_argument(
+        "--template",
+        nargs=2,
+        metavar=("HUMAN", "GPT"),
+        default=("User: {value}", "Assistant: {value}"),
+        help="how each role's turn is rendered (default: 'User: {value}' 'Assistant: {value}')",
+    )
+    add_image_options(parser)
+    add_run_options(parser)
+
+
+@usage_errors
+def run(args: argparse.Namespace) -> int:
+    check_writable(args.out)
+    options = ConversationOptions(
+        images=args.images, as_=args.as_, template=tuple(args.template), policy=image_policy(args)
+    )
+    stats = convert_conversations(
+        args.json,
+        options,
+        run_options(args, "conversations"),
+        overwrite=args.overwrite,
+        processes=args.processes,
+        executor=args.executor,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(stats.to_json()["counts"], indent=1))
+    print(f"wrote {stats.get('documents', 'written')} samples under {args.out}")
+    return 0
