@@ -58,7 +58,7 @@ def iter_items(path: str) -> Iterator[tuple[int, Any]]:
     if text.lstrip().startswith("["):
         yield from enumerate(json.loads(text))
         return
-    for index, line in enumerate(l for l in text.splitlines() if l.strip()):
+    for index, line in enumerate(row for row in text.splitlines() if row.strip()):
         try:
             yield index, json.loads(line)
         except json.JSONDecodeError as exc:

@@ -1,0 +1,48 @@
+"""``flamingo-data inspect``: a dataset summary, as a table, JSON, or histograms."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flamingo_data.commands.common import UsageError, usage_errors
+from flamingo_data.inspect import format_report, inspect_shards, plot_report
+from flamingo_data.loader.tokenizer import make_tokenizer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", nargs="+", help="shards: brace patterns, globs or folders")
+    parser.add_argument(
+        "--tokenizer", default=None, help="local Hugging Face tokenizer path (default: built-in)"
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=0.24, help="similarity threshold the loader will use"
+    )
+    parser.add_argument("--max-images", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="write histograms to this PNG (needs matplotlib)",
+    )
+
+
+@usage_errors
+def run(args: argparse.Namespace) -> int:
+    report = inspect_shards(
+        args.shards,
+        tokenizer=make_tokenizer(args.tokenizer),
+        threshold=args.threshold,
+        max_images=args.max_images,
+        max_tokens=args.max_tokens,
+    )
+    print(json.dumps(report.to_json(), indent=1) if args.json else format_report(report))
+    if args.plot:
+        try:
+            plot_report(report, args.plot)
+        except RuntimeError as exc:
+            raise UsageError(str(exc)) from exc
+        print(f"histograms written to {args.plot}")
+    return 0

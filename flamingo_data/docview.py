@@ -1,0 +1,149 @@
+"""What the loader will make of one shard sample, without decoding pixels: shared by inspect and preview."""
+
+from __future__ import annotations
+
+import binascii
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from flamingo_data.loader.config import LoaderConfig
+from flamingo_data.loader.gpt import PLACEHOLDER, plan_gpt
+from flamingo_data.loader.interleaved import plan_interleaved
+from flamingo_data.records import decode_base64
+from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
+from flamingo_data.specs import SpecError, expand_specs
+
+
+@dataclass
+class ImageView:
+    """One image as the loader sees it: kept (with its sentence/placeholder) or dropped (with why)."""
+
+    index: int
+    data: bytes | None
+    kept: bool
+    where: int | None = None
+    similarity: float | None = None
+    reason: str | None = None
+    name: str = ""
+
+
+@dataclass
+class DocView:
+    """A sample's kind, its text pieces and its images, plus why the loader would reject it (if it would)."""
+
+    key: str
+    shard: str
+    kind: str
+    texts: list[str] = field(default_factory=list)
+    images: list[ImageView] = field(default_factory=list)
+    rejected: str | None = None
+    record: dict[str, Any] | None = None
+
+
+def iter_docs(
+    specs: str | list[str], config: LoaderConfig, issues: list[ReadIssue] | None = None
+) -> Iterator[DocView]:
+    """DocViews for every sample of the shards, in order."""
+    paths = expand_specs(specs, folder_suffix=".tar")
+    if not paths:
+        raise SpecError(f"no shard matches {specs!r}")
+    sink = issues.append if issues is not None else (lambda issue: None)
+    for path in paths:
+        for sample in iter_samples(path, sink):
+            yield view_sample(sample, config)
+
+
+def view_sample(sample: Sample, config: LoaderConfig) -> DocView:
+    image_ext = next((ext for ext in IMAGE_EXTS if ext in sample.members), None)
+    if image_ext is not None:
+        caption = sample.members.get("txt", b"").decode("utf-8", errors="replace")
+        return DocView(
+            sample.key,
+            sample.shard,
+            "pair",
+            [caption],
+            [ImageView(0, sample.members[image_ext], True, 0)],
+        )
+    try:
+        record = json.loads(sample.members["json"])
+    except (KeyError, ValueError):
+        return DocView(sample.key, sample.shard, "unknown", rejected="bad_json")
+    try:
+        if record.get("is_gpt"):
+            return _gpt_view(sample, record, config)
+        return _interleaved_view(sample, record, config)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return DocView(sample.key, sample.shard, "unknown", rejected="bad_record", record=record)
+
+
+def _bytes(b64: str | None) -> bytes | None:
+    try:
+        return decode_base64(b64) if b64 else None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _interleaved_view(sample: Sample, record: dict[str, Any], config: LoaderConfig) -> DocView:
+    plan = plan_interleaved(record, config)
+    infos = record["image_info"]
+    view = DocView(
+        sample.key,
+        sample.shard,
+        "interleaved",
+        list(plan.sentences),
+        rejected=plan.rejected_reason,
+        record=record,
+    )
+    for p in plan.placements:
+        view.images.append(
+            ImageView(
+                p.image_index,
+                _bytes(infos[p.image_index].get("image_base64")),
+                True,
+                p.sentence_index,
+                p.similarity,
+                name=infos[p.image_index].get("image_name", ""),
+            )
+        )
+    for d in plan.dropped:
+        info = infos[d.image_index]
+        sims = record["similarity_matrix"][d.image_index]
+        where = min(max(int(info.get("matched_text_index", 0)), 0), len(plan.sentences) - 1)
+        view.images.append(
+            ImageView(
+                d.image_index,
+                _bytes(info.get("image_base64")),
+                False,
+                where,
+                max(sims) if sims else None,
+                d.reason,
+                info.get("image_name", ""),
+            )
+        )
+    view.images.sort(key=lambda i: (i.where if i.where is not None else 0, not i.kept, i.index))
+    return view
+
+
+def _gpt_view(sample: Sample, record: dict[str, Any], config: LoaderConfig) -> DocView:
+    plan = plan_gpt(record, config)
+    pieces = PLACEHOLDER.split(record["example"])  # text, number, text, number, ...
+    view = DocView(
+        sample.key, sample.shard, "gpt", pieces[0::2], rejected=plan.rejected_reason, record=record
+    )
+    kept = set(plan.image_names)
+    for position, number in enumerate(pieces[1::2]):
+        name = f"_!_IMAGE{number}_!_"
+        entry = record["image_map"].get(name) or {}
+        view.images.append(
+            ImageView(
+                int(number),
+                _bytes(entry.get("base64_image")),
+                name in kept,
+                position + 1,
+                reason=None if name in kept else "over_max_images",
+                name=name,
+            )
+        )
+    return view

@@ -1,0 +1,229 @@
+"""``inspect``: dataset summary — counts, histograms, image sizes/formats, token lengths, and how many
+documents survive the loader's filters at a given threshold / max images / max tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flamingo_data.docview import DocView, iter_docs
+from flamingo_data.images import DEFAULT_MAX_PIXELS, open_capped, sniff_format
+from flamingo_data.loader.config import LoaderConfig
+from flamingo_data.loader.interleaved import InterleavedPlan, Placement, interleaved_text
+from flamingo_data.loader.tokenizer import IMAGE_TOKEN, make_tokenizer
+from flamingo_data.shardread import ReadIssue
+from flamingo_data.specs import expand_specs
+from flamingo_data.stats import Stats
+
+
+@dataclass
+class InspectReport:
+    shards: int = 0
+    bytes: int = 0
+    documents: int = 0
+    kinds: Counter = field(default_factory=Counter)
+    images: int = 0
+    images_per_doc: Counter = field(default_factory=Counter)
+    sentences_per_doc: Counter = field(default_factory=Counter)
+    image_formats: Counter = field(default_factory=Counter)
+    image_short_side: Counter = field(default_factory=Counter)
+    tokens: list[int] = field(default_factory=list)
+    survive: int = 0
+    rejected_by_loader: Counter = field(default_factory=Counter)
+    read_issues: Counter = field(default_factory=Counter)
+    source_stats: dict[str, Any] = field(default_factory=dict)
+    filters: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        tokens = sorted(self.tokens)
+        pct = lambda q: tokens[min(len(tokens) - 1, int(q * len(tokens)))] if tokens else 0  # noqa: E731
+        return {
+            "shards": self.shards,
+            "bytes": self.bytes,
+            "documents": self.documents,
+            "kinds": dict(self.kinds),
+            "images": self.images,
+            "images_per_doc": _sorted(self.images_per_doc),
+            "sentences_per_doc": _sorted(self.sentences_per_doc),
+            "image_formats": dict(self.image_formats),
+            "image_short_side": _sorted(self.image_short_side),
+            "tokens": {
+                "mean": sum(tokens) / len(tokens) if tokens else 0,
+                "p50": pct(0.5),
+                "p90": pct(0.9),
+                "max": tokens[-1] if tokens else 0,
+            },
+            "loader": {
+                **self.filters,
+                "survive": self.survive,
+                "rejected": dict(self.rejected_by_loader),
+            },
+            "read_issues": dict(self.read_issues),
+            "source_stats": self.source_stats,
+        }
+
+
+def _sorted(counter: Counter) -> dict[str, int]:
+    return {str(k): counter[k] for k in sorted(counter)}
+
+
+def size_bucket(side: int) -> int:
+    """Short-side histogram buckets: 0-127, 128-255, ... (lower bound)."""
+    return (side // 128) * 128
+
+
+def inspect_shards(
+    specs: str | list[str],
+    *,
+    tokenizer=None,
+    threshold: float = 0.24,
+    max_images: int = 6,
+    max_tokens: int = 256,
+    min_images: int = 1,
+) -> InspectReport:
+    """Walk every sample once; nothing is decoded beyond image headers."""
+    tokenizer = tokenizer or make_tokenizer(None)
+    config = LoaderConfig(
+        sim_threshold=threshold, max_images=max_images, max_tokens=max_tokens, min_images=min_images
+    )
+    report = InspectReport(
+        filters={
+            "threshold": threshold,
+            "max_images": max_images,
+            "max_tokens": max_tokens,
+            "min_images": min_images,
+        }
+    )
+    paths = expand_specs(specs, folder_suffix=".tar")
+    report.shards, report.bytes = len(paths), sum(os.path.getsize(p) for p in paths)
+    issues: list[ReadIssue] = []
+    for doc in iter_docs(paths, config, issues):
+        _count_doc(report, doc, tokenizer, config)
+    report.read_issues.update(issue.reason for issue in issues)
+    report.source_stats = merged_stats(paths)
+    return report
+
+
+def _count_doc(report: InspectReport, doc: DocView, tokenizer, config: LoaderConfig) -> None:
+    report.documents += 1
+    report.kinds[doc.kind] += 1
+    with_bytes = [img for img in doc.images if img.data]
+    report.images += len(with_bytes)
+    report.images_per_doc[len(with_bytes)] += 1
+    report.sentences_per_doc[len(doc.texts)] += 1
+    for img in with_bytes:
+        _count_image(report, img.data)
+    text = _training_text(doc, tokenizer)
+    ids = tokenizer.encode(text)
+    report.tokens.append(len(ids))
+    reason = doc.rejected or _truncation_reject(ids[: config.max_tokens], tokenizer, config)
+    if reason:
+        report.rejected_by_loader[reason] += 1
+    else:
+        report.survive += 1
+
+
+def _count_image(report: InspectReport, data: bytes) -> None:
+    report.image_formats[sniff_format(data) or "unknown"] += 1
+    try:
+        width, height = open_capped(data, DEFAULT_MAX_PIXELS).size
+        report.image_short_side[size_bucket(min(width, height))] += 1
+    except Exception:  # header unreadable or a bomb: counted as a format problem, not a crash
+        report.image_formats["unreadable"] += 1
+
+
+def _training_text(doc: DocView, tokenizer) -> str:
+    if doc.kind == "interleaved" and doc.record is not None:
+        plan = InterleavedPlan(sentences=doc.texts)
+        plan.placements = [
+            Placement(i.index, i.where, i.similarity or 0.0) for i in doc.images if i.kept
+        ]
+        return interleaved_text(plan, tokenizer.eos_token)
+    if doc.kind == "pair":
+        return f"{IMAGE_TOKEN}{doc.texts[0]}"
+    kept = {i.where for i in doc.images if i.kept}
+    return "".join((IMAGE_TOKEN if n in kept else "") + t for n, t in enumerate(doc.texts))
+
+
+def _truncation_reject(ids: list[int], tokenizer, config: LoaderConfig) -> str | None:
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return "too_few_images_after_truncation" if ids.count(image_id) < config.min_images else None
+
+
+def merged_stats(paths: list[str]) -> dict[str, Any]:
+    """stats.json files beside the shards, merged per converter."""
+    merged: dict[str, Stats] = {}
+    for folder in sorted({os.path.dirname(p) or "." for p in paths}):
+        path = Path(folder) / "stats.json"
+        if path.exists():
+            stats = Stats.load(path)
+            merged.setdefault(stats.converter or "unknown", Stats(converter=stats.converter)).merge(
+                stats
+            )
+    return {name: s.to_json() for name, s in merged.items()}
+
+
+def format_report(report: InspectReport) -> str:
+    """The terminal table."""
+    data = report.to_json()
+    rows = [
+        ("shards", data["shards"]),
+        ("bytes", f"{data['bytes']:,}"),
+        ("documents", data["documents"]),
+        ("kinds", _inline(data["kinds"])),
+        ("images", data["images"]),
+        ("images/doc", _inline(data["images_per_doc"])),
+        ("sentences/doc", _inline(data["sentences_per_doc"])),
+        ("image formats", _inline(data["image_formats"])),
+        ("image short side", _inline(data["image_short_side"])),
+        ("tokens mean/p50/p90/max", "{mean:.0f} / {p50} / {p90} / {max}".format(**data["tokens"])),
+        (
+            f"loader keeps (threshold {report.filters['threshold']}, max {report.filters['max_images']} images, "
+            f"{report.filters['max_tokens']} tokens)",
+            f"{report.survive} of {report.documents}",
+        ),
+        ("loader rejects", _inline(data["loader"]["rejected"]) or "-"),
+        ("read issues", _inline(data["read_issues"]) or "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    for name, stats in data["source_stats"].items():
+        lines.append(f"{'source stats (' + name + ')':<{width}}  {json.dumps(stats['counts'])}")
+    return "\n".join(lines)
+
+
+def _inline(mapping: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in mapping.items())
+
+
+def plot_report(report: InspectReport, out: str) -> None:
+    """Histograms as a PNG (matplotlib, the ``plot`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'flamingo-data[plot]'") from exc
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for ax, (title, counter) in zip(
+        axes,
+        [
+            ("images per document", report.images_per_doc),
+            ("sentences per document", report.sentences_per_doc),
+            ("image short side (px)", report.image_short_side),
+        ],
+        strict=False,
+    ):
+        keys = sorted(counter)
+        ax.bar([str(k) for k in keys], [counter[k] for k in keys], color="#c2477f")
+        ax.set_title(title)
+    axes[3].hist(report.tokens, bins=30, color="#2d2a32")
+    axes[3].set_title("tokens per document")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

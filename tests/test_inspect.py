@@ -1,0 +1,89 @@
+"""inspect: numbers checked against shards built with known counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flamingo_data.cli import main as cli
+from flamingo_data.inspect import inspect_shards
+from flamingo_data.records import encode_base64
+from flamingo_data.samples import make_image
+from flamingo_data.shards import ShardWriter
+from tests.loader_data import interleaved_record, solid_jpeg, write_json_shard
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    out = tmp_path / "s"
+    out.mkdir()
+    write_json_shard(
+        out,
+        "a",
+        {
+            "d1": interleaved_record(
+                ["A", "B", "C"],
+                [[0.3, 0.1, 0.1], [0.1, 0.1, 0.3]],
+                [solid_jpeg((1, 2, 3), (300, 200)), solid_jpeg((4, 5, 6), (100, 100))],
+            ),
+            "d2": interleaved_record(
+                ["A", "B"], [[0.2, 0.1]], [solid_jpeg((7, 8, 9))]
+            ),  # below 0.24: rejected
+            "d3": interleaved_record(
+                ["A" * 400, "B"], [[0.1, 0.5]], [solid_jpeg((9, 9, 9))]
+            ),  # image past 256 tokens
+        },
+    )
+    writer = ShardWriter(out, "b")
+    writer.write(
+        "g1",
+        {
+            "json": json.dumps(
+                {
+                    "is_gpt": True,
+                    "example": "_!_IMAGE1_!_ hi",
+                    "image_map": {
+                        "_!_IMAGE1_!_": {"base64_image": encode_base64(make_image(1, fmt="PNG"))}
+                    },
+                }
+            ).encode()
+        },
+    )
+    writer.write("p1", {"jpg": make_image(2, 160, 130), "txt": b"a caption", "json": b"{}"})
+    writer.close()
+    (out / "stats.json").write_text(
+        json.dumps({"converter": "mmc4", "counts": {"documents": {"in": 5}}, "reasons": {}})
+    )
+    return out
+
+
+def test_counts_histograms_and_loader_survival(shards: Path) -> None:
+    report = inspect_shards(str(shards)).to_json()
+    assert report["shards"] == 2 and report["documents"] == 5
+    assert report["kinds"] == {"interleaved": 3, "gpt": 1, "pair": 1}
+    assert report["images"] == 6
+    assert report["images_per_doc"] == {"1": 4, "2": 1}
+    assert report["sentences_per_doc"] == {"1": 1, "2": 3, "3": 1}
+    assert report["image_formats"] == {"jpeg": 5, "png": 1}
+    assert report["image_short_side"] == {"0": 4, "128": 2}  # 300x200 and 160x130 are in 128-255
+    assert report["loader"]["survive"] == 3
+    assert report["loader"]["rejected"] == {"no_images": 1, "too_few_images_after_truncation": 1}
+    assert report["source_stats"]["mmc4"]["counts"] == {"documents": {"in": 5}}
+
+
+def test_threshold_changes_survival(shards: Path) -> None:
+    assert inspect_shards(str(shards), threshold=0.15).survive == 4
+    assert inspect_shards(str(shards), max_tokens=1024).survive == 4
+
+
+def test_cli_table_json_and_plot(shards: Path, tmp_path: Path, capsys) -> None:
+    assert cli(["inspect", str(shards)]) == 0
+    assert "loader keeps" in capsys.readouterr().out
+    assert cli(["inspect", str(shards), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["documents"] == 5
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "h.png"
+    assert cli(["inspect", str(shards), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

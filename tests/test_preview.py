@@ -1,0 +1,84 @@
+"""preview: loaded in headless Chromium, the DOM shows each document, its images in loader order, drops greyed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flamingo_data.cli import main as cli
+from flamingo_data.preview import write_preview
+from flamingo_data.records import encode_base64
+from tests.browser import Elements, dump_dom, screenshot
+from tests.loader_data import interleaved_record, solid_jpeg, write_json_shard
+
+RED, BLUE, GREEN = (250, 0, 0), (0, 0, 250), (0, 250, 0)
+EVIL = "<script>document.title='pwned'</script>\"' onerror=alert(1) <img src=x onerror=alert(2)>"
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    out.mkdir()
+    records = {
+        # image 0 -> sentence 2, image 1 -> sentence 0 (text order: 1 then 0); image 2 below threshold
+        "doc1": interleaved_record(
+            ["First.", "Second.", "Third."],
+            [[0.1, 0.1, 0.3], [0.3, 0.1, 0.1], [0.1, 0.2, 0.1]],
+            [solid_jpeg(RED), solid_jpeg(BLUE), solid_jpeg(GREEN)],
+        ),
+        "doc2": interleaved_record([EVIL, "plain"], [[0.5, 0.1]], [solid_jpeg(GREEN)]),
+        "doc3": interleaved_record(["no match here"], [[0.1]], [solid_jpeg(RED)]),
+        "gpt1": {
+            "is_gpt": True,
+            "example": "_!_IMAGE1_!_ a cat _!_IMAGE2_!_ a dog",
+            "image_map": {
+                f"_!_IMAGE{k}_!_": {"base64_image": encode_base64(solid_jpeg(c))}
+                for k, c in ((1, RED), (2, BLUE))
+            },
+        },
+    }
+    records["doc2"]["url"] = EVIL
+    write_json_shard(out, "s", records)
+    return out
+
+
+def test_dom_shows_documents_images_in_order_and_drops(shards: Path, tmp_path: Path) -> None:
+    page = tmp_path / "preview.html"
+    result = write_preview(str(shards), str(page), n=10)
+    assert result.documents == 4
+    dom = Elements(dump_dom(page, tmp_path / "profile"))
+    docs = dom.find("article", "doc")
+    assert [d["data-key"] for d in docs] == ["doc1", "doc2", "doc3", "gpt1"]
+    html = page.read_text()
+    doc1 = html[html.index("data-key='doc1'") : html.index("data-key='doc2'")]
+    figures = Elements(doc1).find("figure")
+    assert [(f["class"], f["data-image-index"]) for f in figures] == [
+        ("img kept", "1"),
+        ("img dropped", "2"),
+        ("img kept", "0"),
+    ]
+    assert figures[1]["data-reason"] == "below_threshold"
+    assert [d["data-rejected"] for d in docs] == ["", "", "no_images", ""]
+    assert len(dom.find("img")) == 7  # 3 + 1 + 1 + 2, all inline data URLs
+    assert all(img["src"].startswith("data:image/jpeg;base64,") for img in dom.find("img"))
+    shot = screenshot(page, tmp_path / "profile2", tmp_path / "preview.png")
+    assert shot.stat().st_size > 10_000
+
+
+def test_untrusted_text_renders_as_text_and_runs_nothing(shards: Path, tmp_path: Path) -> None:
+    page = tmp_path / "preview.html"
+    write_preview(str(shards), str(page), keys=["doc2"])
+    dom = Elements(dump_dom(page, tmp_path / "profile"))
+    assert (
+        dom.title == "flamingo-data preview: 1 documents"
+    )  # the injected script would have changed it
+    assert dom.find("script") == [] and len(dom.find("img")) == 1
+    assert "&lt;script&gt;document.title" in page.read_text()
+
+
+def test_cli_preview_and_bad_spec(shards: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "p.html"
+    assert cli(["preview", str(shards), "--n", "2", "--out", str(out)]) == 0
+    assert "wrote 2 documents" in capsys.readouterr().out and out.exists()
+    assert cli(["preview", str(tmp_path / "missing_{1..2}.tar"), "--out", str(out)]) == 2
