@@ -66,9 +66,8 @@ def _handler(server: LocalServer) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def http_server() -> Iterator[LocalServer]:
-    """A real local HTTP server; tests add routes (images, 404s, HTML, stalls)."""
+def serve() -> Iterator[LocalServer]:
+    """Run a real local HTTP server until the generator is closed."""
     state = LocalServer("127.0.0.1", 0)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     httpd.daemon_threads = True
@@ -80,6 +79,12 @@ def http_server() -> Iterator[LocalServer]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def http_server() -> Iterator[LocalServer]:
+    """A real local HTTP server; tests add routes (images, 404s, HTML, stalls)."""
+    yield from serve()
 
 
 @pytest.fixture

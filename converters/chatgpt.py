@@ -1,0 +1,206 @@
+"""ChatGPT-generated sequences -> GPT records with embedded images.
+
+Every distinct image url is downloaded once with img2dataset (original bytes kept), or joined from an
+existing img2dataset output (``images_from``). Placeholders and ``image_map`` must agree and be
+numbered 1..n. A sequence missing an image is dropped (default) or, with ``missing="strip"``, loses
+that placeholder and the rest are renumbered contiguously: never a hole the loader would trip on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flamingo_data.converters.mmc4 import unit_stem
+from flamingo_data.download import DownloadOptions, ImageStore, run_img2dataset
+from flamingo_data.executors import run_units
+from flamingo_data.images import ImagePolicy, process_image
+from flamingo_data.records import GptImage, GptSequence
+from flamingo_data.schema import schema_errors
+from flamingo_data.specs import SpecError, expand_specs
+from flamingo_data.stats import Stats
+from flamingo_data.units import RunOptions, Unit, UnitContext, finalize, prepare_out_dir, unit_names
+
+URL_KEYS = ("url", "raw_url", "image_url", "URL")
+PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
+
+
+class SequenceError(ValueError):
+    """A sequence that cannot be written; ``args[0]`` is the reason."""
+
+
+@dataclass(frozen=True)
+class ChatGptOptions:
+    url_key: str = "auto"
+    images_from: str | None = None
+    missing: str = "drop"
+    policy: ImagePolicy = field(default_factory=ImagePolicy)
+    download: DownloadOptions = field(
+        default_factory=lambda: DownloadOptions(keep_original_bytes=True)
+    )
+
+
+def read_sequences(path: str) -> list[Any]:
+    """A JSON array, or JSONL (an undecodable line becomes a SequenceError item, counted later)."""
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    items: list[Any] = []
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError:
+            items.append(SequenceError("bad_json"))
+    return items
+
+
+def entry_url(entry: Any, url_key: str) -> str | None:
+    if not isinstance(entry, dict):
+        return None
+    keys = URL_KEYS if url_key == "auto" else (url_key,)
+    return next((entry[k] for k in keys if isinstance(entry.get(k), str) and entry[k]), None)
+
+
+def check_placeholders(sequence: Any) -> list[int]:
+    """The placeholder numbers, in ascending order, when text and image_map agree on 1..n."""
+    if (
+        not isinstance(sequence, dict)
+        or not isinstance(sequence.get("example"), str)
+        or not isinstance(sequence.get("image_map"), dict)
+    ):
+        raise SequenceError("bad_record")
+    numbers = sorted({int(n) for n in PLACEHOLDER.findall(sequence["example"])})
+    if {f"_!_IMAGE{n}_!_" for n in numbers} != set(sequence["image_map"]) or numbers != list(
+        range(1, len(numbers) + 1)
+    ):
+        raise SequenceError("placeholder_mismatch")
+    if not numbers:
+        raise SequenceError("no_images")
+    return numbers
+
+
+def collect_urls(paths: list[str], url_key: str) -> list[str]:
+    urls = set()
+    for path in paths:
+        try:
+            items = read_sequences(path)
+        except (OSError, ValueError):
+            continue
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("image_map"), dict):
+                urls.update(u for e in item["image_map"].values() if (u := entry_url(e, url_key)))
+    return sorted(urls)
+
+
+def build_record(
+    sequence: dict[str, Any],
+    numbers: list[int],
+    store: ImageStore,
+    options: ChatGptOptions,
+    ctx: UnitContext,
+    key: str,
+) -> dict[str, Any]:
+    """Embed every image; drop or strip missing ones; raises SequenceError."""
+    found: dict[int, tuple[dict[str, Any], bytes]] = {}
+    for n in numbers:
+        entry = sequence["image_map"][f"_!_IMAGE{n}_!_"]
+        url = entry_url(entry, options.url_key)
+        reason, data = ("no_url", None) if url is None else _image(store, url, options.policy)
+        if data is None:
+            ctx.reject("images", f"{key}/{n}", reason)
+            if options.missing == "drop":
+                raise SequenceError(f"image_{reason}")
+            continue
+        ctx.stats.add("images", "embedded")
+        found[n] = (entry, data)
+    if not found:
+        raise SequenceError("no_images")
+    example, image_map = sequence["example"], {}
+    for new, old in enumerate(sorted(found), start=1):
+        entry, data = found[old]
+        image_map[f"_!_IMAGE{new}_!_"] = GptImage(
+            image_bytes=data, extra={k: v for k, v in entry.items() if k != "base64_image"}
+        )
+        example = example.replace(f"_!_IMAGE{old}_!_", f"\0{new}\0")
+    for old in set(numbers) - set(found):
+        example = example.replace(f"_!_IMAGE{old}_!_", "")
+    example = re.sub(r"\0(\d+)\0", r"_!_IMAGE\1_!_", re.sub(r"[ \t]{2,}", " ", example)).strip()
+    extra = {k: v for k, v in sequence.items() if k not in ("example", "image_map", "is_gpt")}
+    return GptSequence(example=example, image_map=image_map, extra=extra).to_json()
+
+
+def _image(store: ImageStore, url: str, policy: ImagePolicy) -> tuple[str, bytes | None]:
+    data = store.get(url)
+    if data is None:
+        return "not_downloaded", None
+    result = process_image(data, policy)
+    return (result.reason or "rejected", None) if not result.ok else ("", result.data)
+
+
+def convert_unit(unit: Unit, ctx: UnitContext, options: ChatGptOptions, images: str) -> None:
+    store = ImageStore(images)
+    try:
+        items = read_sequences(unit.source)
+    except (OSError, ValueError) as exc:
+        ctx.reject("units", unit.name, "unreadable_json", str(exc))
+        return
+    for index, item in enumerate(items):
+        key = f"{unit.name}-{index:07d}"
+        ctx.stats.add("documents", "in")
+        try:
+            if isinstance(item, SequenceError):
+                raise item
+            record = build_record(item, check_placeholders(item), store, options, ctx, key)
+            if errors := schema_errors("gpt", record):
+                raise SequenceError("schema", "; ".join(errors))
+        except SequenceError as exc:
+            ctx.reject("documents", key, exc.args[0])
+            continue
+        ctx.write(key, {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
+        ctx.stats.add("documents", "written")
+
+
+def convert_chatgpt(
+    specs: str | list[str],
+    options: ChatGptOptions,
+    run: RunOptions,
+    *,
+    overwrite: bool = False,
+    processes: int | None = None,
+    executor: str = "local",
+    progress: bool = True,
+) -> Stats:
+    if options.missing not in ("drop", "strip"):
+        raise ValueError("--missing must be drop or strip")
+    sources = expand_specs(specs, folder_suffix=".json")
+    if not sources:
+        raise SpecError(f"no sequence file matches {specs!r}")
+    root = prepare_out_dir(run.out_dir, run.resume, overwrite)
+    images = options.images_from or str(root / "_images")
+    if options.images_from is None:
+        urls = collect_urls(sources, options.url_key)
+        if urls:
+            pd.DataFrame({"url": urls}).to_parquet(root / "_urls.parquet")
+            run_img2dataset(
+                str(root / "_urls.parquet"),
+                images,
+                url_col="url",
+                caption_col=None,
+                options=options.download,
+            )
+    units = unit_names(sources, unit_stem)
+    run_units(
+        units,
+        partial(convert_unit, options=options, images=images),
+        run,
+        executor=executor,
+        processes=processes,
+        progress=progress,
+    )
+    return finalize(run.out_dir, "chatgpt")

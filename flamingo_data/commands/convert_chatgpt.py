@@ -1,0 +1,71 @@
+"""``flamingo-data convert chatgpt``: sequences + images by url -> GPT shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flamingo_data.commands.common import (
+    add_image_options,
+    check_writable,
+    image_policy,
+    usage_errors,
+)
+from flamingo_data.commands.convert_laion import add_download_options
+from flamingo_data.download import DownloadOptions
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sequences", required=True, nargs="+", help="JSON array / JSONL files")
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--url-key", default="auto", help="image_map key holding the url (auto: url, raw_url, ...)"
+    )
+    parser.add_argument(
+        "--images-from", default=None, help="join against an existing img2dataset output by url"
+    )
+    parser.add_argument(
+        "--missing",
+        choices=("drop", "strip"),
+        default="drop",
+        help="a sequence with an unavailable image: drop it, or strip that placeholder and renumber",
+    )
+    parser.add_argument("--units-processes", type=int, default=1, help="parallel sequence files")
+    parser.add_argument("--no-progress", action="store_true")
+    add_image_options(parser)
+    add_download_options(parser, max_pixels=False)
+
+
+@usage_errors
+def run(args: argparse.Namespace) -> int:
+    from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
+    from flamingo_data.units import RunOptions
+
+    check_writable(args.out)
+    download = DownloadOptions(
+        processes=args.processes,
+        threads=args.threads,
+        timeout=args.timeout,
+        retries=args.retries,
+        keep_original_bytes=True,
+    )
+    options = ChatGptOptions(
+        url_key=args.url_key,
+        images_from=args.images_from,
+        missing=args.missing,
+        policy=image_policy(args),
+        download=download,
+    )
+    run_opts = RunOptions(
+        out_dir=args.out, converter="chatgpt", write_rejects=args.rejects, resume=args.resume
+    )
+    stats = convert_chatgpt(
+        args.sequences,
+        options,
+        run_opts,
+        overwrite=args.overwrite,
+        processes=args.units_processes,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(stats.to_json()["counts"], indent=1))
+    return 0

@@ -1,0 +1,82 @@
+"""``flamingo-data convert laion``: parquet -> pair shards through img2dataset, or adopt an img2dataset output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flamingo_data.commands.common import check_writable, usage_errors
+from flamingo_data.download import DownloadOptions
+from flamingo_data.images import DEFAULT_MAX_PIXELS
+
+
+def add_download_options(parser: argparse.ArgumentParser, max_pixels: bool = True) -> None:
+    parser.add_argument("--processes", type=int, default=1, help="img2dataset processes")
+    parser.add_argument("--threads", type=int, default=16, help="img2dataset threads per process")
+    parser.add_argument("--timeout", type=int, default=10, help="seconds per download")
+    parser.add_argument("--retries", type=int, default=1)
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse img2dataset's incremental mode"
+    )
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--rejects", action="store_true", help="write rejects.jsonl (url/key + reason)"
+    )
+    if max_pixels:
+        parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--parquet", nargs="+", help="parquet files: brace patterns, globs, folders"
+    )
+    source.add_argument(
+        "--from-img2dataset", help="adopt an existing img2dataset webdataset output"
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--url-col", default=None, help="default: detect (URL, url, image_url, ...)"
+    )
+    parser.add_argument("--caption-col", default=None, help="default: detect (TEXT, caption, ...)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--resize-mode",
+        choices=("keep_ratio_largest", "keep_ratio", "center_crop", "border", "no"),
+        default="keep_ratio_largest",
+    )
+    parser.add_argument("--min-size", type=int, default=0, help="skip images smaller than this")
+    add_download_options(parser)
+
+
+@usage_errors
+def run(args: argparse.Namespace) -> int:
+    from flamingo_data.converters.laion import LaionOptions, convert_laion
+
+    check_writable(args.out)
+    download = DownloadOptions(
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        processes=args.processes,
+        threads=args.threads,
+        timeout=args.timeout,
+        retries=args.retries,
+        min_size=args.min_size,
+    )
+    options = LaionOptions(
+        url_col=args.url_col,
+        caption_col=args.caption_col,
+        download=download,
+        max_pixels=args.max_pixels,
+    )
+    stats = convert_laion(
+        args.parquet,
+        args.out,
+        options,
+        from_img2dataset=args.from_img2dataset,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        write_rejects=args.rejects,
+    )
+    print(json.dumps(stats.to_json(), indent=1))
+    return 0
