@@ -1,0 +1,120 @@
+"""ChatGPT sequences -> GPT shards: urls downloaded once by img2dataset from a local server, embedded."""
+
+from __future__ import annotations
+
+import base64
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
+from flamingo_data.download import DownloadOptions
+from flamingo_data.units import RunOptions
+from flamingo_data.validate import validate_shards
+from tests.conftest import Route, serve
+
+FAST = DownloadOptions(processes=1, threads=4, timeout=1, retries=0, keep_original_bytes=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    generator = serve()
+    server = next(generator)
+    root = tmp_path_factory.mktemp("gpt")
+    served = {k: server.add_image(f"{k}.jpg", seed=k) for k in range(1, 5)}
+    served[5] = server.add_image("5.png", seed=5, fmt="PNG")
+    server.routes["/html.jpg"] = Route(b"<html>no</html>", "text/html")
+    url = lambda k: server.url(f"{k}.jpg") if k != 5 else server.url("5.png")  # noqa: E731
+    sequences = [
+        {
+            "example": "A _!_IMAGE1_!_ cat and _!_IMAGE2_!_ a dog.",
+            "image_map": {"_!_IMAGE1_!_": {"url": url(1)}, "_!_IMAGE2_!_": {"url": url(5)}},
+        },
+        {"example": "Only _!_IMAGE1_!_ here.", "image_map": {"_!_IMAGE1_!_": {"raw_url": url(2)}}},
+        {
+            "example": "x _!_IMAGE1_!_ y _!_IMAGE2_!_ z _!_IMAGE3_!_ w",
+            "image_map": {
+                "_!_IMAGE1_!_": {"url": url(3)},
+                "_!_IMAGE2_!_": {"url": server.url("missing.jpg")},
+                "_!_IMAGE3_!_": {"url": url(4)},
+            },
+        },
+        {
+            "example": "bad _!_IMAGE1_!_ _!_IMAGE3_!_",
+            "image_map": {"_!_IMAGE1_!_": {"url": url(1)}, "_!_IMAGE3_!_": {"url": url(2)}},
+        },
+        {
+            "example": "html _!_IMAGE1_!_",
+            "image_map": {"_!_IMAGE1_!_": {"url": server.url("html.jpg")}},
+        },
+    ]
+    (root / "seq-000.json").write_text(json.dumps(sequences[:3]))
+    (root / "seq-001.json").write_text(
+        "\n".join(json.dumps(s) for s in sequences[3:]) + "\n{broken\n"
+    )
+    out = root / "drop"
+    stats = convert_chatgpt(
+        str(root / "seq-{000..001}.json"),
+        ChatGptOptions(download=FAST),
+        RunOptions(out_dir=str(out), converter="chatgpt", write_rejects=True),
+        processes=1,
+        progress=False,
+    )
+    yield root, served, stats.to_json(), server
+    generator.close()
+
+
+def read_records(out: Path) -> dict[str, dict]:
+    records = {}
+    for shard in out.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            records.update(
+                {m.name.removesuffix(".json"): json.loads(tar.extractfile(m).read()) for m in tar}
+            )
+    return records
+
+
+def image(record: dict, k: int) -> bytes:
+    return base64.b64decode(record["image_map"][f"_!_IMAGE{k}_!_"]["base64_image"])
+
+
+def test_drop_mode_end_to_end(setup) -> None:
+    root, served, stats, server = setup
+    records = read_records(root / "drop")
+    assert sorted(records) == ["seq-000-0000000", "seq-000-0000001"]
+    first = records["seq-000-0000000"]
+    assert (
+        first["is_gpt"] is True and first["example"] == "A _!_IMAGE1_!_ cat and _!_IMAGE2_!_ a dog."
+    )
+    assert image(first, 1) == served[1] and image(first, 2) == served[5]  # original bytes, PNG kept
+    assert image(records["seq-000-0000001"], 1) == served[2]  # raw_url found by auto detection
+    assert stats["counts"]["documents"] == {"in": 6, "written": 2, "rejected": 4}
+    assert stats["reasons"]["documents"] == {
+        "image_not_downloaded": 1,
+        "image_not_an_image": 1,
+        "placeholder_mismatch": 1,
+        "bad_json": 1,
+    }
+    assert validate_shards(str(root / "drop")).ok
+    assert all(server.hits[f"/{k}.jpg"] == 1 for k in (1, 2))  # each distinct url fetched once
+
+
+def test_strip_renumbers_and_images_from_joins_by_url(setup) -> None:
+    root, served, _, server = setup
+    hits_before = dict(server.hits)
+    stats = convert_chatgpt(
+        str(root / "seq-000.json"),
+        ChatGptOptions(missing="strip", images_from=str(root / "drop" / "_images")),
+        RunOptions(out_dir=str(root / "strip"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    )
+    assert server.hits == hits_before  # joined against the existing download, nothing fetched
+    record = read_records(root / "strip")["seq-000-0000002"]
+    assert record["example"] == "x _!_IMAGE1_!_ y z _!_IMAGE2_!_ w"
+    assert image(record, 1) == served[3] and image(record, 2) == served[4]
+    assert stats.to_json()["counts"]["documents"] == {"in": 3, "written": 3}
+    assert stats.to_json()["reasons"]["images"] == {"not_downloaded": 1}
+    assert validate_shards(str(root / "strip")).ok
