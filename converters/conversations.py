@@ -228,6 +228,7 @@ def convert_conversations(
     overwrite: bool = False,
     processes: int | None = None,
     executor: str = "local",
+    master: str | None = None,
     progress: bool = True,
 ) -> Stats:
     """Convert conversation files (one unit each) into shards in ``run.out_dir``."""
@@ -247,5 +248,6 @@ def convert_conversations(
         executor=executor,
         processes=processes,
         progress=progress,
+        master=master,
     )
     return finalize(run.out_dir, "conversations")

@@ -267,6 +267,7 @@ def convert_mmc4(
     overwrite: bool = False,
     processes: int | None = None,
     executor: str = "local",
+    master: str | None = None,
     progress: bool = True,
 ) -> Stats:
     """Convert MMC4 zips into interleaved shards in ``run.out_dir``; returns the merged stats."""
@@ -281,7 +282,9 @@ def convert_mmc4(
     layout, _rates = detect_layout(units, options)
     prepare_out_dir(run.out_dir, run.resume, overwrite)
     fn = partial(convert_unit, options=options, layout=layout)
-    run_units(units, fn, run, executor=executor, processes=processes, progress=progress)
+    run_units(
+        units, fn, run, executor=executor, processes=processes, progress=progress, master=master
+    )
     missing = Stats(converter="mmc4")
     missing.add("units", "missing_input", len(sources) - len(units))
     missing.add("units", f"layout_{layout}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -48,7 +49,68 @@ def _map(task: Callable[[Unit], dict], units: Sequence[Unit], processes: int) ->
         yield from pool.imap_unordered(task, units)
 
 
-EXECUTORS: dict[str, Callable[..., list[dict[str, Any]]]] = {"local": run_local}
+def run_spark(
+    units: Sequence[Unit],
+    fn: UnitFn,
+    options: RunOptions,
+    processes: int | None = None,
+    progress: bool = True,
+    master: str | None = None,
+) -> list[dict[str, Any]]:
+    """One Spark task per unit, on a cluster master or ``local[N]``; the driver only collects markers.
+
+    Workers must be able to import flamingo_data and reach the paths (a shared or remote filesystem).
+    """
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError as exc:
+        raise RuntimeError(
+            "--executor spark needs PySpark: pip install 'flamingo-data[spark]'"
+        ) from exc
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    master = master or f"local[{processes or default_processes()}]"
+    builder = SparkSession.builder.appName(f"flamingo-data {options.converter}").master(master)
+    if master.startswith("local"):
+        builder = builder.config("spark.driver.host", "127.0.0.1").config(
+            "spark.driver.bindAddress", "127.0.0.1"
+        )
+    spark = builder.config("spark.ui.enabled", "false").getOrCreate()
+    try:
+        rdd = spark.sparkContext.parallelize(list(units), max(1, len(units)))
+        markers = rdd.map(partial(run_unit, fn=fn, options=options)).collect()
+    finally:
+        spark.stop()
+    return _in_unit_order(markers, units)
+
+
+def run_ray(
+    units: Sequence[Unit],
+    fn: UnitFn,
+    options: RunOptions,
+    processes: int | None = None,
+    progress: bool = True,
+    master: str | None = None,
+) -> list[dict[str, Any]]:
+    """One Ray task per unit on an existing cluster (``master`` = its address); never started in tests."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise RuntimeError("--executor ray needs Ray: pip install 'flamingo-data[ray]'") from exc
+    ray.init(address=master or "auto", ignore_reinit_error=True)
+    task = ray.remote(run_unit)
+    return _in_unit_order(ray.get([task.remote(unit, fn, options) for unit in units]), units)
+
+
+def _in_unit_order(markers: list[dict[str, Any]], units: Sequence[Unit]) -> list[dict[str, Any]]:
+    order = {u.name: i for i, u in enumerate(units)}
+    return sorted(markers, key=lambda m: order[m["unit"]])
+
+
+EXECUTORS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "local": run_local,
+    "spark": run_spark,
+    "ray": run_ray,
+}
 
 
 def run_units(
@@ -58,10 +120,15 @@ def run_units(
     executor: str = "local",
     processes: int | None = None,
     progress: bool = True,
+    master: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every unit on the chosen executor; each writes its own shards and marker."""
     if executor not in EXECUTORS:
         raise ValueError(
             f"unknown executor {executor!r}; available: {', '.join(sorted(EXECUTORS))}"
         )
-    return EXECUTORS[executor](units, fn, options, processes=processes, progress=progress)
+    if executor == "local":
+        return run_local(units, fn, options, processes=processes, progress=progress)
+    return EXECUTORS[executor](
+        units, fn, options, processes=processes, progress=progress, master=master
+    )

@@ -24,7 +24,17 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--processes", type=int, default=default_processes(), help="parallel units (default: cores)"
     )
-    parser.add_argument("--executor", default="local", help="local (default), spark or ray")
+    parser.add_argument(
+        "--executor",
+        choices=("local", "spark", "ray"),
+        default="local",
+        help="where units run: local process pool (default), spark, or ray (existing cluster)",
+    )
+    parser.add_argument(
+        "--executor-master",
+        default=None,
+        help="spark master URL (default local[--processes]) or ray address (default auto)",
+    )
     parser.add_argument(
         "--resume", action="store_true", help="skip finished units, redo unfinished ones"
     )
@@ -90,7 +100,7 @@ def usage_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (SpecError, OutputExistsError, FileNotFoundError) as exc:
+        except (SpecError, OutputExistsError, FileNotFoundError, RuntimeError) as exc:
             raise UsageError(str(exc)) from exc
 
     return wrapper

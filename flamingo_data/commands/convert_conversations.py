@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         processes=args.processes,
         executor=args.executor,
+        master=args.executor_master,
         progress=not args.no_progress,
     )
     print(json.dumps(stats.to_json()["counts"], indent=1))

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             processes=args.processes,
             executor=args.executor,
+            master=args.executor_master,
             progress=not args.no_progress,
         )
     except LayoutError as exc:
