@@ -151,19 +151,25 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: ChatGptOptions, images: 
         ctx.reject("units", unit.name, "unreadable_json", str(exc))
         return
     for index, item in enumerate(items):
-        key = f"{unit.name}-{index:07d}"
-        ctx.stats.add("documents", "in")
-        try:
-            if isinstance(item, SequenceError):
-                raise item
-            record = build_record(item, check_placeholders(item), store, options, ctx, key)
-            if errors := schema_errors("gpt", record):
-                raise SequenceError("schema", "; ".join(errors))
-        except SequenceError as exc:
-            ctx.reject("documents", key, exc.args[0])
-            continue
-        ctx.write(key, {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
-        ctx.stats.add("documents", "written")
+        convert_sequence(item, f"{unit.name}-{index:07d}", store, options, ctx)
+
+
+def convert_sequence(
+    item: Any, key: str, store: ImageStore, options: ChatGptOptions, ctx: UnitContext
+) -> None:
+    """One sequence -> one written record or one counted reject."""
+    ctx.stats.add("documents", "in")
+    try:
+        if isinstance(item, SequenceError):
+            raise item
+        record = build_record(item, check_placeholders(item), store, options, ctx, key)
+        if errors := schema_errors("gpt", record):
+            raise SequenceError("schema", "; ".join(errors))
+    except SequenceError as exc:
+        ctx.reject("documents", key, exc.args[0])
+        return
+    ctx.write(key, {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
+    ctx.stats.add("documents", "written")
 
 
 def convert_chatgpt(

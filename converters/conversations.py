@@ -28,6 +28,7 @@ from flamingo_data.units import RunOptions, Unit, UnitContext, finalize, prepare
 
 TAG = "<image>"
 MARK = "\x00IMG\x00"
+GPT_PLACEHOLDER = re.compile(r"_!_IMAGE\d+_!_")
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}
 
@@ -103,15 +104,15 @@ def image_paths(item: dict[str, Any]) -> list[str]:
 
 def load_image(root: Path, relative: str, policy: ImagePolicy) -> bytes:
     """Bytes through the image stage; refuses paths that leave the image folder."""
-    if Path(relative).is_absolute():
-        raise ItemError("unsafe_image_path", relative)
+    if "\0" in relative or Path(relative).is_absolute():
+        raise ItemError("unsafe_image_path", relative[:200])
     path = (root / relative).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise ItemError("unsafe_image_path", relative)
+        raise ItemError("unsafe_image_path", relative[:200])
     try:
         data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        raise ItemError("missing_image", relative) from exc
+    except OSError as exc:  # missing, a folder, a name too long...
+        raise ItemError("missing_image", relative[:200]) from exc
     result = process_image(data, policy)
     if not result.ok:
         raise ItemError(f"image_{result.reason}", relative)
@@ -174,6 +175,8 @@ def convert_item(item: Any, options: ConversationOptions) -> dict[str, Any]:
     if not names:
         raise ItemError("no_images")
     turns = render_turns(item, options.template, len(names))
+    if options.as_ == "gpt" and any(GPT_PLACEHOLDER.search(t.text) for t in turns):
+        raise ItemError("placeholder_in_text")  # the loader would bind an image to it
     blobs = [load_image(Path(options.images), name, options.policy) for name in names]
     build = gpt_record if options.as_ == "gpt" else interleaved_record
     record = build(turns, names, blobs, str(item.get("id", "")))
