@@ -189,19 +189,31 @@ def convert_line(
 
 
 def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str) -> None:
-    """Convert every line of one zip; an unreadable or truncated zip is a counted unit-level reject."""
+    """Convert every line of one zip; an unreadable or truncated zip is a counted unit-level reject.
+
+    Only errors from *reading* the zip are caught: a write error (full disk) must stop the run.
+    """
     folder = image_folder(Path(options.images), unit, layout)
-    lines = iter_lines(unit.source)
     count = 0
-    try:
-        for _member, _number, line in lines:
-            if not line.strip():
-                continue
-            count += 1
-            convert_line(line, f"{unit.name}-{count:07d}", folder, ctx, options)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
-        reason = "unreadable_zip" if count == 0 else "truncated_zip"
-        ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
+    for line in _safe_lines(unit, ctx):
+        count += 1
+        convert_line(line, f"{unit.name}-{count:07d}", folder, ctx, options)
+
+
+def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[bytes]:
+    lines, read = iter_lines(unit.source), 0
+    while True:
+        try:
+            _member, _number, line = next(lines)
+        except StopIteration:
+            return
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            reason = "unreadable_zip" if read == 0 else "truncated_zip"
+            ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
+            return
+        read += 1
+        if line.strip():
+            yield line
 
 
 def detect_layout(

@@ -56,6 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"flamingo-data: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or unwritable output mid-run: committed units stay valid
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"flamingo-data: error: {exc.strerror or exc}{where}; committed units are kept, fix it and rerun "
+            "with --resume",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "flamingo-data: interrupted; committed units are kept, rerun with --resume",
