@@ -44,6 +44,9 @@ class Mmc4Options:
     drop_docs_with_missing_images: bool = False
     policy: ImagePolicy = field(default_factory=ImagePolicy)
     min_found_rate: float = 0.05
+    schema_check: bool = (
+        False  # parse_document already enforces the schema; this re-checks with jsonschema
+    )
 
 
 class DocumentError(ValueError):
@@ -110,7 +113,24 @@ def parse_document(line: bytes) -> dict[str, Any]:
         raise DocumentError("bad_image_info")
     if not _matrix_shape_ok(matrix, len(image_info), len(text_list)):
         raise DocumentError("bad_matrix_shape")
+    if not _optional_fields_ok(doc, image_info):
+        raise DocumentError("schema")
     return doc
+
+
+def _optional_fields_ok(doc: dict[str, Any], image_info: list[dict[str, Any]]) -> bool:
+    """The rest of schemas/interleaved.schema.json, checked by hand (jsonschema per record is slow)."""
+    if not isinstance(doc.get("url", ""), str) or doc.get("could_have_url_duplicate", 0) not in (
+        0,
+        1,
+    ):
+        return False
+    if isinstance(doc.get("could_have_url_duplicate"), bool):
+        return False
+    return all(
+        isinstance(i.get("raw_url", ""), str) and _is_number(i.get("matched_sim", 0.0))
+        for i in image_info
+    )
 
 
 def _valid_info(info: Any, n_sentences: int) -> bool:
@@ -180,7 +200,7 @@ def convert_line(
         ctx.reject("documents", key, "missing_images")
         return
     record = doc.to_json()
-    errors = schema_errors("interleaved", record)
+    errors = schema_errors("interleaved", record) if options.schema_check else []
     if errors:
         ctx.reject("documents", key, "schema", "; ".join(errors))
         return
@@ -194,9 +214,7 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str
     Only errors from *reading* the zip are caught: a write error (full disk) must stop the run.
     """
     folder = image_folder(Path(options.images), unit, layout)
-    count = 0
-    for line in _safe_lines(unit, ctx):
-        count += 1
+    for count, line in enumerate(_safe_lines(unit, ctx), start=1):
         convert_line(line, f"{unit.name}-{count:07d}", folder, ctx, options)
 
 

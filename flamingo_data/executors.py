@@ -44,7 +44,7 @@ def _map(task: Callable[[Unit], dict], units: Sequence[Unit], processes: int) ->
     if processes <= 1:
         yield from map(task, units)
         return
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ctx.Pool(processes) as pool:
         yield from pool.imap_unordered(task, units)
 

@@ -37,6 +37,7 @@ class ImagePolicy:
     short_side: int | None = None
     quality: int = 90
     min_side: int = 1
+    verify: str = "structure"  # "structure": header + end-of-stream markers; "decode": decode every kept image
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,10 @@ def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePol
     target = _target_size(image.size, policy)
     width, height = image.size
     if target is None and _keepable(fmt, image):
-        _verify_decodes(image)
+        if policy.verify == "decode":
+            _verify_decodes(image)
+        elif not complete_stream(data, fmt):
+            return ImageResult("rejected", reason="truncated")
         return ImageResult("kept", data, fmt, width, height)
     reason = "resized" if target is not None else _why(fmt, image)
     if target is not None and image.format == "JPEG":
@@ -143,6 +147,20 @@ def _keepable(fmt: str, image: Image.Image) -> bool:
         return False
     orientation = image.getexif().get(0x0112, 1) if fmt == "jpeg" else 1
     return orientation in (0, 1)
+
+
+def complete_stream(data: bytes, fmt: str) -> bool:
+    """Cheap proof the file is whole: JPEG ends with EOI, PNG with IEND, WebP's RIFF size matches.
+
+    Catches the common web failure (a cut-off download) without decoding; ``verify="decode"`` decodes.
+    """
+    if fmt == "jpeg":
+        return data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    if fmt == "png":
+        return data[-12:-8] == b"\x00\x00\x00\x00" and data[-8:-4] == b"IEND"
+    if fmt == "webp":
+        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return True
 
 
 def _verify_decodes(image: Image.Image) -> None:

@@ -118,7 +118,7 @@ def test_resize_limits_sides_and_never_upscales() -> None:
         (b"", "empty"),
         (b"<html><body>404</body></html>", "not_an_image"),
         (np.random.default_rng(0).bytes(3000), "not_an_image"),
-        (make_image(6, 200, 150)[:1500], "undecodable"),
+        (make_image(6, 200, 150)[:1500], "truncated"),
         (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "undecodable"),
     ],
     ids=["empty", "html", "random", "truncated-jpeg", "broken-png"],
@@ -144,3 +144,9 @@ def test_sniffing_reads_bytes_not_names() -> None:
     assert sniff_format(make_image(8, fmt="PNG")) == "png"
     assert sniff_format(make_image(8, fmt="WEBP")) == "webp"
     assert sniff_format(b"GIF89a...") == "gif" and sniff_format(b"hello") is None
+
+
+def test_decode_verification_is_available() -> None:
+    cut = make_image(6, 200, 150)[:1500]
+    assert process_image(cut, ImagePolicy()).reason == "truncated"  # cheap: no end-of-image marker
+    assert process_image(cut, ImagePolicy(verify="decode")).reason == "undecodable"  # full decode

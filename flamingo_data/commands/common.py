@@ -61,6 +61,12 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images"
     )
+    parser.add_argument(
+        "--verify-images",
+        choices=("structure", "decode"),
+        default="structure",
+        help="kept images: check header + end-of-stream markers (default) or fully decode each",
+    )
 
 
 def image_policy(args: argparse.Namespace) -> ImagePolicy:
@@ -69,6 +75,7 @@ def image_policy(args: argparse.Namespace) -> ImagePolicy:
         max_side=args.max_side,
         short_side=args.short_side,
         quality=args.quality,
+        verify=args.verify_images,
     )
 
 

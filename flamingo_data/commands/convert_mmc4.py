@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="drop documents with any image missing (default: keep them)",
     )
+    parser.add_argument(
+        "--schema-check",
+        action="store_true",
+        help="also re-validate every record with jsonschema (slower; the converter's own checks "
+        "already enforce the schema)",
+    )
     add_image_options(parser)
     add_run_options(parser)
 
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         keep_docs_without_images=args.keep_docs_without_images,
         drop_docs_with_missing_images=args.drop_docs_with_missing_images,
         policy=image_policy(args),
+        schema_check=args.schema_check,
     )
     try:
         stats = convert_mmc4(

@@ -1,0 +1,120 @@
+"""Our MMC4 converter vs what open_flamingo's convert_mmc4_to_wds.py does, in one run, on the same input.
+
+Baseline: one process, every image decoded with PIL and re-encoded as JPEG, random uuid keys, written with
+webdataset's ShardWriter. Ours: default settings (bytes kept) and ``--short-side 256``.
+Usage: python benchmarks/bench_convert_mmc4.py [--docs-per-shard 50] [--shards 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photos import write_photo_mmc4  # noqa: E402
+
+from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4  # noqa: E402
+from flamingo_data.executors import default_processes  # noqa: E402
+from flamingo_data.images import ImagePolicy  # noqa: E402
+from flamingo_data.specs import expand_specs  # noqa: E402
+from flamingo_data.units import RunOptions  # noqa: E402
+
+
+def baseline(docs: str, images: str, out: Path) -> int:
+    """The published converter's approach, re-stated: decode + re-encode every image, uuid keys."""
+    out.mkdir(parents=True)
+    written = 0
+    with wds.ShardWriter(str(out / "%09d.tar"), maxcount=10000) as sink:
+        for index, path in enumerate(expand_specs(docs, keep_missing=False)):
+            with zipfile.ZipFile(path) as zf:
+                lines = zf.read(zf.namelist()[0]).decode().splitlines()
+            for line in lines:
+                doc = json.loads(line)
+                for info in doc["image_info"]:
+                    try:
+                        image = Image.open(Path(images) / str(index) / info["image_name"]).convert(
+                            "RGB"
+                        )
+                    except FileNotFoundError:
+                        continue
+                    buf = io.BytesIO()
+                    image.save(buf, format="JPEG")
+                    info["image_base64"] = base64.b64encode(buf.getvalue()).decode()
+                sink.write({"__key__": uuid.uuid4().hex, "json": doc})
+                written += 1
+    return written
+
+
+def ours(docs: str, images: str, out: Path, policy: ImagePolicy) -> int:
+    stats = convert_mmc4(
+        docs,
+        Mmc4Options(images=images, policy=policy),
+        RunOptions(out_dir=str(out), converter="mmc4"),
+        processes=default_processes(),
+        progress=False,
+    )
+    return stats.get("documents", "written")
+
+
+def timed(label: str, fn, out: Path) -> tuple[float, int]:
+    start = time.perf_counter()
+    n = fn(out)
+    seconds = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in out.glob("*.tar"))
+    print(
+        f"{label:<34} {n:5d} docs  {seconds:7.2f} s  {n / seconds:8.1f} docs/s  {size / 1e6:8.1f} MB"
+    )
+    return n / seconds, size
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--docs-per-shard", type=int, default=50)
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="bench-mmc4-"))
+    try:
+        docs, images = write_photo_mmc4(root / "src", args.shards, args.docs_per_shard)
+        print(
+            f"input: {args.shards} zips x {args.docs_per_shard} docs of web-size photos; {default_processes()} cores"
+        )
+        base_rate, base_size = timed(
+            "baseline (decode+re-encode, 1 proc)",
+            lambda o: baseline(docs, images, o),
+            root / "baseline",
+        )
+        keep_rate, _ = timed(
+            "flamingo-data (bytes kept)",
+            lambda o: ours(docs, images, o, ImagePolicy()),
+            root / "keep",
+        )
+        small_rate, small_size = timed(
+            "flamingo-data --short-side 256",
+            lambda o: ours(docs, images, o, ImagePolicy(short_side=256)),
+            root / "short",
+        )
+        print(
+            f"\nspeed, bytes kept:      {keep_rate / base_rate:5.1f}x the baseline's docs/s (target >= 20x)"
+        )
+        print(f"speed, --short-side 256: {small_rate / base_rate:5.1f}x (target >= 3x)")
+        print(
+            f"size,  --short-side 256: {small_size / base_size:5.2f} of the baseline's bytes (target <= 0.25)"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
