@@ -1,0 +1,162 @@
+"""Our loader vs a baseline that processes samples the way open_flamingo's loader does, same shards, one run.
+
+Baseline per sample: json.loads, base64-decode every image, full-size PIL decode, torchvision-style
+Resize(224, bicubic) + CenterCrop + ToTensor + Normalize (re-stated with PIL/numpy; no torchvision),
+one-to-one assignment, tokenization — fed through webdataset + a torch DataLoader.
+Usage: python benchmarks/bench_loader.py [--docs-per-shard 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photos import write_photo_mmc4  # noqa: E402
+
+from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4  # noqa: E402
+from flamingo_data.images import ImagePolicy  # noqa: E402
+from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer  # noqa: E402
+from flamingo_data.loader.config import CLIP_MEAN, CLIP_STD  # noqa: E402
+from flamingo_data.units import RunOptions  # noqa: E402
+
+BATCH = 8
+
+
+def baseline_preprocess(sample, tokenizer):
+    info = json.loads(sample[0])
+    images, valid = [], []
+    for i, entry in enumerate(info["image_info"]):
+        if "image_base64" in entry:
+            images.append(
+                Image.open(io.BytesIO(base64.b64decode(entry["image_base64"]))).convert("RGB")
+            )
+            valid.append(i)
+    sim = np.array(info["similarity_matrix"])[valid]
+    rows, cols = linear_sum_assignment(-sim)
+    kept = [images[r] for r, c in zip(rows, cols, strict=True) if sim[r, c] >= 0.24][:6]
+    tensors = []
+    for image in kept:
+        w, h = image.size
+        scale = 224 / min(w, h)
+        image = image.resize(
+            (max(224, round(w * scale)), max(224, round(h * scale))), Image.Resampling.BICUBIC
+        )
+        left, top = (image.width - 224) // 2, (image.height - 224) // 2
+        arr = np.asarray(image.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255
+        tensors.append(torch.from_numpy(((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1).copy()))
+    vision = torch.zeros(6, 3, 224, 224)
+    if tensors:
+        vision[: len(tensors)] = torch.stack(tensors)
+    text = tokenizer(
+        " ".join(info["text_list"]), max_length=256, padding="max_length", truncation=True
+    )
+    return vision, text["input_ids"][0]
+
+
+def run_baseline(shards: list[str], workers: int) -> int:
+    tokenizer = make_tokenizer(None)
+    dataset = (
+        wds.WebDataset(
+            shards, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker
+        )
+        .to_tuple("json")
+        .map(lambda s: baseline_preprocess(s, tokenizer))
+        .batched(BATCH)
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    return sum(batch[0].shape[0] for batch in loader)
+
+
+def run_ours(shards: list[str], workers: int) -> int:
+    config = LoaderConfig(batch_size=BATCH, num_workers=workers, shuffle_buffer=1, flip_prob=0.0)
+    loader = build_loader([DatasetSpec("mmc4", shards)], make_tokenizer(None), config)
+    return sum(batch["vision_x"].shape[0] for batch in loader)
+
+
+def child(kind: str, shards: list[str], workers: int) -> None:
+    """Runs in its own process so that worker peak memory (RUSAGE_CHILDREN) is measured per config."""
+    fn = run_ours if kind == "ours" else run_baseline
+    start = time.perf_counter()
+    n = fn(shards, workers)
+    seconds = time.perf_counter() - start
+    rss = (
+        resource.getrusage(resource.RUSAGE_CHILDREN if workers else resource.RUSAGE_SELF).ru_maxrss
+        / 1024
+    )
+    print(json.dumps({"samples": n, "seconds": seconds, "rss_mb": rss}))
+
+
+def measure(kind: str, shards: list[str], workers: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--workers", str(workers), *shards],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def convert(docs: str, images: str, out: Path, policy: ImagePolicy) -> list[str]:
+    convert_mmc4(
+        docs,
+        Mmc4Options(images=images, policy=policy),
+        RunOptions(out_dir=str(out), converter="mmc4"),
+        processes=2,
+        progress=False,
+    )
+    return sorted(str(p) for p in out.glob("*.tar"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs-per-shard", type=int, default=60)
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("shards", nargs="*")
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.shards, args.workers)
+    root = Path(tempfile.mkdtemp(prefix="bench-loader-"))
+    try:
+        docs, images = write_photo_mmc4(root / "src", 4, args.docs_per_shard)
+        kept = convert(docs, images, root / "kept", ImagePolicy())
+        small = convert(docs, images, root / "small", ImagePolicy(short_side=256))
+        print(f"{'config':<40} {'samples/s':>10} {'worker peak RSS MB':>20}")
+        for workers in (1, 2):
+            base = measure("baseline", kept, workers)
+            for label, shards in (("bytes-kept shards", kept), ("--short-side 256 shards", small)):
+                ours = measure("ours", shards, workers)
+                print(
+                    f"{'baseline, ' + str(workers) + ' workers':<40} {base['samples'] / base['seconds']:10.1f} "
+                    f"{base['rss_mb']:20.0f}"
+                )
+                print(
+                    f"{'ours, ' + label + ', ' + str(workers) + ' workers':<40} "
+                    f"{ours['samples'] / ours['seconds']:10.1f} {ours['rss_mb']:20.0f}"
+                )
+                ratio = (ours["samples"] / ours["seconds"]) / (base["samples"] / base["seconds"])
+                print(
+                    f"  -> {ratio:.1f}x the baseline's samples/s; memory {ours['rss_mb'] / base['rss_mb']:.2f}x"
+                )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
