@@ -146,9 +146,17 @@ def _demo_train(shards: Path, root: Path, steps: int, seed: int, result: DemoRes
         str(seed),
         "--batch-size",
         "4",
-        "--tiny",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--max-tokens",
+        "160",
+        "--checkpoint-every",
+        str(steps),
     ]
     summary = train_main(argv)
     result.artifacts["training run"] = str(run_dir)
-    if isinstance(summary, dict):
-        result.numbers.update({f"train {k}": v for k, v in summary.items()})
+    for name in ("steps", "fixed_batch_loss_start", "fixed_batch_loss_end"):
+        if name in summary:
+            result.numbers[f"train {name}"] = round(summary[name], 4) if isinstance(summary[name], float) else summary[name]
