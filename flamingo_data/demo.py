@@ -159,4 +159,6 @@ def _demo_train(shards: Path, root: Path, steps: int, seed: int, result: DemoRes
     result.artifacts["training run"] = str(run_dir)
     for name in ("steps", "fixed_batch_loss_start", "fixed_batch_loss_end"):
         if name in summary:
-            result.numbers[f"train {name}"] = round(summary[name], 4) if isinstance(summary[name], float) else summary[name]
+            result.numbers[f"train {name}"] = (
+                round(summary[name], 4) if isinstance(summary[name], float) else summary[name]
+            )

@@ -36,8 +36,7 @@ def run_local(
         for marker in _map(task, units, processes):
             markers.append(marker)
             bar.update(1)
-    order = {u.name: i for i, u in enumerate(units)}
-    return sorted(markers, key=lambda m: order[m["unit"]])
+    return _in_unit_order(markers, units)
 
 
 def _map(task: Callable[[Unit], dict], units: Sequence[Unit], processes: int) -> Iterator[dict]:

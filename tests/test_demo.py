@@ -10,8 +10,12 @@ from pathlib import Path
 
 def test_demo_builds_converts_validates_previews_and_trains(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "flamingo_data", "demo", "--out", str(out), "--steps", "4"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "flamingo_data", "demo", "--out", str(out), "--steps", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "validate                     OK" in result.stdout
     sizes = json.loads((out / "shards" / "sizes.json").read_text())

@@ -113,43 +113,6 @@ def test_full_disk_is_a_clear_error_and_keeps_committed_units(
     assert not list((tmp_path / "o").glob("*.tmp")) and not list((tmp_path / "o").glob("shard_3-*"))
     monkeypatch.setattr(ShardWriter, "_add_member", original)
     assert cli([*args, "--resume"]) == 0
-    assert (
-        cli(
-            [
-                "convert",
-                "mmc4",
-                "--docs",
-                sample["docs"],
-                "--images",
-                sample["images"],
-                "--out",
-                str(tmp_path / "clean"),
-                "--processes",
-                "1",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    clean = [a if a != str(tmp_path / "o") else str(tmp_path / "clean") for a in args]
+    assert cli(clean) == 0
     assert tars(tmp_path / "o") == tars(tmp_path / "clean")
-
-
-def test_unwritable_output_is_one_line_exit_2(sample: dict, tmp_path: Path, capsys) -> None:
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    assert (
-        cli(
-            [
-                "convert",
-                "mmc4",
-                "--docs",
-                sample["docs"],
-                "--images",
-                sample["images"],
-                "--out",
-                str(blocker / "out"),
-            ]
-        )
-        == 2
-    )
-    assert "cannot create output folder" in capsys.readouterr().err
