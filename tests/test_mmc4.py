@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
@@ -259,48 +254,3 @@ def test_bad_command_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot create output folder" in err[0]
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_gives_exactly_the_uninterrupted_documents(tmp_path: Path) -> None:
-    sample = write_mmc4_sample(
-        tmp_path / "src",
-        n_shards=12,
-        docs_per_shard=40,
-        missing_rate=0.1,
-        seed=2,
-        image_size=(320, 240),
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "flamingo_data",
-        "convert",
-        "mmc4",
-        "--docs",
-        sample["docs"],
-        "--images",
-        sample["images"],
-        "--processes",
-        "1",
-        "--no-progress",
-        "--max-samples-per-shard",
-        "15",
-    ]
-    subprocess.run([*command, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [*command, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 60
-    while len(list((killed / "_done").glob("*.json"))) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(list((killed / "_done").glob("*.json"))) < 12, (
-        "the run finished before it was killed"
-    )
-    subprocess.run([*command, "--out", str(killed), "--resume"], check=True, capture_output=True)
-    assert tar_bytes(killed) == tar_bytes(tmp_path / "whole")
-    assert not list(killed.rglob("*.tmp"))
-    assert validate_shards(str(killed)).ok
