@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from flamingo_data import remote
 from flamingo_data.executors import run_units
 from flamingo_data.images import ImagePolicy, process_image
 from flamingo_data.records import InterleavedDoc
@@ -60,27 +62,27 @@ def unit_stem(path: str) -> str:
     return safe_stem(name)
 
 
-def flat_folder_candidates(images: Path, unit: Unit) -> list[Path]:
+def flat_folder_candidates(images: str, unit: Unit) -> list[str]:
     """Possible names of the flat per-shard folder: ``<stem>_images`` for several readings of <shard>."""
-    name = Path(unit.source).name
+    name = posixpath.basename(unit.source)
     stems = [unit_stem(unit.source), name.removesuffix(".zip"), name.split(".")[0]]
     digits = "".join(ch if ch.isdigit() else " " for ch in name.split(".")[0]).split()
     if digits:
         stems += [digits[0], f"shard_{digits[0]}"]
-    return [images / f"{stem}_images" for stem in dict.fromkeys(stems)]
+    return [remote.join(images, f"{stem}_images") for stem in dict.fromkeys(stems)]
 
 
-def image_folder(images: Path, unit: Unit, layout: str) -> Path:
+def image_folder(images: str, unit: Unit, layout: str) -> str:
     """Where this unit's images live under ``layout`` (indexed or flat)."""
     if layout == "indexed":
-        return images / str(unit.index)
+        return remote.join(images, str(unit.index))
     candidates = flat_folder_candidates(images, unit)
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+    return next((c for c in candidates if remote.isdir(c)), candidates[0])
 
 
 def iter_lines(path: str) -> Iterator[tuple[str, int, bytes]]:
     """(member, line number, raw line) for every .jsonl member of the zip, members in name order."""
-    with zipfile.ZipFile(path) as zf:
+    with remote.open_binary(path) as handle, zipfile.ZipFile(handle) as zf:
         members = sorted(n for n in zf.namelist() if n.endswith(".jsonl"))
         if not members:
             raise zipfile.BadZipFile("no .jsonl member")
@@ -157,7 +159,7 @@ def _safe_image_name(name: str) -> bool:
 
 
 def attach_images(
-    doc: InterleavedDoc, folder: Path, ctx: UnitContext, key: str, policy: ImagePolicy
+    doc: InterleavedDoc, folder: str, ctx: UnitContext, key: str, policy: ImagePolicy
 ) -> int:
     """Load, check and attach each image's bytes; returns how many have bytes. Every outcome counted."""
     found = 0
@@ -166,7 +168,7 @@ def attach_images(
             ctx.reject("images", f"{key}/{info.image_name}", "unsafe_image_name")
             continue
         try:
-            data = (folder / info.image_name).read_bytes()
+            data = remote.read_bytes(remote.join(folder, info.image_name))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             ctx.stats.add("images", "missing")
             continue
@@ -182,7 +184,7 @@ def attach_images(
 
 
 def convert_line(
-    line: bytes, key: str, folder: Path, ctx: UnitContext, options: Mmc4Options
+    line: bytes, key: str, folder: str, ctx: UnitContext, options: Mmc4Options
 ) -> None:
     """One jsonl line -> one written record or one counted reject."""
     ctx.stats.add("documents", "in")
@@ -213,7 +215,7 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str
 
     Only errors from *reading* the zip are caught: a write error (full disk) must stop the run.
     """
-    folder = image_folder(Path(options.images), unit, layout)
+    folder = image_folder(options.images, unit, layout)
     for count, line in enumerate(_safe_lines(unit, ctx), start=1):
         convert_line(line, f"{unit.name}-{count:07d}", folder, ctx, options)
 
@@ -248,7 +250,7 @@ def detect_layout(
     rates = {}
     for layout in layouts:
         hits = sum(
-            (image_folder(Path(options.images), unit, layout) / name).is_file()
+            remote.isfile(remote.join(image_folder(options.images, unit, layout), name))
             for unit, name in names
         )
         rates[layout] = hits / len(names)
@@ -304,10 +306,10 @@ def convert_mmc4(
     if options.layout not in LAYOUTS:
         raise ValueError(f"--image-layout must be one of {', '.join(LAYOUTS)}")
     sources = expand_specs(docs, folder_suffix=".zip", keep_missing=True)
-    units = [u for u in unit_names(sources, unit_stem) if Path(u.source).is_file()]
+    units = [u for u in unit_names(sources, unit_stem) if remote.isfile(u.source)]
     if not units:
         raise SpecError(f"no MMC4 zip matches {docs!r}")
-    if not Path(options.images).is_dir():
+    if not remote.isdir(options.images):
         raise SpecError(f"image folder {options.images} does not exist")
     layout, _rates = detect_layout(units, options)
     prepare_out_dir(run.out_dir, run.resume, overwrite)

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 
 from braceexpand import braceexpand
 
+from flamingo_data import remote
+
 _GLOB_CHARS = set("*?[")
 
 
@@ -34,6 +36,8 @@ def expand_specs(
 
 
 def _expand_one(item: str, folder_suffix: str, keep_missing: bool) -> list[str]:
+    if remote.is_remote(item):
+        return _expand_remote(item, folder_suffix, keep_missing)
     if os.path.isdir(item):
         names = sorted(n for n in os.listdir(item) if n.endswith(folder_suffix))
         return [os.path.join(item, n) for n in names]
@@ -42,3 +46,12 @@ def _expand_one(item: str, folder_suffix: str, keep_missing: bool) -> list[str]:
     if keep_missing or os.path.exists(item):
         return [item]
     return []
+
+
+def _expand_remote(item: str, folder_suffix: str, keep_missing: bool) -> list[str]:
+    """The same rules through fsspec (s3://, gs://, hdfs://, memory://, ...)."""
+    if _GLOB_CHARS & set(item):
+        return sorted(remote.glob(item))
+    if remote.isdir(item):
+        return sorted(p for p in remote.listdir(item) if p.endswith(folder_suffix))
+    return [item] if keep_missing or remote.exists(item) else []

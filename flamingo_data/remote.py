@@ -1,0 +1,70 @@
+"""Paths that may be remote: ``s3://``, ``gs://``, ``hdfs://``, ``memory://`` ... through fsspec.
+
+Plain local paths take the fast path (os/open) so local conversions pay nothing for this.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import IO
+
+import fsspec
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def _fs(path: str):
+    return fsspec.core.url_to_fs(path)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_remote(base) else os.path.join(os.fspath(base), *parts)
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.exists(path)
+    fs, inner = _fs(path)
+    return fs.exists(inner)
+
+
+def isfile(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.isfile(path)
+    fs, inner = _fs(path)
+    return fs.isfile(inner)
+
+
+def isdir(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.isdir(path)
+    fs, inner = _fs(path)
+    return fs.isdir(inner)
+
+
+def read_bytes(path: str) -> bytes:
+    """The file's bytes; FileNotFoundError when absent, like a local read."""
+    if not is_remote(path):
+        with open(path, "rb") as handle:
+            return handle.read()
+    fs, inner = _fs(path)
+    return fs.cat_file(inner)
+
+
+def open_binary(path: str) -> IO[bytes]:
+    return open(path, "rb") if not is_remote(path) else fsspec.open(path, "rb").open()
+
+
+def listdir(path: str) -> list[str]:
+    if not is_remote(path):
+        return [os.path.join(path, n) for n in os.listdir(path)]
+    fs, inner = _fs(path)
+    return [fs.unstrip_protocol(p) for p in fs.ls(inner, detail=False)]
+
+
+def glob(pattern: str) -> list[str]:
+    fs, inner = _fs(pattern)
+    return [fs.unstrip_protocol(p) for p in fs.glob(inner)]
