@@ -21,7 +21,9 @@ def _fs(path: str):
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
-    return posixpath.join(base, *parts) if is_remote(base) else os.path.join(os.fspath(base), *parts)
+    return (
+        posixpath.join(base, *parts) if is_remote(base) else os.path.join(os.fspath(base), *parts)
+    )
 
 
 def exists(path: str) -> bool:

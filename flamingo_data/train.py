@@ -338,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return run(config)
     finally:
         if dist.is_initialized():
+            dist.barrier()  # no rank tears down gloo while another still uses it
             dist.destroy_process_group()
 
 
