@@ -67,6 +67,7 @@ def iter_samples(path: str, on_issue: IssueSink) -> Iterator[Sample]:
                 if ext in current.members:
                     on_issue(ReadIssue(path, key, "duplicate_member", ext))
                 current.members[ext] = data
+            _require_end_marker(path, tar.offset)
     except (tarfile.TarError, EOFError, OSError) as exc:
         on_issue(
             ReadIssue(path, "", _tar_error_reason(path, read_any), f"{type(exc).__name__}: {exc}")
@@ -88,6 +89,15 @@ def _accept(path: str, tar: tarfile.TarFile, member: tarfile.TarInfo, on_issue: 
     if len(data) != member.size:
         raise EOFError(f"member {member.name} is truncated")
     return key, ext, data
+
+
+def _require_end_marker(path: str, offset: int) -> None:
+    """tarfile stops quietly at a missing or cut header, so a tar cut at a member boundary (a writer
+    that died, an interrupted copy) would read as complete: demand the zero block that ends a tar."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        if handle.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+            raise EOFError(f"no end-of-archive block at byte {offset}")
 
 
 def _tar_error_reason(path: str, read_any: bool) -> str:

@@ -50,6 +50,10 @@ def gpt_record(example: str, numbers: list[int], image: bytes | None = None) -> 
     }
 
 
+def _without_bytes(info: dict) -> dict:
+    return {name: value for name, value in info.items() if name != "image_base64"}
+
+
 def write_tar(path: Path, members: dict[str, bytes]) -> Path:
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():
@@ -107,6 +111,9 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         "image_info": [{**rec["image_info"][0], "image_base64": encode_base64(png_bomb())}]
         + rec["image_info"][1:],
     }
+    no_images = {**rec, "image_info": [_without_bytes(info) for info in rec["image_info"]]}
+    gpt_bad_b64 = gpt_record("_!_IMAGE1_!_ x", [1])
+    gpt_bad_b64["image_map"]["_!_IMAGE1_!_"]["base64_image"] = "not base64!"
     dumps = lambda obj: json.dumps(obj).encode()  # noqa: E731
     return {
         "bad_json": ({"k.json": b"{oops"}, "k", "bad_json"),
@@ -124,6 +131,18 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
             {"k.json": dumps(gpt_record("_!_IMAGE1_!_ x _!_IMAGE3_!_", [1, 3]))},
             "k",
             "placeholder_numbering",
+        ),
+        "no_images": ({"k.json": dumps(no_images)}, "k", "no_images"),
+        "gpt_bad_base64": ({"k.json": dumps(gpt_bad_b64)}, "k", "bad_base64"),
+        "gpt_repeated": (
+            {"k.json": dumps(gpt_record("_!_IMAGE1_!_ x _!_IMAGE1_!_", [1]))},
+            "k",
+            "placeholder_repeated",
+        ),
+        "caption_not_utf8": (
+            {"k.jpg": make_image(5), "k.txt": b"caf\xe9", "k.json": b'{"key": "k"}'},
+            "k",
+            "caption_not_utf8",
         ),
         "pair_no_image": ({"k.txt": b"caption", "k.json": b'{"key": "k"}'}, "k", "missing_image"),
         "pickle": (
@@ -149,6 +168,10 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         "gpt_mismatch",
         "gpt_gap",
         "pair_no_image",
+        "no_images",
+        "gpt_bad_base64",
+        "gpt_repeated",
+        "caption_not_utf8",
         "pickle",
         "dotdot",
         "absolute",
@@ -164,6 +187,60 @@ def test_each_broken_shard_is_reported_by_key_and_reason(
     assert not report.ok
     assert (key, reason) in {(f.key, f.reason) for f in report.failures}
     assert cli(["validate", str(shard), "--deep"]) == 1
+
+
+def test_bomb_is_caught_only_by_deep(good: Path, tmp_path: Path) -> None:
+    members, _, _ = broken_cases(good)["deep_bomb"]
+    shard = write_tar(tmp_path / "bomb.tar", members)
+    assert validate_shards(str(shard)).ok
+    assert cli(["validate", str(shard)]) == 0
+    assert cli(["validate", str(shard), "--deep"]) == 1
+
+
+def test_max_pixels_option_reaches_deep_decode(good: Path) -> None:
+    assert cli(["validate", str(good), "--deep", "--max-pixels", "100"]) == 1
+    reasons = validate_shards(str(good), deep=True, max_pixels=100).reasons()
+    assert set(reasons) == {"too_many_pixels"}
+
+
+def test_links_and_devices_are_reported(good: Path, tmp_path: Path) -> None:
+    shard = tmp_path / "links.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, kind in (("a.json", tarfile.SYMTYPE), ("b.json", tarfile.CHRTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/etc/passwd"
+            tar.addfile(info)
+    failures = {(f.key, f.reason) for f in validate_shards(str(shard)).failures}
+    assert failures == {("a.json", "not_a_regular_file"), ("b.json", "not_a_regular_file")}
+
+
+def member_ends(shard: Path) -> list[int]:
+    with tarfile.open(shard) as tar:
+        return [m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for m in tar]
+
+
+def test_tar_cut_at_member_boundary_is_truncated(good: Path, tmp_path: Path) -> None:
+    """tarfile reads such a tar as complete; validate must not, and must not count it in sizes."""
+    shard = next(good.glob("*.tar"))
+    data, ends = shard.read_bytes(), member_ends(shard)
+    (tmp_path / "boundary.tar").write_bytes(data[: ends[1]])
+    (tmp_path / "midheader.tar").write_bytes(data[: ends[1] + 100])
+    (tmp_path / "whole.tar").write_bytes(data)
+    for name in ("boundary.tar", "midheader.tar"):
+        report = validate_shards(str(tmp_path / name), write_sizes=True)
+        assert [(f.shard, f.key, f.reason) for f in report.failures] == [
+            (name, "", "truncated_tar")
+        ]
+    assert validate_shards(str(tmp_path / "whole.tar"), write_sizes=True).ok
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"whole.tar": len(ends)}
+
+
+def test_stats_json_is_checked(good: Path, tmp_path: Path) -> None:
+    for name in ("sizes.json", *(p.name for p in good.glob("*.tar"))):
+        (tmp_path / name).write_bytes((good / name).read_bytes())
+    (tmp_path / "stats.json").write_text(json.dumps({"converter": "mmc4", "counts": {"d": -1}}))
+    reasons = validate_shards(str(tmp_path)).reasons()
+    assert reasons == {"stats_schema": 1}
 
 
 def test_shard_level_breakage(good: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from flamingo_data.commands.common import usage_errors
+from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.validate import ValidationReport, validate_shards
 
 
@@ -14,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", nargs="+", help="shards: brace patterns, globs or folders")
     parser.add_argument(
         "--deep", action="store_true", help="also decode every image (pixel cap on)"
+    )
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="--deep: larger images fail"
     )
     parser.add_argument("--kind", choices=("auto", "interleaved", "gpt", "pair"), default="auto")
     parser.add_argument(
@@ -36,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         kind=args.kind,
         write_sizes=args.write_sizes,
         sizes_path=args.sizes,
+        max_pixels=args.max_pixels,
     )
     if args.json_out == "-":
         json.dump(report.to_json(), sys.stdout, indent=1)
@@ -45,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json_out:
             with open(args.json_out, "w") as handle:
                 json.dump(report.to_json(), handle, indent=1)
+                handle.write("\n")
     return 0 if report.ok else 1
 
 
