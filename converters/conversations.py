@@ -2,21 +2,29 @@
 
 Each ``<image>`` tag places the next image at that point of its turn; a sample with images and no
 tag gets them before the first turn; any other mismatch between tags and images is a counted
-reject, never a guess. Interleaved form splits turns at tags so every image owns one sentence,
-and its similarity row is 1.0 there and 0.0 elsewhere: the loader's one-to-one matching with the
-usual threshold reproduces the placement exactly.
+reject, never a guess. A turn is kept as its text *segments* between tags, so the placement is
+exact in both forms. Interleaved form makes each segment after a tag its own sentence, so every
+image owns one sentence (one-to-one matching cannot put two images on one sentence), and its
+similarity row is 1.0 there and 0.0 elsewhere: the loader's matching with the usual threshold
+reproduces the placement exactly. GPT form puts ``_!_IMAGEk_!_`` exactly where the k-th tag was.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from flamingo_data.converters.jsonchunks import (
+    DEFAULT_CHUNK_SIZE,
+    chunk_units,
+    read_chunk,
+    record_chunk_size,
+    remove_chunks,
+)
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.executors import run_units
 from flamingo_data.images import ImagePolicy, process_image
@@ -24,74 +32,47 @@ from flamingo_data.records import GptImage, GptSequence, ImageInfo, InterleavedD
 from flamingo_data.schema import schema_errors
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
-from flamingo_data.units import RunOptions, Unit, UnitContext, finalize, prepare_out_dir, unit_names
+from flamingo_data.units import MARKER_DIR, RunOptions, Unit, UnitContext, finalize, prepare_out_dir
 
 TAG = "<image>"
-MARK = "\x00IMG\x00"
+SPECIAL_TOKENS = ("<|endofchunk|>", "<|endoftext|>")  # would be read as the loader's own tokens
 GPT_PLACEHOLDER = re.compile(r"_!_IMAGE\d+_!_")
-SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}
+DEFAULT_TEMPLATE = ("User: {value}", "Assistant: {value}")
+
+Segments = list[str]  # a turn's text between its <image> tags: n tags -> n + 1 segments
 
 
 class ItemError(ValueError):
     """An item that cannot become a record; ``args[0]`` is the reason, ``args[1:]`` a detail."""
 
 
+def split_template(template: str) -> tuple[str, str]:
+    """(prefix, suffix) around ``{value}``; a template that would drop or duplicate text is refused."""
+    if template.count("{value}") != 1:
+        raise ValueError(f"template {template!r} must contain {{value}} exactly once")
+    if any(token in template for token in (TAG, *SPECIAL_TOKENS)):
+        raise ValueError(f"template {template!r} must not contain <image> or special tokens")
+    prefix, suffix = template.split("{value}")
+    return prefix, suffix
+
+
 @dataclass(frozen=True, slots=True)
 class ConversationOptions:
     images: str
     as_: str = "interleaved"
-    template: tuple[str, str] = ("User: {value}", "Assistant: {value}")
+    template: tuple[str, str] = DEFAULT_TEMPLATE
     policy: ImagePolicy = field(default_factory=ImagePolicy)
 
-
-@dataclass
-class Turn:
-    """A rendered turn: text with MARK where each image goes."""
-
-    text: str
-    images: int
-
-
-def iter_items(path: str) -> Iterator[tuple[int, Any]]:
-    """(index, item) from a JSON array or JSONL file; an undecodable JSONL line yields an ItemError."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        yield from enumerate(json.loads(text))
-        return
-    for index, line in enumerate(row for row in text.splitlines() if row.strip()):
-        try:
-            yield index, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield index, ItemError("bad_json", str(exc))
-
-
-def render_turns(item: dict[str, Any], template: tuple[str, str], n_images: int) -> list[Turn]:
-    """Turns through the role template, tags -> MARK; with no tag at all, images go before the first turn."""
-    conversations = item.get("conversations")
-    if not isinstance(conversations, list) or not conversations:
-        raise ItemError("no_conversations")
-    turns = []
-    for turn in conversations:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise ItemError("bad_turn")
-        value = turn["value"]
-        role = ROLES.get(str(turn.get("from", "")).lower())
-        text = (
-            template[role].replace("{value}", value.replace(TAG, MARK))
-            if role is not None
-            else value.replace(TAG, MARK)
-        )
-        turns.append(Turn(text, value.count(TAG)))
-    tags = sum(t.images for t in turns)
-    if tags == 0 and n_images:
-        turns[0] = Turn(MARK * n_images + turns[0].text, n_images)
-    elif tags != n_images:
-        raise ItemError("tag_count_mismatch", f"{tags} <image> tags, {n_images} images")
-    return turns
+    def __post_init__(self) -> None:
+        if self.as_ not in ("interleaved", "gpt"):
+            raise ValueError("--as must be interleaved or gpt")
+        for template in self.template:
+            split_template(template)
 
 
 def image_paths(item: dict[str, Any]) -> list[str]:
+    """``image`` as a list: absent -> [], one path -> [path], a list of paths as is."""
     image = item.get("image")
     if image is None:
         return []
@@ -100,6 +81,38 @@ def image_paths(item: dict[str, Any]) -> list[str]:
     if isinstance(image, list) and all(isinstance(p, str) for p in image):
         return image
     raise ItemError("bad_image_field")
+
+
+def render_turns(item: dict[str, Any], template: tuple[str, str]) -> list[Segments]:
+    """Each turn's segments between ``<image>`` tags, wrapped in its role's template."""
+    conversations = item.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ItemError("no_conversations")
+    turns = []
+    for turn in conversations:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ItemError("bad_turn")
+        role = ROLES.get(str(turn.get("from", "")).strip().lower())
+        if role is None:
+            raise ItemError("unknown_role", str(turn.get("from"))[:100])
+        if any(token in turn["value"] for token in SPECIAL_TOKENS):
+            raise ItemError("special_token_in_text")
+        prefix, suffix = split_template(template[role])
+        segments = turn["value"].split(TAG)
+        segments[0] = prefix + segments[0]
+        segments[-1] += suffix
+        turns.append(segments)
+    return turns
+
+
+def place_images(turns: list[Segments], n_images: int) -> list[Segments]:
+    """Tags must match images one for one; with no tag at all, the images go before the first turn."""
+    tags = sum(len(segments) - 1 for segments in turns)
+    if tags == 0 and n_images:
+        return [[""] * n_images + turns[0], *turns[1:]]
+    if tags != n_images:
+        raise ItemError("tag_count_mismatch", f"{tags} <image> tags, {n_images} images")
+    return turns
 
 
 def load_image(root: Path, relative: str, policy: ImagePolicy) -> bytes:
@@ -115,32 +128,27 @@ def load_image(root: Path, relative: str, policy: ImagePolicy) -> bytes:
         raise ItemError("missing_image", relative[:200]) from exc
     result = process_image(data, policy)
     if not result.ok:
-        raise ItemError(f"image_{result.reason}", relative)
+        raise ItemError(f"image_{result.reason}", relative[:200])
     return result.data
 
 
 def interleaved_record(
-    turns: list[Turn], names: list[str], blobs: list[bytes], item_id: str
+    turns: list[Segments], names: list[str], blobs: list[bytes], item_id: str
 ) -> dict[str, Any]:
-    """One sentence per image segment (plus text before a turn's first image); matrix 1.0 at the match."""
-    sentences, owners = [], []
-    for turn in turns:
-        parts = turn.text.split(MARK)
-        if parts[0].strip() or len(parts) == 1:
-            sentences.append(parts[0].strip())
-            owners.append(None)
-        for part in parts[1:]:
-            owners.append(len([o for o in owners if o is not None]))
-            sentences.append(part.strip())
-    infos, matrix = [], []
-    for image_index, (name, blob) in enumerate(zip(names, blobs, strict=True)):
-        sentence = owners.index(image_index)
-        infos.append(
-            ImageInfo(
-                image_name=name, matched_text_index=sentence, matched_sim=1.0, image_bytes=blob
-            )
-        )
-        matrix.append([1.0 if s == sentence else 0.0 for s in range(len(sentences))])
+    """A turn's text before its first tag is one sentence; each tag starts the next image's sentence."""
+    sentences: list[str] = []
+    image_sentence: list[int] = []
+    for segments in turns:
+        if segments[0].strip() or len(segments) == 1:
+            sentences.append(segments[0].strip())
+        for segment in segments[1:]:
+            image_sentence.append(len(sentences))
+            sentences.append(segment.strip())
+    infos = [
+        ImageInfo(image_name=name, matched_text_index=s, matched_sim=1.0, image_bytes=blob)
+        for name, blob, s in zip(names, blobs, image_sentence, strict=True)
+    ]
+    matrix = [[1.0 if j == s else 0.0 for j in range(len(sentences))] for s in image_sentence]
     doc = InterleavedDoc(
         text_list=sentences,
         image_info=infos,
@@ -151,11 +159,14 @@ def interleaved_record(
 
 
 def gpt_record(
-    turns: list[Turn], names: list[str], blobs: list[bytes], item_id: str
+    turns: list[Segments], names: list[str], blobs: list[bytes], item_id: str
 ) -> dict[str, Any]:
-    text = "\n".join(t.text for t in turns)
-    counter = iter(range(1, len(names) + 1))
-    example = re.sub(re.escape(MARK), lambda _: f"_!_IMAGE{next(counter)}_!_", text)
+    """The conversation as one text, turns joined by newlines, ``_!_IMAGEk_!_`` at the k-th tag."""
+    numbers = iter(range(1, len(names) + 1))
+    example = "\n".join(
+        "".join(s if i == 0 else f"_!_IMAGE{next(numbers)}_!_{s}" for i, s in enumerate(segments))
+        for segments in turns
+    )
     image_map = {
         f"_!_IMAGE{k}_!_": GptImage(image_bytes=blob, extra={"image_name": name})
         for k, (name, blob) in enumerate(zip(names, blobs, strict=True), start=1)
@@ -167,60 +178,74 @@ def gpt_record(
 
 def convert_item(item: Any, options: ConversationOptions) -> dict[str, Any]:
     """One item -> one record; raises ItemError(reason)."""
-    if isinstance(item, ItemError):
-        raise item
     if not isinstance(item, dict):
         raise ItemError("not_an_object")
     names = image_paths(item)
     if not names:
         raise ItemError("no_images")
-    turns = render_turns(item, options.template, len(names))
-    if options.as_ == "gpt" and any(GPT_PLACEHOLDER.search(t.text) for t in turns):
+    turns = place_images(render_turns(item, options.template), len(names))
+    if options.as_ == "gpt" and any(GPT_PLACEHOLDER.search("".join(t)) for t in turns):
         raise ItemError("placeholder_in_text")  # the loader would bind an image to it
     blobs = [load_image(Path(options.images), name, options.policy) for name in names]
     build = gpt_record if options.as_ == "gpt" else interleaved_record
     record = build(turns, names, blobs, str(item.get("id", "")))
-    kind = "gpt" if options.as_ == "gpt" else "interleaved"
-    if errors := schema_errors(kind, record):
+    if errors := schema_errors(options.as_, record):
         raise ItemError("schema", "; ".join(errors))
     return record
 
 
-def item_key(unit: Unit, index: int, item: Any, used: set[str], stats: Stats) -> str:
-    """``<unit>-<id>`` when the id is safe and unused, else ``<unit>-<index>`` (counted)."""
-    item_id = item.get("id") if isinstance(item, dict) else None
-    key = (
-        f"{unit.name}-{item_id}"
-        if isinstance(item_id, str | int) and SAFE_ID.match(str(item_id))
-        else None
-    )
-    if key is None or key in used:
-        stats.add("keys", "duplicate_id" if key else "derived")
-        key = f"{unit.name}-{index:07d}"
-        while key in used:
-            key += "_"
-    used.add(key)
-    return key
+def encode_record(record: dict[str, Any]) -> bytes:
+    """UTF-8 JSON; text that cannot be UTF-8 (a lone surrogate from a ``\\ud800`` escape) is refused."""
+    try:
+        return json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ItemError("invalid_unicode", str(exc)) from exc
+
+
+def convert_entry(entry: dict[str, Any], ctx: UnitContext, options: ConversationOptions) -> None:
+    """One chunk line: written with its key, or counted as a reject with its reason."""
+    if "file_error" in entry:
+        ctx.reject("units", entry["source"], "unreadable_json", entry["file_error"])
+        return
+    key = entry["key"]
+    if entry["key_note"]:
+        ctx.stats.add("keys", entry["key_note"])
+    ctx.stats.add("documents", "in")
+    try:
+        if "error" in entry:
+            raise ItemError(*entry["error"])
+        record = convert_item(entry["item"], options)
+        payload = encode_record(record)
+    except ItemError as exc:
+        ctx.reject("documents", key, exc.args[0], " ".join(map(str, exc.args[1:])))
+        return
+    ctx.write(key, {"json": payload})
+    ctx.stats.add("documents", "written")
+    ctx.stats.add("images", "written", len(image_paths(entry["item"])))
 
 
 def convert_unit(unit: Unit, ctx: UnitContext, options: ConversationOptions) -> None:
-    used: set[str] = set()
-    try:
-        items = list(iter_items(unit.source))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        ctx.reject("units", unit.name, "unreadable_json", str(exc))
-        return
-    for index, item in items:
-        key = item_key(unit, index, item, used, ctx.stats)
-        ctx.stats.add("documents", "in")
-        try:
-            record = convert_item(item, options)
-        except ItemError as exc:
-            ctx.reject("documents", key, exc.args[0], " ".join(map(str, exc.args[1:])))
-            continue
-        ctx.write(key, {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
-        ctx.stats.add("documents", "written")
-        ctx.stats.add("images", "written", len(image_paths(item)))
+    for entry in read_chunk(unit.source):
+        convert_entry(entry, ctx, options)
+
+
+def conversation_sources(specs: str | list[str]) -> list[str]:
+    """Files named by specs (globs, brace patterns, folders of .json and .jsonl files), sorted, each once."""
+    found = expand_specs(specs, folder_suffix=".json") + expand_specs(specs, folder_suffix=".jsonl")
+    sources = sorted({path for path in found if Path(path).is_file()})
+    if not sources:
+        raise SpecError(f"no conversation file matches {specs!r}")
+    return sources
+
+
+def check_resume_units(out_dir: str, units: list[Unit]) -> None:
+    """Resuming with other inputs would mix two runs' units: refuse."""
+    done = {p.stem for p in (Path(out_dir) / MARKER_DIR).glob("*.json")}
+    if stale := done - {unit.name for unit in units}:
+        raise SpecError(
+            f"{out_dir} holds units of a run with other inputs "
+            f"({sorted(stale)[0]}, ...): resume with the same ones, or pass --overwrite"
+        )
 
 
 def convert_conversations(
@@ -228,22 +253,25 @@ def convert_conversations(
     options: ConversationOptions,
     run: RunOptions,
     *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     overwrite: bool = False,
     processes: int | None = None,
     executor: str = "local",
     master: str | None = None,
     progress: bool = True,
 ) -> Stats:
-    """Convert conversation files (one unit each) into shards in ``run.out_dir``."""
-    if options.as_ not in ("interleaved", "gpt"):
-        raise ValueError("--as must be interleaved or gpt")
-    sources = expand_specs(json_specs, folder_suffix=".json")
-    if not sources:
-        raise SpecError(f"no conversation file matches {json_specs!r}")
+    """Convert conversation files, ``chunk_size`` items per unit, into shards in ``run.out_dir``."""
+    sources = conversation_sources(json_specs)
     if not Path(options.images).is_dir():
         raise SpecError(f"image folder {options.images} does not exist")
     prepare_out_dir(run.out_dir, run.resume, overwrite)
-    units = unit_names(sources, unit_stem)
+    try:
+        record_chunk_size(run.out_dir, chunk_size, run.resume)
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
+    units = chunk_units(sources, run.out_dir, chunk_size, unit_stem)
+    if run.resume:
+        check_resume_units(run.out_dir, units)
     run_units(
         units,
         partial(convert_unit, options=options),
@@ -253,4 +281,6 @@ def convert_conversations(
         progress=progress,
         master=master,
     )
-    return finalize(run.out_dir, "conversations")
+    stats = finalize(run.out_dir, "conversations")
+    remove_chunks(run.out_dir)
+    return stats

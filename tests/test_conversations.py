@@ -1,9 +1,15 @@
-"""Conversation JSON -> shards: every image lands at its tag, in both forms; bad items are counted rejects."""
+"""Conversation JSON -> shards: every image lands at its tag, in both forms; bad items are counted rejects.
+
+The expected placements are computed here from the *input* (text after the k-th tag, or the text with
+the k-th tag replaced by its placeholder), then compared with what is read back from the real tars.
+"""
 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -20,6 +26,7 @@ from flamingo_data.units import RunOptions
 from flamingo_data.validate import validate_shards
 
 H, G = "human", "gpt"
+TEMPLATE = {"human": "User: {value}", "gpt": "Assistant: {value}"}
 
 
 def turn(role: str, value: str) -> dict:
@@ -66,6 +73,11 @@ ITEMS = [
         "conversations": [turn(H, "Describe."), turn(G, "A flamingo.")],
     },
     {
+        "id": "notag-two",
+        "image": ["c.jpg", "sub/d.jpg"],
+        "conversations": [turn(H, "Both?"), turn(G, "Both.")],
+    },
+    {
         "id": "unicode",
         "image": "a.jpg",
         "conversations": [turn(H, "<image> Что это? 这是什么 🦩"), turn(G, "Фламинго.")],
@@ -77,8 +89,12 @@ ITEMS = [
     {"id": "absolute", "image": "/etc/passwd", "conversations": [turn(H, "<image>")]},
     {"id": "start", "image": "a.jpg", "conversations": [turn(H, "<image> duplicate id")]},
     {"id": "text-only", "conversations": [turn(H, "hello")]},
+    {"id": "system", "image": "a.jpg", "conversations": [turn("system", "<image> be brief")]},
+    {"id": "eoc", "image": "a.jpg", "conversations": [turn(H, "<image> x <|endofchunk|> y")]},
+    {"id": "surrogate", "image": "a.jpg", "conversations": [turn(H, "<image> \ud800")]},
+    {"id": "a.b/c", "image": "b.png", "conversations": [turn(H, "<image> unsafe id")]},
 ]
-GOOD = ["start", "end", "middle", "across", "one-turn", "notag", "unicode"]
+GOOD = ["start", "end", "middle", "across", "one-turn", "notag", "notag-two", "unicode"]
 REJECTED = {
     "too-many-tags": "tag_count_mismatch",
     "too-few-tags": "tag_count_mismatch",
@@ -86,144 +102,256 @@ REJECTED = {
     "escape": "unsafe_image_path",
     "absolute": "unsafe_image_path",
     "text-only": "no_images",
+    "system": "unknown_role",
+    "eoc": "special_token_in_text",
+    "surrogate": "invalid_unicode",
+}
+BY_KEY = {f"data-{item['id']}": item for item in ITEMS[:13]} | {
+    "data-0000013": ITEMS[13],  # duplicate id -> key from (file, index)
+    "data-0000018": ITEMS[18],  # unsafe id -> key from (file, index)
 }
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed, name in enumerate(("a.jpg", "b.png", "c.jpg")):
-        (images / name).write_bytes(make_image(seed, fmt="PNG" if name.endswith("png") else "JPEG"))
-    (tmp_path / "outside.jpg").write_bytes(make_image(9))
-    (tmp_path / "data.json").write_text(json.dumps(ITEMS, ensure_ascii=False), encoding="utf-8")
-    return tmp_path
+def write_images(folder: Path) -> None:
+    (folder / "sub").mkdir(parents=True)
+    for seed, name in enumerate(("a.jpg", "b.png", "c.jpg", "sub/d.jpg")):
+        (folder / name).write_bytes(make_image(seed, fmt="PNG" if name.endswith("png") else "JPEG"))
 
 
-def convert(data: Path, as_: str, source: str = "data.json") -> tuple[dict, dict[str, dict]]:
-    out = data / f"out-{as_}"
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("conv")
+    write_images(root / "images")
+    (root / "outside.jpg").write_bytes(make_image(9))
+    # ensure_ascii: the lone surrogate can only exist as a \ud800 escape in a JSON file
+    (root / "data.json").write_text(json.dumps(ITEMS, ensure_ascii=True), encoding="utf-8")
+    return root
+
+
+def read_records(out: Path) -> dict[str, bytes]:
+    records = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                records[member.name.removesuffix(".json")] = tar.extractfile(member).read()
+    return records
+
+
+def convert(data: Path, as_: str, name: str, chunk_size: int = 10_000) -> tuple[dict, dict]:
+    out = data / name
     stats = convert_conversations(
-        str(data / source),
+        str(data / "data.json"),
         ConversationOptions(images=str(data / "images"), as_=as_),
         RunOptions(out_dir=str(out), converter="conversations", write_rejects=True),
+        chunk_size=chunk_size,
         processes=1,
         progress=False,
     )
-    assert validate_shards(str(out), deep=True).ok
-    records = {}
-    for shard in out.glob("*.tar"):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                records[member.name.removesuffix(".json")] = json.loads(
-                    tar.extractfile(member).read()
-                )
-    return stats.to_json(), records
+    report = validate_shards(str(out), deep=True)
+    assert report.ok, report.to_json()["failures"]
+    return stats.to_json(), {k: json.loads(v) for k, v in read_records(out).items()}
 
 
-def test_counts_and_reasons(data: Path) -> None:
-    stats, records = convert(data, "interleaved")
-    assert stats["counts"]["documents"] == {"in": 14, "written": 8, "rejected": 6}
+@pytest.fixture(scope="module")
+def interleaved(data: Path) -> tuple[dict, dict]:
+    return convert(data, "interleaved", "out-interleaved")
+
+
+@pytest.fixture(scope="module")
+def gpt(data: Path) -> tuple[dict, dict]:
+    return convert(data, "gpt", "out-gpt")
+
+
+def names_of(item: dict) -> list[str]:
+    return [item["image"]] if isinstance(item["image"], str) else item["image"]
+
+
+def rendered(item: dict) -> list[str]:
+    return [TEMPLATE[t["from"]].replace("{value}", t["value"]) for t in item["conversations"]]
+
+
+def expected_sentences(item: dict) -> list[str]:
+    """The text each image should introduce: after its tag up to the next tag or the turn's end."""
+    turns = rendered(item)
+    if "<image>" not in "".join(turns):
+        return [""] * (len(names_of(item)) - 1) + [turns[0]]
+    return [part.strip() for text in turns for part in text.split("<image>")[1:]]
+
+
+def expected_example(item: dict) -> str:
+    numbers = itertools.count(1)
+    text = "\n".join(rendered(item))
+    if "<image>" not in text:
+        text = "<image>" * len(names_of(item)) + text
+    return re.sub("<image>", lambda _: f"_!_IMAGE{next(numbers)}_!_", text)
+
+
+def test_counts_reasons_and_keys(data: Path, interleaved: tuple[dict, dict]) -> None:
+    stats, records = interleaved
+    assert stats["counts"]["documents"] == {"in": 19, "written": 10, "rejected": 9}
+    assert stats["counts"]["images"] == {"written": 14}
     assert stats["reasons"]["documents"] == {
         "tag_count_mismatch": 2,
         "missing_image": 1,
         "unsafe_image_path": 2,
         "no_images": 1,
+        "unknown_role": 1,
+        "special_token_in_text": 1,
+        "invalid_unicode": 1,
     }
-    assert stats["counts"]["keys"] == {"duplicate_id": 1}
-    assert {f"data-{i}" for i in GOOD} <= set(records) and "data-0000012" in records
-    rejects = {
-        json.loads(line)["key"]: json.loads(line)["reason"]
-        for line in (data / "out-interleaved" / "rejects.jsonl").read_text().splitlines()
-    }
-    assert rejects == {f"data-{k}": v for k, v in REJECTED.items()}
+    assert stats["counts"]["keys"] == {"duplicate_id": 1, "derived": 1}
+    assert set(records) == {f"data-{i}" for i in GOOD} | {"data-0000013", "data-0000018"}
+    rejects = [json.loads(line) for line in (data / "out-interleaved/rejects.jsonl").open()]
+    assert {r["key"]: r["reason"] for r in rejects} == {f"data-{k}": v for k, v in REJECTED.items()}
+    assert not (data / "out-interleaved/_chunks").exists()
 
 
-def image_sentences(record: dict) -> list[tuple[str, str]]:
-    """(image name, the sentence the loader will put it before), in text order, via the loader's own plan."""
-    plan = plan_interleaved(record, LoaderConfig())
-    assert not plan.dropped and len(plan.placements) == len(record["image_info"])
-    return [
-        (record["image_info"][p.image_index]["image_name"], record["text_list"][p.sentence_index])
-        for p in plan.placements
-    ]
-
-
-def test_interleaved_places_each_image_at_its_tag(data: Path) -> None:
-    _, records = convert(data, "interleaved")
-    assert image_sentences(records["data-start"]) == [("a.jpg", "What is this?")]
-    assert records["data-start"]["text_list"] == ["User:", "What is this?", "Assistant: A bird."]
-    assert image_sentences(records["data-end"]) == [("b.png", "")]
-    assert records["data-end"]["text_list"] == ["User: Look at this", "", "Assistant: Nice."]
-    assert image_sentences(records["data-middle"]) == [("a.jpg", "is it")]
-    assert image_sentences(records["data-across"]) == [("a.jpg", "first"), ("b.png", "")]
-    assert image_sentences(records["data-one-turn"]) == [
-        ("a.jpg", "with"),
-        ("b.png", "and"),
-        ("c.jpg", "."),
-    ]
-    assert image_sentences(records["data-notag"]) == [("c.jpg", "User: Describe.")]
-    assert image_sentences(records["data-unicode"]) == [("a.jpg", "Что это? 这是什么 🦩")]
-
-
-def test_similarity_matrix_reproduces_the_placement_under_hungarian(data: Path) -> None:
-    _, records = convert(data, "interleaved")
-    for record in records.values():
+def test_interleaved_hungarian_with_threshold_reproduces_every_placement(interleaved) -> None:
+    _, records = interleaved
+    for key, record in records.items():
+        item = BY_KEY[key]
         sim = np.array(record["similarity_matrix"])
         assert sim.shape == (len(record["image_info"]), len(record["text_list"]))
-        rows, cols = linear_sum_assignment(-sim)
-        assert [int(c) for c in cols] == [i["matched_text_index"] for i in record["image_info"]]
+        rows, cols = linear_sum_assignment(sim, maximize=True)
         assert (sim[rows, cols] >= 0.24).all()
+        placed = [record["text_list"][c] for c in cols]
+        assert placed == expected_sentences(item), key
+        assert [int(c) for c in cols] == [i["matched_text_index"] for i in record["image_info"]]
+        assert [i["image_name"] for i in record["image_info"]] == names_of(item)
 
 
-def test_real_image_bytes_are_embedded(data: Path) -> None:
-    _, records = convert(data, "interleaved")
-    info = records["data-across"]["image_info"]
-    assert base64.b64decode(info[1]["image_base64"]) == (data / "images" / "b.png").read_bytes()
+def test_interleaved_examples_read_by_the_loader(interleaved) -> None:
+    _, records = interleaved
+    assert records["data-start"]["text_list"] == ["User:", "What is this?", "Assistant: A bird."]
+    assert records["data-one-turn"]["text_list"][:4] == ["User: Compare", "with", "and", "."]
+    for key, record in records.items():
+        plan = plan_interleaved(record, LoaderConfig(max_images=6))
+        assert not plan.dropped and len(plan.placements) == len(record["image_info"]), key
+        assert [p.sentence_index for p in plan.placements] == [
+            i["matched_text_index"] for i in record["image_info"]
+        ]
 
 
-def test_gpt_form_keeps_the_exact_character_position(data: Path) -> None:
-    _, records = convert(data, "gpt")
-    assert records["data-middle"]["example"] == "User: Here _!_IMAGE1_!_ is it\nAssistant: Yes."
-    assert records["data-one-turn"]["example"].startswith(
-        "User: Compare _!_IMAGE1_!_ with _!_IMAGE2_!_ and _!_IMAGE3_!_."
-    )
+def test_real_image_bytes_are_embedded(data: Path, interleaved, gpt) -> None:
+    for record in interleaved[1].values():
+        for info in record["image_info"]:
+            source = (data / "images" / info["image_name"]).read_bytes()
+            assert base64.b64decode(info["image_base64"]) == source
+    image = gpt[1]["data-notag-two"]["image_map"]["_!_IMAGE2_!_"]
+    assert base64.b64decode(image["base64_image"]) == (data / "images/sub/d.jpg").read_bytes()
+
+
+def test_gpt_form_keeps_the_exact_character_position(gpt) -> None:
+    stats, records = gpt
+    assert stats["counts"]["documents"]["written"] == 10
+    for key, record in records.items():
+        item = BY_KEY[key]
+        assert record["is_gpt"] is True
+        assert record["example"] == expected_example(item), key
+        placeholders = [f"_!_IMAGE{k}_!_" for k in range(1, len(names_of(item)) + 1)]
+        assert sorted(record["image_map"]) == placeholders
+        assert [record["image_map"][p]["image_name"] for p in placeholders] == names_of(item)
+    middle = records["data-middle"]["example"]
+    assert middle == "User: Here _!_IMAGE1_!_ is it\nAssistant: Yes."
+    assert middle.index("_!_IMAGE1_!_") == len("User: Here ")
     assert records["data-notag"]["example"] == "_!_IMAGE1_!_User: Describe.\nAssistant: A flamingo."
-    images = records["data-one-turn"]["image_map"]
-    assert [images[f"_!_IMAGE{k}_!_"]["image_name"] for k in (1, 2, 3)] == [
-        "a.jpg",
-        "b.png",
-        "c.jpg",
-    ]
-    assert (
-        base64.b64decode(images["_!_IMAGE3_!_"]["base64_image"])
-        == (data / "images" / "c.jpg").read_bytes()
-    )
 
 
-def test_jsonl_input_and_cli_with_template(data: Path) -> None:
-    lines = [json.dumps(item, ensure_ascii=False) for item in ITEMS[:3]] + ["{broken"]
-    (data / "items.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    code = cli(
-        [
-            "convert",
-            "conversations",
+def test_chunks_give_the_same_records_and_keys(data: Path, interleaved) -> None:
+    stats, _ = convert(data, "interleaved", "out-chunked", chunk_size=4)
+    assert stats["counts"]["units"] == {"done": 5}
+    markers = sorted(p.stem for p in (data / "out-chunked/_done").glob("*.json"))
+    assert markers == [f"data-c0000{k}" for k in range(5)]  # items 8-11 are all rejects: no shard
+    assert len(list((data / "out-chunked").glob("data-c0000[0-4]-00000.tar"))) == 4
+    # the duplicate id sits in another chunk than its first use and is still caught
+    assert read_records(data / "out-chunked") == read_records(data / "out-interleaved")
+    assert stats["counts"]["keys"] == interleaved[0]["counts"]["keys"]
+
+
+def run_cli(*args: str) -> int:
+    return cli(["convert", "conversations", *args, "--no-progress", "--rejects"])
+
+
+def test_cli_jsonl_folder_template_and_resume(data: Path) -> None:
+    folder = data / "jsonl-in"
+    folder.mkdir()
+    lines = [json.dumps(item, ensure_ascii=False) for item in ITEMS[:8]] + ["{broken"]
+    (folder / "items.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "bom.json").write_text("\ufeff" + json.dumps(ITEMS[:2]), encoding="utf-8")
+    (folder / "bad.json").write_text("[{", encoding="utf-8")
+    # "items-one" + "turn" would be the key of "items" + "one-turn": the later one is derived
+    (folder / "items-one.json").write_text(json.dumps([ITEMS[0] | {"id": "turn"}]), "utf-8")
+    out = data / "cli"
+    common = ["--json", str(folder), "--images", str(data / "images"), "--out", str(out)]
+    template = ["--template", "Q: {value}", "A: {value}"]
+    assert run_cli(*common, *template, "--chunk-size", "3") == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["counts"]["documents"] == {"in": 12, "written": 11, "rejected": 1}
+    assert stats["reasons"] == {"documents": {"bad_json": 1}, "units": {"unreadable_json": 1}}
+    assert stats["counts"]["keys"] == {"duplicate_id": 1, "derived": 1}  # + the bad line
+    records = {k: json.loads(v) for k, v in read_records(out).items()}
+    assert records["items-one-turn"]["conversation_id"] == "turn"
+    assert records["items-0000004"]["conversation_id"] == "one-turn"
+    assert records["items-start"]["text_list"] == ["Q:", "What is this?", "A: A bird."]
+    assert records["bom-end"]["text_list"] == ["Q: Look at this", "", "A: Nice."]
+    assert records["items-unicode"]["text_list"][1] == "Что это? 这是什么 🦩"
+
+    before = read_records(out)
+    victim = out / "_done/items-c00001.json"
+    for shard in json.loads(victim.read_text())["shards"]:
+        (out / shard).unlink()
+    victim.unlink()  # as if that unit had been killed mid-way
+    assert run_cli(*common, *template, "--chunk-size", "3", "--resume") == 0
+    assert read_records(out) == before
+    assert run_cli(*common, *template, "--chunk-size", "4", "--resume") == 2
+    assert validate_shards(str(out), deep=True).ok
+
+
+def test_cli_refuses_a_template_without_value(data: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_cli(
             "--json",
-            str(data / "items.jsonl"),
+            str(data / "data.json"),
             "--images",
             str(data / "images"),
             "--out",
-            str(data / "cli"),
+            str(data / "never"),
             "--template",
-            "Q: {value}",
+            "User:",
             "A: {value}",
-            "--no-progress",
-            "--rejects",
-        ]
-    )
-    assert code == 0
-    stats = json.loads((data / "cli" / "stats.json").read_text())
-    assert stats["counts"]["documents"] == {"in": 4, "written": 3, "rejected": 1}
-    assert stats["reasons"]["documents"] == {"bad_json": 1}
-    with tarfile.open(next((data / "cli").glob("*.tar"))) as tar:
-        record = json.loads(tar.extractfile("items-start.json").read())
-    assert record["text_list"] == ["Q:", "What is this?", "A: A bird."]
+        )
+    assert exc.value.code == 2
+    assert "{value} exactly once" in capsys.readouterr().err
+    assert not (data / "never").exists()
+
+
+def test_openflamingo_guide_shape_needs_no_change(tmp_path: Path) -> None:
+    """A list of {id, image: [paths], conversations}, ids like UUIDs, images in sub-folders."""
+    write_images(tmp_path / "images")
+    guide = [
+        {
+            "id": "997bb945-628d-4724-b370-b84de974a19f",
+            "image": ["sub/d.jpg"],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWrite a prompt to generate this image."},
+                {"from": "gpt", "value": "a photo, warm light, high detail"},
+            ],
+        },
+        {
+            "id": "0b2c8f0e-43f4-4c8a-9d1a-6f0c7f5e2b11",
+            "image": ["a.jpg", "c.jpg"],
+            "conversations": [
+                {"from": "human", "value": "<image>\n<image>\nWhat changed?"},
+                {"from": "gpt", "value": "The colours."},
+            ],
+        },
+    ]
+    (tmp_path / "train.json").write_text(json.dumps(guide, indent=2), encoding="utf-8")
+    out = tmp_path / "shards"
+    args = ["--json", str(tmp_path / "train.json"), "--images", str(tmp_path / "images")]
+    assert run_cli(*args, "--out", str(out)) == 0
+    assert cli(["validate", str(out), "--deep"]) == 0
+    records = {k: json.loads(v) for k, v in read_records(out).items()}
+    second = records["train-0b2c8f0e-43f4-4c8a-9d1a-6f0c7f5e2b11"]
+    assert second["text_list"] == ["User:", "", "What changed?", "Assistant: The colours."]
+    assert [i["matched_text_index"] for i in second["image_info"]] == [1, 2]

@@ -13,7 +13,29 @@ from flamingo_data.commands.common import (
     run_options,
     usage_errors,
 )
-from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
+from flamingo_data.converters.conversations import (
+    DEFAULT_TEMPLATE,
+    ConversationOptions,
+    convert_conversations,
+    split_template,
+)
+from flamingo_data.converters.jsonchunks import DEFAULT_CHUNK_SIZE
+
+
+def template_arg(text: str) -> str:
+    """argparse type: a role template with ``{value}`` exactly once (else exit 2 with the reason)."""
+    try:
+        split_template(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--template",
         nargs=2,
+        type=template_arg,
         metavar=("HUMAN", "GPT"),
-        default=("User: {value}", "Assistant: {value}"),
+        default=DEFAULT_TEMPLATE,
         help="how each role's turn is rendered (default: 'User: {value}' 'Assistant: {value}')",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"items per unit of work, so one big file converts in parallel (default {DEFAULT_CHUNK_SIZE})",
     )
     add_image_options(parser)
     add_run_options(parser)
@@ -51,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         args.json,
         options,
         run_options(args, "conversations"),
+        chunk_size=args.chunk_size,
         overwrite=args.overwrite,
         processes=args.processes,
         executor=args.executor,

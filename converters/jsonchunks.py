@@ -1,0 +1,133 @@
+"""Split JSON / JSONL inputs into keyed chunk files: one conversion unit per chunk.
+
+A LLaVA-style dataset is usually ONE large JSON array (hundreds of thousands of items), so one unit
+per file would convert it on one core, and letting every worker parse the whole file would cost
+its memory once per worker. Instead the driver parses each file once, gives every item its key
+(an id is only known to be unique once the whole file has been seen), and writes chunks of at
+most ``chunk_size`` items as JSONL under ``<out>/_chunks``; each worker reads only its own chunk.
+Chunk files are a deterministic function of the input, so reruns and ``--resume`` see the same units.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from flamingo_data.shards import write_atomic
+from flamingo_data.units import Unit, unit_names
+
+CHUNK_DIR = "_chunks"
+CHUNKING_FILE = "_chunking.json"  # kept beside the shards so a resume can check it
+DEFAULT_CHUNK_SIZE = 10_000
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")  # webdataset splits keys at the first dot
+
+
+def read_items(path: str) -> Iterator[tuple[int, Any, list[str] | None]]:
+    """(index, item, error) from a JSON array or JSONL file; a bad JSONL line gets an error, not a crash.
+
+    Raises OSError / UnicodeDecodeError / ValueError when the file as a whole is unreadable.
+    """
+    text = Path(path).read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        for index, item in enumerate(json.loads(text)):
+            yield index, item, None
+        return
+    for index, line in enumerate(row for row in text.splitlines() if row.strip()):
+        try:
+            yield index, json.loads(line), None
+        except json.JSONDecodeError as exc:
+            yield index, None, ["bad_json", str(exc)]
+
+
+def item_key(stem: str, index: int, item: Any, used: set[str]) -> tuple[str, str | None]:
+    """``<stem>-<id>`` when the id is safe and unused, else ``<stem>-<index>``; plus why it was derived."""
+    item_id = item.get("id") if isinstance(item, dict) else None
+    safe = isinstance(item_id, str | int) and not isinstance(item_id, bool)
+    key = f"{stem}-{item_id}" if safe and SAFE_ID.match(str(item_id)) else None
+    note = None
+    if key is None or key in used:
+        note = "duplicate_id" if key else "derived"
+        key = f"{stem}-{index:07d}"
+        while key in used:
+            key += "_"
+    used.add(key)
+    return key, note
+
+
+def keyed_entries(file_unit: Unit, used: set[str]) -> list[dict[str, Any]]:
+    """One chunk line per item (key, index, item or error); one ``file_error`` line if unreadable."""
+    entries = []
+    try:
+        for index, item, error in read_items(file_unit.source):
+            key, note = item_key(file_unit.name, index, item, used)
+            entry = {"index": index, "key": key, "key_note": note}
+            entry.update({"error": error} if error else {"item": item})
+            entries.append(entry)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return [{"file_error": f"{type(exc).__name__}: {exc}", "source": file_unit.source}]
+    return entries
+
+
+def write_chunks(
+    file_unit: Unit, chunk_dir: Path, chunk_size: int, used: set[str]
+) -> list[tuple[str, Path]]:
+    """(unit name, chunk path) for each chunk of one input file; an empty file still gets one."""
+    entries = keyed_entries(file_unit, used)
+    chunks = []
+    for number, start in enumerate(range(0, max(len(entries), 1), chunk_size)):
+        name = f"{file_unit.name}-c{number:05d}"
+        lines = (
+            json.dumps(e, ensure_ascii=True) + "\n" for e in entries[start : start + chunk_size]
+        )
+        path = chunk_dir / f"{name}.jsonl"
+        write_atomic(path, "".join(lines).encode("ascii"))
+        chunks.append((name, path))
+    return chunks
+
+
+def chunk_units(
+    sources: list[str], out_dir: str | Path, chunk_size: int, stem: Callable[[str], str]
+) -> list[Unit]:
+    """Units for every chunk of every source, in input order; stale chunk files are removed first."""
+    if chunk_size < 1:
+        raise ValueError("chunk size must be at least 1")
+    chunk_dir = Path(out_dir) / CHUNK_DIR
+    shutil.rmtree(chunk_dir, ignore_errors=True)
+    chunk_dir.mkdir(parents=True)
+    units: list[Unit] = []
+    used: set[str] = (
+        set()
+    )  # across files too: file "a" id "b-c" and file "a-b" id "c" are both "a-b-c"
+    for file_unit in unit_names(sources, stem):
+        for name, path in write_chunks(file_unit, chunk_dir, chunk_size, used):
+            units.append(Unit(name=name, source=str(path), index=len(units)))
+    return units
+
+
+def record_chunk_size(out_dir: str | Path, chunk_size: int, resume: bool) -> None:
+    """Remember the chunk size; resuming with another one would pair old markers with new chunks."""
+    path = Path(out_dir) / CHUNKING_FILE
+    if resume and path.exists():
+        earlier = json.loads(path.read_text()).get("chunk_size")
+        if earlier != chunk_size:
+            raise ValueError(
+                f"{out_dir} was written with chunk size {earlier}, not {chunk_size}: resume with "
+                "the same one, or pass --overwrite"
+            )
+    write_atomic(path, json.dumps({"chunk_size": chunk_size}).encode())
+
+
+def read_chunk(path: str) -> Iterator[dict[str, Any]]:
+    """The entries of one chunk file, in order."""
+    with open(path, encoding="ascii") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def remove_chunks(out_dir: str | Path) -> None:
+    """Chunks are scratch: once every unit is committed they are no longer needed."""
+    shutil.rmtree(Path(out_dir) / CHUNK_DIR, ignore_errors=True)
