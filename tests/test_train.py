@@ -182,3 +182,33 @@ def test_sigkill_then_resume_continues_the_exact_stream(shards: Path, tmp_path: 
     ) in after.items():  # the resumed run sees exactly the batches and losses of the whole run
         assert entry["keys"] == expected[step]["keys"]
         assert entry["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5)
+
+
+DDP_ROUND_TRIP = """
+import sys, torch, torch.distributed as dist
+from flamingo_data.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flamingo_data.loader import make_tokenizer
+from flamingo_data.model import FlamingoConfig, build_flamingo
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+model = torch.nn.parallel.DistributedDataParallel(build_flamingo(FlamingoConfig(), make_tokenizer()))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+saved = model.module.resampler.latents.detach().clone()
+save_checkpoint(sys.argv[1], 1, model, optimizer, {"step": 1})
+with torch.no_grad():
+    model.module.resampler.latents.add_(1.0)
+state = load_checkpoint(latest_checkpoint(sys.argv[1]), model, optimizer)
+assert state == {"step": 1}, state
+assert torch.equal(model.module.resampler.latents, saved), "trainable weights not restored"
+dist.destroy_process_group()
+"""
+
+
+def test_checkpoint_round_trip_under_ddp(tmp_path: Path) -> None:
+    """Without --fsdp and >1 process the model is DDP-wrapped: its weights must still be saved."""
+    run = subprocess.run(
+        [sys.executable, "-c", DDP_ROUND_TRIP, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]

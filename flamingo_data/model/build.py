@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from flamingo_data.loader.tokenizer import IMAGE_TOKEN
+from flamingo_data.loader.tokenizer import EOC_TOKEN, IMAGE_TOKEN
 from flamingo_data.model.flamingo import Flamingo, FlamingoConfig
 from flamingo_data.model.tiny import TinyCausalLM, TinyVisionEncoder
 
@@ -19,7 +19,13 @@ def build_flamingo(config: FlamingoConfig, tokenizer) -> Flamingo:
         config=config,
         media_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vocab_size=len(tokenizer),
+        base_vocab_size=min(base_vocab_size(tokenizer), lm.input_embeddings().num_embeddings),
     )
+
+
+def base_vocab_size(tokenizer) -> int:
+    """The LM's own vocabulary: ids below the first token Flamingo added (they are appended last)."""
+    return min(tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_TOKEN, EOC_TOKEN))
 
 
 def build_vision(config: FlamingoConfig) -> nn.Module:
@@ -43,9 +49,11 @@ def build_vision(config: FlamingoConfig) -> nn.Module:
 
 def build_lm(config: FlamingoConfig, tokenizer) -> nn.Module:
     if config.lm == "tiny":
-        base = getattr(tokenizer, "base_vocab_size", len(tokenizer))
         return TinyCausalLM(
-            vocab_size=base, dim=config.lm_dim, depth=config.lm_depth, heads=config.heads
+            vocab_size=base_vocab_size(tokenizer),
+            dim=config.lm_dim,
+            depth=config.lm_depth,
+            heads=config.heads,
         )
     if config.lm.startswith("hf:"):
         from flamingo_data.model.adapters import HFCausalLM

@@ -71,14 +71,23 @@ class FlamingoLayer(nn.Module):
 
 
 class AddedTokens(nn.Module):
-    """Trainable embeddings and output logits for the tokens added after the LM's own vocabulary."""
+    """Trainable embeddings and output logits for the tokens added after the LM's own vocabulary.
 
-    def __init__(self, base: nn.Embedding, n_new: int) -> None:
+    ``base_size`` is the LM's vocabulary, not its embedding rows: many LMs pad the table (NeoX: 50304
+    rows for 50277 tokens) and Flamingo's tokens must get their own trainable rows, not a padding row.
+    """
+
+    def __init__(self, base: nn.Embedding, base_size: int, n_new: int) -> None:
         super().__init__()
-        self.base_size = base.num_embeddings
+        if not 0 < base_size <= base.num_embeddings or n_new < 0:
+            raise ValueError(
+                f"vocabulary of {base_size} + {n_new} new tokens does not fit an LM embedding"
+                f" of {base.num_embeddings} rows"
+            )
+        self.base_size = base_size
         self.base = base
         self.embed = nn.Parameter(
-            base.weight.detach().mean(0, keepdim=True).repeat(n_new, 1).clone()
+            base.weight.detach()[:base_size].mean(0, keepdim=True).repeat(n_new, 1).clone()
         )
         self.head = nn.Parameter(torch.randn(n_new, base.embedding_dim) * 0.02)
 
@@ -103,6 +112,7 @@ class Flamingo(nn.Module):
         config: FlamingoConfig,
         media_token_id: int,
         vocab_size: int,
+        base_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         self.config, self.media_token_id = config, media_token_id
@@ -110,7 +120,8 @@ class Flamingo(nn.Module):
         for param in [*vision.parameters(), *lm.parameters()]:
             param.requires_grad_(False)
         base = lm.input_embeddings()
-        self.tokens = AddedTokens(base, vocab_size - base.num_embeddings)
+        base_size = base.num_embeddings if base_vocab_size is None else base_vocab_size
+        self.tokens = AddedTokens(base, base_size, vocab_size - base_size)
         self.resampler = PerceiverResampler(
             dim=vision.dim,
             depth=config.resampler_depth,
@@ -164,6 +175,7 @@ class Flamingo(nn.Module):
         finally:
             for layer in self.flamingo_layers:
                 layer.media = layer.media_locations = None
+        base_logits = base_logits[..., : self.tokens.base_size]  # drop padded embedding rows
         logits = torch.cat((base_logits, self.tokens.logits(hidden)), dim=-1)
         loss = None
         if labels is not None:
@@ -184,11 +196,16 @@ class Flamingo(nn.Module):
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation of few-shot prompts; returns prompt + new tokens."""
+        """Greedy (temperature 0) or sampled continuation of few-shot prompts; returns prompt + new tokens.
+
+        Prompts of different lengths must be left-padded (mask 0 on the padding) so that every row's
+        next token is read at the last position.
+        """
         ids = lang_x
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
-            logits = self(vision_x, ids).logits[:, -1].float()
+            logits = self(vision_x, ids, mask).logits[:, -1].float()
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 next_id = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -198,6 +215,7 @@ class Flamingo(nn.Module):
                 next_id = torch.where(done, torch.full_like(next_id, eos_token_id), next_id)
                 done |= next_id == eos_token_id
             ids = torch.cat((ids, next_id.unsqueeze(-1)), dim=-1)
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=-1)
             if eos_token_id is not None and bool(done.all()):
                 break
         return ids

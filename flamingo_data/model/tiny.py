@@ -18,10 +18,12 @@ class Block(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [b, l, dim]; allowed: optional [b, 1, l, l] bool (replaces the plain causal mask)
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        causal = self.causal and allowed is None
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal)
         x = x + self.proj(attn.transpose(1, 2).flatten(2))
         return x + self.mlp(self.norm2(x))
 
@@ -67,8 +69,23 @@ class TinyCausalLM(nn.Module):
     def run(
         self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = embeds + self.pos[: embeds.shape[1]]
+        """Padding (mask 0) is never attended to and does not shift positions: left-padded prompts
+        give the same outputs as unpadded ones (what batched few-shot generation needs)."""
+        length = embeds.shape[1]
+        if attention_mask is None or bool(attention_mask.all()):
+            x, allowed = embeds + self.pos[:length], None
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [b, l]
+            x, allowed = embeds + self.pos[positions], padded_causal_mask(attention_mask)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, allowed)
         hidden = self.norm(x)
         return hidden @ self.embed.weight.T, hidden
+
+
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[b, l] 0/1 -> [b, 1, l, l] bool: causal, no padding keys; each token always sees itself (no NaN)."""
+    length = attention_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool().unsqueeze(1)  # [b, l, l]
+    return (allowed | torch.eye(length, dtype=torch.bool, device=allowed.device)).unsqueeze(1)
