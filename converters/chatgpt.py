@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,14 +19,23 @@ from typing import Any
 import pandas as pd
 
 from flamingo_data.converters.mmc4 import unit_stem
-from flamingo_data.download import DownloadOptions, ImageStore, run_img2dataset
+from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.executors import run_units
+from flamingo_data.i2doutput import ImageStore
 from flamingo_data.images import ImagePolicy, process_image
 from flamingo_data.records import GptImage, GptSequence
 from flamingo_data.schema import schema_errors
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
-from flamingo_data.units import RunOptions, Unit, UnitContext, finalize, prepare_out_dir, unit_names
+from flamingo_data.units import (
+    OutputExistsError,
+    RunOptions,
+    Unit,
+    UnitContext,
+    finalize,
+    prepare_out_dir,
+    unit_names,
+)
 
 URL_KEYS = ("url", "raw_url", "image_url", "URL")
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
@@ -113,11 +123,10 @@ def build_record(
         url = entry_url(entry, options.url_key)
         reason, data = ("no_url", None) if url is None else _image(store, url, options.policy)
         if data is None:
-            ctx.reject("images", f"{key}/{n}", reason)
+            ctx.reject("images", f"{key}/{n}", reason, url or "")
             if options.missing == "drop":
                 raise SequenceError(f"image_{reason}")
             continue
-        ctx.stats.add("images", "embedded")
         found[n] = (entry, data)
     if not found:
         raise SequenceError("no_images")
@@ -136,9 +145,9 @@ def build_record(
 
 
 def _image(store: ImageStore, url: str, policy: ImagePolicy) -> tuple[str, bytes | None]:
-    data = store.get(url)
+    data, reason = store.get(url)
     if data is None:
-        return "not_downloaded", None
+        return reason, None
     result = process_image(data, policy)
     return (result.reason or "rejected", None) if not result.ok else ("", result.data)
 
@@ -170,6 +179,16 @@ def convert_sequence(
         return
     ctx.write(key, {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
     ctx.stats.add("documents", "written")
+    ctx.stats.add("images", "embedded", len(record["image_map"]))  # only images that were written
+
+
+def _download(urls: list[str], root: Path, images: str, options: DownloadOptions) -> None:
+    """Each distinct url once; the url list is sorted, so a resumed run shards it the same way."""
+    if urls:
+        pd.DataFrame({"url": urls}).to_parquet(root / "_urls.parquet")
+        run_img2dataset(
+            str(root / "_urls.parquet"), images, url_col="url", caption_col=None, options=options
+        )
 
 
 def convert_chatgpt(
@@ -182,24 +201,20 @@ def convert_chatgpt(
     executor: str = "local",
     progress: bool = True,
 ) -> Stats:
+    """Download (or join) every image, then one unit per sequence file; returns the merged stats."""
     if options.missing not in ("drop", "strip"):
         raise ValueError("--missing must be drop or strip")
     sources = expand_specs(specs, folder_suffix=".json")
     if not sources:
         raise SpecError(f"no sequence file matches {specs!r}")
+    if (Path(run.out_dir) / "_images").exists() and not (run.resume or overwrite):
+        raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass --resume or --overwrite")
     root = prepare_out_dir(run.out_dir, run.resume, overwrite)
+    if overwrite:  # img2dataset's incremental mode would otherwise reuse the old downloads
+        shutil.rmtree(root / "_images", ignore_errors=True)
     images = options.images_from or str(root / "_images")
     if options.images_from is None:
-        urls = collect_urls(sources, options.url_key)
-        if urls:
-            pd.DataFrame({"url": urls}).to_parquet(root / "_urls.parquet")
-            run_img2dataset(
-                str(root / "_urls.parquet"),
-                images,
-                url_col="url",
-                caption_col=None,
-                options=options.download,
-            )
+        _download(collect_urls(sources, options.url_key), root, images, options.download)
     units = unit_names(sources, unit_stem)
     run_units(
         units,

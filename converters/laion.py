@@ -1,42 +1,40 @@
 """LAION-style parquet -> image-text pair shards, downloaded by img2dataset and then checked by us.
 
-img2dataset downloads into ``<out>/_download`` (its incremental mode is the resume). Each finished
-shard is checked sample by sample (image sniffs and its header is within the pixel cap, caption is
-UTF-8, metadata passes the pair schema), then copied unchanged into ``<out>`` — or, if any sample
-fails, rewritten without it (counted with the reason). ``sizes.json``/``stats.json``/``rejects.jsonl``
-go beside the shards.
+img2dataset downloads into ``<out>/_download`` (its incremental mode is the resume). Every finished
+shard is then checked sample by sample (image sniffs as JPEG/PNG/WebP and decodes within the pixel
+cap, caption is UTF-8, metadata passes the pair schema) and placed in ``<out>`` unchanged — hard-linked
+from our own download folder (no second copy on disk), copied (or with ``link``, hard-linked) from an
+adopted output — or, if any sample fails, rewritten without it. ``sizes.json``/``stats.json``/
+``rejects.jsonl`` go beside the shards; every input row ends up written or counted with a reason.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import multiprocessing
 import shutil
-import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from flamingo_data.download import (
-    DownloadOptions,
-    i2d_failures,
-    i2d_shards,
-    i2d_stats,
-    read_tar_members,
-    run_img2dataset,
-)
-from flamingo_data.images import DEFAULT_MAX_PIXELS, open_capped, sniff_format
-from flamingo_data.schema import schema_errors
-from flamingo_data.shards import ShardWriter, write_atomic
+from flamingo_data.download import DownloadOptions, run_img2dataset
+from flamingo_data.i2doutput import finished_shards, row_results
+from flamingo_data.images import DEFAULT_MAX_PIXELS
+from flamingo_data.paircheck import ShardResult, place_shard
+from flamingo_data.shards import write_atomic
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
-from flamingo_data.units import prepare_out_dir
+from flamingo_data.units import OutputExistsError, prepare_out_dir
 
 URL_NAMES = ("url", "image_url", "link", "img_url")
 CAPTION_NAMES = ("text", "caption", "title", "alt", "alt_text")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Names img2dataset itself writes into <key>.json: an extra column with one of them would clash.
+I2D_META_KEYS = {"key", "url", "caption", "status", "error_message", "width", "height", "exif"}
+I2D_META_KEYS |= {"original_width", "original_height", "sha256", "md5"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,8 @@ class LaionOptions:
     caption_col: str | None = None
     download: DownloadOptions = field(default_factory=DownloadOptions)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    keep_columns: bool = True  # other parquet columns (similarity, punsafe, ...) go into <key>.json
+    link: bool = False  # adopted output: hard-link good shards instead of copying them
 
 
 def detect_columns(parquet: str, url_col: str | None, caption_col: str | None) -> tuple[str, str]:
@@ -66,61 +66,19 @@ def detect_columns(parquet: str, url_col: str | None, caption_col: str | None) -
     return url, caption
 
 
-def check_sample(key: str, members: dict[str, bytes], max_pixels: int) -> str | None:
-    """Why a downloaded sample is not fit for training, or None."""
-    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-    if image is None:
-        return "missing_image"
-    if sniff_format(image) not in ("jpeg", "png", "webp"):
-        return "not_an_image"
-    try:
-        open_capped(image, max_pixels)
-    except ValueError:
-        return "too_many_pixels"
-    except Exception:
-        return "undecodable"
-    try:
-        members["txt"].decode("utf-8")
-        meta = json.loads(members["json"])
-    except (KeyError, UnicodeDecodeError, ValueError):
-        return "bad_caption_or_metadata"
-    return "schema" if schema_errors("pair", meta) else None
-
-
-def adopt_shard(
-    tar: Path, out: Path, stats: Stats, rejects: list[dict[str, Any]], max_pixels: int
-) -> tuple[str, int]:
-    """Check one img2dataset shard and place it in ``out``; returns (shard name, good samples)."""
-    samples = read_tar_members(tar)
-    bad = {}
-    for key, members in samples.items():
-        stats.add("samples", "in")
-        if (reason := check_sample(key, members, max_pixels)) is not None:
-            bad[key] = reason
-            stats.reject("samples", reason)
-            rejects.append({"key": key, "kind": "samples", "reason": reason})
-    stats.add("samples", "written", len(samples) - len(bad))
-    target = out / tar.name
-    if not bad:
-        shutil.copyfile(tar, str(target) + ".tmp")
-        os.replace(str(target) + ".tmp", target)
-    else:
-        _rewrite(tar, out, {k: v for k, v in samples.items() if k not in bad})
-    for sidecar in (tar.with_suffix(".parquet"), tar.with_name(f"{tar.stem}_stats.json")):
-        if sidecar.exists():
-            shutil.copyfile(sidecar, out / sidecar.name)
-    return tar.name, len(samples) - len(bad)
-
-
-def _rewrite(tar: Path, out: Path, samples: dict[str, dict[str, bytes]]) -> None:
-    with tarfile.open(tar) as source:
-        order = list(dict.fromkeys(m.name.partition(".")[0] for m in source))
-    writer = ShardWriter(out, tar.stem + "_rewrite", max_samples=len(samples) + 1)
-    for key in order:
-        if key in samples:
-            writer.write(key, samples[key])
-    for name in writer.close():
-        os.replace(out / name, out / tar.name)
+def input_columns(sources: list[str], options: LaionOptions) -> tuple[str, str, list[str]]:
+    """(url, caption, extra columns to keep), the same for every file: img2dataset reads them all alike."""
+    first = pq.read_schema(sources[0]).names
+    for source in sources[1:]:
+        if pq.read_schema(source).names != first:
+            raise SpecError(
+                f"{source} has other columns than {sources[0]}: "
+                f"{', '.join(pq.read_schema(source).names)} vs {', '.join(first)}"
+            )
+    url, caption = detect_columns(sources[0], options.url_col, options.caption_col)
+    keep = options.keep_columns
+    extra = [c for c in first if keep and c not in (url, caption) and c not in I2D_META_KEYS]
+    return url, caption, extra
 
 
 def convert_laion(
@@ -133,38 +91,71 @@ def convert_laion(
     overwrite: bool = False,
     write_rejects: bool = False,
 ) -> Stats:
-    """Download (or adopt) then check; returns merged stats."""
-    root = prepare_out_dir(out, resume, overwrite)
+    """Download (or adopt) then check every sample; returns the stats also written to stats.json."""
+    root = _prepare(out, resume, overwrite)
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
     if from_img2dataset is None:
         _download(parquet, root, staging, options)
-    elif not i2d_shards(staging):
+    elif not finished_shards(staging):
         raise SpecError(f"no finished img2dataset shard (tar + _stats.json) in {from_img2dataset}")
-    stats, rejects, sizes = Stats(converter="laion"), i2d_failures(staging), {}
-    i2d_stats(staging, stats)
-    for tar in i2d_shards(staging):
-        name, count = adopt_shard(tar, root, stats, rejects, options.max_pixels)
-        sizes[name] = count
+    stats = Stats(converter="laion")
+    rejects = row_results(staging, stats)
+    how = "link" if from_img2dataset is None or options.link else "copy"
+    task = partial(place_shard, out=root, max_pixels=options.max_pixels, how=how)
+    sizes = {}
+    for result in _pool_map(task, finished_shards(staging), options.download.processes):
+        _merge(result, stats, rejects, sizes)
     stats.add("shards", "written", len(sizes))
-    write_atomic(root / "sizes.json", json.dumps(sizes, indent=1).encode())
-    write_atomic(root / "stats.json", json.dumps(stats.to_json(), indent=1).encode())
-    if write_rejects:
-        write_atomic(
-            root / "rejects.jsonl",
-            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects).encode(),
-        )
+    _write_sidecars(root, stats, rejects if write_rejects else None, sizes)
     return stats
 
 
-def _download(parquet, root: Path, staging: Path, options: LaionOptions) -> None:
+def _pool_map(task: Callable, items: list, processes: int) -> Iterator:
+    """Results in input order; checking decodes every image, so shards are spread over processes."""
+    if processes <= 1 or len(items) <= 1:
+        yield from map(task, items)
+        return
+    with multiprocessing.get_context("spawn").Pool(min(processes, len(items))) as pool:
+        yield from pool.imap(task, items)
+
+
+def _merge(result: ShardResult, stats: Stats, rejects: list, sizes: dict[str, int]) -> None:
+    stats.merge(Stats.from_json(result.stats))
+    rejects.extend(result.rejects)
+    if result.written:
+        sizes[result.name] = result.written
+
+
+def _write_sidecars(root: Path, stats: Stats, rejects: list | None, sizes: dict[str, int]) -> None:
+    write_atomic(root / "sizes.json", json.dumps(dict(sorted(sizes.items())), indent=1).encode())
+    write_atomic(root / "stats.json", json.dumps(stats.to_json(), indent=1).encode())
+    if rejects is not None:
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
+        write_atomic(root / "rejects.jsonl", lines.encode())
+
+
+def _prepare(out: str, resume: bool, overwrite: bool) -> Path:
+    """An earlier run (its download folder or sizes.json) is only reused with resume or overwrite."""
+    root = Path(out)
+    earlier = (root / "_download").exists() or (root / "sizes.json").exists()
+    if earlier and not (resume or overwrite):
+        raise OutputExistsError(f"{out} holds an earlier run: pass --resume or --overwrite")
+    if overwrite:
+        for path in (root / "_download", root / "_inputs"):
+            shutil.rmtree(path, ignore_errors=True)
+        for pattern in ("*.parquet", "*_stats.json", "sizes.json", "stats.json", "rejects.jsonl"):
+            for path in root.glob(pattern):
+                path.unlink()
+    return prepare_out_dir(root, resume, overwrite)
+
+
+def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) -> None:
     sources = expand_specs(parquet, folder_suffix=".parquet") if parquet else []
     if not sources:
         raise SpecError(f"no parquet file matches {parquet!r}")
-    url_col, caption_col = detect_columns(sources[0], options.url_col, options.caption_col)
+    url_col, caption_col, extra = input_columns(sources, options)
     url_list = sources[0]
-    if (
-        len(sources) > 1
-    ):  # img2dataset takes one file or one folder: link the inputs into a folder, in order
+    if len(sources) > 1:  # img2dataset takes one file or one folder: link the inputs, in order
         inputs = root / "_inputs"
         inputs.mkdir(exist_ok=True)
         for i, source in enumerate(sources):
@@ -173,5 +164,10 @@ def _download(parquet, root: Path, staging: Path, options: LaionOptions) -> None
                 link.symlink_to(Path(source).resolve())
         url_list = str(inputs)
     run_img2dataset(
-        url_list, str(staging), url_col=url_col, caption_col=caption_col, options=options.download
+        url_list,
+        str(staging),
+        url_col=url_col,
+        caption_col=caption_col,
+        extra_columns=extra,
+        options=options.download,
     )

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +31,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     served = {k: server.add_image(f"{k}.jpg", seed=k) for k in range(1, 5)}
     served[5] = server.add_image("5.png", seed=5, fmt="PNG")
     server.routes["/html.jpg"] = Route(b"<html>no</html>", "text/html")
+    server.routes["/cut.jpg"] = Route(served[1][: len(served[1]) // 2], "image/jpeg")
+    server.routes["/slow.jpg"] = Route(served[2], "image/jpeg", delay_s=3.0)
     url = lambda k: server.url(f"{k}.jpg") if k != 5 else server.url("5.png")  # noqa: E731
     sequences = [
         {
@@ -48,6 +55,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
         {
             "example": "html _!_IMAGE1_!_",
             "image_map": {"_!_IMAGE1_!_": {"url": server.url("html.jpg")}},
+        },
+        {"example": "link _!_IMAGE1_!_", "image_map": {"_!_IMAGE1_!_": {"link": url(1)}}},
+        {
+            "example": "cut _!_IMAGE1_!_",
+            "image_map": {"_!_IMAGE1_!_": {"url": server.url("cut.jpg")}},
+        },
+        {
+            "example": "slow _!_IMAGE1_!_",
+            "image_map": {"_!_IMAGE1_!_": {"url": server.url("slow.jpg")}},
         },
     ]
     (root / "seq-000.json").write_text(json.dumps(sequences[:3]))
@@ -90,12 +106,24 @@ def test_drop_mode_end_to_end(setup) -> None:
     )
     assert image(first, 1) == served[1] and image(first, 2) == served[5]  # original bytes, PNG kept
     assert image(records["seq-000-0000001"], 1) == served[2]  # raw_url found by auto detection
-    assert stats["counts"]["documents"] == {"in": 6, "written": 2, "rejected": 4}
+    assert stats["counts"]["documents"] == {"in": 9, "written": 2, "rejected": 7}
+    assert stats["counts"]["images"]["embedded"] == 3  # only images of written records
     assert stats["reasons"]["documents"] == {
-        "image_not_downloaded": 1,
+        "image_http_404": 1,
         "image_not_an_image": 1,
+        "image_no_url": 1,
+        "image_truncated": 1,
+        "image_timeout": 1,
         "placeholder_mismatch": 1,
         "bad_json": 1,
+    }
+    rejects = [json.loads(r) for r in (root / "drop" / "rejects.jsonl").read_text().splitlines()]
+    assert {"key": "seq-000-0000002/2", "detail": server.url("missing.jpg")}.items() <= next(
+        r for r in rejects if r["kind"] == "images" and r["reason"] == "http_404"
+    ).items()
+    assert {r["key"] for r in rejects if r["kind"] == "documents"} == {
+        "seq-000-0000002",
+        *(f"seq-001-{i:07d}" for i in range(6)),
     }
     assert validate_shards(str(root / "drop")).ok
     assert all(server.hits[f"/{k}.jpg"] == 1 for k in (1, 2))  # each distinct url fetched once
@@ -116,5 +144,53 @@ def test_strip_renumbers_and_images_from_joins_by_url(setup) -> None:
     assert record["example"] == "x _!_IMAGE1_!_ y z _!_IMAGE2_!_ w"
     assert image(record, 1) == served[3] and image(record, 2) == served[4]
     assert stats.to_json()["counts"]["documents"] == {"in": 3, "written": 3}
-    assert stats.to_json()["reasons"]["images"] == {"not_downloaded": 1}
+    assert stats.to_json()["counts"]["images"]["embedded"] == 5
+    assert stats.to_json()["reasons"]["images"] == {"http_404": 1}  # the reason img2dataset saw
     assert validate_shards(str(root / "strip")).ok
+
+
+def test_explicit_url_key(setup) -> None:
+    root, served, _, _ = setup
+    stats = convert_chatgpt(
+        str(root / "seq-001.json"),
+        ChatGptOptions(url_key="link", images_from=str(root / "drop" / "_images")),
+        RunOptions(out_dir=str(root / "link"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    ).to_json()
+    records = read_records(root / "link")
+    assert (
+        list(records) == ["seq-001-0000002"] and image(records["seq-001-0000002"], 1) == served[1]
+    )
+    assert stats["counts"]["documents"] == {"in": 6, "written": 1, "rejected": 5}
+    assert stats["reasons"]["images"]["no_url"] == 3
+
+
+@pytest.mark.slow
+def test_cli_resume_after_a_killed_run(setup, tmp_path: Path) -> None:
+    root, served, _, _ = setup
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "flamingo_data", "convert", "chatgpt", "--out", str(out)]
+    command += ["--sequences", str(root / "seq-000.json"), "--threads", "4", "--timeout", "1"]
+    proc = subprocess.Popen(
+        [*command, "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "_images" / "_tmp").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    subprocess.run(
+        [*command, "--resume", "--rejects"], check=True, capture_output=True, timeout=180
+    )
+    records = read_records(out)
+    assert sorted(records) == ["seq-000-0000000", "seq-000-0000001"]
+    assert image(records["seq-000-0000000"], 2) == served[5]
+    assert validate_shards(str(out)).ok
+    rejects = (out / "rejects.jsonl").read_text()
+    assert '"reason": "image_http_404"' in rejects

@@ -12,12 +12,19 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from flamingo_data.converters.laion import LaionOptions, convert_laion, detect_columns
+from flamingo_data.converters.laion import (
+    LaionOptions,
+    convert_laion,
+    detect_columns,
+    input_columns,
+)
 from flamingo_data.download import DownloadOptions
+from flamingo_data.paircheck import check_sample
 from flamingo_data.samples import make_image
 from flamingo_data.specs import SpecError
 from flamingo_data.validate import validate_shards
@@ -34,10 +41,8 @@ def server():
     generator.close()
 
 
-def write_parquet(
-    server, path: Path, url_col: str = "URL", caption_col: str = "TEXT"
-) -> dict[str, bytes]:
-    """4 good images and 4 kinds of failure; returns caption -> served bytes for the good ones."""
+def serve_routes(server) -> tuple[list[str], list[str], dict[str, bytes]]:
+    """(urls, captions) for 4 good images and 4 kinds of failure; caption -> served bytes."""
     served = {}
     for i, fmt in enumerate(("JPEG", "PNG", "JPEG", "PNG")):
         served[f"caption {i} é"] = server.add_image(f"img{i}.{fmt.lower()}", seed=i, fmt=fmt)
@@ -45,32 +50,50 @@ def write_parquet(
     server.routes["/corrupt.jpg"] = Route(make_image(9)[:200], "image/jpeg")
     server.routes["/stall.jpg"] = Route(make_image(8), "image/jpeg", delay_s=3.0)
     urls = [server.url(f"img{i}.{f}") for i, f in enumerate(("jpeg", "png", "jpeg", "png"))]
-    urls += [
-        server.url("missing.jpg"),
-        server.url("page.html"),
-        server.url("corrupt.jpg"),
-        server.url("stall.jpg"),
-    ]
+    urls += [server.url(p) for p in ("missing.jpg", "page.html", "corrupt.jpg", "stall.jpg")]
     captions = list(served) + ["404", "html", "corrupt", "stall"]
+    return urls, captions, served
+
+
+def write_parquet(
+    server, path: Path, url_col: str = "URL", caption_col: str = "TEXT"
+) -> dict[str, bytes]:
+    """All 8 rows in one file; returns caption -> served bytes for the good ones."""
+    urls, captions, served = serve_routes(server)
     pd.DataFrame({url_col: urls, caption_col: captions, "similarity": [0.3] * 8}).to_parquet(path)
     return served
 
 
-def read_pairs(out: Path) -> dict[str, bytes]:
+def read_pairs(out: Path) -> dict[str, tuple[bytes, dict]]:
+    """caption -> (image bytes, metadata) over every shard of ``out``."""
     pairs = {}
     for shard in sorted(out.glob("*.tar")):
         with tarfile.open(shard) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar}
         for name, data in members.items():
             if name.endswith(".txt"):
-                pairs[data.decode()] = members[name[:-4] + ".jpg"]
+                meta = json.loads(members[name[:-4] + ".json"])
+                pairs[data.decode()] = (members[name[:-4] + ".jpg"], meta)
     return pairs
+
+
+def same_picture(got: bytes, want: bytes) -> bool:
+    """img2dataset re-encodes to JPEG: same size and nearly the same pixels."""
+    a = np.asarray(Image.open(io.BytesIO(got)).convert("RGB"), dtype=np.float32)
+    b = np.asarray(Image.open(io.BytesIO(want)).convert("RGB"), dtype=np.float32)
+    return a.shape == b.shape and float(np.abs(a - b).mean()) < 8.0
 
 
 @pytest.fixture(scope="module")
 def downloaded(server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """Two parquet files (4 rows each, half failing) downloaded into 2 shards."""
     root = tmp_path_factory.mktemp("laion")
-    served = write_parquet(server, root / "part-00000.parquet")
+    urls, captions, served = serve_routes(server)
+    for part, rows in enumerate((slice(0, 2), slice(2, 4))):
+        picked = [*range(8)[rows], *range(4, 8)[rows]]
+        frame = {"URL": [urls[i] for i in picked], "TEXT": [captions[i] for i in picked]}
+        frame["similarity"] = [0.25 + i / 100 for i in picked]
+        pd.DataFrame(frame).to_parquet(root / f"part-{part:05d}.parquet")
     stats = convert_laion(
         str(root / "part-{00000..00001}.parquet"),
         str(root / "out"),
@@ -86,17 +109,21 @@ def test_end_to_end_captions_images_and_counted_failures(downloaded) -> None:
     assert validate_shards(str(out), deep=True).ok
     pairs = read_pairs(out)
     assert set(pairs) == set(served)
-    for caption, data in pairs.items():
-        got, want = Image.open(io.BytesIO(data)), Image.open(io.BytesIO(served[caption]))
-        assert got.size == want.size  # small images are not upscaled
+    for caption, (data, meta) in pairs.items():
+        assert same_picture(data, served[caption])  # small images are not upscaled
+        assert meta["caption"] == caption and meta["similarity"] >= 0.25  # extra column kept
     assert stats["counts"]["rows"] == {"in": 8, "downloaded": 4, "rejected": 4}
-    assert sum(stats["reasons"]["rows"].values()) == 4 and any(
-        "404" in r for r in stats["reasons"]["rows"]
-    )
+    assert stats["reasons"]["rows"] == {"http_404": 1, "image_decoding_error": 2, "timeout": 1}
     assert stats["counts"]["samples"] == {"in": 4, "written": 4}
+    assert stats["counts"]["shards"] == {"linked": 2, "written": 2}
+    for shard in out.glob("*.tar"):  # hard links into the download folder: no second copy
+        assert shard.stat().st_ino == (out / "_download" / shard.name).stat().st_ino
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert len(rejects) == 4 and all(r["url"].startswith("http://127.0.0.1") for r in rejects)
-    assert sum(json.loads((out / "sizes.json").read_text()).values()) == 4
+    assert sorted(r["reason"] for r in rejects) == sorted(
+        ["http_404", "image_decoding_error", "image_decoding_error", "timeout"]
+    )
+    assert all(r["url"].startswith("http://127.0.0.1") and r["detail"] for r in rejects)
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2}
 
 
 def test_adopting_an_img2dataset_output_checks_and_rewrites_bad_samples(
@@ -107,7 +134,7 @@ def test_adopting_an_img2dataset_output_checks_and_rewrites_bad_samples(
     source.mkdir()
     for path in (root / "out" / "_download").glob("0*"):
         (source / path.name).write_bytes(path.read_bytes())
-    shard = sorted(source.glob("*.tar"))[0]
+    shard = source / "00000.tar"
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
     with tarfile.open(shard, "w") as tar:  # break the first sample's image
@@ -116,11 +143,39 @@ def test_adopting_an_img2dataset_output_checks_and_rewrites_bad_samples(
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     stats = convert_laion(
-        None, str(tmp_path / "out"), LaionOptions(), from_img2dataset=str(source)
+        None,
+        str(tmp_path / "out"),
+        LaionOptions(download=DownloadOptions(processes=2)),  # shards checked in 2 processes
+        from_img2dataset=str(source),
     ).to_json()
     assert stats["counts"]["samples"] == {"in": 4, "written": 3, "rejected": 1}
     assert stats["reasons"]["samples"] == {"not_an_image": 1}
-    assert validate_shards(str(tmp_path / "out")).ok and len(read_pairs(tmp_path / "out")) == 3
+    assert stats["counts"]["shards"] == {"copied": 1, "rewritten": 1, "written": 2}
+    assert stats["counts"]["rows"]["in"] == 8  # img2dataset's own row counts are carried over
+    assert validate_shards(str(tmp_path / "out"), deep=True).ok
+    assert len(read_pairs(tmp_path / "out")) == 3
+    copied = tmp_path / "out" / "00001.tar"
+    assert copied.read_bytes() == (source / "00001.tar").read_bytes()
+    assert copied.stat().st_ino != (source / "00001.tar").stat().st_ino
+
+
+def test_sample_check_reasons(jpeg_bytes: bytes) -> None:
+    meta = json.dumps({"key": "000000000", "status": "success"}).encode()
+    good = {"jpg": jpeg_bytes, "txt": b"a cat", "json": meta}
+    assert check_sample(good, max_pixels=10_000) is None
+    cases = {
+        "missing_image": {"txt": b"a cat", "json": meta},
+        "not_an_image": {**good, "jpg": b"<html></html>"},
+        "undecodable_image": {**good, "jpg": jpeg_bytes[:300]},
+        "missing_caption": {"jpg": jpeg_bytes, "json": meta},
+        "empty_caption": {**good, "txt": b"  "},
+        "caption_not_utf8": {**good, "txt": b"\xff\xfe"},
+        "bad_json": {**good, "json": b"{"},
+        "schema": {**good, "json": b'{"key": ""}'},
+    }
+    for reason, members in cases.items():
+        assert check_sample(members, max_pixels=10_000) == reason
+    assert check_sample(good, max_pixels=64 * 48 - 1) == "too_many_pixels"
 
 
 def test_column_detection_and_clear_error(server, tmp_path: Path) -> None:
@@ -133,6 +188,8 @@ def test_column_detection_and_clear_error(server, tmp_path: Path) -> None:
         "link_to_image",
         "words",
     )
+    with pytest.raises(SpecError, match="has other columns"):  # img2dataset reads all files alike
+        input_columns([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], LaionOptions())
 
 
 @pytest.mark.slow
@@ -163,6 +220,10 @@ def test_resume_after_a_killed_run(server, tmp_path: Path) -> None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never mixed up silently
     subprocess.run([*command, "--resume"], check=True, capture_output=True, timeout=180)
     assert set(read_pairs(tmp_path / "out")) == set(served)
     assert validate_shards(str(tmp_path / "out")).ok
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["counts"]["rows"] == {"in": 8, "downloaded": 4, "rejected": 4}

@@ -11,14 +11,18 @@ from flamingo_data.images import DEFAULT_MAX_PIXELS
 
 
 def add_download_options(parser: argparse.ArgumentParser, max_pixels: bool = True) -> None:
-    parser.add_argument("--processes", type=int, default=1, help="img2dataset processes")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="img2dataset processes (and shard checkers)"
+    )
     parser.add_argument("--threads", type=int, default=16, help="img2dataset threads per process")
     parser.add_argument("--timeout", type=int, default=10, help="seconds per download")
-    parser.add_argument("--retries", type=int, default=1)
+    parser.add_argument("--retries", type=int, default=1, help="extra tries per url (default 1)")
     parser.add_argument(
         "--resume", action="store_true", help="reuse img2dataset's incremental mode"
     )
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run (downloads included) first"
+    )
     parser.add_argument(
         "--rejects", action="store_true", help="write rejects.jsonl (url/key + reason)"
     )
@@ -34,18 +38,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--from-img2dataset", help="adopt an existing img2dataset webdataset output"
     )
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="output folder: shards + sidecar files")
     parser.add_argument(
         "--url-col", default=None, help="default: detect (URL, url, image_url, ...)"
     )
     parser.add_argument("--caption-col", default=None, help="default: detect (TEXT, caption, ...)")
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="resize target in px (only ever downscales)"
+    )
     parser.add_argument(
         "--resize-mode",
         choices=("keep_ratio_largest", "keep_ratio", "center_crop", "border", "no"),
         default="keep_ratio_largest",
     )
     parser.add_argument("--min-size", type=int, default=0, help="skip images smaller than this")
+    parser.add_argument(
+        "--no-extra-columns",
+        action="store_true",
+        help="do not copy the parquet's other columns (similarity, punsafe, ...) into <key>.json",
+    )
+    parser.add_argument(
+        "--link",
+        action="store_true",
+        help="--from-img2dataset: hard-link good shards instead of copying them",
+    )
     add_download_options(parser)
 
 
@@ -62,12 +78,15 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         retries=args.retries,
         min_size=args.min_size,
+        max_pixels=args.max_pixels,
     )
     options = LaionOptions(
         url_col=args.url_col,
         caption_col=args.caption_col,
         download=download,
         max_pixels=args.max_pixels,
+        keep_columns=not args.no_extra_columns,
+        link=args.link,
     )
     stats = convert_laion(
         args.parquet,

@@ -1,0 +1,143 @@
+"""Reading an img2dataset webdataset output: finished shards, every row's outcome, images by url.
+
+img2dataset writes per shard ``<n>.tar``, ``<n>.parquet`` (one row per input row, with ``status`` and
+``error_message``) and, last, ``<n>_stats.json``; a shard is finished once that file exists. Its error
+messages are free text ("HTTP Error 404: Not Found", "<urlopen error timed out>", ...), so counts use a
+stable reason code and the message itself goes to ``rejects.jsonl`` as detail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from flamingo_data.shardread import IMAGE_EXTS, split_key, unsafe_member_name
+from flamingo_data.stats import Stats
+
+# (lower-case fragment of img2dataset's message, our reason code), first match wins
+REASON_CODES = (
+    ("timed out", "timeout"),
+    ("image decoding error", "image_decoding_error"),
+    ("image too small", "image_too_small"),
+    ("image area too large", "too_many_pixels"),
+    ("aspect ratio too large", "aspect_ratio_too_large"),
+    ("x-robots-tag", "opted_out"),
+    ("name or service not known", "dns_error"),
+    ("name resolution", "dns_error"),
+    ("connection refused", "connection_refused"),
+    ("certificate", "ssl_error"),
+    ("ssl", "ssl_error"),
+    ("remote end closed", "connection_closed"),
+    ("connection reset", "connection_closed"),
+    ("unknown url type", "bad_url"),
+    ("no host given", "bad_url"),
+)
+
+
+def finished_shards(folder: str | Path) -> list[Path]:
+    """img2dataset's finished shards: a tar whose ``_stats.json`` exists (it is written last)."""
+    folder = Path(folder)
+    return sorted(t for t in folder.glob("*.tar") if (folder / f"{t.stem}_stats.json").exists())
+
+
+def failure_reason(message: Any, status: str) -> str:
+    """A stable reason code for one of img2dataset's error messages."""
+    text = str(message or "").lower()
+    if match := re.search(r"http error (\d{3})", text):
+        return f"http_{match.group(1)}"
+    return next((code for fragment, code in REASON_CODES if fragment in text), status)
+
+
+def row_results(folder: str | Path, stats: Stats) -> list[dict[str, Any]]:
+    """Count every input row of the finished shards (``rows``: in, downloaded, rejected by reason).
+
+    Returns one reject entry (key, url, reason, detail) per failed row. Counts come from the per-row
+    parquet files rather than ``_stats.json``, whose capped counter can drop rare messages.
+    """
+    rejects = []
+    for tar in finished_shards(folder):
+        parquet = tar.with_suffix(".parquet")
+        if not parquet.exists():
+            _rows_from_stats_file(tar.with_name(f"{tar.stem}_stats.json"), stats)
+            continue
+        frame = pd.read_parquet(parquet, columns=["key", "url", "status", "error_message"])
+        ok = frame["status"] == "success"
+        stats.add("rows", "in", len(frame))
+        stats.add("rows", "downloaded", int(ok.sum()))
+        for row in frame[~ok].itertuples():
+            reason = failure_reason(row.error_message, str(row.status))
+            stats.reject("rows", reason)
+            rejects.append(
+                {
+                    "key": str(row.key),
+                    "url": str(row.url),
+                    "kind": "rows",
+                    "reason": reason,
+                    "detail": str(row.error_message or row.status)[:500],
+                }
+            )
+    return rejects
+
+
+def _rows_from_stats_file(path: Path, stats: Stats) -> None:
+    """Fallback for an output copied without its parquet files: img2dataset's own counts."""
+    data = json.loads(path.read_text())
+    stats.add("rows", "in", int(data.get("count", 0)))
+    stats.add("rows", "downloaded", int(data.get("successes", 0)))
+    for message, count in data.get("status_dict", {}).items():
+        if message != "success":
+            stats.reject("rows", failure_reason(message, "failed"), int(count))
+
+
+def member_offsets(tar_path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{key: {ext: (offset, size)}}`` for the safe regular members of an uncompressed tar."""
+    index: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(tar_path, mode="r:") as tar:
+        for member in tar:
+            if member.isfile() and not unsafe_member_name(member.name):
+                key, ext = split_key(member.name)
+                index.setdefault(key, {})[ext] = (member.offset_data, member.size)
+    return index
+
+
+class ImageStore:
+    """Image bytes by url from an img2dataset output, read on demand (nothing large is held).
+
+    ``get`` also says why a url has no image: img2dataset's reason code, or ``not_downloaded`` when
+    the output never saw the url.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.found: dict[str, tuple[Path, int, int]] = {}
+        self.failed: dict[str, str] = {}
+        for tar in finished_shards(folder):
+            parquet = tar.with_suffix(".parquet")
+            if parquet.exists():
+                self._index_shard(tar, parquet)
+
+    def _index_shard(self, tar: Path, parquet: Path) -> None:
+        frame = pd.read_parquet(parquet, columns=["url", "key", "status", "error_message"])
+        offsets = member_offsets(tar)
+        for row in frame.itertuples():
+            url = str(row.url)
+            members = offsets.get(str(row.key), {})
+            image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+            if row.status == "success" and image is not None:
+                self.found.setdefault(url, (tar, *image))
+            elif row.status != "success":
+                self.failed.setdefault(url, failure_reason(row.error_message, str(row.status)))
+
+    def get(self, url: str) -> tuple[bytes | None, str]:
+        """(bytes, "") or (None, reason)."""
+        where = self.found.get(url)
+        if where is None:
+            return None, self.failed.get(url, "not_downloaded")
+        tar, offset, size = where
+        with open(tar, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(size), ""
