@@ -3,20 +3,21 @@
 Baseline per sample: json.loads, base64-decode every image, full-size PIL decode, torchvision-style
 Resize(224, bicubic) + CenterCrop + ToTensor + Normalize (re-stated with PIL/numpy; no torchvision),
 one-to-one assignment, tokenization — fed through webdataset + a torch DataLoader.
-Usage: python benchmarks/bench_loader.py [--docs-per-shard 60]
+Usage: python benchmarks/bench_loader.py [--docs-per-shard 150]
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -89,16 +90,50 @@ def run_ours(shards: list[str], workers: int) -> int:
     return sum(batch["vision_x"].shape[0] for batch in loader)
 
 
+class WorkerPeaks(threading.Thread):
+    """Polls each DataLoader worker's peak RSS (VmHWM in /proc) while it is alive.
+
+    getrusage(RUSAGE_CHILDREN) is unreliable here: it only covers children already reaped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks: dict[int, float] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.05):
+            for pid in _children():
+                if (peak := _peak_rss_mb(pid)) is not None:
+                    self.peaks[pid] = max(peak, self.peaks.get(pid, 0.0))
+
+
+def _children() -> list[int]:
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
 def child(kind: str, shards: list[str], workers: int) -> None:
-    """Runs in its own process so that worker peak memory (RUSAGE_CHILDREN) is measured per config."""
+    """Runs in its own process so that each config's workers are measured on their own."""
     fn = run_ours if kind == "ours" else run_baseline
+    watcher = WorkerPeaks()
+    watcher.start()
     start = time.perf_counter()
     n = fn(shards, workers)
     seconds = time.perf_counter() - start
-    rss = (
-        resource.getrusage(resource.RUSAGE_CHILDREN if workers else resource.RUSAGE_SELF).ru_maxrss
-        / 1024
-    )
+    watcher.stopped.set()
+    rss = max(watcher.peaks.values(), default=0.0)
     print(json.dumps({"samples": n, "seconds": seconds, "rss_mb": rss}))
 
 
@@ -125,7 +160,7 @@ def convert(docs: str, images: str, out: Path, policy: ImagePolicy) -> list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--docs-per-shard", type=int, default=60)
+    parser.add_argument("--docs-per-shard", type=int, default=150)
     parser.add_argument("--child", default=None)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("shards", nargs="*")

@@ -23,7 +23,7 @@ from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.executors import run_units
 from flamingo_data.i2doutput import ImageStore
 from flamingo_data.images import ImagePolicy, process_image
-from flamingo_data.records import GptImage, GptSequence
+from flamingo_data.records import GptImage, GptSequence, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
@@ -174,10 +174,11 @@ def convert_sequence(
         record = build_record(item, check_placeholders(item), store, options, ctx, key)
         if errors := schema_errors("gpt", record):
             raise SequenceError("schema", "; ".join(errors))
-    except SequenceError as exc:
+        data = encode_record(record)
+    except (SequenceError, RecordEncodingError) as exc:
         ctx.reject("documents", key, exc.args[0])
         return
-    ctx.write(key, {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
+    ctx.write(key, {"json": data})
     ctx.stats.add("documents", "written")
     ctx.stats.add("images", "embedded", len(record["image_map"]))  # only images that were written
 

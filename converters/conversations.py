@@ -11,7 +11,6 @@ reproduces the placement exactly. GPT form puts ``_!_IMAGEk_!_`` exactly where t
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,7 +27,14 @@ from flamingo_data.converters.jsonchunks import (
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.executors import run_units
 from flamingo_data.images import ImagePolicy, process_image
-from flamingo_data.records import GptImage, GptSequence, ImageInfo, InterleavedDoc
+from flamingo_data.records import (
+    GptImage,
+    GptSequence,
+    ImageInfo,
+    InterleavedDoc,
+    RecordEncodingError,
+    encode_record,
+)
 from flamingo_data.schema import schema_errors
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
@@ -194,12 +200,12 @@ def convert_item(item: Any, options: ConversationOptions) -> dict[str, Any]:
     return record
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
+def encode_item(record: dict[str, Any]) -> bytes:
     """UTF-8 JSON; text that cannot be UTF-8 (a lone surrogate from a ``\\ud800`` escape) is refused."""
     try:
-        return json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ItemError("invalid_unicode", str(exc)) from exc
+        return encode_record(record)
+    except RecordEncodingError as exc:
+        raise ItemError(*exc.args) from exc
 
 
 def convert_entry(entry: dict[str, Any], ctx: UnitContext, options: ConversationOptions) -> None:
@@ -215,7 +221,7 @@ def convert_entry(entry: dict[str, Any], ctx: UnitContext, options: Conversation
         if "error" in entry:
             raise ItemError(*entry["error"])
         record = convert_item(entry["item"], options)
-        payload = encode_record(record)
+        payload = encode_item(record)
     except ItemError as exc:
         ctx.reject("documents", key, exc.args[0], " ".join(map(str, exc.args[1:])))
         return

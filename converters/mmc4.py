@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import posixpath
 import zipfile
 import zlib
@@ -22,7 +23,7 @@ from typing import Any
 from flamingo_data import remote
 from flamingo_data.executors import run_units
 from flamingo_data.images import ImagePolicy, process_image
-from flamingo_data.records import InterleavedDoc
+from flamingo_data.records import InterleavedDoc, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
 from flamingo_data.shards import safe_stem
 from flamingo_data.specs import SpecError, expand_specs
@@ -151,7 +152,10 @@ def _matrix_shape_ok(matrix: Any, rows: int, cols: int) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite JSON number (``NaN``/``Infinity`` parse in Python but are not JSON)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _safe_image_name(name: str) -> bool:
@@ -206,7 +210,12 @@ def convert_line(
     if errors:
         ctx.reject("documents", key, "schema", "; ".join(errors))
         return
-    ctx.write(key, {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")})
+    try:
+        data = encode_record(record)
+    except RecordEncodingError as exc:
+        ctx.reject("documents", key, exc.args[0], exc.args[1])
+        return
+    ctx.write(key, {"json": data})
     ctx.stats.add("documents", "written")
 
 

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 KEEPABLE = {"jpeg": {"RGB", "L"}, "png": {"RGB", "L", "RGBA", "LA", "P"}, "webp": {"RGB", "RGBA"}}
@@ -94,6 +95,45 @@ def decode_rgb(
     return _to_rgb(image)
 
 
+def decode_at_least(
+    data: bytes, short_side: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB pixels [H, W, 3] uint8 with short side >= ``short_side`` (or the whole image if smaller),
+    and the full-scale (width, height) as displayed, so callers size their resize from the original.
+
+    Plain RGB JPEGs decode through libjpeg-turbo's DCT scaling at the smallest M/8 scale that
+    keeps the short side (simplejpeg): far less to decode and to resize than a full decode or
+    PIL's power-of-two draft. Everything else (EXIF rotation, CMYK, grey, PNG, WebP) goes
+    through PIL. The pixel cap is checked on the header before any pixel is decoded.
+    """
+    image = open_capped(data, max_pixels)
+    if _turbo_decodable(image):
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        if width * height > max_pixels:
+            raise ValueError("too_many_pixels")
+        limit = {"min_width" if width <= height else "min_height": short_side}
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", **limit), (width, height)
+    full = _displayed_size(image)
+    if image.format == "JPEG":
+        image.draft("RGB", (short_side, short_side))
+    image = ImageOps.exif_transpose(image) or image
+    return np.array(_to_rgb(image)), full
+
+
+def _displayed_size(image: Image.Image) -> tuple[int, int]:
+    """Full-scale size after the EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    width, height = image.size
+    orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _turbo_decodable(image: Image.Image) -> bool:
+    """A JPEG simplejpeg decodes exactly as PIL would: YCbCr/RGB, no EXIF rotation to apply."""
+    if image.format != "JPEG" or image.mode != "RGB":
+        return False
+    return image.getexif().get(0x0112, 1) in (0, 1)
+
+
 def process_image(data: bytes | None, policy: ImagePolicy) -> ImageResult:
     """Run one image through the stage; never raises on bad bytes."""
     if not data:
@@ -125,6 +165,9 @@ def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePol
             return ImageResult("rejected", reason="truncated")
         return ImageResult("kept", data, fmt, width, height)
     reason = "resized" if target is not None else _why(fmt, image)
+    if target is not None and _turbo_decodable(image):
+        small = Image.fromarray(decode_at_least(data, min(target), policy.max_pixels)[0])
+        return _encoded("resized", small.resize(target, Image.Resampling.BICUBIC), policy, reason)
     if target is not None and image.format == "JPEG":
         image.draft("RGB", target)
     image = ImageOps.exif_transpose(image) or image
@@ -135,6 +178,10 @@ def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePol
         if target != rgb.size:
             rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
             outcome = "resized"
+    return _encoded(outcome, rgb, policy, reason)
+
+
+def _encoded(outcome: str, rgb: Image.Image, policy: ImagePolicy, reason: str) -> ImageResult:
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=policy.quality, optimize=False)
     return ImageResult(outcome, buf.getvalue(), "jpeg", rgb.width, rgb.height, reason=reason)

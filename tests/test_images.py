@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flamingo_data.images import ImagePolicy, decode_rgb, process_image, sniff_format
+from flamingo_data.images import (
+    ImagePolicy,
+    decode_at_least,
+    decode_rgb,
+    process_image,
+    sniff_format,
+)
 from flamingo_data.samples import make_image
 
 POLICY = ImagePolicy()
@@ -150,3 +156,41 @@ def test_decode_verification_is_available() -> None:
     cut = make_image(6, 200, 150)[:1500]
     assert process_image(cut, ImagePolicy()).reason == "truncated"  # cheap: no end-of-image marker
     assert process_image(cut, ImagePolicy(verify="decode")).reason == "undecodable"  # full decode
+
+
+def _smooth_jpeg(width: int, height: int, exif: bytes = b"") -> bytes:
+    y, x = np.mgrid[0:height, 0:width]
+    arr = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], -1)
+    return encode(Image.fromarray(arr.astype(np.uint8)), "JPEG", quality=95, exif=exif)
+
+
+def test_reduced_scale_decode_keeps_the_short_side_and_reports_full_size() -> None:
+    pixels, full = decode_at_least(_smooth_jpeg(1000, 600), 224)
+    assert full == (1000, 600)
+    assert 224 <= pixels.shape[0] < 600 and pixels.shape[2] == 3  # DCT-scaled, never below 224
+    assert pixels.shape[1] / pixels.shape[0] == pytest.approx(1000 / 600, rel=0.01)
+    small, full_small = decode_at_least(_smooth_jpeg(200, 150), 224)
+    assert small.shape[:2] == (150, 200) and full_small == (200, 150)  # never upscaled
+
+
+def test_reduced_scale_decode_applies_exif_rotation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels, full = decode_at_least(_smooth_jpeg(1000, 600, exif.tobytes()), 224)
+    assert full == (600, 1000) and pixels.shape[0] > pixels.shape[1]
+
+
+def test_reduced_scale_decode_refuses_bombs_before_decoding() -> None:
+    with pytest.raises(ValueError, match="too_many_pixels"):
+        decode_at_least(_smooth_jpeg(1000, 600), 224, max_pixels=500_000)
+
+
+def test_resize_through_reduced_decode_matches_a_full_decode() -> None:
+    """The fast resize path (DCT-scaled decode, then bicubic) stays within a few levels of
+    decoding at full size and resizing, on a smooth picture."""
+    data = _smooth_jpeg(1200, 900)
+    fast = process_image(data, ImagePolicy(short_side=256))
+    full = Image.open(io.BytesIO(data)).convert("RGB").resize((341, 256), Image.Resampling.BICUBIC)
+    assert (fast.outcome, fast.width, fast.height) == ("resized", 341, 256)
+    diff = np.abs(np.asarray(Image.open(io.BytesIO(fast.data)), float) - np.asarray(full, float))
+    assert diff.mean() < 3

@@ -254,3 +254,28 @@ def test_bad_command_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot create output folder" in err[0]
+
+
+def test_values_json_output_cannot_carry_are_counted_rejects(tmp_path: Path) -> None:
+    """A lone surrogate, NaN and a 70-bit integer parse in Python but are not writable JSON."""
+    sample = write_mmc4_sample(
+        tmp_path / "src", n_shards=1, docs_per_shard=4, missing_rate=0.0, seed=9
+    )
+    docs_dir = Path(sample["docs"]).parent
+    raw = zipfile.ZipFile(docs_dir / "shard_0.zip").read("shard_0.jsonl").splitlines()
+    good = json.loads(raw[0])
+    surrogate = json.dumps({**good, "url": "x"}).replace('"url": "x"', '"url": "bad \\ud800"')
+    rows, cols = len(good["image_info"]), len(good["text_list"])
+    nan_matrix = json.dumps({**good, "similarity_matrix": [[float("nan")] * cols] * rows})
+    huge = json.dumps({**good, "similarity_matrix": [[2**70] * cols] * rows})
+    lines = [surrogate.encode(), nan_matrix.encode(), huge.encode(), raw[0]]
+    _zip(docs_dir / "shard_0.zip", {"shard_0.jsonl": b"\n".join(lines) + b"\n"})
+    stats = convert(sample, tmp_path / "out")
+    assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
+    assert stats["reasons"]["documents"] == {
+        "invalid_unicode": 1,
+        "bad_matrix_shape": 1,
+        "unencodable_value": 1,
+    }
+    report = validate_shards([str(tmp_path / "out")])
+    assert report.ok and list(read_records(tmp_path / "out")) == ["shard_0-0000004"]

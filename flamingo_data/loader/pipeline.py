@@ -105,13 +105,23 @@ class _WorkerStream(IterableDataset):
             return None
 
 
+def _batch_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zeros for the batch's images; in a DataLoader worker, allocated in shared memory directly
+    (as torch's default_collate does) so that sending the batch is not one more full copy."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.zeros(shape, dtype=like.dtype)
+    numel = math.prod(shape)
+    storage = like._typed_storage()._new_shared(numel, device=like.device)
+    return like.new(storage).view(shape).zero_()
+
+
 def _collate(
     samples: list[dict[str, Any]], pad_id: int, slot: int, position: int, rejections: Counter
 ) -> dict[str, Any]:
     n_images = max(s["pad_images"] for s in samples)
     n_tokens = max(s["input_ids"].shape[0] for s in samples)
     first = samples[0]["vision_x"]
-    vision = torch.zeros((len(samples), n_images, 1, *first.shape[2:]), dtype=first.dtype)
+    vision = _batch_buffer(first, (len(samples), n_images, 1, *first.shape[2:]))
     lang = torch.full((len(samples), n_tokens), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), n_tokens), dtype=torch.long)
     labels = torch.full((len(samples), n_tokens), -100, dtype=torch.long)
