@@ -34,6 +34,7 @@ from flamingo_data.units import (
     UnitContext,
     finalize,
     prepare_out_dir,
+    require_local_out,
     unit_names,
 )
 
@@ -203,6 +204,7 @@ def convert_chatgpt(
     progress: bool = True,
 ) -> Stats:
     """Download (or join) every image, then one unit per sequence file; returns the merged stats."""
+    require_local_out(run.out_dir, "chatgpt")
     if options.missing not in ("drop", "strip"):
         raise ValueError("--missing must be drop or strip")
     sources = expand_specs(specs, folder_suffix=".json")

@@ -38,7 +38,15 @@ from flamingo_data.records import (
 from flamingo_data.schema import schema_errors
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
-from flamingo_data.units import MARKER_DIR, RunOptions, Unit, UnitContext, finalize, prepare_out_dir
+from flamingo_data.units import (
+    MARKER_DIR,
+    RunOptions,
+    Unit,
+    UnitContext,
+    finalize,
+    prepare_out_dir,
+    require_local_out,
+)
 
 TAG = "<image>"
 SPECIAL_TOKENS = ("<|endofchunk|>", "<|endoftext|>")  # would be read as the loader's own tokens
@@ -267,6 +275,7 @@ def convert_conversations(
     progress: bool = True,
 ) -> Stats:
     """Convert conversation files, ``chunk_size`` items per unit, into shards in ``run.out_dir``."""
+    require_local_out(run.out_dir, "conversations")
     sources = conversation_sources(json_specs)
     if not Path(options.images).is_dir():
         raise SpecError(f"image folder {options.images} does not exist")

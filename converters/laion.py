@@ -28,7 +28,7 @@ from flamingo_data.paircheck import ShardResult, place_shard
 from flamingo_data.shards import write_atomic
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
-from flamingo_data.units import OutputExistsError, prepare_out_dir
+from flamingo_data.units import OutputExistsError, prepare_out_dir, require_local_out
 
 URL_NAMES = ("url", "image_url", "link", "img_url")
 CAPTION_NAMES = ("text", "caption", "title", "alt", "alt_text")
@@ -92,6 +92,7 @@ def convert_laion(
     write_rejects: bool = False,
 ) -> Stats:
     """Download (or adopt) then check every sample; returns the stats also written to stats.json."""
+    require_local_out(out, "laion")
     root = _prepare(out, resume, overwrite)
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
     if from_img2dataset is None:

@@ -64,9 +64,44 @@ def listdir(path: str) -> list[str]:
     if not is_remote(path):
         return [os.path.join(path, n) for n in os.listdir(path)]
     fs, inner = _fs(path)
-    return [fs.unstrip_protocol(p) for p in fs.ls(inner, detail=False)]
+    return [_as_given(fs.unstrip_protocol(p), path) for p in fs.ls(inner, detail=False)]
 
 
 def glob(pattern: str) -> list[str]:
     fs, inner = _fs(pattern)
-    return [fs.unstrip_protocol(p) for p in fs.glob(inner)]
+    return [_as_given(fs.unstrip_protocol(p), pattern) for p in fs.glob(inner)]
+
+
+def _as_given(url: str, like: str) -> str:
+    """``url`` under the protocol the user wrote: fsspec names ``local://`` paths ``file://``,
+    which this module treats as plain local paths."""
+    if "://" not in like or "://" not in url:
+        return url
+    protocol = like.split("://", 1)[0]
+    return url if url.startswith(f"{protocol}://") else f"{protocol}://{url.split('://', 1)[1]}"
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """One object put: object stores make it visible whole or not at all."""
+    fs, inner = _fs(path)
+    fs.makedirs(fs._parent(inner), exist_ok=True)  # a no-op on object stores
+    fs.pipe_file(inner, data)
+
+
+def put_file(local: str | os.PathLike, path: str) -> None:
+    """Upload a local file (a finished shard) to ``path``."""
+    fs, inner = _fs(path)
+    fs.makedirs(fs._parent(inner), exist_ok=True)
+    fs.put_file(os.fspath(local), inner)
+
+
+def remove(path: str) -> None:
+    """Delete ``path`` if it exists."""
+    fs, inner = _fs(path)
+    if fs.exists(inner):
+        fs.rm_file(inner)
+
+
+def makedirs(path: str) -> None:
+    fs, inner = _fs(path)
+    fs.makedirs(inner, exist_ok=True)

@@ -3,17 +3,27 @@
 That gives parallelism without coordination, resumability (a finished unit is skipped; an
 unfinished unit's partial output is discarded and redone) and byte-identical reruns. The
 driver merges every unit's marker into ``sizes.json``, ``stats.json`` and ``rejects.jsonl``.
+
+A remote ``out_dir`` (``s3://``, ``gs://`` ... through fsspec) gets the same files: each unit is
+written to a local staging folder, then its shards and rejects are uploaded and its marker last,
+so a marker never exists without its shards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import posixpath
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flamingo_data import remote
 from flamingo_data.shards import TMP_SUFFIX, ShardWriter, write_atomic
+from flamingo_data.specs import SpecError
 from flamingo_data.stats import Stats
 
 MARKER_DIR = "_done"
@@ -73,24 +83,51 @@ def marker_path(out_dir: str | Path, unit_name: str) -> Path:
     return Path(out_dir) / MARKER_DIR / f"{unit_name}.json"
 
 
+def _marker_url(out_dir: str, unit_name: str) -> str:
+    return remote.join(out_dir, MARKER_DIR, f"{unit_name}.json")
+
+
 def load_marker(out_dir: str | Path, unit_name: str) -> dict[str, Any] | None:
     """The unit's marker if it is complete and every shard it lists exists, else None."""
-    path = marker_path(out_dir, unit_name)
-    if not path.exists():
+    out = str(out_dir)
+    path = _marker_url(out, unit_name)
+    if not remote.exists(path):
         return None
-    marker = json.loads(path.read_text())
-    if all((Path(out_dir) / name).exists() for name in marker["shards"]):
+    marker = json.loads(remote.read_bytes(path))
+    if all(remote.exists(remote.join(out, name)) for name in marker["shards"]):
         return marker
     return None
 
 
 def run_unit(unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
     """Run one unit to completion (or reuse its marker under resume); returns its marker."""
-    out = Path(options.out_dir)
-    if options.resume and (marker := load_marker(out, unit.name)) is not None:
+    if options.resume and (marker := load_marker(options.out_dir, unit.name)) is not None:
         marker["resumed"] = True
         return marker
-    discard_partial(out, unit.name)
+    discard_partial(options.out_dir, unit.name)
+    if not remote.is_remote(options.out_dir):
+        return _write_unit(Path(options.out_dir), unit, fn, options)
+    stage = stage_dir(options.out_dir, unit.name)
+    shutil.rmtree(stage, ignore_errors=True)  # what a killed earlier attempt left
+    try:
+        (stage / MARKER_DIR).mkdir(parents=True)
+        (stage / REJECTS_DIR).mkdir()
+        marker = _write_unit(stage, unit, fn, options)
+        _upload_unit(stage, options.out_dir, marker)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return marker
+
+
+def stage_dir(out_dir: str, unit_name: str) -> Path:
+    """Local staging folder of one unit of a remote run: a fixed name, so a retry after a kill
+    finds and clears the old one."""
+    digest = hashlib.sha256(out_dir.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "flamingo-data-stage" / digest / unit_name
+
+
+def _write_unit(out: Path, unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
+    """Shards, rejects part and marker of one unit in the local folder ``out``."""
     writer = ShardWriter(out, unit.name, options.max_samples, options.max_bytes)
     ctx = UnitContext(unit, writer, Stats(converter=options.converter))
     try:
@@ -112,43 +149,90 @@ def run_unit(unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
     return marker
 
 
-def discard_partial(out: Path, unit_name: str) -> None:
+def _upload_unit(stage: Path, out_dir: str, marker: dict[str, Any]) -> None:
+    """Shards first, then the rejects part, the marker last: a crash in between leaves no marker,
+    and the unit is redone on resume."""
+    for name in marker["shards"]:
+        remote.put_file(stage / name, remote.join(out_dir, name))
+    rejects = stage / REJECTS_DIR / f"{marker['unit']}.jsonl"
+    if rejects.exists():
+        remote.put_file(rejects, remote.join(out_dir, REJECTS_DIR, rejects.name))
+    name = marker["unit"]
+    remote.write_bytes(_marker_url(out_dir, name), marker_path(stage, name).read_bytes())
+
+
+def discard_partial(out_dir: str | Path, unit_name: str) -> None:
     """Remove whatever an unfinished earlier attempt at this unit left behind."""
-    marker_path(out, unit_name).unlink(missing_ok=True)
-    for path in out.glob(f"{unit_name}-*.tar*"):
-        if path.name[len(unit_name) + 1 :].split(".")[0].isdigit():
-            path.unlink()
-    (out / REJECTS_DIR / f"{unit_name}.jsonl").unlink(missing_ok=True)
+    out = str(out_dir)
+    _remove(_marker_url(out, unit_name))
+    for path in _unit_outputs(out, unit_name):
+        _remove(path)
+    _remove(remote.join(out, REJECTS_DIR, f"{unit_name}.jsonl"))
 
 
-def prepare_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path:
+def _unit_outputs(out: str, unit_name: str) -> list[str]:
+    """This unit's shard files (``<unit>-NNNNN.tar`` and their temp names), not other units'."""
+    found = _glob(out, f"{unit_name}-*.tar*")
+    prefix = len(unit_name) + 1
+    return [p for p in found if posixpath.basename(p)[prefix:].split(".")[0].isdigit()]
+
+
+def _glob(folder: str, pattern: str) -> list[str]:
+    """Sorted matches in ``folder`` (local or remote), as paths in the folder's own form."""
+    if remote.is_remote(folder):
+        return sorted(remote.glob(remote.join(folder, pattern)))
+    return sorted(str(p) for p in Path(folder).glob(pattern))
+
+
+def _put(folder: str, name: str, data: bytes) -> None:
+    """Write a driver-side file: atomic rename locally, one object put remotely."""
+    if remote.is_remote(folder):
+        remote.write_bytes(remote.join(folder, name), data)
+    else:
+        write_atomic(Path(folder) / name, data)
+
+
+def _remove(path: str) -> None:
+    if remote.is_remote(path):
+        remote.remove(path)
+    else:
+        Path(path).unlink(missing_ok=True)
+
+
+def require_local_out(out_dir: str | Path, converter: str) -> None:
+    """Converters that keep working files beside their shards (downloads, chunks) need a local --out."""
+    if remote.is_remote(str(out_dir)):
+        raise SpecError(
+            f"convert {converter} does not take a remote --out ({out_dir}) yet: write to a local "
+            "folder and upload it (convert mmc4 uploads unit by unit)"
+        )
+
+
+def prepare_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path | str:
     """Create the folder; refuse to mix with an earlier run unless resuming or overwriting."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER_DIR).mkdir(exist_ok=True)
-    (out / REJECTS_DIR).mkdir(exist_ok=True)
-    earlier = list((out / MARKER_DIR).glob("*.json"))
+    out = str(out_dir)
+    if remote.is_remote(out):
+        remote.makedirs(remote.join(out, MARKER_DIR))
+    else:
+        (Path(out) / MARKER_DIR).mkdir(parents=True, exist_ok=True)
+        (Path(out) / REJECTS_DIR).mkdir(exist_ok=True)
+    earlier = _glob(out, f"{MARKER_DIR}/*.json")
     if earlier and not (resume or overwrite):
         raise OutputExistsError(
             f"{out} holds {len(earlier)} finished units of an earlier run: pass --resume or --overwrite"
         )
+    stale = _glob(out, f"*{TMP_SUFFIX}")
     if overwrite:
-        for path in [
-            *earlier,
-            *out.glob("*.tar"),
-            *out.glob(f"*{TMP_SUFFIX}"),
-            *(out / REJECTS_DIR).glob("*"),
-        ]:
-            path.unlink()
-    for tmp in out.glob(f"*{TMP_SUFFIX}"):
-        tmp.unlink()
-    return out
+        stale += [*earlier, *_glob(out, "*.tar"), *_glob(out, f"{REJECTS_DIR}/*")]
+    for path in stale:
+        _remove(path)
+    return out if remote.is_remote(out) else Path(out)
 
 
 def finalize(out_dir: str | Path, converter: str, extra_stats: Stats | None = None) -> Stats:
     """Merge every unit marker in the folder into sizes.json, stats.json and rejects.jsonl."""
-    out = Path(out_dir)
-    markers = [json.loads(p.read_text()) for p in sorted((out / MARKER_DIR).glob("*.json"))]
+    out = str(out_dir)
+    markers = [json.loads(remote.read_bytes(p)) for p in _glob(out, f"{MARKER_DIR}/*.json")]
     sizes: dict[str, int] = {}
     total = Stats(converter=converter)
     for marker in markers:
@@ -158,16 +242,12 @@ def finalize(out_dir: str | Path, converter: str, extra_stats: Stats | None = No
         total.merge(extra_stats)
     total.add("units", "done", len(markers))
     total.add("shards", "written", len(sizes))
-    write_atomic(out / "sizes.json", json.dumps(dict(sorted(sizes.items())), indent=1).encode())
-    write_atomic(out / "stats.json", json.dumps(total.to_json(), indent=1).encode())
-    _merge_rejects(out)
-    return total
-
-
-def _merge_rejects(out: Path) -> None:
-    parts = sorted((out / REJECTS_DIR).glob("*.jsonl"))
+    _put(out, "sizes.json", json.dumps(dict(sorted(sizes.items())), indent=1).encode())
+    _put(out, "stats.json", json.dumps(total.to_json(), indent=1).encode())
+    parts = _glob(out, f"{REJECTS_DIR}/*.jsonl")
     if parts:
-        write_atomic(out / "rejects.jsonl", b"".join(p.read_bytes() for p in parts))
+        _put(out, "rejects.jsonl", b"".join(remote.read_bytes(p) for p in parts))
+    return total
 
 
 def unit_names(sources: Iterable[str], stem: Callable[[str], str]) -> list[Unit]:

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from flamingo_data import remote
 from flamingo_data.executors import default_processes
 from flamingo_data.images import DEFAULT_MAX_PIXELS, ImagePolicy
 from flamingo_data.specs import SpecError
@@ -92,6 +93,8 @@ def run_options(args: argparse.Namespace, converter: str) -> RunOptions:
 
 def check_writable(out_dir: str) -> None:
     """Fail early with one line when the output folder cannot be created or written."""
+    if remote.is_remote(out_dir):
+        return  # checked where it is written: object stores have no folder to test
     path = Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
