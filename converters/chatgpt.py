@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from flamingo_data import remote
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.executors import run_units
@@ -32,10 +33,11 @@ from flamingo_data.units import (
     RunOptions,
     Unit,
     UnitContext,
+    drop_work_dir,
     finalize,
     prepare_out_dir,
-    require_local_out,
     unit_names,
+    work_dir,
 )
 
 URL_KEYS = ("url", "raw_url", "image_url", "URL")
@@ -59,7 +61,7 @@ class ChatGptOptions:
 
 def read_sequences(path: str) -> list[Any]:
     """A JSON array, or JSONL (an undecodable line becomes a SequenceError item, counted later)."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = remote.read_bytes(path).decode("utf-8")
     if text.lstrip().startswith("["):
         return json.loads(text)
     items: list[Any] = []
@@ -204,20 +206,20 @@ def convert_chatgpt(
     progress: bool = True,
 ) -> Stats:
     """Download (or join) every image, then one unit per sequence file; returns the merged stats."""
-    require_local_out(run.out_dir, "chatgpt")
     if options.missing not in ("drop", "strip"):
         raise ValueError("--missing must be drop or strip")
     sources = expand_specs(specs, folder_suffix=".json")
     if not sources:
         raise SpecError(f"no sequence file matches {specs!r}")
-    if (Path(run.out_dir) / "_images").exists() and not (run.resume or overwrite):
+    work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
+    if (work / "_images").exists() and not (run.resume or overwrite):
         raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass --resume or --overwrite")
-    root = prepare_out_dir(run.out_dir, run.resume, overwrite)
+    prepare_out_dir(run.out_dir, run.resume, overwrite)
     if overwrite:  # img2dataset's incremental mode would otherwise reuse the old downloads
-        shutil.rmtree(root / "_images", ignore_errors=True)
-    images = options.images_from or str(root / "_images")
+        shutil.rmtree(work / "_images", ignore_errors=True)
+    images = options.images_from or str(work / "_images")
     if options.images_from is None:
-        _download(collect_urls(sources, options.url_key), root, images, options.download)
+        _download(collect_urls(sources, options.url_key), work, images, options.download)
     units = unit_names(sources, unit_stem)
     run_units(
         units,
@@ -227,4 +229,6 @@ def convert_chatgpt(
         processes=processes,
         progress=progress,
     )
-    return finalize(run.out_dir, "chatgpt")
+    stats = finalize(run.out_dir, "chatgpt")
+    drop_work_dir(run.out_dir)
+    return stats

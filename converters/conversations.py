@@ -11,12 +11,14 @@ reproduces the placement exactly. GPT form puts ``_!_IMAGEk_!_`` exactly where t
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from flamingo_data import remote
 from flamingo_data.converters.jsonchunks import (
     DEFAULT_CHUNK_SIZE,
     chunk_units,
@@ -39,13 +41,12 @@ from flamingo_data.schema import schema_errors
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
 from flamingo_data.units import (
-    MARKER_DIR,
     RunOptions,
     Unit,
     UnitContext,
     finalize,
+    list_markers,
     prepare_out_dir,
-    require_local_out,
 )
 
 TAG = "<image>"
@@ -129,21 +130,35 @@ def place_images(turns: list[Segments], n_images: int) -> list[Segments]:
     return turns
 
 
-def load_image(root: Path, relative: str, policy: ImagePolicy) -> bytes:
+def load_image(root: str, relative: str, policy: ImagePolicy) -> bytes:
     """Bytes through the image stage; refuses paths that leave the image folder."""
     if "\0" in relative or Path(relative).is_absolute():
         raise ItemError("unsafe_image_path", relative[:200])
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise ItemError("unsafe_image_path", relative[:200])
+    path = _remote_path(root, relative) if remote.is_remote(root) else _local_path(root, relative)
     try:
-        data = path.read_bytes()
+        data = remote.read_bytes(path)
     except OSError as exc:  # missing, a folder, a name too long...
         raise ItemError("missing_image", relative[:200]) from exc
     result = process_image(data, policy)
     if not result.ok:
         raise ItemError(f"image_{result.reason}", relative[:200])
     return result.data
+
+
+def _local_path(root: str, relative: str) -> str:
+    """The file under ``root``, symlinks resolved, or an unsafe_image_path error."""
+    path = (Path(root) / relative).resolve()
+    if not path.is_relative_to(Path(root).resolve()):
+        raise ItemError("unsafe_image_path", relative[:200])
+    return str(path)
+
+
+def _remote_path(root: str, relative: str) -> str:
+    """Object stores have no symlinks: a normalized relative path must not climb out."""
+    normal = posixpath.normpath(relative.replace("\\", "/"))
+    if normal.startswith(("..", "/")) or normal == ".":
+        raise ItemError("unsafe_image_path", relative[:200])
+    return remote.join(root, normal)
 
 
 def interleaved_record(
@@ -200,7 +215,7 @@ def convert_item(item: Any, options: ConversationOptions) -> dict[str, Any]:
     turns = place_images(render_turns(item, options.template), len(names))
     if options.as_ == "gpt" and any(GPT_PLACEHOLDER.search("".join(t)) for t in turns):
         raise ItemError("placeholder_in_text")  # the loader would bind an image to it
-    blobs = [load_image(Path(options.images), name, options.policy) for name in names]
+    blobs = [load_image(options.images, name, options.policy) for name in names]
     build = gpt_record if options.as_ == "gpt" else interleaved_record
     record = build(turns, names, blobs, str(item.get("id", "")))
     if errors := schema_errors(options.as_, record):
@@ -246,7 +261,7 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: ConversationOptions) -> 
 def conversation_sources(specs: str | list[str]) -> list[str]:
     """Files named by specs (globs, brace patterns, folders of .json and .jsonl files), sorted, each once."""
     found = expand_specs(specs, folder_suffix=".json") + expand_specs(specs, folder_suffix=".jsonl")
-    sources = sorted({path for path in found if Path(path).is_file()})
+    sources = sorted({path for path in found if remote.isfile(path)})
     if not sources:
         raise SpecError(f"no conversation file matches {specs!r}")
     return sources
@@ -254,7 +269,7 @@ def conversation_sources(specs: str | list[str]) -> list[str]:
 
 def check_resume_units(out_dir: str, units: list[Unit]) -> None:
     """Resuming with other inputs would mix two runs' units: refuse."""
-    done = {p.stem for p in (Path(out_dir) / MARKER_DIR).glob("*.json")}
+    done = {posixpath.basename(p).removesuffix(".json") for p in list_markers(out_dir)}
     if stale := done - {unit.name for unit in units}:
         raise SpecError(
             f"{out_dir} holds units of a run with other inputs "
@@ -275,9 +290,8 @@ def convert_conversations(
     progress: bool = True,
 ) -> Stats:
     """Convert conversation files, ``chunk_size`` items per unit, into shards in ``run.out_dir``."""
-    require_local_out(run.out_dir, "conversations")
     sources = conversation_sources(json_specs)
-    if not Path(options.images).is_dir():
+    if not remote.isdir(options.images):
         raise SpecError(f"image folder {options.images} does not exist")
     prepare_out_dir(run.out_dir, run.resume, overwrite)
     try:

@@ -4,7 +4,7 @@ A LLaVA-style dataset is usually ONE large JSON array (hundreds of thousands of 
 per file would convert it on one core, and letting every worker parse the whole file would cost
 its memory once per worker. Instead the driver parses each file once, gives every item its key
 (an id is only known to be unique once the whole file has been seen), and writes chunks of at
-most ``chunk_size`` items as JSONL under ``<out>/_chunks``; each worker reads only its own chunk.
+most ``chunk_size`` items as JSONL under ``<out>/_chunks`` (local or remote); each worker reads only its own chunk.
 Chunk files are a deterministic function of the input, so reruns and ``--resume`` see the same units.
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flamingo_data import remote
 from flamingo_data.shards import write_atomic
 from flamingo_data.units import Unit, unit_names
 
@@ -31,7 +32,7 @@ def read_items(path: str) -> Iterator[tuple[int, Any, list[str] | None]]:
 
     Raises OSError / UnicodeDecodeError / ValueError when the file as a whole is unreadable.
     """
-    text = Path(path).read_text(encoding="utf-8-sig")
+    text = remote.read_bytes(path).decode("utf-8-sig")
     if text.lstrip().startswith("["):
         for index, item in enumerate(json.loads(text)):
             yield index, item, None
@@ -73,8 +74,8 @@ def keyed_entries(file_unit: Unit, used: set[str]) -> list[dict[str, Any]]:
 
 
 def write_chunks(
-    file_unit: Unit, chunk_dir: Path, chunk_size: int, used: set[str]
-) -> list[tuple[str, Path]]:
+    file_unit: Unit, chunk_dir: str, chunk_size: int, used: set[str]
+) -> list[tuple[str, str]]:
     """(unit name, chunk path) for each chunk of one input file; an empty file still gets one."""
     entries = keyed_entries(file_unit, used)
     chunks = []
@@ -83,8 +84,8 @@ def write_chunks(
         lines = (
             json.dumps(e, ensure_ascii=True) + "\n" for e in entries[start : start + chunk_size]
         )
-        path = chunk_dir / f"{name}.jsonl"
-        write_atomic(path, "".join(lines).encode("ascii"))
+        path = remote.join(chunk_dir, f"{name}.jsonl")
+        _write(path, "".join(lines).encode("ascii"))
         chunks.append((name, path))
     return chunks
 
@@ -95,39 +96,52 @@ def chunk_units(
     """Units for every chunk of every source, in input order; stale chunk files are removed first."""
     if chunk_size < 1:
         raise ValueError("chunk size must be at least 1")
-    chunk_dir = Path(out_dir) / CHUNK_DIR
-    shutil.rmtree(chunk_dir, ignore_errors=True)
-    chunk_dir.mkdir(parents=True)
+    chunk_dir = remote.join(str(out_dir), CHUNK_DIR)
+    remove_chunks(out_dir)
+    if not remote.is_remote(chunk_dir):
+        Path(chunk_dir).mkdir(parents=True)
     units: list[Unit] = []
     used: set[str] = (
         set()
     )  # across files too: file "a" id "b-c" and file "a-b" id "c" are both "a-b-c"
     for file_unit in unit_names(sources, stem):
         for name, path in write_chunks(file_unit, chunk_dir, chunk_size, used):
-            units.append(Unit(name=name, source=str(path), index=len(units)))
+            units.append(Unit(name=name, source=path, index=len(units)))
     return units
 
 
 def record_chunk_size(out_dir: str | Path, chunk_size: int, resume: bool) -> None:
     """Remember the chunk size; resuming with another one would pair old markers with new chunks."""
-    path = Path(out_dir) / CHUNKING_FILE
-    if resume and path.exists():
-        earlier = json.loads(path.read_text()).get("chunk_size")
+    path = remote.join(str(out_dir), CHUNKING_FILE)
+    if resume and remote.exists(path):
+        earlier = json.loads(remote.read_bytes(path)).get("chunk_size")
         if earlier != chunk_size:
             raise ValueError(
                 f"{out_dir} was written with chunk size {earlier}, not {chunk_size}: resume with "
                 "the same one, or pass --overwrite"
             )
-    write_atomic(path, json.dumps({"chunk_size": chunk_size}).encode())
+    _write(path, json.dumps({"chunk_size": chunk_size}).encode())
+
+
+def _write(path: str, data: bytes) -> None:
+    """Atomic rename locally, one object put remotely (chunks live beside the shards so that
+    executors on other machines can read them)."""
+    if remote.is_remote(path):
+        remote.write_bytes(path, data)
+    else:
+        write_atomic(Path(path), data)
 
 
 def read_chunk(path: str) -> Iterator[dict[str, Any]]:
     """The entries of one chunk file, in order."""
-    with open(path, encoding="ascii") as handle:
-        for line in handle:
-            yield json.loads(line)
+    for line in remote.read_bytes(path).decode("ascii").splitlines():
+        yield json.loads(line)
 
 
 def remove_chunks(out_dir: str | Path) -> None:
     """Chunks are scratch: once every unit is committed they are no longer needed."""
-    shutil.rmtree(Path(out_dir) / CHUNK_DIR, ignore_errors=True)
+    chunk_dir = remote.join(str(out_dir), CHUNK_DIR)
+    if remote.is_remote(chunk_dir):
+        remote.remove_tree(chunk_dir)
+    else:
+        shutil.rmtree(chunk_dir, ignore_errors=True)

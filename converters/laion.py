@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from flamingo_data import remote
 from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.i2doutput import finished_shards, row_results
 from flamingo_data.images import DEFAULT_MAX_PIXELS
@@ -28,7 +29,13 @@ from flamingo_data.paircheck import ShardResult, place_shard
 from flamingo_data.shards import write_atomic
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
-from flamingo_data.units import OutputExistsError, prepare_out_dir, require_local_out
+from flamingo_data.units import (
+    OutputExistsError,
+    drop_work_dir,
+    prepare_out_dir,
+    upload_files,
+    work_dir,
+)
 
 URL_NAMES = ("url", "image_url", "link", "img_url")
 CAPTION_NAMES = ("text", "caption", "title", "alt", "alt_text")
@@ -92,8 +99,8 @@ def convert_laion(
     write_rejects: bool = False,
 ) -> Stats:
     """Download (or adopt) then check every sample; returns the stats also written to stats.json."""
-    require_local_out(out, "laion")
-    root = _prepare(out, resume, overwrite)
+    _check_remote_out(out, resume, overwrite)
+    root = _prepare(str(work_dir(out)), resume, overwrite)  # a remote --out is filled at the end
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
     if from_img2dataset is None:
         _download(parquet, root, staging, options)
@@ -108,7 +115,35 @@ def convert_laion(
         _merge(result, stats, rejects, sizes)
     stats.add("shards", "written", len(sizes))
     _write_sidecars(root, stats, rejects if write_rejects else None, sizes)
+    if remote.is_remote(out):
+        upload_files(root, out, _published(root, sizes))
+        drop_work_dir(out)
     return stats
+
+
+def _check_remote_out(out: str, resume: bool, overwrite: bool) -> None:
+    """The same earlier-run rule as a local --out; --overwrite clears the old shards there."""
+    if not remote.is_remote(out):
+        return
+    if remote.exists(remote.join(out, "sizes.json")) and not (resume or overwrite):
+        raise OutputExistsError(f"{out} holds an earlier run: pass --resume or --overwrite")
+    if overwrite:
+        for pattern in ("*.tar", "*.parquet", "*_stats.json", "*.json", "*.jsonl"):
+            for path in remote.glob(remote.join(out, pattern)):
+                remote.remove(path)
+
+
+def _published(root: Path, sizes: dict[str, int]) -> list[str]:
+    """What a remote --out receives, in upload order: each shard with its img2dataset sidecars,
+    then rejects and stats, and sizes.json last (the file that says the set is complete)."""
+    names = []
+    for shard in sorted(sizes):
+        stem = shard.removesuffix(".tar")
+        names += [
+            n for n in (shard, f"{stem}.parquet", f"{stem}_stats.json") if (root / n).exists()
+        ]
+    sidecars = ("rejects.jsonl", "stats.json", "sizes.json")
+    return names + [n for n in sidecars if (root / n).exists()]
 
 
 def _pool_map(task: Callable, items: list, processes: int) -> Iterator:
@@ -150,10 +185,26 @@ def _prepare(out: str, resume: bool, overwrite: bool) -> Path:
     return prepare_out_dir(root, resume, overwrite)
 
 
+def _fetch_inputs(sources: list[str], folder: Path) -> list[str]:
+    """Local copies of remote parquet files (url lists are small), named so their order is kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    local = []
+    for i, source in enumerate(sources):
+        path = folder / f"{i:05d}.parquet"
+        if remote.is_remote(source):
+            write_atomic(path, remote.read_bytes(source))
+            local.append(str(path))
+        else:
+            local.append(source)
+    return local
+
+
 def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) -> None:
     sources = expand_specs(parquet, folder_suffix=".parquet") if parquet else []
     if not sources:
         raise SpecError(f"no parquet file matches {parquet!r}")
+    if any(remote.is_remote(s) for s in sources):  # pyarrow and img2dataset read them locally
+        sources = _fetch_inputs(sources, root / "_inputs")
     url_col, caption_col, extra = input_columns(sources, options)
     url_list = sources[0]
     if len(sources) > 1:  # img2dataset takes one file or one folder: link the inputs, in order

@@ -7,9 +7,9 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from flamingo_data import remote
 from flamingo_data.docview import DocView, iter_docs
 from flamingo_data.images import DEFAULT_MAX_PIXELS, open_capped, sniff_format
 from flamingo_data.loader.config import LoaderConfig
@@ -99,7 +99,7 @@ def inspect_shards(
         }
     )
     paths = expand_specs(specs, folder_suffix=".tar")
-    report.shards, report.bytes = len(paths), sum(os.path.getsize(p) for p in paths)
+    report.shards, report.bytes = len(paths), sum(remote.size(p) for p in paths)
     issues: list[ReadIssue] = []
     for doc in iter_docs(paths, config, issues):
         _count_doc(report, doc, tokenizer, config)
@@ -158,9 +158,9 @@ def merged_stats(paths: list[str]) -> dict[str, Any]:
     """stats.json files beside the shards, merged per converter."""
     merged: dict[str, Stats] = {}
     for folder in sorted({os.path.dirname(p) or "." for p in paths}):
-        path = Path(folder) / "stats.json"
-        if path.exists():
-            stats = Stats.load(path)
+        raw = remote.read_if_exists(remote.join(folder, "stats.json"))
+        if raw is not None:
+            stats = Stats.from_json(json.loads(raw))
             merged.setdefault(stats.converter or "unknown", Stats(converter=stats.converter)).merge(
                 stats
             )

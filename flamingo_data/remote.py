@@ -105,3 +105,37 @@ def remove(path: str) -> None:
 def makedirs(path: str) -> None:
     fs, inner = _fs(path)
     fs.makedirs(inner, exist_ok=True)
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder and everything under it, if it exists."""
+    fs, inner = _fs(path)
+    if fs.exists(inner):
+        fs.rm(inner, recursive=True)
+
+
+def read_if_exists(path: str) -> bytes | None:
+    """The file's bytes, or None when there is no such file (sidecars are optional)."""
+    try:
+        return read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def size(path: str) -> int:
+    if not is_remote(path):
+        return os.path.getsize(path)
+    fs, inner = _fs(path)
+    return fs.size(inner)
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Atomic rename for a local path, one object put for a remote one."""
+    if is_remote(path):
+        write_bytes(path, data)
+        return
+    from pathlib import Path
+
+    from flamingo_data.shards import write_atomic
+
+    write_atomic(Path(path), data)

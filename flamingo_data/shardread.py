@@ -10,6 +10,8 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from flamingo_data import remote
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DECODED_EXTS = frozenset(("json", "txt", *IMAGE_EXTS))
 
@@ -53,7 +55,7 @@ def iter_samples(path: str, on_issue: IssueSink) -> Iterator[Sample]:
     current: Sample | None = None
     read_any = False
     try:
-        with tarfile.open(path, mode="r|") as tar:
+        with remote.open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
             for member in tar:
                 read_any = True
                 sample = _accept(path, tar, member, on_issue)
@@ -94,17 +96,15 @@ def _accept(path: str, tar: tarfile.TarFile, member: tarfile.TarInfo, on_issue: 
 def _require_end_marker(path: str, offset: int) -> None:
     """tarfile stops quietly at a missing or cut header, so a tar cut at a member boundary (a writer
     that died, an interrupted copy) would read as complete: demand the zero block that ends a tar."""
-    with open(path, "rb") as handle:
+    with remote.open_binary(path) as handle:
         handle.seek(offset)
         if handle.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
             raise EOFError(f"no end-of-archive block at byte {offset}")
 
 
 def _tar_error_reason(path: str, read_any: bool) -> str:
-    import os
-
     try:
-        if os.path.getsize(path) == 0:
+        if remote.size(path) == 0:
             return "empty_tar"
     except OSError:
         return "unreadable_tar"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import shutil
 import tempfile
@@ -23,7 +24,6 @@ from typing import Any
 
 from flamingo_data import remote
 from flamingo_data.shards import TMP_SUFFIX, ShardWriter, write_atomic
-from flamingo_data.specs import SpecError
 from flamingo_data.stats import Stats
 
 MARKER_DIR = "_done"
@@ -199,13 +199,34 @@ def _remove(path: str) -> None:
         Path(path).unlink(missing_ok=True)
 
 
-def require_local_out(out_dir: str | Path, converter: str) -> None:
-    """Converters that keep working files beside their shards (downloads, chunks) need a local --out."""
+def work_dir(out_dir: str | Path) -> Path:
+    """Local folder for a converter's scratch files (downloads): the output folder itself when it
+    is local; for a remote --out, ``$FLAMINGO_DATA_WORK/<hash of the url>`` (default
+    ``~/.cache/flamingo-data/work``), kept until the run succeeds so that --resume can reuse it."""
+    out = str(out_dir)
+    if not remote.is_remote(out):
+        return Path(out)
+    base = os.environ.get("FLAMINGO_DATA_WORK") or Path.home() / ".cache" / "flamingo-data" / "work"
+    path = Path(base) / hashlib.sha256(out.encode()).hexdigest()[:16]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def drop_work_dir(out_dir: str | Path) -> None:
+    """After a successful remote run its local scratch folder is no longer needed."""
     if remote.is_remote(str(out_dir)):
-        raise SpecError(
-            f"convert {converter} does not take a remote --out ({out_dir}) yet: write to a local "
-            "folder and upload it (convert mmc4 uploads unit by unit)"
-        )
+        shutil.rmtree(work_dir(out_dir), ignore_errors=True)
+
+
+def upload_files(local: Path, out_dir: str, names: Iterable[str]) -> None:
+    """Copy finished files from a local work folder to a remote --out, in the order given."""
+    for name in names:
+        remote.put_file(local / name, remote.join(out_dir, name))
+
+
+def list_markers(out_dir: str | Path) -> list[str]:
+    """Marker files of finished units (local or remote), sorted."""
+    return _glob(str(out_dir), f"{MARKER_DIR}/*.json")
 
 
 def prepare_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path | str:

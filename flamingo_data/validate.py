@@ -11,17 +11,17 @@ from __future__ import annotations
 import binascii
 import json
 import os
+import posixpath
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from flamingo_data import remote
 from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_rgb, sniff_format
 from flamingo_data.records import decode_base64
 from flamingo_data.schema import record_kind, schema_errors
 from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
-from flamingo_data.shards import write_atomic
 from flamingo_data.specs import SpecError, expand_specs
 
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
@@ -248,7 +248,7 @@ def _check_sizes(
     """Compare with (or write) sizes.json in each folder holding shards."""
     folders = sorted({os.path.dirname(p) or "." for p in paths})
     for folder in folders:
-        target = Path(sizes_path) if sizes_path else Path(folder) / "sizes.json"
+        target = sizes_path or remote.join(folder, "sizes.json")
         here = {
             os.path.basename(p): report.sizes.get(os.path.basename(p))
             for p in paths
@@ -256,24 +256,27 @@ def _check_sizes(
         }
         if write:
             _write_sizes(target, here)
-        elif target.exists():
-            _compare_sizes(target, here, report)
+        elif (raw := remote.read_if_exists(target)) is not None:
+            _compare_sizes(posixpath.basename(target), raw, here, report)
 
 
-def _write_sizes(target: Path, here: dict[str, int | None]) -> None:
-    sizes = json.loads(target.read_text()) if target.exists() else {}
+def _write_sizes(target: str, here: dict[str, int | None]) -> None:
+    raw = remote.read_if_exists(target)
+    sizes = json.loads(raw) if raw is not None else {}
     sizes.update({name: count for name, count in here.items() if count is not None})
-    write_atomic(target, json.dumps(dict(sorted(sizes.items())), indent=1).encode())
+    remote.write_file(target, json.dumps(dict(sorted(sizes.items())), indent=1).encode())
 
 
-def _compare_sizes(target: Path, here: dict[str, int | None], report: ValidationReport) -> None:
+def _compare_sizes(
+    name: str, raw: bytes, here: dict[str, int | None], report: ValidationReport
+) -> None:
     try:
-        sizes = json.loads(target.read_text())
-    except json.JSONDecodeError as exc:
-        report.failures.append(Failure(target.name, "", "bad_sizes_json", str(exc)[:200]))
+        sizes = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        report.failures.append(Failure(name, "", "bad_sizes_json", str(exc)[:200]))
         return
     if errors := schema_errors("sizes", sizes):
-        report.failures.append(Failure(target.name, "", "sizes_schema", "; ".join(errors)))
+        report.failures.append(Failure(name, "", "sizes_schema", "; ".join(errors)))
         return
     for name, count in here.items():
         if name not in sizes:
@@ -288,12 +291,12 @@ def _compare_sizes(target: Path, here: dict[str, int | None], report: Validation
 
 def _check_stats(paths: list[str], report: ValidationReport) -> None:
     for folder in sorted({os.path.dirname(p) or "." for p in paths}):
-        stats_path = Path(folder) / "stats.json"
-        if not stats_path.exists():
+        raw = remote.read_if_exists(remote.join(folder, "stats.json"))
+        if raw is None:
             continue
         try:
-            errors = schema_errors("stats", json.loads(stats_path.read_text()))
-        except json.JSONDecodeError as exc:
+            errors = schema_errors("stats", json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             errors = [str(exc)[:200]]
         if errors:
             report.failures.append(Failure("stats.json", "", "stats_schema", "; ".join(errors)))

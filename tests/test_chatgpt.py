@@ -194,3 +194,32 @@ def test_cli_resume_after_a_killed_run(setup, tmp_path: Path) -> None:
     assert validate_shards(str(out)).ok
     rejects = (out / "rejects.jsonl").read_text()
     assert '"reason": "image_http_404"' in rejects
+
+
+def test_remote_sequences_and_remote_out(setup, tmp_path, monkeypatch) -> None:
+    """Sequence files read from and shards written to fsspec storage: the same shards and sidecars
+    as the local run; the image downloads stay in a local work folder that is removed at the end."""
+    import fsspec
+
+    root, _served, stats, _server = setup
+    monkeypatch.setenv("FLAMINGO_DATA_WORK", str(tmp_path / "work"))
+    fs = fsspec.filesystem("memory")
+    for name in ("seq-000.json", "seq-001.json"):
+        fs.pipe_file(f"/gpt-in/{name}", (root / name).read_bytes())
+    got = convert_chatgpt(
+        "memory://gpt-in/seq-{000..001}.json",
+        ChatGptOptions(download=FAST),
+        RunOptions(out_dir="memory://gpt-out/shards", converter="chatgpt", write_rejects=True),
+        processes=1,
+        progress=False,
+    )
+    try:
+        uploaded = {p.removeprefix("/gpt-out/shards/"): fs.cat_file(p) for p in fs.find("/gpt-out")}
+        shards = {n for n in uploaded if n.endswith(".tar")}
+        assert shards and all(uploaded[n] == (root / "drop" / n).read_bytes() for n in shards)
+        assert uploaded["sizes.json"] == (root / "drop" / "sizes.json").read_bytes()
+        assert got.to_json() == stats and not any(n.startswith("_images") for n in uploaded)
+        assert not any((tmp_path / "work").iterdir())  # local downloads dropped after success
+    finally:
+        fs.rm("/gpt-in", recursive=True)
+        fs.rm("/gpt-out", recursive=True)

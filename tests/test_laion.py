@@ -227,3 +227,35 @@ def test_resume_after_a_killed_run(server, tmp_path: Path) -> None:
     assert validate_shards(str(tmp_path / "out")).ok
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["counts"]["rows"] == {"in": 8, "downloaded": 4, "rejected": 4}
+
+
+def test_remote_parquet_and_remote_out(downloaded, tmp_path, monkeypatch) -> None:
+    """Parquet read from and shards written to fsspec storage: the same pairs, sizes and stats as
+    the local run (img2dataset may order samples differently, so pairs are compared, not bytes)."""
+    import fsspec
+
+    root, _served, stats = downloaded
+    monkeypatch.setenv("FLAMINGO_DATA_WORK", str(tmp_path / "work"))
+    fs = fsspec.filesystem("memory")
+    for part in ("part-00000.parquet", "part-00001.parquet"):
+        fs.pipe_file(f"/laion-in/{part}", (root / part).read_bytes())
+    got = convert_laion(
+        "memory://laion-in/part-{00000..00001}.parquet",
+        "memory://laion-out/pairs",
+        LaionOptions(download=FAST),
+        write_rejects=True,
+    )
+    try:
+        local = tmp_path / "copy"
+        local.mkdir()
+        for path in fs.find("/laion-out"):
+            (local / path.rsplit("/", 1)[1]).write_bytes(fs.cat_file(path))
+        assert read_pairs(local) == read_pairs(root / "out")
+        assert json.loads((local / "sizes.json").read_text()) == json.loads(
+            (root / "out" / "sizes.json").read_text()
+        )
+        assert got.to_json() == stats and validate_shards(str(local)).ok
+        assert not any((tmp_path / "work").iterdir())  # local downloads dropped after success
+    finally:
+        fs.rm("/laion-in", recursive=True)
+        fs.rm("/laion-out", recursive=True)

@@ -5,6 +5,7 @@ reached through the remote code path)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,14 @@ def convert(sample: dict, out: str, processes: int = 1, resume: bool = False) ->
     return stats.to_json()
 
 
+def upload(local: Path, url: str) -> None:
+    """Copy a local folder into fsspec's in-memory filesystem."""
+    fs = fsspec.filesystem("memory")
+    for path in local.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"{url}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+
 def files(url: str) -> dict[str, bytes]:
     """Every file under ``url`` by relative path (local folders as ``local://`` or plain paths)."""
     fs, root = fsspec.core.url_to_fs(url)
@@ -33,14 +42,23 @@ def files(url: str) -> dict[str, bytes]:
 
 @pytest.fixture(autouse=True)
 def own_tmp(tmp_path: Path, monkeypatch) -> Path:
-    """Staging folders go under this test's own temp dir, so leftovers are this test's alone."""
+    """Staging and work folders go under this test's own temp dir: leftovers are this test's alone."""
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("FLAMINGO_DATA_WORK", str(tmp_path / "tmp" / "work"))
     return tmp_path / "tmp"
 
 
 def staged(tmp: Path) -> list[Path]:
     return [p for p in tmp.rglob("*") if p.is_file()]
+
+
+def without_sources(found: dict[str, bytes]) -> dict[str, bytes | dict]:
+    """Markers name their input path, which differs between a local and a remote input."""
+    markers = {n: json.loads(v) for n, v in found.items() if n.startswith("_done/")}
+    for marker in markers.values():
+        marker.pop("source")
+    return {**found, **markers}
 
 
 @pytest.fixture
@@ -55,8 +73,9 @@ def memory_out():
     url = "memory://out-bucket/shards"
     yield url
     fs = fsspec.filesystem("memory")
-    if fs.exists("/out-bucket"):
-        fs.rm("/out-bucket", recursive=True)
+    for bucket in ("/out-bucket", "/in-bucket"):
+        if fs.exists(bucket):
+            fs.rm(bucket, recursive=True)
 
 
 def test_memory_out_equals_local_out_byte_for_byte(sample, tmp_path, memory_out) -> None:
@@ -105,17 +124,6 @@ def test_a_failing_unit_uploads_nothing_and_leaves_no_stage(memory_out) -> None:
     assert not staged(Path(tempfile.gettempdir()))
 
 
-def test_converters_without_remote_out_say_so(tmp_path, capsys) -> None:
-    from flamingo_data.cli import main as cli
-
-    chat = tmp_path / "seqs.jsonl"
-    chat.write_text("")
-    code = cli(["convert", "chatgpt", "--sequences", str(chat), "--out", "memory://x/out"])
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "remote --out" in err[0]
-
-
 def test_cli_writes_to_a_remote_out(sample, tmp_path, memory_out, monkeypatch) -> None:
     from flamingo_data.cli import main as cli
 
@@ -125,3 +133,59 @@ def test_cli_writes_to_a_remote_out(sample, tmp_path, memory_out, monkeypatch) -
     assert cli([*args, "--out", str(tmp_path / "local"), "--processes", "1", "--no-progress"]) == 0
     assert files(memory_out) == files(str(tmp_path / "local"))
     assert not (tmp_path / "memory:").exists()  # no stray local folder named after the url
+
+
+def test_conversations_from_and_to_remote_storage(tmp_path, memory_out) -> None:
+    """Conversation files, images and output all remote; chunks live beside the remote shards."""
+    from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
+    from tests.test_conversations import ITEMS, write_images
+
+    write_images(tmp_path / "src" / "images")
+    (tmp_path / "src" / "data.json").write_text(json.dumps(ITEMS, ensure_ascii=True))
+    upload(tmp_path / "src", "memory://in-bucket/conv")
+
+    def run(data: str, images: str, out: str) -> dict:
+        options = ConversationOptions(images=images, as_="interleaved")
+        run = RunOptions(out_dir=out, converter="conversations", write_rejects=True)
+        stats = convert_conversations(data, options, run, chunk_size=3, processes=1, progress=False)
+        return stats.to_json()
+
+    local = run(
+        str(tmp_path / "src" / "data.json"),
+        str(tmp_path / "src" / "images"),
+        str(tmp_path / "local"),
+    )
+    remote = run("memory://in-bucket/conv/data.json", "memory://in-bucket/conv/images", memory_out)
+    assert remote == local and local["counts"]["documents"]["written"] > 0
+    assert without_sources(files(memory_out)) == without_sources(files(str(tmp_path / "local")))
+    assert not any("_chunks" in name for name in files(memory_out))  # scratch removed at the end
+
+
+def test_validate_inspect_and_loader_read_remote_shards(sample, tmp_path, memory_out) -> None:
+    from flamingo_data.inspect import inspect_shards
+    from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+
+    convert(sample, str(tmp_path / "local"))
+    convert(sample, memory_out)
+    remote_report, local_report = (
+        validate_shards(memory_out),
+        validate_shards(str(tmp_path / "local")),
+    )
+    assert remote_report.ok and remote_report.sizes == local_report.sizes
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/out-bucket/shards/sizes.json", b'{"shard_0-00000.tar": 999}')
+    reasons = {f.reason for f in validate_shards(memory_out).failures}
+    assert "count_mismatch" in reasons and "missing_from_sizes_json" in reasons
+    validate_shards(memory_out, write_sizes=True)
+    assert validate_shards(memory_out).ok  # sizes.json rewritten in the bucket
+    assert (
+        inspect_shards(memory_out).to_json()["documents"]
+        == inspect_shards(str(tmp_path / "local")).to_json()["documents"]
+    )
+
+    def keys(spec: str) -> list[str]:
+        config = LoaderConfig(batch_size=2, num_workers=0, image_size=32, shuffle_buffer=1)
+        loader = build_loader([DatasetSpec("mmc4", spec)], make_tokenizer(None), config)
+        return [k for batch in loader for k in batch["keys"]]
+
+    assert keys(memory_out) == keys(str(tmp_path / "local")) and keys(memory_out)

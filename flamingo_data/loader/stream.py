@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flamingo_data import remote
 from flamingo_data.loader.config import DatasetSpec, LoaderConfig
 from flamingo_data.shardread import IssueSink, Sample, iter_samples
 from flamingo_data.specs import expand_specs
@@ -44,10 +45,9 @@ def sizes_total(paths: list[str]) -> int | None:
     for path in paths:
         folder = os.path.dirname(path) or "."
         if folder not in cache:
-            sizes_file = os.path.join(folder, "sizes.json")
             try:
-                with open(sizes_file) as handle:
-                    cache[folder] = json.load(handle)
+                raw = remote.read_if_exists(remote.join(folder, "sizes.json"))
+                cache[folder] = json.loads(raw) if raw is not None else {}
             except (OSError, ValueError):
                 cache[folder] = {}
         count = cache[folder].get(os.path.basename(path))
