@@ -26,8 +26,12 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}.tar"
 
 
-def commit_file(tmp: Path, final: Path) -> None:
-    """fsync then rename, so ``final`` is either absent or complete."""
+def commit_file(tmp: Path, final: Path, fsync: bool = True) -> None:
+    """fsync then rename, so ``final`` is either absent or complete. Without ``fsync`` only the
+    rename is atomic: a power loss may leave an empty or partial file under the final name."""
+    if not fsync:
+        os.replace(tmp, final)
+        return
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
@@ -38,19 +42,25 @@ def commit_file(tmp: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     tmp.write_bytes(data)
-    commit_file(tmp, path)
+    commit_file(tmp, path, fsync)
 
 
 class ShardWriter:
     """Writes samples ``{key}.{ext}`` into ``{prefix}-NNNNN.tar``, rolling over by count and bytes."""
 
     def __init__(
-        self, out_dir: str | Path, prefix: str, max_samples: int = 10_000, max_bytes: int = 2**30
+        self,
+        out_dir: str | Path,
+        prefix: str,
+        max_samples: int = 10_000,
+        max_bytes: int = 2**30,
+        fsync: bool = True,
     ):
         self.out_dir = Path(out_dir)
+        self.fsync = fsync
         self.prefix = prefix
         self.max_samples = max_samples
         self.max_bytes = max_bytes
@@ -108,6 +118,6 @@ class ShardWriter:
         self._tar.close()
         self._handle.close()
         final = self._tmp.with_name(self._tmp.name[: -len(TMP_SUFFIX)])
-        commit_file(self._tmp, final)
+        commit_file(self._tmp, final, self.fsync)
         self.shards[final.name] = self._count
         self._tar = None

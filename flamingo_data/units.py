@@ -53,6 +53,9 @@ class RunOptions:
     max_bytes: int = 2**30
     write_rejects: bool = False
     resume: bool = False
+    fsync: bool = (
+        True  # off: faster on scratch disks, but a power loss can corrupt committed shards
+    )
 
 
 @dataclass
@@ -106,13 +109,13 @@ def run_unit(unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
         return marker
     discard_partial(options.out_dir, unit.name)
     if not remote.is_remote(options.out_dir):
-        return _write_unit(Path(options.out_dir), unit, fn, options)
+        return _write_unit(Path(options.out_dir), unit, fn, options, options.fsync)
     stage = stage_dir(options.out_dir, unit.name)
     shutil.rmtree(stage, ignore_errors=True)  # what a killed earlier attempt left
     try:
         (stage / MARKER_DIR).mkdir(parents=True)
         (stage / REJECTS_DIR).mkdir()
-        marker = _write_unit(stage, unit, fn, options)
+        marker = _write_unit(stage, unit, fn, options, fsync=False)  # durability is the store's
         _upload_unit(stage, options.out_dir, marker)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -126,9 +129,11 @@ def stage_dir(out_dir: str, unit_name: str) -> Path:
     return Path(tempfile.gettempdir()) / "flamingo-data-stage" / digest / unit_name
 
 
-def _write_unit(out: Path, unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
+def _write_unit(
+    out: Path, unit: Unit, fn: UnitFn, options: RunOptions, fsync: bool
+) -> dict[str, Any]:
     """Shards, rejects part and marker of one unit in the local folder ``out``."""
-    writer = ShardWriter(out, unit.name, options.max_samples, options.max_bytes)
+    writer = ShardWriter(out, unit.name, options.max_samples, options.max_bytes, fsync)
     ctx = UnitContext(unit, writer, Stats(converter=options.converter))
     try:
         fn(unit, ctx)
@@ -138,14 +143,14 @@ def _write_unit(out: Path, unit: Unit, fn: UnitFn, options: RunOptions) -> dict[
     shards = writer.close()
     if options.write_rejects:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in ctx.rejects)
-        write_atomic(out / REJECTS_DIR / f"{unit.name}.jsonl", lines.encode())
+        write_atomic(out / REJECTS_DIR / f"{unit.name}.jsonl", lines.encode(), fsync)
     marker = {
         "unit": unit.name,
         "source": unit.source,
         "shards": shards,
         "stats": ctx.stats.to_json(),
     }
-    write_atomic(marker_path(out, unit.name), json.dumps(marker, sort_keys=True).encode())
+    write_atomic(marker_path(out, unit.name), json.dumps(marker, sort_keys=True).encode(), fsync)
     return marker
 
 

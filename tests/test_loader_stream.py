@@ -210,3 +210,28 @@ def _bomb_png() -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\0" * 100))
         + chunk(b"IEND", b"")
     )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_padding_slots_are_zero_in_and_out_of_workers(tmp_path: Path, workers: int) -> None:
+    """One-image and two-image documents in one batch: the second slot of a one-image document is
+    all zeros (the batch buffer is uninitialised memory, shared memory in workers)."""
+    white = solid_jpeg((255, 255, 255))
+    docs = {
+        f"d{i}": interleaved_record(
+            ["A.", "B."], [[0.3, 0.1], [0.1, 0.3]][: 1 + i % 2], [white] * (1 + i % 2)
+        )
+        for i in range(8)
+    }
+    write_json_shard(tmp_path, "mix", docs)
+    cfg = config(batch_size=4, num_workers=workers, shuffle_buffer=1, max_images=2)
+    batches = list(build_loader([DatasetSpec("d", str(tmp_path))], make_tokenizer(None), cfg))
+    seen = 0
+    for batch in batches:
+        assert batch["vision_x"].shape[1] == 2
+        for row, key in enumerate(batch["keys"]):
+            images = 1 + int(key[1:]) % 2
+            assert bool((batch["vision_x"][row, :images] != 0).all())
+            assert not bool(batch["vision_x"][row, images:].any())
+            seen += 1
+    assert seen == 8

@@ -279,3 +279,15 @@ def test_values_json_output_cannot_carry_are_counted_rejects(tmp_path: Path) -> 
     }
     report = validate_shards([str(tmp_path / "out")])
     assert report.ok and list(read_records(tmp_path / "out")) == ["shard_0-0000004"]
+
+
+def test_no_fsync_writes_the_same_bytes_without_syncing(sample: dict, tmp_path: Path, monkeypatch):
+    import flamingo_data.shards as shards
+
+    convert(sample, tmp_path / "durable")
+    calls = []
+    monkeypatch.setattr(shards.os, "fsync", lambda fd: calls.append(fd))
+    args = ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+    assert cli([*args, "--out", str(tmp_path / "fast"), "--no-fsync", "--processes", "1"]) == 0
+    assert tar_bytes(tmp_path / "fast") == tar_bytes(tmp_path / "durable")
+    assert len(calls) == 4  # only the driver's sizes.json and stats.json (file + folder each)

@@ -46,6 +46,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples-per-shard", type=int, default=10_000)
     parser.add_argument("--max-bytes-per-shard", type=int, default=2**30)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip fsync on commit (scratch disks): faster, but a power loss can corrupt shards",
+    )
 
 
 def add_image_options(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +93,7 @@ def run_options(args: argparse.Namespace, converter: str) -> RunOptions:
         max_bytes=args.max_bytes_per_shard,
         write_rejects=args.rejects,
         resume=args.resume,
+        fsync=not args.no_fsync,
     )
 
 

@@ -106,13 +106,14 @@ class _WorkerStream(IterableDataset):
 
 
 def _batch_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Zeros for the batch's images; in a DataLoader worker, allocated in shared memory directly
-    (as torch's default_collate does) so that sending the batch is not one more full copy."""
+    """Uninitialised room for the batch's images (the caller fills every slot: images or zeros);
+    in a DataLoader worker it is allocated in shared memory directly (as torch's default_collate
+    does) so that sending the batch is not one more full copy."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.zeros(shape, dtype=like.dtype)
+        return torch.empty(shape, dtype=like.dtype)
     numel = math.prod(shape)
     storage = like._typed_storage()._new_shared(numel, device=like.device)
-    return like.new(storage).view(shape).zero_()
+    return like.new(storage).view(shape)
 
 
 def _collate(
@@ -126,7 +127,9 @@ def _collate(
     mask = torch.zeros((len(samples), n_tokens), dtype=torch.long)
     labels = torch.full((len(samples), n_tokens), -100, dtype=torch.long)
     for i, s in enumerate(samples):
-        vision[i, : s["vision_x"].shape[0]] = s["vision_x"]
+        n = s["vision_x"].shape[0]
+        vision[i, :n] = s["vision_x"]
+        vision[i, n:] = 0  # padding slots
         length = s["input_ids"].shape[0]
         lang[i, :length], mask[i, :length], labels[i, :length] = (
             s["input_ids"],
