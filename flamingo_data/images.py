@@ -39,6 +39,21 @@ class ImagePolicy:
     quality: int = 90
     min_side: int = 1
     verify: str = "structure"  # "structure": header + end-of-stream markers; "decode": decode every kept image
+    resize_filter: str = "bicubic"  # a RESIZE_FILTERS name; bilinear trades ~0.3 dB for ~20% speed
+
+    def __post_init__(self) -> None:
+        if self.resize_filter not in RESIZE_FILTERS:
+            raise ValueError(f"resize_filter must be one of {sorted(RESIZE_FILTERS)}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError("quality must be 1..100")
+
+
+RESIZE_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,18 +121,78 @@ def decode_at_least(
     PIL's power-of-two draft. Everything else (EXIF rotation, CMYK, grey, PNG, WebP) goes
     through PIL. The pixel cap is checked on the header before any pixel is decoded.
     """
-    image = open_capped(data, max_pixels)
-    if _turbo_decodable(image):
+    header = plain_jpeg_header(data)
+    if header is None:
+        image = open_capped(data, max_pixels)
+        if not _turbo_decodable(image):
+            return _decode_with_pil(image, short_side)
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        if width * height > max_pixels:
-            raise ValueError("too_many_pixels")
-        limit = {"min_width" if width <= height else "min_height": short_side}
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", **limit), (width, height)
+    elif header.mode == "RGB":
+        width, height = header.width, header.height
+    else:
+        return _decode_with_pil(open_capped(data, max_pixels), short_side)
+    if width * height > max_pixels:
+        raise ValueError("too_many_pixels")
+    limit = {"min_width" if width <= height else "min_height": short_side}
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", **limit), (width, height)
+
+
+def _decode_with_pil(image: Image.Image, short_side: int) -> tuple[np.ndarray, tuple[int, int]]:
     full = _displayed_size(image)
     if image.format == "JPEG":
         image.draft("RGB", (short_side, short_side))
     image = ImageOps.exif_transpose(image) or image
     return np.array(_to_rgb(image)), full
+
+
+@dataclass(frozen=True, slots=True)
+class JpegHeader:
+    """What the image stage needs from a plain JPEG header; ``mode`` is PIL's name (RGB or L)."""
+
+    width: int
+    height: int
+    mode: str
+
+
+def plain_jpeg_header(data: bytes) -> JpegHeader | None:
+    """The header of a JPEG that needs nothing from PIL, read by libjpeg-turbo (~50x faster).
+
+    Plain means: no APP1 segment (EXIF or XMP, where a rotation would live), no MPF multi-picture
+    segment, and 8-bit YCbCr, RGB or grey. None for anything else, and callers then ask PIL,
+    which also gives the precise reject reason for a broken file.
+    """
+    if not data.startswith(b"\xff\xd8") or _has_app_metadata(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    mode = _TURBO_MODES.get(colorspace)
+    return JpegHeader(width, height, mode) if mode else None
+
+
+_TURBO_MODES = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "L"}
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+def _has_app_metadata(data: bytes) -> bool:
+    """True when a segment before the scan is APP1 (EXIF/XMP) or APP2 MPF, or the walk is unsure."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+        elif marker == 0xDA:
+            return False
+        elif marker in _STANDALONE_MARKERS:
+            pos += 2
+        elif marker == 0xE1 or (marker == 0xE2 and data.startswith(b"MPF", pos + 4)):
+            return True
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return True
 
 
 def _displayed_size(image: Image.Image) -> tuple[int, int]:
@@ -141,6 +216,10 @@ def process_image(data: bytes | None, policy: ImagePolicy) -> ImageResult:
     fmt = sniff_format(data)
     if fmt is None:
         return ImageResult("rejected", reason="not_an_image")
+    if fmt == "jpeg" and policy.verify == "structure":
+        header = plain_jpeg_header(data)
+        if header is not None:
+            return _plain_jpeg(data, header, policy)
     try:
         image = open_capped(data, policy.max_pixels)
     except ValueError as exc:
@@ -155,6 +234,36 @@ def process_image(data: bytes | None, policy: ImagePolicy) -> ImageResult:
         return ImageResult("rejected", reason="undecodable")
 
 
+def _plain_jpeg(data: bytes, header: JpegHeader, policy: ImagePolicy) -> ImageResult:
+    """The common web case without PIL's header parse: same outcomes as the general path."""
+    width, height = header.width, header.height
+    if width * height > policy.max_pixels:
+        return ImageResult("rejected", reason="too_many_pixels")
+    if min(width, height) < policy.min_side:
+        return ImageResult("rejected", reason="too_small")
+    target = _target_size((width, height), policy)
+    if target is None:
+        if not complete_stream(data, "jpeg"):
+            return ImageResult("rejected", reason="truncated")
+        return ImageResult("kept", data, "jpeg", width, height)
+    try:
+        return _resized_turbo(data, target, policy)
+    except Exception:  # truncated or corrupt pixel data surfaces only on decode
+        return ImageResult("rejected", reason="undecodable")
+
+
+def _resized_turbo(data: bytes, target: tuple[int, int], policy: ImagePolicy) -> ImageResult:
+    """Reduced-scale decode of a plain JPEG (grey ones come back RGB), then the exact resize."""
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", **_min_scale(target))
+    small = Image.fromarray(pixels).resize(target, RESIZE_FILTERS[policy.resize_filter])
+    return _encoded("resized", small, policy, "resized")
+
+
+def _min_scale(target: tuple[int, int]) -> dict[str, int]:
+    width, height = target
+    return {"min_width" if width <= height else "min_height": min(width, height)}
+
+
 def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePolicy) -> ImageResult:
     target = _target_size(image.size, policy)
     width, height = image.size
@@ -166,8 +275,7 @@ def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePol
         return ImageResult("kept", data, fmt, width, height)
     reason = "resized" if target is not None else _why(fmt, image)
     if target is not None and _turbo_decodable(image):
-        small = Image.fromarray(decode_at_least(data, min(target), policy.max_pixels)[0])
-        return _encoded("resized", small.resize(target, Image.Resampling.BICUBIC), policy, reason)
+        return _resized_turbo(data, target, policy)
     if target is not None and image.format == "JPEG":
         image.draft("RGB", target)
     image = ImageOps.exif_transpose(image) or image
@@ -176,7 +284,7 @@ def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePol
     if target is not None:
         target = _target_size(rgb.size, policy) or rgb.size
         if target != rgb.size:
-            rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
+            rgb = rgb.resize(target, RESIZE_FILTERS[policy.resize_filter], reducing_gap=None)
             outcome = "resized"
     return _encoded(outcome, rgb, policy, reason)
 

@@ -6,7 +6,6 @@ every string is HTML-escaped, and only bytes that sniff as JPEG/PNG/WebP become 
 
 from __future__ import annotations
 
-import base64
 import html
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from flamingo_data.docview import DocView, ImageView, iter_docs
 from flamingo_data.images import sniff_format
 from flamingo_data.loader.config import LoaderConfig
+from flamingo_data.records import encode_base64
 
 MIME = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 CSS = """
@@ -102,7 +102,7 @@ def render_image(image: ImageView) -> str:
         label += f" · {image.reason}"
     fmt = sniff_format(image.data) if image.data else None
     if fmt in MIME:
-        src = f"data:{MIME[fmt]};base64,{base64.b64encode(image.data).decode('ascii')}"
+        src = f"data:{MIME[fmt]};base64,{encode_base64(image.data)}"
         visual = f"<img src='{src}' alt='{_e(image.name)}'>"
     else:
         visual = "<div class='missing'>no image</div>"

@@ -12,8 +12,10 @@ from PIL import Image
 
 from flamingo_data.images import (
     ImagePolicy,
+    ImageResult,
     decode_at_least,
     decode_rgb,
+    plain_jpeg_header,
     process_image,
     sniff_format,
 )
@@ -194,3 +196,62 @@ def test_resize_through_reduced_decode_matches_a_full_decode() -> None:
     assert (fast.outcome, fast.width, fast.height) == ("resized", 341, 256)
     diff = np.abs(np.asarray(Image.open(io.BytesIO(fast.data)), float) - np.asarray(full, float))
     assert diff.mean() < 3
+
+
+def test_plain_jpeg_header_reads_size_and_mode_without_pil() -> None:
+    rgb = plain_jpeg_header(_smooth_jpeg(300, 200))
+    assert (rgb.width, rgb.height, rgb.mode) == (300, 200, "RGB")
+    grey = plain_jpeg_header(encode(Image.new("L", (50, 40), 128), "JPEG"))
+    assert (grey.width, grey.height, grey.mode) == (50, 40, "L")
+
+
+def _with_exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _smooth_jpeg(40, 20, exif.tobytes())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _with_exif(1),  # any APP1 (EXIF or XMP) may carry a rotation: PIL decides
+        lambda: encode(Image.new("CMYK", (40, 30)), "JPEG"),  # PIL converts CMYK
+        lambda: encode(
+            Image.new("RGB", (40, 30)),
+            "MPO",
+            save_all=True,
+            append_images=[Image.new("RGB", (40, 30))],
+        ),  # multi-picture: first frame
+        lambda: b"\xff\xd8\xff\xe0\x00\x10garbage",  # a broken header gets PIL's reason
+    ],
+    ids=["app1", "cmyk", "mpo", "broken"],
+)
+def test_jpegs_that_need_pil_leave_the_fast_path(make) -> None:
+    assert plain_jpeg_header(make()) is None
+
+
+def test_fast_path_gives_the_same_outcomes_as_pil() -> None:
+    data = _smooth_jpeg(300, 200)
+    assert process_image(data, POLICY) == ImageResult("kept", data, "jpeg", 300, 200)
+    assert process_image(data, ImagePolicy(max_pixels=50_000)).reason == "too_many_pixels"
+    assert process_image(data, ImagePolicy(min_side=201)).reason == "too_small"
+    assert process_image(data[:-2], POLICY).reason == "truncated"
+    grey = encode(Image.new("L", (400, 300), 90), "JPEG")
+    small = process_image(grey, ImagePolicy(short_side=150))
+    assert (small.outcome, small.width, small.height) == ("resized", 200, 150)
+    assert Image.open(io.BytesIO(small.data)).mode == "RGB"
+    assert process_image(_with_exif(1), POLICY).outcome == "kept"  # PIL path, same answer
+
+
+def test_resize_filter_is_a_choice_and_checked() -> None:
+    data = make_image(4, 800, 600)
+    outputs = {
+        name: process_image(data, ImagePolicy(short_side=256, resize_filter=name))
+        for name in ("bicubic", "bilinear", "area", "lanczos")
+    }
+    assert {(r.width, r.height) for r in outputs.values()} == {(341, 256)}
+    assert len({r.data for r in outputs.values()}) == 4  # each filter gives its own pixels
+    with pytest.raises(ValueError, match="resize_filter"):
+        ImagePolicy(resize_filter="nearest")
+    with pytest.raises(ValueError, match="quality"):
+        ImagePolicy(quality=0)

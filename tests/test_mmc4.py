@@ -254,6 +254,23 @@ def test_bad_command_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot create output folder" in err[0]
+    for bad in (["--quality", "0"], ["--resize-filter", "nearest"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli(
+                ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+                + ["--out", str(tmp_path / "q"), *bad]
+            )
+        assert exit_.value.code == 2
+
+
+def test_resize_filter_reaches_the_image_stage(sample: dict, tmp_path: Path) -> None:
+    args = ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+    args += ["--short-side", "16", "--no-progress", "--processes", "1"]
+    assert cli([*args, "--out", str(tmp_path / "cubic")]) == 0
+    assert cli([*args, "--out", str(tmp_path / "area"), "--resize-filter", "area"]) == 0
+    cubic, area = (sorted((tmp_path / n).glob("*.tar")) for n in ("cubic", "area"))
+    assert len(cubic) == len(area) > 0
+    assert [p.read_bytes() for p in cubic] != [p.read_bytes() for p in area]
 
 
 def test_values_json_output_cannot_carry_are_counted_rejects(tmp_path: Path) -> None:

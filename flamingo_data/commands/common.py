@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flamingo_data import remote
 from flamingo_data.executors import default_processes
-from flamingo_data.images import DEFAULT_MAX_PIXELS, ImagePolicy
+from flamingo_data.images import DEFAULT_MAX_PIXELS, RESIZE_FILTERS, ImagePolicy
 from flamingo_data.specs import SpecError
 from flamingo_data.units import OutputExistsError, RunOptions
 
@@ -62,7 +62,13 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
         "--short-side", type=int, default=None, help="downscale so the shorter side is N"
     )
     parser.add_argument(
-        "--quality", type=int, default=90, help="JPEG quality when re-encoding (default 90)"
+        "--quality", type=_quality, default=90, help="JPEG quality when re-encoding (default 90)"
+    )
+    parser.add_argument(
+        "--resize-filter",
+        choices=tuple(RESIZE_FILTERS),
+        default="bicubic",
+        help="downscale filter (default bicubic; bilinear is ~20%% faster, see the README)",
     )
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images"
@@ -75,6 +81,13 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError("JPEG quality is 1..100")
+    return value
+
+
 def image_policy(args: argparse.Namespace) -> ImagePolicy:
     return ImagePolicy(
         max_pixels=args.max_pixels,
@@ -82,6 +95,7 @@ def image_policy(args: argparse.Namespace) -> ImagePolicy:
         short_side=args.short_side,
         quality=args.quality,
         verify=args.verify_images,
+        resize_filter=args.resize_filter,
     )
 
 
