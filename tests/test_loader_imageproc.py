@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from flamingo_data.loader import LoaderConfig
-from flamingo_data.loader.imageproc import preprocess_image
+from flamingo_data.loader.imageproc import preprocess_image, vision_batch
 
 CONFIG = LoaderConfig()
 
@@ -56,3 +56,17 @@ def test_png_and_flip() -> None:
     assert levels(out, reference(buf.getvalue())).mean() < 1.0
     flipped = preprocess_image(buf.getvalue(), CONFIG, flip=True)
     assert torch.equal(flipped, out.flip(-1))
+
+
+def test_vision_batch_normalizes_each_sample_and_zero_pads() -> None:
+    """Workers send uint8 images back to back; the batch is normalized and padded on arrival."""
+    pixels = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    out = vision_batch(pixels, [2, 1], 3, mean, std)
+    expected = (pixels.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
+        3, 1, 1
+    )
+    assert out.shape == (2, 3, 1, 3, 4, 4) and out.dtype == torch.float32
+    assert torch.allclose(out[0, :2, 0], expected[:2], atol=1e-5)
+    assert torch.allclose(out[1, 0, 0], expected[2], atol=1e-5)
+    assert not out[0, 2:].any() and not out[1, 1:].any()  # padding slots stay exactly zero

@@ -31,7 +31,7 @@ def run(record_or_members, config: LoaderConfig = CONFIG) -> dict:
 
 
 def dominant_channel(image: torch.Tensor) -> int:
-    return int(image.reshape(3, -1).mean(dim=1).argmax())
+    return int(image.reshape(3, -1).float().mean(dim=1).argmax())
 
 
 def test_interleaved_tokens_mask_and_labels_written_out() -> None:
@@ -46,7 +46,7 @@ def test_interleaved_tokens_mask_and_labels_written_out() -> None:
     assert out["attention_mask"].tolist() == [1] * 9 + [0] * 247
     assert out["labels"][:9].tolist() == [-100, 65, 32, 66, EOC, -100, 67, EOC, -100]
     assert out["labels"][9:].eq(-100).all()
-    assert out["vision_x"].shape == (2, 1, 3, 32, 32)
+    assert out["pixels"].shape == (2, 3, 32, 32)
 
 
 def test_images_bound_in_text_order_when_image_order_differs() -> None:
@@ -55,7 +55,7 @@ def test_images_bound_in_text_order_when_image_order_differs() -> None:
         ["A", "B", "C"], [[0.1, 0.1, 0.3], [0.3, 0.1, 0.1]], [solid_jpeg(RED), solid_jpeg(BLUE)]
     )
     out = run(record)
-    assert [dominant_channel(img[0]) for img in out["vision_x"]] == [2, 0]  # blue first, then red
+    assert [dominant_channel(img) for img in out["pixels"]] == [2, 0]  # blue first, then red
     plan = plan_interleaved(record, CONFIG)
     assert [(p.image_index, p.sentence_index) for p in plan.placements] == [(1, 0), (0, 2)]
 
@@ -82,7 +82,7 @@ def test_max_images_keeps_the_first_in_text_order() -> None:
     assert [p.sentence_index for p in plan.placements] == [0, 1, 2, 3, 4, 5]
     assert sorted(d.image_index for d in plan.dropped) == [0, 1]  # images of sentences 7 and 6
     assert {d.reason for d in plan.dropped} == {"over_max_images"}
-    assert run(record)["vision_x"].shape[0] == 6
+    assert run(record)["pixels"].shape[0] == 6
 
 
 def test_truncation_drops_images_whose_token_was_cut() -> None:
@@ -92,7 +92,7 @@ def test_truncation_drops_images_whose_token_was_cut() -> None:
     out = run(record, LoaderConfig(**{**CONFIG.__dict__, "max_tokens": 40}))
     assert int((out["input_ids"] == IMG).sum()) == 2
     out = run(record, LoaderConfig(**{**CONFIG.__dict__, "max_tokens": 20}))
-    assert int((out["input_ids"] == IMG).sum()) == 1 and out["vision_x"].shape[0] == 1
+    assert int((out["input_ids"] == IMG).sum()) == 1 and out["pixels"].shape[0] == 1
     assert out["attention_mask"].sum() == 20
 
 
@@ -124,7 +124,7 @@ def test_gpt_record_binds_images_by_number_in_text_order() -> None:
     out = run(record)
     expected = [IMG, *b"first.", EOC, IMG, *b"second.", EOC, EOS]
     assert out["input_ids"][: len(expected)].tolist() == expected
-    assert [dominant_channel(img[0]) for img in out["vision_x"]] == [
+    assert [dominant_channel(img) for img in out["pixels"]] == [
         2,
         0,
     ]  # IMAGE2 (blue) comes first
@@ -140,7 +140,7 @@ def test_gpt_keeps_exactly_max_images() -> None:
         "image_map": images,
     }
     out = run(record, LoaderConfig(**{**CONFIG.__dict__, "max_images": 2}))
-    assert int((out["input_ids"] == IMG).sum()) == 2 and out["vision_x"].shape[0] == 2
+    assert int((out["input_ids"] == IMG).sum()) == 2 and out["pixels"].shape[0] == 2
 
 
 def test_pair_sample_written_out() -> None:
@@ -148,9 +148,7 @@ def test_pair_sample_written_out() -> None:
     assert out["input_ids"].shape == (32,)
     assert out["input_ids"][:5].tolist() == [IMG, 104, 105, EOC, EOS]
     assert out["labels"][:5].tolist() == [-100, 104, 105, EOC, -100]
-    assert (
-        out["vision_x"].shape == (1, 1, 3, 32, 32) and dominant_channel(out["vision_x"][0, 0]) == 1
-    )
+    assert out["pixels"].shape == (1, 3, 32, 32) and dominant_channel(out["pixels"][0]) == 1
 
 
 def test_labels_rule_on_a_batch() -> None:
@@ -163,7 +161,7 @@ def test_labels_rule_on_a_batch() -> None:
 def test_flip_is_reproducible_per_key() -> None:
     record = interleaved_record(["A"], [[0.5]], [solid_jpeg(RED, (64, 32))])
     config = LoaderConfig(**{**CONFIG.__dict__, "flip_prob": 0.5})
-    assert torch.equal(run(record, config)["vision_x"], run(record, config)["vision_x"])
+    assert torch.equal(run(record, config)["pixels"], run(record, config)["pixels"])
 
 
 def test_real_gpt2_bpe_tokenizer_offline() -> None:
@@ -189,7 +187,7 @@ def test_real_gpt2_bpe_tokenizer_offline() -> None:
         sample_rng(0, 0, "k"),
     )
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    assert int((out["input_ids"] == image_id).sum()) == out["vision_x"].shape[0] == 2
+    assert int((out["input_ids"] == image_id).sum()) == out["pixels"].shape[0] == 2
     decoded = tokenizer.decode(out["input_ids"][out["attention_mask"].bool()])
     assert (
         decoded

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,15 +18,19 @@ from flamingo_data.loader.config import LoaderConfig
 
 def preprocess_image(data: bytes, config: LoaderConfig, flip: bool = False) -> torch.Tensor:
     """Bytes -> normalized float tensor [3, S, S]; raises ValueError('too_many_pixels') or decode errors."""
+    return normalize(image_pixels(data, config, flip), config.mean, config.std)
+
+
+def image_pixels(data: bytes, config: LoaderConfig, flip: bool = False) -> torch.Tensor:
+    """Bytes -> resized, cropped uint8 pixels [3, S, S]: what a worker sends (4x smaller than
+    float32); ``vision_batch`` normalizes them on the receiving side."""
     size = config.image_size
     pixels, full = decode_at_least(data, size, config.max_pixels)
     image = resize_short_side(
         torch.from_numpy(pixels).permute(2, 0, 1), short_side_target(full, size)
     )
     image = center_crop(image, size)
-    if flip:
-        image = image.flip(-1)
-    return normalize(image, config.mean, config.std)
+    return image.flip(-1) if flip else image
 
 
 def short_side_target(full: tuple[int, int], size: int) -> tuple[int, int]:
@@ -52,13 +57,35 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def normalize(image: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
-    """uint8 [3, S, S] -> (x / 255 - mean) / std as float32, in one scale and one shift."""
+    """uint8 [3, S, S] -> (x / 255 - mean) / std as float32."""
+    return vision_batch(image[None], [1], 1, mean, std)[0, 0, 0]
+
+
+def vision_batch(
+    pixels: torch.Tensor, counts: list[int], slots: int, mean: tuple, std: tuple
+) -> torch.Tensor:
+    """uint8 images of a batch, back to back [N, 3, S, S], with each sample's image count ->
+    the model's float32 ``vision_x`` [B, slots, 1, 3, S, S], zeros in the padding slots.
+
+    numpy, not torch, on purpose: this runs in the training process, where torch's intra-op
+    threads would spin against the loader workers for the cores (measured: up to 1.3x slower
+    loading with 2 workers on 2 cores), and ``np.zeros`` leaves the padding slots as untouched
+    zero pages instead of writing 29 MB of zeros per batch.
+    """
+    out = np.zeros((len(counts), slots, 1, *pixels.shape[1:]), dtype=np.float32)
     scale, shift = _scale_shift(tuple(mean), tuple(std))
-    return image.float().mul_(scale).sub_(shift)
+    source = pixels.contiguous().numpy()
+    start = 0
+    for row, count in enumerate(counts):
+        images = out[row, :count, 0]
+        np.multiply(source[start : start + count], scale, out=images)  # one pass: x / 255 / std
+        np.subtract(images, shift, out=images)  # and - mean / std
+        start += count
+    return torch.from_numpy(out)
 
 
 @functools.cache
-def _scale_shift(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    return 1.0 / (255.0 * std_t), mean_t / std_t
+def _scale_shift(mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
+    std_a = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    return 1.0 / (255.0 * std_a), mean_a / std_a

@@ -16,7 +16,7 @@ import torch
 
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.gpt import gpt_image_bytes, plan_gpt
-from flamingo_data.loader.imageproc import preprocess_image
+from flamingo_data.loader.imageproc import image_pixels
 from flamingo_data.loader.interleaved import (
     Reject,
     interleaved_text,
@@ -107,7 +107,7 @@ def _finish(
     if not bool((labels != IGNORE).any()):
         raise Reject("no_trainable_tokens")
     return {
-        "vision_x": torch.stack(images).unsqueeze(1),
+        "pixels": torch.stack(images),  # uint8 [n, 3, S, S]; normalized per batch (vision_batch)
         "input_ids": ids,
         "attention_mask": mask,
         "labels": labels,
@@ -122,7 +122,7 @@ def _decode_all(
     tensors = []
     for position, data in enumerate(blobs):
         try:
-            tensors.append(preprocess_image(data, config, flip))
+            tensors.append(image_pixels(data, config, flip))
         except Exception:  # undecodable or over the pixel cap: the caller drops this image
             return tensors, position
     return tensors, None
