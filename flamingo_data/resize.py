@@ -1,11 +1,11 @@
 """Pixel resizing for the image stage: OpenCV's kernels after a DCT-scaled decode, PIL otherwise.
 
-A plain JPEG is decoded by libjpeg-turbo at the smallest M/8 scale that still covers the target,
-so the resize left over is a small one (factor <= 2: 1.14 median, 1.5 at most on the benchmark's
-web photos). For a factor that small a fixed-width kernel does not alias, and OpenCV's is about
-8x faster here than PIL's antialiased one at the same quality (36.4 vs 36.6 dB PSNR against a
-full decode + Lanczos; see benchmarks/bench_resize_filters.py). Larger factors, and the filters
-where OpenCV is not faster, keep PIL's antialiased resize, whose kernel widens with the factor.
+A plain JPEG is decoded by libjpeg-turbo at the smallest 1/2, 1/4 or 1/8 scale that still covers
+the target, so the resize left over is a small one (factor < 2; 1.45 median on the benchmark's web
+photos). There OpenCV's bicubic kernel is ~8x faster than PIL's antialiased one: 40.9 dB PSNR
+against a full decode + Lanczos, where PIL's gives 43.1, both far above the JPEG re-encode's own
+error (35.9 dB end to end at quality 90; benchmarks/bench_resize_filters.py). Larger factors, and
+the filters where OpenCV is not faster, keep PIL's antialiased resize, which widens with the factor.
 """
 
 from __future__ import annotations

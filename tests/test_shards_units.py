@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from flamingo_data import shards
 from flamingo_data.executors import run_units
 from flamingo_data.schema import schema_errors
 from flamingo_data.shards import ShardWriter, safe_stem
@@ -59,6 +61,31 @@ def test_no_finished_looking_shard_before_commit_and_abort_leaves_nothing(tmp_pa
     assert list(tmp_path.glob("*.tar")) == [] and len(list(tmp_path.glob("*.tar.tmp"))) == 1
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_early_writeback_covers_the_shard_in_order_and_changes_no_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fsync on, finished stretches go to the disk while writing (so the commit's fsync has
+    little left); the advice ranges tile the file from 0 and the tar is the same as without."""
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(shards, "WRITEBACK_CHUNK", 1024)
+    monkeypatch.setattr(
+        os,
+        "posix_fadvise",
+        lambda fd, offset, length, advice: (
+            calls.append((offset, length)) or real(fd, offset, length, advice)
+        ),
+    )
+    for name, fsync in (("synced", True), ("unsynced", False)):
+        (tmp_path / name).mkdir()
+        write_samples(tmp_path / name, 20, fsync=fsync)
+    data = (tmp_path / "synced" / "unit-00000.tar").read_bytes()
+    assert data == (tmp_path / "unsynced" / "unit-00000.tar").read_bytes()
+    assert len(calls) > 5 and calls[0][0] == 0  # only the synced writer advised
+    assert all(a + n == b for (a, n), (b, _) in zip(calls, calls[1:], strict=False))
+    assert all(n >= 1024 for _, n in calls) and calls[-1][0] + calls[-1][1] <= len(data)
 
 
 def test_safe_stem_removes_dots_and_slashes() -> None:
