@@ -260,9 +260,9 @@ def dct_scale_limit(width: int, height: int, short_side: int) -> dict[str, int]:
     """simplejpeg's size limit that picks the smallest 1/2, 1/4 or 1/8 DCT scale (or none) whose
     short side still covers ``short_side``.
 
-    Only these scales: libjpeg-turbo's other M/8 scales take its slow IDCT path and were slower
-    here than a full decode (256x384 at 7/8: 0.63 ms, at 8/8: 0.29 ms; 1000x667 at 5/8: 2.5 ms,
-    at 8/8: 1.8 ms, at 4/8: 1.4 ms), so the resize that follows does the rest.
+    Only these scales: libjpeg-turbo's other M/8 scales take a slow IDCT path and are slower than
+    a full decode (384x256 at 7/8: 0.63 ms, at 8/8: 0.28 ms; benchmarks/bench_decode_scales.py),
+    so the resize that follows does the rest (a factor under 2).
     """
     short, factor = min(width, height), 1
     while factor < 8 and -(-short // (factor * 2)) >= short_side:

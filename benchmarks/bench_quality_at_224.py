@@ -1,0 +1,83 @@
+"""What resized shards cost in quality where it counts: at the 224 px the model sees.
+
+For web-size photographs (the MMC4 benchmark's generator), each output of a conversion setting is
+put through the loader's geometry (short side 224 with PIL bicubic, centre crop) and compared with
+the source put through the same geometry: PSNR at 224 px, and bytes against the baseline converter
+(full-size PIL decode + re-encode at PIL's default quality, 75). Images kept byte for byte (already
+under the short side) match exactly and are left out of the PSNR. One process, one run.
+Usage: python benchmarks/bench_quality_at_224.py [--images 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photos import load_photos, web_jpeg  # noqa: E402
+
+from flamingo_data.images import ImagePolicy, process_image  # noqa: E402
+
+SIZE = 224
+SETTINGS = [
+    ("--short-side 256 (quality 90, default)", ImagePolicy(short_side=256)),
+    ("--short-side 256 -q 75", ImagePolicy(short_side=256, quality=75)),
+    ("--short-side 256 -q 70", ImagePolicy(short_side=256, quality=70)),
+    ("--short-side 256 -q 60", ImagePolicy(short_side=256, quality=60)),
+    ("--short-side 320", ImagePolicy(short_side=320)),
+    ("--short-side 320 -q 95", ImagePolicy(short_side=320, quality=95)),
+]
+
+
+def at_model_size(data: bytes) -> np.ndarray:
+    """The loader's geometry, done the reference way: short side to 224 (bicubic), centre crop."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    scale = SIZE / min(image.size)
+    size = (max(SIZE, round(image.width * scale)), max(SIZE, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (image.width - SIZE) // 2, (image.height - SIZE) // 2
+    return np.asarray(image.crop((left, top, left + SIZE, top + SIZE)), dtype=np.float64)
+
+
+def baseline(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def measure(convert: Callable[[bytes], bytes], sources: list[bytes], refs: list[np.ndarray]):
+    """(total bytes, median PSNR dB at 224 over the images that were re-encoded)."""
+    outputs = [convert(data) for data in sources]
+    scores = []
+    for out, src, ref in zip(outputs, sources, refs, strict=True):
+        if out != src:
+            mse = np.mean((at_model_size(out) - ref) ** 2)
+            scores.append(10 * np.log10(255.0**2 / mse))
+    return sum(len(out) for out in outputs), float(np.median(scores))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(3)
+    photos = load_photos()
+    sources = [web_jpeg(photos[int(rng.integers(len(photos)))], rng) for _ in range(args.images)]
+    refs = [at_model_size(data) for data in sources]
+    base_bytes, base_db = measure(baseline, sources, refs)
+    print(f"{len(sources)} web-size photos; PSNR at {SIZE} px after the loader's resize + crop")
+    print(f"{'setting':<40} {'bytes vs baseline':>18} {'PSNR dB @224':>13}")
+    print(f"{'baseline (full size, quality 75)':<40} {1.0:18.2f} {base_db:13.2f}")
+    for label, policy in SETTINGS:
+        size, db = measure(lambda data, p=policy: process_image(data, p).data, sources, refs)
+        print(f"{label:<40} {size / base_bytes:18.2f} {db:13.2f}")
+
+
+if __name__ == "__main__":
+    main()
