@@ -8,11 +8,13 @@ import zlib
 
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
 from flamingo_data.images import (
     ImagePolicy,
     ImageResult,
+    dct_scale_limit,
     decode_at_least,
     decode_rgb,
     plain_jpeg_header,
@@ -196,6 +198,20 @@ def test_resize_through_reduced_decode_matches_a_full_decode() -> None:
     assert (fast.outcome, fast.width, fast.height) == ("resized", 341, 256)
     diff = np.abs(np.asarray(Image.open(io.BytesIO(fast.data)), float) - np.asarray(full, float))
     assert diff.mean() < 3
+
+
+@pytest.mark.parametrize(
+    ("size", "short_side", "limit", "decoded"),
+    [
+        ((1000, 667), 256, {"min_height": 334}, (334, 500)),  # 1/2: 1/4 would give 167
+        ((384, 256), 224, {"min_height": 256}, (256, 384)),  # full size, never the slow 7/8
+        ((600, 2400), 70, {"min_width": 75}, (300, 75)),  # 1/8 at most
+    ],
+)
+def test_dct_scaling_uses_only_the_fast_power_of_two_scales(size, short_side, limit, decoded):
+    data = _smooth_jpeg(*size)
+    assert dct_scale_limit(*size, short_side) == limit
+    assert simplejpeg.decode_jpeg(data, **limit).shape[:2] == decoded
 
 
 def test_plain_jpeg_header_reads_size_and_mode_without_pil() -> None:
