@@ -2,9 +2,10 @@
 
 A plain JPEG is decoded by libjpeg-turbo at the smallest 1/2, 1/4 or 1/8 scale that still covers
 the target, so the resize left over is a small one (factor < 2; 1.45 median on the benchmark's web
-photos). There OpenCV's bicubic kernel is ~8x faster than PIL's antialiased one: 40.9 dB PSNR
-against a full decode + Lanczos, where PIL's gives 43.1, both far above the JPEG re-encode's own
-error (35.9 dB end to end at quality 90; benchmarks/bench_resize_filters.py). Larger factors, and
+photos). There OpenCV's bicubic kernel is ~9x faster than PIL's antialiased one: 40.9 dB PSNR
+against a full decode + Lanczos, where PIL's gives 43.1 (benchmarks/bench_decode_scales.py), both
+far above the JPEG re-encode's own error (35.9 dB end to end at quality 90;
+benchmarks/bench_resize_filters.py). Larger factors, and
 the filters where OpenCV is not faster, keep PIL's antialiased resize, which widens with the factor.
 """
 
@@ -21,8 +22,8 @@ RESIZE_FILTERS = {
     "area": Image.Resampling.BOX,
 }
 
-# Only where OpenCV is the faster one: its Lanczos and its area filter at non-integer factors were
-# slower here than PIL's (5.5 vs 4.1 and 3.2 vs 2.5 ms per image in bench_resize_filters.py).
+# Only where OpenCV is the faster one: routed to OpenCV, lanczos and area (non-integer factors) made
+# bench_resize_filters.py slower than PIL's did (5.5 vs 4.1 and 3.2 vs 2.5 ms per image).
 _CV2_FILTERS = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR}
 
 # One thread: converters run a process per core already, and OpenCV's pool does not survive a
