@@ -64,6 +64,24 @@ def test_fewer_shards_than_workers_still_covers_each_sample_once(tmp_path: Path)
     assert sorted(keys) == sorted(simple_docs(7))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_broken_shard_is_one_rejection_however_many_workers_read_it(
+    tmp_path: Path, workers: int
+) -> None:
+    """With fewer shards than workers every worker reads every shard; the shard's read issue
+    (here a truncated tar) must still be counted once, and each intact sample delivered once."""
+    docs = simple_docs(5)
+    cut = write_json_shard(tmp_path, "cut", docs)
+    with tarfile.open(cut) as tar:
+        last = tar.getmembers()[-1]
+    cut.write_bytes(cut.read_bytes()[: last.offset_data + last.size // 2])  # inside the last member
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path))], make_tokenizer(None), config(num_workers=workers)
+    )
+    assert sorted(epoch_keys(loader)) == sorted(docs)[:4]
+    assert loader.rejections() == {"truncated_tar": 1}
+
+
 def test_same_seed_same_batches_and_worker_count_does_not_change_samples(shards: Path) -> None:
     tokenizer = make_tokenizer(None)
     spec = [DatasetSpec("d", str(shards))]

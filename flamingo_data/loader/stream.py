@@ -16,7 +16,7 @@ import numpy as np
 
 from flamingo_data import remote
 from flamingo_data.loader.config import DatasetSpec, LoaderConfig
-from flamingo_data.shardread import IssueSink, Sample, iter_samples
+from flamingo_data.shardread import IssueSink, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import expand_specs
 
 
@@ -75,13 +75,20 @@ def dataset_samples(
         for path in order[slot::slots]:
             yield from iter_samples(path, on_issue)
         return
-    # Fewer shards than workers: split by sample position so no worker idles or repeats.
+    # Fewer shards than workers: split by sample position so no worker idles or repeats. Every
+    # worker then reads every shard, so one of them (by shard index) reports each shard's read
+    # issues: a truncated tar is one rejection, not one per worker.
     position = 0
-    for path in order:
-        for sample in iter_samples(path, on_issue):
+    for index, path in enumerate(order):
+        sink = on_issue if index % slots == slot else _ignore
+        for sample in iter_samples(path, sink):
             if position % slots == slot:
                 yield sample
             position += 1
+
+
+def _ignore(issue: ReadIssue) -> None:
+    """Another worker reports this shard's read issues."""
 
 
 def _resampled(
