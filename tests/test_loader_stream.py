@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,33 @@ def test_image_padding_slots_are_zero_in_and_out_of_workers(tmp_path: Path, work
             assert not bool(batch["vision_x"][row, images:].any())
             seen += 1
     assert seen == 8
+
+
+def test_workers_send_uint8_pixels_without_padding_and_batches_get_float_vision_x() -> None:
+    """What crosses the process boundary is the compact uint8 form (10x fewer bytes than the
+    padded float32 vision_x); the loader turns it into the model's tensor on arrival."""
+    from flamingo_data.loader.pipeline import _collate, _finish_batch
+
+    cfg = config()
+    samples = [
+        {
+            "pixels": torch.full((n, 3, 4, 4), 255, dtype=torch.uint8),
+            "input_ids": torch.tensor([1, 2]),
+            "attention_mask": torch.tensor([1, 1]),
+            "labels": torch.tensor([-100, 2]),
+            "pad_images": 3,
+            "key": f"k{n}",
+            "dataset": "d",
+        }
+        for n in (1, 2)
+    ]
+    sent = _collate(samples, 0, slot=0, position=2, rejections=Counter())
+    assert sent["_pixels"].dtype == torch.uint8 and sent["_pixels"].shape == (3, 3, 4, 4)
+    assert sent["_image_counts"] == [1, 2] and "vision_x" not in sent
+    batch = _finish_batch(sent, cfg)
+    white = (1.0 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
+    assert (
+        batch["vision_x"].shape == (2, 3, 1, 3, 4, 4) and batch["vision_x"].dtype == torch.float32
+    )
+    assert torch.allclose(batch["vision_x"][1, :2, 0, :, 0, 0], white.expand(2, 3), atol=1e-5)
+    assert not batch["vision_x"][0, 1:].any()
