@@ -71,6 +71,22 @@ def ours(docs: str, images: str, out: Path, policy: ImagePolicy, fsync: bool = T
     return stats.get("documents", "written")
 
 
+def jpegli_rows() -> list[tuple[str, ImagePolicy]]:
+    """The optional jpegli encoder's rows, when its extra is installed."""
+    try:
+        ImagePolicy(encoder="jpegli")
+    except ValueError:
+        print("(jpegli rows skipped: pip install 'flamingo-data[jpegli]')")
+        return []
+    return [
+        ("--short-side 256 --encoder jpegli", ImagePolicy(short_side=256, encoder="jpegli")),
+        (
+            "--short-side 256 -q 75 --encoder jpegli",
+            ImagePolicy(short_side=256, quality=75, encoder="jpegli"),
+        ),
+    ]
+
+
 def timed(label: str, fn, out: Path, repeats: int = 1) -> tuple[float, int]:
     """Median docs/s of ``repeats`` runs, each from a flushed page cache (ext4 makes our fsync pay
     for whatever an earlier run left dirty). Sub-second runs vary; the median steadies them."""
@@ -137,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--short-side 256 -q 75 --resize-filter bilinear",
                 ImagePolicy(short_side=256, quality=75, resize_filter="bilinear"),
             ),
+            *jpegli_rows(),
         ):
             resized[label] = ours_timed(
                 f"flamingo-data {label}",

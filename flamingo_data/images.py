@@ -15,6 +15,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from flamingo_data.jpeg_encoders import DEFAULT_ENCODER, check_encoder, encode_jpeg
 from flamingo_data.resize import RESIZE_FILTERS, resize_pixels
 
 KEEPABLE = {"jpeg": {"RGB", "L"}, "png": {"RGB", "L", "RGBA", "LA", "P"}, "webp": {"RGB", "RGBA"}}
@@ -42,12 +43,16 @@ class ImagePolicy:
     min_side: int = 1
     verify: str = "structure"  # "structure": header + end-of-stream markers; "decode": decode every kept image
     resize_filter: str = "bicubic"  # a RESIZE_FILTERS name; see flamingo_data/resize.py
+    encoder: str = (
+        DEFAULT_ENCODER  # JPEG encoder for re-encodes; see flamingo_data/jpeg_encoders.py
+    )
 
     def __post_init__(self) -> None:
         if self.resize_filter not in RESIZE_FILTERS:
             raise ValueError(f"resize_filter must be one of {sorted(RESIZE_FILTERS)}")
         if not 1 <= self.quality <= 100:
             raise ValueError("quality must be 1..100")
+        check_encoder(self.encoder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,9 +301,8 @@ def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePol
 
 
 def _encoded(outcome: str, rgb: Image.Image, policy: ImagePolicy, reason: str) -> ImageResult:
-    buf = io.BytesIO()
-    rgb.save(buf, "JPEG", quality=policy.quality, optimize=False)
-    return ImageResult(outcome, buf.getvalue(), "jpeg", rgb.width, rgb.height, reason=reason)
+    data = encode_jpeg(rgb, policy.quality, policy.encoder)
+    return ImageResult(outcome, data, "jpeg", rgb.width, rgb.height, reason=reason)
 
 
 def _keepable(fmt: str, image: Image.Image) -> bool:
