@@ -97,7 +97,7 @@ def parse_document(line: bytes) -> dict[str, Any]:
     """Decode and structurally check one MMC4 line; raises DocumentError(reason)."""
     try:
         doc = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also a >4300-digit integer, deep nesting
         raise DocumentError("bad_json") from exc
     if not isinstance(doc, dict):
         raise DocumentError("not_an_object")
@@ -292,12 +292,15 @@ def _sample_image_names(units: list[Unit], limit: int) -> list[tuple[Unit, str]]
 
 
 def _image_infos(line: bytes) -> list[dict[str, Any]]:
+    """The sampled line's image entries; any malformed line gives none (conversion rejects it)."""
     try:
         doc = json.loads(line)
-        infos = doc.get("image_info") or []
-        return [i for i in infos if isinstance(i, dict) and isinstance(i.get("image_name"), str)]
-    except (ValueError, AttributeError):
+    except (ValueError, RecursionError):
         return []
+    infos = doc.get("image_info") if isinstance(doc, dict) else None
+    if not isinstance(infos, list):
+        return []
+    return [i for i in infos if isinstance(i, dict) and isinstance(i.get("image_name"), str)]
 
 
 def convert_mmc4(

@@ -6,6 +6,7 @@ import base64
 import json
 import tarfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,26 @@ def test_no_fsync_writes_the_same_bytes_without_syncing(sample: dict, tmp_path: 
     assert cli([*args, "--out", str(tmp_path / "fast"), "--no-fsync", "--processes", "1"]) == 0
     assert tar_bytes(tmp_path / "fast") == tar_bytes(tmp_path / "durable")
     assert len(calls) == 4  # only the driver's sizes.json and stats.json (file + folder each)
+
+
+def _sample_with_lines(tmp_path: Path, lines: Callable[[dict], list[bytes]]) -> dict:
+    """A one-zip sample: a good document whose images exist, then ``lines(that document)``."""
+    sample = write_mmc4_sample(
+        tmp_path / "src", n_shards=1, docs_per_shard=1, missing_rate=0.0, seed=9
+    )
+    docs_dir = Path(sample["docs"]).parent
+    raw = zipfile.ZipFile(docs_dir / "shard_0.zip").read("shard_0.jsonl").splitlines()[0]
+    data = b"\n".join([raw, *lines(json.loads(raw))]) + b"\n"
+    _zip(docs_dir / "shard_0.zip", {"shard_0.jsonl": data})
+    return sample
+
+
+def test_lines_python_cannot_parse_are_counted_not_crashes(tmp_path: Path) -> None:
+    """A 5000-digit integer and deep nesting are bad_json; a non-list image_info is counted too."""
+    huge = b'{"text_list": ["a"], "x": ' + b"1" * 5000 + b"}"
+    deep = b'{"text_list": ["a"], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    not_a_list = b'{"text_list": ["a"], "image_info": 5, "similarity_matrix": []}'
+    sample = _sample_with_lines(tmp_path, lambda good: [huge, deep, not_a_list])
+    stats = convert(sample, tmp_path / "out")
+    assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
+    assert stats["reasons"]["documents"] == {"bad_json": 2, "bad_image_info": 1}
