@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import posixpath
 import zipfile
 import zlib
@@ -159,7 +160,14 @@ def _is_number(value: Any) -> bool:
 
 
 def _safe_image_name(name: str) -> bool:
-    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+    """A plain file name: no folder part, no NUL, and a valid path (a lone surrogate is not)."""
+    if not name or "/" in name or "\\" in name or "\0" in name or name in (".", ".."):
+        return False
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def attach_images(
@@ -173,7 +181,7 @@ def attach_images(
             continue
         try:
             data = remote.read_bytes(remote.join(folder, info.image_name))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        except OSError:  # absent, a folder, a name too long for the filesystem...
             ctx.stats.add("images", "missing")
             continue
         result = process_image(data, policy)

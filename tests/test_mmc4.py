@@ -332,3 +332,21 @@ def test_lines_python_cannot_parse_are_counted_not_crashes(tmp_path: Path) -> No
     stats = convert(sample, tmp_path / "out")
     assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
     assert stats["reasons"]["documents"] == {"bad_json": 2, "bad_image_info": 1}
+
+
+def test_image_names_that_name_no_file_are_counted_not_crashes(tmp_path: Path) -> None:
+    """NUL and a lone surrogate are unsafe names; a name too long for the filesystem is missing."""
+
+    def lines(good: dict) -> list[bytes]:
+        info, row = good["image_info"][0], good["similarity_matrix"][:1]
+        return [
+            json.dumps(
+                {**good, "image_info": [{**info, "image_name": name}], "similarity_matrix": row}
+            ).encode()
+            for name in ("a\0b.jpg", "\ud800.jpg", "x" * 300 + ".jpg")
+        ]
+
+    stats = convert(_sample_with_lines(tmp_path, lines), tmp_path / "out")
+    assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
+    assert stats["reasons"]["images"] == {"unsafe_image_name": 2}
+    assert stats["counts"]["images"]["missing"] == 1
