@@ -138,7 +138,10 @@ def _optional_fields_ok(doc: dict[str, Any], image_info: list[dict[str, Any]]) -
 
 
 def _valid_info(info: Any, n_sentences: int) -> bool:
+    """Images come only from --images: bytes already in the source would skip the image stage."""
     if not isinstance(info, dict) or not isinstance(info.get("image_name"), str):
+        return False
+    if "image_base64" in info:
         return False
     index = info.get("matched_text_index")
     return isinstance(index, int) and not isinstance(index, bool) and 0 <= index < n_sentences

@@ -350,3 +350,23 @@ def test_image_names_that_name_no_file_are_counted_not_crashes(tmp_path: Path) -
     assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
     assert stats["reasons"]["images"] == {"unsafe_image_name": 2}
     assert stats["counts"]["images"]["missing"] == 1
+
+
+def test_image_bytes_already_in_the_source_are_refused(tmp_path: Path) -> None:
+    """Only --images supplies bytes: source base64 would skip the pixel cap and every image check."""
+
+    def lines(good: dict) -> list[bytes]:
+        info = {**good["image_info"][0], "image_name": "not_downloaded.png"}
+        row = good["similarity_matrix"][:1]
+        return [
+            json.dumps(
+                {**good, "image_info": [{**info, "image_base64": value}], "similarity_matrix": row}
+            ).encode()
+            for value in ("!!not base64", 5, base64.b64encode(png_bomb()).decode())
+        ]
+
+    sample = _sample_with_lines(tmp_path, lines)
+    stats = convert(sample, tmp_path / "out", keep_docs_without_images=True)
+    assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
+    assert stats["reasons"]["documents"] == {"bad_image_info": 3}
+    assert validate_shards([str(tmp_path / "out")], deep=True).ok
