@@ -32,6 +32,9 @@ from flamingo_data.stats import Stats
 from flamingo_data.units import RunOptions, Unit, UnitContext, finalize, prepare_out_dir, unit_names
 
 LAYOUTS = ("auto", "indexed", "flat")
+# What reading a bad zip raises; RuntimeError: an encrypted member, NotImplementedError (a
+# RuntimeError too): an unsupported compression method.
+ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError)
 
 
 class LayoutError(RuntimeError):
@@ -247,7 +250,7 @@ def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[bytes]:
             _member, _number, line = next(lines)
         except StopIteration:
             return
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        except ZIP_READ_ERRORS as exc:
             reason = "unreadable_zip" if read == 0 else "truncated_zip"
             ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
             return
@@ -297,7 +300,7 @@ def _sample_image_names(units: list[Unit], limit: int) -> list[tuple[Unit, str]]
                 names.extend((unit, i["image_name"]) for i in _image_infos(line))
                 if len(names) >= limit:
                     return names
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError):
+        except ZIP_READ_ERRORS:
             continue
     return names
 

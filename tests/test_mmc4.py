@@ -370,3 +370,29 @@ def test_image_bytes_already_in_the_source_are_refused(tmp_path: Path) -> None:
     assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
     assert stats["reasons"]["documents"] == {"bad_image_info": 3}
     assert validate_shards([str(tmp_path / "out")], deep=True).ok
+
+
+def _zip_with_header_change(path: Path, data: bytes, flag: int = 0, method: int | None = None):
+    """A stored zip whose local and central headers get ``flag`` bits / another ``method``."""
+    _zip(path, {"shard.jsonl": data})
+    raw = bytearray(path.read_bytes())
+    for signature, flag_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        start = raw.find(signature)
+        raw[start + flag_at] |= flag
+        if method is not None:
+            raw[start + method_at : start + method_at + 2] = method.to_bytes(2, "little")
+    path.write_bytes(bytes(raw))
+
+
+def test_encrypted_or_unsupported_zips_are_counted_unit_rejects(tmp_path: Path) -> None:
+    """Python's zipfile raises RuntimeError for these: one such zip must not stop the run."""
+    sample = write_mmc4_sample(
+        tmp_path / "src", n_shards=3, docs_per_shard=2, missing_rate=0.0, seed=9
+    )
+    docs_dir = Path(sample["docs"]).parent
+    lines = zipfile.ZipFile(docs_dir / "shard_0.zip").read("shard_0.jsonl")
+    _zip_with_header_change(docs_dir / "shard_0.zip", lines, flag=1)  # encrypted
+    _zip_with_header_change(docs_dir / "shard_2.zip", lines, method=9)  # deflate64
+    stats = convert(sample, tmp_path / "out")
+    assert stats["reasons"]["units"] == {"unreadable_zip": 2}
+    assert stats["counts"]["documents"] == {"in": 2, "written": 2}
