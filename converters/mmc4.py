@@ -239,11 +239,13 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str
     Only errors from *reading* the zip are caught: a write error (full disk) must stop the run.
     """
     folder = image_folder(options.images, unit, layout)
-    for count, line in enumerate(_safe_lines(unit, ctx), start=1):
+    for count, line in _safe_lines(unit, ctx):
         convert_line(line, f"{unit.name}-{count:07d}", folder, ctx, options)
 
 
-def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[bytes]:
+def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[int, bytes]]:
+    """(line number across the zip's members, line) for each non-blank line: blank lines still
+    count, so a key names its source line."""
     lines, read = iter_lines(unit.source), 0
     while True:
         try:
@@ -256,7 +258,7 @@ def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[bytes]:
             return
         read += 1
         if line.strip():
-            yield line
+            yield read, line
 
 
 def detect_layout(

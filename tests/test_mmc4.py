@@ -396,3 +396,13 @@ def test_encrypted_or_unsupported_zips_are_counted_unit_rejects(tmp_path: Path) 
     stats = convert(sample, tmp_path / "out")
     assert stats["reasons"]["units"] == {"unreadable_zip": 2}
     assert stats["counts"]["documents"] == {"in": 2, "written": 2}
+
+
+def test_keys_name_the_source_line_when_blank_lines_are_skipped(tmp_path: Path) -> None:
+    sample = _sample_with_lines(
+        tmp_path, lambda good: [b"", b"  ", b"{bad", json.dumps(good).encode()]
+    )
+    convert(sample, tmp_path / "out")
+    rejects = [json.loads(r) for r in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rejects] == ["shard_0-0000004"]
+    assert list(read_records(tmp_path / "out")) == ["shard_0-0000001", "shard_0-0000005"]
