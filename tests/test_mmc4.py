@@ -406,3 +406,17 @@ def test_keys_name_the_source_line_when_blank_lines_are_skipped(tmp_path: Path) 
     rejects = [json.loads(r) for r in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [r["key"] for r in rejects] == ["shard_0-0000004"]
     assert list(read_records(tmp_path / "out")) == ["shard_0-0000001", "shard_0-0000005"]
+
+
+@pytest.mark.parametrize(
+    "bad", [["--max-side", "-5"], ["--short-side", "0"], ["--max-pixels", "0"]]
+)
+def test_sizes_that_are_not_positive_are_usage_errors(tmp_path: Path, bad: list[str]) -> None:
+    """A negative size used to shrink every image to 1 x 1, and 0 was silently ignored."""
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=1)
+    with pytest.raises(SystemExit) as exit_:
+        cli(
+            ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+            + ["--out", str(tmp_path / "o"), *bad]
+        )
+    assert exit_.value.code == 2

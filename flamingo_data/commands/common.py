@@ -57,10 +57,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 def add_image_options(parser: argparse.ArgumentParser) -> None:
     """The image stage's policy: pixel cap (always on), optional resize, JPEG quality."""
     parser.add_argument(
-        "--max-side", type=int, default=None, help="downscale so the longer side is at most N"
+        "--max-side", type=_positive, default=None, help="downscale so the longer side is at most N"
     )
     parser.add_argument(
-        "--short-side", type=int, default=None, help="downscale so the shorter side is N"
+        "--short-side", type=_positive, default=None, help="downscale so the shorter side is N"
     )
     parser.add_argument(
         "--quality", type=_quality, default=90, help="JPEG quality when re-encoding (default 90)"
@@ -79,7 +79,7 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
         " needs the [jpegli] extra, see the README)",
     )
     parser.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images"
+        "--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="reject larger images"
     )
     parser.add_argument(
         "--verify-images",
@@ -93,6 +93,14 @@ def _quality(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 100:
         raise argparse.ArgumentTypeError("JPEG quality is 1..100")
+    return value
+
+
+def _positive(text: str) -> int:
+    """A size or pixel count: 0 was silently ignored and a negative one shrank every image to 1 x 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
     return value
 
 
