@@ -281,7 +281,7 @@ def unit_names(sources: Iterable[str], stem: Callable[[str], str]) -> list[Unit]
     units, seen = [], set()
     for index, source in enumerate(sources):
         name = stem(source)
-        if name in seen:
+        while name in seen:  # the suffixed name can be another source's own stem
             name = f"{name}_{index}"
         seen.add(name)
         units.append(Unit(name=name, source=source, index=index))

@@ -20,6 +20,7 @@ from flamingo_data.units import (
     finalize,
     prepare_out_dir,
     run_unit,
+    unit_names,
 )
 
 
@@ -90,6 +91,13 @@ def test_early_writeback_covers_the_shard_in_order_and_changes_no_byte(
 
 def test_safe_stem_removes_dots_and_slashes() -> None:
     assert safe_stem("docs_shard_1.v2/../x") == "docs_shard_1_v2_x"
+
+
+def test_unit_names_stay_unique_when_a_suffixed_name_is_taken() -> None:
+    """``a/s`` and ``b/s`` at position 2 would become ``s_2``, the name of the zip ``s_2`` itself:
+    two units writing the same shards and marker, one zip's documents lost without a count."""
+    units = unit_names(["a/s.zip", "s_2.zip", "b/s.zip"], lambda p: Path(p).stem)
+    assert len({u.name for u in units}) == 3
 
 
 def _unit_fn(unit: Unit, ctx) -> None:
