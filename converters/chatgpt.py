@@ -23,7 +23,7 @@ from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.executors import run_units
 from flamingo_data.i2doutput import ImageStore
-from flamingo_data.images import ImagePolicy, process_image
+from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.records import GptImage, GptSequence, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
 from flamingo_data.specs import SpecError, expand_specs
@@ -118,41 +118,44 @@ def build_record(
     options: ChatGptOptions,
     ctx: UnitContext,
     key: str,
-) -> dict[str, Any]:
-    """Embed every image; drop or strip missing ones; raises SequenceError."""
-    found: dict[int, tuple[dict[str, Any], bytes]] = {}
+) -> tuple[dict[str, Any], list[str]]:
+    """Embed every image; drop or strip missing ones; raises SequenceError. Returns the record and
+    its images' outcomes in the image stage (counted only once the record is written)."""
+    found: dict[int, tuple[dict[str, Any], ImageResult]] = {}
     for n in numbers:
         entry = sequence["image_map"][f"_!_IMAGE{n}_!_"]
         url = entry_url(entry, options.url_key)
-        reason, data = ("no_url", None) if url is None else _image(store, url, options.policy)
-        if data is None:
+        reason, result = ("no_url", None) if url is None else _image(store, url, options.policy)
+        if result is None:
             ctx.reject("images", f"{key}/{n}", reason, url or "")
             if options.missing == "drop":
                 raise SequenceError(f"image_{reason}")
             continue
-        found[n] = (entry, data)
+        found[n] = (entry, result)
     if not found:
         raise SequenceError("no_images")
     example, image_map = sequence["example"], {}
     for new, old in enumerate(sorted(found), start=1):
-        entry, data = found[old]
+        entry, result = found[old]
         image_map[f"_!_IMAGE{new}_!_"] = GptImage(
-            image_bytes=data, extra={k: v for k, v in entry.items() if k != "base64_image"}
+            image_bytes=result.data, extra={k: v for k, v in entry.items() if k != "base64_image"}
         )
         example = example.replace(f"_!_IMAGE{old}_!_", f"\0{new}\0")
     for old in set(numbers) - set(found):
         example = example.replace(f"_!_IMAGE{old}_!_", "")
     example = re.sub(r"\0(\d+)\0", r"_!_IMAGE\1_!_", re.sub(r"[ \t]{2,}", " ", example)).strip()
     extra = {k: v for k, v in sequence.items() if k not in ("example", "image_map", "is_gpt")}
-    return GptSequence(example=example, image_map=image_map, extra=extra).to_json()
+    record = GptSequence(example=example, image_map=image_map, extra=extra).to_json()
+    return record, [found[n][1].outcome for n in sorted(found)]
 
 
-def _image(store: ImageStore, url: str, policy: ImagePolicy) -> tuple[str, bytes | None]:
+def _image(store: ImageStore, url: str, policy: ImagePolicy) -> tuple[str, ImageResult | None]:
+    """("", the accepted result) or (why there is none, None)."""
     data, reason = store.get(url)
     if data is None:
         return reason, None
     result = process_image(data, policy)
-    return (result.reason or "rejected", None) if not result.ok else ("", result.data)
+    return (result.reason or "rejected", None) if not result.ok else ("", result)
 
 
 def convert_unit(unit: Unit, ctx: UnitContext, options: ChatGptOptions, images: str) -> None:
@@ -174,7 +177,7 @@ def convert_sequence(
     try:
         if isinstance(item, SequenceError):
             raise item
-        record = build_record(item, check_placeholders(item), store, options, ctx, key)
+        record, outcomes = build_record(item, check_placeholders(item), store, options, ctx, key)
         if errors := schema_errors("gpt", record):
             raise SequenceError("schema", "; ".join(errors))
         data = encode_record(record)
@@ -184,6 +187,8 @@ def convert_sequence(
     ctx.write(key, {"json": data})
     ctx.stats.add("documents", "written")
     ctx.stats.add("images", "embedded", len(record["image_map"]))  # only images that were written
+    for outcome in outcomes:  # kept, trimmed, converted or resized
+        ctx.stats.add("images", outcome)
 
 
 def _download(urls: list[str], root: Path, images: str, options: DownloadOptions) -> None:

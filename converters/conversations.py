@@ -28,7 +28,7 @@ from flamingo_data.converters.jsonchunks import (
 )
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.executors import run_units
-from flamingo_data.images import ImagePolicy, process_image
+from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.records import (
     GptImage,
     GptSequence,
@@ -130,8 +130,8 @@ def place_images(turns: list[Segments], n_images: int) -> list[Segments]:
     return turns
 
 
-def load_image(root: str, relative: str, policy: ImagePolicy) -> bytes:
-    """Bytes through the image stage; refuses paths that leave the image folder."""
+def load_image(root: str, relative: str, policy: ImagePolicy) -> ImageResult:
+    """Bytes through the image stage (an accepted result); refuses paths that leave the image folder."""
     if "\0" in relative or Path(relative).is_absolute():
         raise ItemError("unsafe_image_path", relative[:200])
     path = _remote_path(root, relative) if remote.is_remote(root) else _local_path(root, relative)
@@ -142,7 +142,7 @@ def load_image(root: str, relative: str, policy: ImagePolicy) -> bytes:
     result = process_image(data, policy)
     if not result.ok:
         raise ItemError(f"image_{result.reason}", relative[:200])
-    return result.data
+    return result
 
 
 def _local_path(root: str, relative: str) -> str:
@@ -205,8 +205,8 @@ def gpt_record(
     ).to_json()
 
 
-def convert_item(item: Any, options: ConversationOptions) -> dict[str, Any]:
-    """One item -> one record; raises ItemError(reason)."""
+def convert_item(item: Any, options: ConversationOptions) -> tuple[dict[str, Any], list[str]]:
+    """One item -> (one record, its images' outcomes in the image stage); raises ItemError(reason)."""
     if not isinstance(item, dict):
         raise ItemError("not_an_object")
     names = image_paths(item)
@@ -215,12 +215,12 @@ def convert_item(item: Any, options: ConversationOptions) -> dict[str, Any]:
     turns = place_images(render_turns(item, options.template), len(names))
     if options.as_ == "gpt" and any(GPT_PLACEHOLDER.search("".join(t)) for t in turns):
         raise ItemError("placeholder_in_text")  # the loader would bind an image to it
-    blobs = [load_image(options.images, name, options.policy) for name in names]
+    images = [load_image(options.images, name, options.policy) for name in names]
     build = gpt_record if options.as_ == "gpt" else interleaved_record
-    record = build(turns, names, blobs, str(item.get("id", "")))
+    record = build(turns, names, [image.data for image in images], str(item.get("id", "")))
     if errors := schema_errors(options.as_, record):
         raise ItemError("schema", "; ".join(errors))
-    return record
+    return record, [image.outcome for image in images]
 
 
 def encode_item(record: dict[str, Any]) -> bytes:
@@ -243,14 +243,16 @@ def convert_entry(entry: dict[str, Any], ctx: UnitContext, options: Conversation
     try:
         if "error" in entry:
             raise ItemError(*entry["error"])
-        record = convert_item(entry["item"], options)
+        record, outcomes = convert_item(entry["item"], options)
         payload = encode_item(record)
     except ItemError as exc:
         ctx.reject("documents", key, exc.args[0], " ".join(map(str, exc.args[1:])))
         return
     ctx.write(key, {"json": payload})
     ctx.stats.add("documents", "written")
-    ctx.stats.add("images", "written", len(image_paths(entry["item"])))
+    ctx.stats.add("images", "written", len(outcomes))
+    for outcome in outcomes:  # kept, trimmed, converted or resized
+        ctx.stats.add("images", outcome)
 
 
 def convert_unit(unit: Unit, ctx: UnitContext, options: ConversationOptions) -> None:

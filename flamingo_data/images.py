@@ -15,6 +15,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from flamingo_data.image_end import image_end
 from flamingo_data.jpeg_encoders import DEFAULT_ENCODER, check_encoder, encode_jpeg
 from flamingo_data.resize import RESIZE_FILTERS, resize_pixels
 
@@ -57,7 +58,7 @@ class ImagePolicy:
 
 @dataclass(frozen=True, slots=True)
 class ImageResult:
-    """``outcome`` is kept | converted | resized | rejected; ``reason`` says why when not kept."""
+    """``outcome`` is kept | trimmed | converted | resized | rejected; ``reason`` says why when not kept."""
 
     outcome: str
     data: bytes | None = None
@@ -242,9 +243,7 @@ def _plain_jpeg(data: bytes, header: JpegHeader, policy: ImagePolicy) -> ImageRe
         return ImageResult("rejected", reason="too_small")
     target = _target_size((width, height), policy)
     if target is None:
-        if not complete_stream(data, "jpeg"):
-            return ImageResult("rejected", reason="truncated")
-        return ImageResult("kept", data, "jpeg", width, height)
+        return _kept(data, "jpeg", (width, height), image_end(data, "jpeg"))
     try:
         return _resized_turbo(data, (width, height), target, policy)
     except Exception:  # truncated or corrupt pixel data surfaces only on decode
@@ -279,11 +278,11 @@ def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePol
     target = _target_size(image.size, policy)
     width, height = image.size
     if target is None and _keepable(fmt, image):
+        end = image_end(data, fmt)
         if policy.verify == "decode":
-            _verify_decodes(image)
-        elif not complete_stream(data, fmt):
-            return ImageResult("rejected", reason="truncated")
-        return ImageResult("kept", data, fmt, width, height)
+            _verify_decodes(image)  # decoding is the proof; a stream it reads whole is kept whole
+            end = end or len(data)
+        return _kept(data, fmt, (width, height), end)
     reason = "resized" if target is not None else _why(fmt, image)
     if target is not None and _turbo_decodable(image):
         return _resized_turbo(data, image.size, target, policy)
@@ -314,18 +313,18 @@ def _keepable(fmt: str, image: Image.Image) -> bool:
     return orientation in (0, 1)
 
 
-def complete_stream(data: bytes, fmt: str) -> bool:
-    """Cheap proof the file is whole: JPEG ends with EOI, PNG with IEND, WebP's RIFF size matches.
+def _kept(data: bytes, fmt: str, size: tuple[int, int], end: int | None) -> ImageResult:
+    """The source bytes, byte for byte; a cut-off stream is rejected, and bytes after a whole image
+    (a motion photo's video, a camera trailer) are dropped with outcome ``trimmed``.
 
-    Catches the common web failure (a cut-off download) without decoding; ``verify="decode"`` decodes.
+    ``end`` comes from ``image_end``: a cheap structural proof the file is whole that catches the
+    common web failure (a cut-off download) without decoding; ``verify="decode"`` decodes.
     """
-    if fmt == "jpeg":
-        return data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
-    if fmt == "png":
-        return data[-12:-8] == b"\x00\x00\x00\x00" and data[-8:-4] == b"IEND"
-    if fmt == "webp":
-        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
-    return True
+    if end is None:
+        return ImageResult("rejected", reason="truncated")
+    outcome = "kept" if end == len(data) else "trimmed"
+    reason = None if outcome == "kept" else "bytes_after_image"
+    return ImageResult(outcome, data[:end], fmt, *size, reason=reason)
 
 
 def _verify_decodes(image: Image.Image) -> None:

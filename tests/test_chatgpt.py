@@ -108,6 +108,7 @@ def test_drop_mode_end_to_end(setup) -> None:
     assert image(records["seq-000-0000001"], 1) == served[2]  # raw_url found by auto detection
     assert stats["counts"]["documents"] == {"in": 9, "written": 2, "rejected": 7}
     assert stats["counts"]["images"]["embedded"] == 3  # only images of written records
+    assert stats["counts"]["images"]["kept"] == 3  # the image stage's outcome, written images only
     assert stats["reasons"]["documents"] == {
         "image_http_404": 1,
         "image_not_an_image": 1,

@@ -189,7 +189,7 @@ def expected_example(item: dict) -> str:
 def test_counts_reasons_and_keys(data: Path, interleaved: tuple[dict, dict]) -> None:
     stats, records = interleaved
     assert stats["counts"]["documents"] == {"in": 19, "written": 10, "rejected": 9}
-    assert stats["counts"]["images"] == {"written": 14}
+    assert stats["counts"]["images"] == {"written": 14, "kept": 14}  # all whole JPEG/PNG
     assert stats["reasons"]["documents"] == {
         "tag_count_mismatch": 2,
         "missing_image": 1,

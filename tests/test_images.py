@@ -271,3 +271,53 @@ def test_resize_filter_is_a_choice_and_checked() -> None:
         ImagePolicy(resize_filter="nearest")
     with pytest.raises(ValueError, match="quality"):
         ImagePolicy(quality=0)
+
+
+def _photo(fmt: str, **kwargs) -> bytes:
+    rng = np.random.default_rng(5)
+    return encode(
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)), fmt, **kwargs
+    )
+
+
+def _with_exif_thumbnail(jpeg: bytes) -> bytes:
+    """An APP1 segment holding a whole small JPEG (its own SOI...EOI), as camera files carry."""
+    thumb = encode(Image.new("RGB", (16, 12), (200, 10, 10)), "JPEG")
+    payload = b"Exif\x00\x00" + thumb
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@pytest.mark.parametrize("verify", ["structure", "decode"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        _photo("JPEG"),
+        _photo("JPEG", progressive=True),  # several scans, tables between them
+        _with_exif_thumbnail(_photo("JPEG")),
+        _photo("PNG"),
+        _photo("WEBP"),
+    ],
+    ids=["jpeg", "progressive", "exif-thumbnail", "png", "webp"],
+)
+def test_bytes_after_a_whole_image_are_dropped_not_the_image(source: bytes, verify: str) -> None:
+    """A motion photo (JPEG + MP4) or a camera trailer: the image is good, the tail is not image."""
+    tail = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40
+    result = process_image(source + tail, ImagePolicy(verify=verify))
+    assert (result.outcome, result.reason) == ("trimmed", "bytes_after_image")
+    assert result.data == source
+    assert process_image(source, ImagePolicy(verify=verify)).outcome == "kept"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        _photo("JPEG", progressive=True),
+        _with_exif_thumbnail(_photo("JPEG")),  # the thumbnail's end marker is not the image's
+        _photo("PNG"),
+    ],
+    ids=["progressive", "exif-thumbnail", "png"],
+)
+def test_cut_off_images_are_still_truncated_with_or_without_a_tail(source: bytes) -> None:
+    cut = source[: len(source) * 2 // 3]
+    assert process_image(cut, POLICY).reason == "truncated"
+    assert process_image(cut + b"junk after the cut", POLICY).reason == "truncated"

@@ -420,3 +420,17 @@ def test_sizes_that_are_not_positive_are_usage_errors(tmp_path: Path, bad: list[
             + ["--out", str(tmp_path / "o"), *bad]
         )
     assert exit_.value.code == 2
+
+
+def test_a_motion_photo_keeps_its_image_and_loses_its_video(tmp_path: Path) -> None:
+    """Bytes after a whole JPEG are counted as ``trimmed``; the shard holds the image alone."""
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=1, missing_rate=0.0)
+    doc = sample["documents"][0][0]
+    path = Path(sample["images"]) / "0" / doc["image_info"][0]["image_name"]
+    jpeg = make_image(1, 64, 48, "JPEG")
+    path.write_bytes(jpeg + b"\x00\x00\x00\x18ftypmp42" + b"video" * 2000)
+    stats = convert(sample, tmp_path / "out")
+    assert stats["counts"]["images"]["trimmed"] == 1
+    record = read_records(tmp_path / "out")["shard_0-0000001"]
+    assert base64.b64decode(record["image_info"][0]["image_base64"]) == jpeg
+    assert validate_shards(str(tmp_path / "out"), deep=True).ok
