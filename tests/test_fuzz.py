@@ -186,7 +186,7 @@ def test_fuzz_conversation_items(conv_folder: Path, data, as_: str) -> None:
     ctx = context()
     ctx.stats.add("documents", "in")
     try:
-        record = conversations.convert_item(
+        record, _outcomes = conversations.convert_item(
             item, conversations.ConversationOptions(images=str(conv_folder), as_=as_)
         )
     except conversations.ItemError as exc:
