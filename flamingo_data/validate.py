@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from flamingo_data import remote
 from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_rgb, sniff_format
 from flamingo_data.records import decode_base64
@@ -130,8 +132,8 @@ def check_sample(
     if "json" not in sample.members:
         return [("missing_json", ", ".join(sorted(sample.members)))]
     try:
-        record = json.loads(sample.members["json"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        record = parse_record(sample.members["json"])
+    except (ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8, a 5000-digit int
         return [("bad_json", str(exc)[:200])]
     kind = record_kind(record) if options.kind == "auto" else options.kind
     report.kinds[kind] += 1
@@ -141,6 +143,14 @@ def check_sample(
         return problems + [("schema", "; ".join(errors))]
     checker = {"interleaved": _check_interleaved, "gpt": _check_gpt, "pair": _check_pair}[kind]
     return problems + checker(record, sample, options, report)
+
+
+def parse_record(raw: bytes) -> Any:
+    """The loader's parser (``json.loads``), after orjson's stricter one: NaN/Infinity (the loader's
+    image matching raises on them) and lone surrogates (its tokenizer raises) are refused, as the
+    shard writer refuses them, instead of passing here and stopping a training run."""
+    orjson.loads(raw)
+    return json.loads(raw)
 
 
 def _member_problems(sample: Sample, kind: str) -> list[tuple[str, str]]:

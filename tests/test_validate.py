@@ -114,9 +114,16 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
     no_images = {**rec, "image_info": [_without_bytes(info) for info in rec["image_info"]]}
     gpt_bad_b64 = gpt_record("_!_IMAGE1_!_ x", [1])
     gpt_bad_b64["image_map"]["_!_IMAGE1_!_"]["base64_image"] = "not base64!"
+    nan_row = [float("nan")] * len(rec["text_list"])
+    nan_matrix = {**rec, "similarity_matrix": [nan_row for _ in rec["image_info"]]}
+    lone_surrogate = {**rec, "text_list": ["\ud800" + text for text in rec["text_list"]]}
     dumps = lambda obj: json.dumps(obj).encode()  # noqa: E731
     return {
         "bad_json": ({"k.json": b"{oops"}, "k", "bad_json"),
+        "json_nan": ({"k.json": dumps(nan_matrix)}, "k", "bad_json"),
+        "json_lone_surrogate": ({"k.json": dumps(lone_surrogate)}, "k", "bad_json"),
+        "json_too_deep": ({"k.json": b"[" * 100_000 + b"]" * 100_000}, "k", "bad_json"),
+        "json_huge_int": ({"k.json": b'{"n": ' + b"9" * 5000 + b"}"}, "k", "bad_json"),
         "schema": ({"k.json": dumps({**rec, "text_list": "not a list"})}, "k", "schema"),
         "matrix": ({"k.json": dumps(wrong_shape)}, "k", "bad_matrix_shape"),
         "index": ({"k.json": dumps(bad_index)}, "k", "index_out_of_range"),
@@ -160,6 +167,10 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
     "case",
     [
         "bad_json",
+        "json_nan",
+        "json_lone_surrogate",
+        "json_too_deep",
+        "json_huge_int",
         "schema",
         "matrix",
         "index",
