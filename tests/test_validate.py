@@ -159,6 +159,7 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         ),
         "dotdot": ({"../k.json": dumps(rec)}, "../k.json", "unsafe_member_name"),
         "absolute": ({"/etc/k.json": dumps(rec)}, "/etc/k.json", "unsafe_member_name"),
+        "not_utf8_name": ({"k\udcff.json": dumps(rec)}, "k\udcff.json", "unsafe_member_name"),
         "deep_bomb": ({"k.json": dumps(bomb)}, "k", "too_many_pixels"),
     }
 
@@ -186,6 +187,7 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         "pickle",
         "dotdot",
         "absolute",
+        "not_utf8_name",
         "deep_bomb",
     ],
 )
