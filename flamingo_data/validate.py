@@ -212,13 +212,15 @@ def _check_interleaved(
 
 def _check_gpt(record: dict, sample: Sample, options: ValidateOptions, report: ValidationReport):
     problems = []
+    # compared as text, as the loader looks them up: _!_IMAGE01_!_ is not _!_IMAGE1_!_
+    placed = [m.group(0) for m in PLACEHOLDER.finditer(record["example"])]
     numbers = [int(n) for n in PLACEHOLDER.findall(record["example"])]
     names = set(record["image_map"])
-    if {f"_!_IMAGE{n}_!_" for n in numbers} != names:
+    if set(placed) != names:
         problems.append(
             (
                 "placeholder_mismatch",
-                f"text has {sorted(set(numbers))}, image_map has {sorted(names)}",
+                f"text has {sorted(set(placed))}, image_map has {sorted(names)}",
             )
         )
     elif sorted(set(numbers)) != list(range(1, len(names) + 1)):

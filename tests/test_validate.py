@@ -134,6 +134,11 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
             "k",
             "placeholder_mismatch",
         ),
+        "gpt_leading_zero": (
+            {"k.json": dumps(gpt_record("_!_IMAGE01_!_ x", [1]))},
+            "k",
+            "placeholder_mismatch",
+        ),
         "gpt_gap": (
             {"k.json": dumps(gpt_record("_!_IMAGE1_!_ x _!_IMAGE3_!_", [1, 3]))},
             "k",
@@ -178,6 +183,7 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         "base64",
         "not_image",
         "gpt_mismatch",
+        "gpt_leading_zero",
         "gpt_gap",
         "pair_no_image",
         "no_images",
