@@ -20,13 +20,14 @@ from typing import Any
 import orjson
 
 from flamingo_data import remote
-from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_rgb, sniff_format
+from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_at_least, sniff_format
 from flamingo_data.records import decode_base64
 from flamingo_data.schema import record_kind, schema_errors
 from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import SpecError, expand_specs
 
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
+LOADER_IMAGE_SIZE = 224  # LoaderConfig.image_size: --deep decodes as the loader's workers do
 
 
 @dataclass
@@ -178,10 +179,10 @@ def _check_image_bytes(
         return ("not_an_image", f"sniffed {fmt}")
     if options.deep:
         try:
-            decode_rgb(data, options.max_pixels)
-        except ValueError as exc:
-            return (str(exc), "")
-        except Exception as exc:  # any PIL decode failure means the same: the loader cannot use it
+            decode_at_least(data, LOADER_IMAGE_SIZE, options.max_pixels)
+        except Exception as exc:  # any decode failure means the same: the loader cannot use it
+            if exc.args == ("too_many_pixels",):
+                return ("too_many_pixels", "")
             return ("undecodable_image", f"{type(exc).__name__}: {exc}"[:200])
     return None
 

@@ -112,6 +112,10 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         + rec["image_info"][1:],
     }
     no_images = {**rec, "image_info": [_without_bytes(info) for info in rec["image_info"]]}
+    # PIL decodes past junk bytes before a marker; the loader's libjpeg-turbo refuses them
+    jpeg = make_image(6)
+    dqt = jpeg.index(b"\xff\xdb")
+    junk_jpeg = gpt_record("_!_IMAGE1_!_ x", [1], jpeg[:dqt] + b"\x00\x01\x02" + jpeg[dqt:])
     gpt_bad_b64 = gpt_record("_!_IMAGE1_!_ x", [1])
     gpt_bad_b64["image_map"]["_!_IMAGE1_!_"]["base64_image"] = "not base64!"
     nan_row = [float("nan")] * len(rec["text_list"])
@@ -167,6 +171,7 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         "absolute": ({"/etc/k.json": dumps(rec)}, "/etc/k.json", "unsafe_member_name"),
         "not_utf8_name": ({"k\udcff.json": dumps(rec)}, "k\udcff.json", "unsafe_member_name"),
         "deep_bomb": ({"k.json": dumps(bomb)}, "k", "too_many_pixels"),
+        "deep_junk_in_jpeg": ({"k.json": dumps(junk_jpeg)}, "k", "undecodable_image"),
     }
 
 
@@ -197,6 +202,7 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         "absolute",
         "not_utf8_name",
         "deep_bomb",
+        "deep_junk_in_jpeg",
     ],
 )
 def test_each_broken_shard_is_reported_by_key_and_reason(
