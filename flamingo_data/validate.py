@@ -92,12 +92,13 @@ def validate_shards(
     options = ValidateOptions(deep=deep, kind=kind, max_pixels=max_pixels)
     report = ValidationReport()
     seen_keys: set[str] = set()
+    counts: dict[str, int | None] = {}  # by path: two folders may hold shards of the same name
     for path in paths:
         report.shards += 1
-        count = _validate_shard(path, options, report, seen_keys)
-        if count is not None:
-            report.sizes[os.path.basename(path)] = count
-    _check_sizes(paths, report, write_sizes, sizes_path)
+        counts[path] = _validate_shard(path, options, report, seen_keys)
+        if counts[path] is not None:
+            report.sizes[os.path.basename(path)] = counts[path]
+    _check_sizes(counts, report, write_sizes, sizes_path)
     _check_stats(paths, report)
     return report
 
@@ -256,15 +257,15 @@ def _check_pair(record: dict, sample: Sample, options: ValidateOptions, report: 
 
 
 def _check_sizes(
-    paths: list[str], report: ValidationReport, write: bool, sizes_path: str | None
+    counts: dict[str, int | None], report: ValidationReport, write: bool, sizes_path: str | None
 ) -> None:
     """Compare with (or write) sizes.json in each folder holding shards."""
-    folders = sorted({os.path.dirname(p) or "." for p in paths})
+    folders = sorted({os.path.dirname(p) or "." for p in counts})
     for folder in folders:
         target = sizes_path or remote.join(folder, "sizes.json")
         here = {
-            os.path.basename(p): report.sizes.get(os.path.basename(p))
-            for p in paths
+            os.path.basename(p): count
+            for p, count in counts.items()
             if (os.path.dirname(p) or ".") == folder
         }
         if write:

@@ -297,6 +297,20 @@ def test_duplicate_keys_across_shards_and_sizes_mismatch(good: Path, tmp_path: P
     }
 
 
+def test_sizes_of_same_named_shards_in_two_folders(good: Path, tmp_path: Path) -> None:
+    """Counts are kept by path: b/00000.tar's count must not land in a/sizes.json."""
+    shard = next(good.glob("*.tar"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "00000.tar").write_bytes(shard.read_bytes())
+    (tmp_path / "b").mkdir()
+    write_tar(tmp_path / "b" / "00000.tar", {"other.json": json.dumps(first_record(good)).encode()})
+    assert validate_shards(f"{tmp_path}/{{a,b}}/00000.tar", write_sizes=True).ok
+    expected = json.loads((good / "sizes.json").read_text())[shard.name]
+    assert json.loads((tmp_path / "a" / "sizes.json").read_text()) == {"00000.tar": expected}
+    assert json.loads((tmp_path / "b" / "sizes.json").read_text()) == {"00000.tar": 1}
+    assert validate_shards(f"{tmp_path}/{{a,b}}/00000.tar").ok
+
+
 def test_write_sizes_and_json_report(good: Path, tmp_path: Path) -> None:
     for shard in good.glob("*.tar"):
         (tmp_path / shard.name).write_bytes(shard.read_bytes())
