@@ -275,10 +275,19 @@ def _check_sizes(
 
 
 def _write_sizes(target: str, here: dict[str, int | None]) -> None:
-    raw = remote.read_if_exists(target)
-    sizes = json.loads(raw) if raw is not None else {}
+    sizes = _existing_sizes(remote.read_if_exists(target))
     sizes.update({name: count for name, count in here.items() if count is not None})
     remote.write_file(target, json.dumps(dict(sorted(sizes.items())), indent=1).encode())
+
+
+def _existing_sizes(raw: bytes | None) -> dict[str, Any]:
+    """The entries to keep when rewriting sizes.json; a malformed one is replaced (the loader
+    ignores it too) rather than stopping ``--write-sizes`` with a traceback."""
+    try:
+        sizes = json.loads(raw) if raw is not None else {}
+    except (ValueError, RecursionError):
+        return {}
+    return sizes if isinstance(sizes, dict) else {}
 
 
 def _compare_sizes(
@@ -286,7 +295,7 @@ def _compare_sizes(
 ) -> None:
     try:
         sizes = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         report.failures.append(Failure(name, "", "bad_sizes_json", str(exc)[:200]))
         return
     if errors := schema_errors("sizes", sizes):
@@ -310,7 +319,7 @@ def _check_stats(paths: list[str], report: ValidationReport) -> None:
             continue
         try:
             errors = schema_errors("stats", json.loads(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             errors = [str(exc)[:200]]
         if errors:
             report.failures.append(Failure("stats.json", "", "stats_schema", "; ".join(errors)))

@@ -270,6 +270,21 @@ def test_stats_json_is_checked(good: Path, tmp_path: Path) -> None:
     assert reasons == {"stats_schema": 1}
 
 
+@pytest.mark.parametrize("text", ["{oops", "[1, 2]", "[" * 100_000])
+def test_malformed_sizes_and_stats_json(good: Path, tmp_path: Path, text: str) -> None:
+    """Reported by name when checked, replaced by --write-sizes; never a crash or exit 2."""
+    shard = next(good.glob("*.tar"))
+    (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    (tmp_path / "sizes.json").write_text(text)
+    (tmp_path / "stats.json").write_text(text)
+    reasons = set(validate_shards(str(tmp_path)).reasons())
+    assert reasons == {"bad_sizes_json" if text != "[1, 2]" else "sizes_schema", "stats_schema"}
+    assert cli(["validate", str(tmp_path)]) == 1
+    validate_shards(str(tmp_path), write_sizes=True)
+    sizes = json.loads((good / "sizes.json").read_text())
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {shard.name: sizes[shard.name]}
+
+
 def test_shard_level_breakage(good: Path, tmp_path: Path) -> None:
     data = next(good.glob("*.tar")).read_bytes()
     (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
