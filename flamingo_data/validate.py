@@ -115,7 +115,7 @@ def _validate_shard(
         shard_broken = shard_broken or not issue.key
         report.failures.append(Failure(shard, issue.key, issue.reason, issue.detail))
 
-    count = 0
+    count, failures_before = 0, len(report.failures)
     for sample in iter_samples(path, on_issue):
         count += 1
         report.samples += 1
@@ -124,6 +124,8 @@ def _validate_shard(
         seen.add(sample.key)
         for reason, detail in check_sample(sample, options, report):
             report.failures.append(Failure(shard, sample.key, reason, detail))
+    if count == 0 and len(report.failures) == failures_before:  # only an end-of-archive block
+        report.failures.append(Failure(shard, "", "empty_tar", "no samples"))
     return None if shard_broken else count
 
 

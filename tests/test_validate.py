@@ -289,11 +289,13 @@ def test_shard_level_breakage(good: Path, tmp_path: Path) -> None:
     data = next(good.glob("*.tar")).read_bytes()
     (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
     (tmp_path / "zero.tar").write_bytes(b"")
+    write_tar(tmp_path / "nothing.tar", {})
     (tmp_path / "text.tar").write_bytes(b"this is not a tar file at all" * 40)
     reasons = {(f.shard, f.reason) for f in validate_shards(str(tmp_path)).failures}
     assert {
         ("truncated.tar", "truncated_tar"),
         ("zero.tar", "empty_tar"),
+        ("nothing.tar", "empty_tar"),
         ("text.tar", "not_a_tar"),
     } <= reasons
 
