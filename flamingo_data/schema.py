@@ -37,8 +37,9 @@ def schema_errors(kind: str, obj: Any, limit: int = 3) -> list[str]:
 
 
 def record_kind(obj: Any) -> str:
-    """Which record kind a shard's JSON member is: gpt, interleaved, or pair metadata."""
-    if isinstance(obj, dict) and obj.get("is_gpt") is True:
+    """Which record kind a shard's JSON member is: gpt, interleaved, or pair metadata. Any true
+    ``is_gpt`` means gpt, as for the loader (the gpt schema then refuses ``"is_gpt": 1``)."""
+    if isinstance(obj, dict) and obj.get("is_gpt"):
         return "gpt"
     if isinstance(obj, dict) and "text_list" in obj:
         return "interleaved"

@@ -39,8 +39,23 @@ IssueSink = Callable[[ReadIssue], None]
 
 
 def unsafe_member_name(name: str) -> bool:
-    """Absolute paths and ``..`` components could escape an extraction folder."""
-    return name.startswith("/") or ".." in name.split("/") or "\\" in name or name == ""
+    """Absolute paths and ``..`` components could escape an extraction folder; a name that is not
+    UTF-8 (tarfile keeps its bytes as lone surrogates) makes a key the loader cannot hash."""
+    return (
+        name.startswith("/")
+        or ".." in name.split("/")
+        or "\\" in name
+        or name == ""
+        or not _is_utf8(name)
+    )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def split_key(name: str) -> tuple[str, str]:

@@ -17,14 +17,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from flamingo_data import remote
-from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_rgb, sniff_format
+from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_at_least, sniff_format
 from flamingo_data.records import decode_base64
 from flamingo_data.schema import record_kind, schema_errors
 from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import SpecError, expand_specs
 
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
+LOADER_IMAGE_SIZE = 224  # LoaderConfig.image_size: --deep decodes as the loader's workers do
 
 
 @dataclass
@@ -89,12 +92,13 @@ def validate_shards(
     options = ValidateOptions(deep=deep, kind=kind, max_pixels=max_pixels)
     report = ValidationReport()
     seen_keys: set[str] = set()
+    counts: dict[str, int | None] = {}  # by path: two folders may hold shards of the same name
     for path in paths:
         report.shards += 1
-        count = _validate_shard(path, options, report, seen_keys)
-        if count is not None:
-            report.sizes[os.path.basename(path)] = count
-    _check_sizes(paths, report, write_sizes, sizes_path)
+        counts[path] = _validate_shard(path, options, report, seen_keys)
+        if counts[path] is not None:
+            report.sizes[os.path.basename(path)] = counts[path]
+    _check_sizes(counts, report, write_sizes, sizes_path)
     _check_stats(paths, report)
     return report
 
@@ -111,7 +115,7 @@ def _validate_shard(
         shard_broken = shard_broken or not issue.key
         report.failures.append(Failure(shard, issue.key, issue.reason, issue.detail))
 
-    count = 0
+    count, failures_before = 0, len(report.failures)
     for sample in iter_samples(path, on_issue):
         count += 1
         report.samples += 1
@@ -120,6 +124,8 @@ def _validate_shard(
         seen.add(sample.key)
         for reason, detail in check_sample(sample, options, report):
             report.failures.append(Failure(shard, sample.key, reason, detail))
+    if count == 0 and len(report.failures) == failures_before:  # only an end-of-archive block
+        report.failures.append(Failure(shard, "", "empty_tar", "no samples"))
     return None if shard_broken else count
 
 
@@ -130,8 +136,8 @@ def check_sample(
     if "json" not in sample.members:
         return [("missing_json", ", ".join(sorted(sample.members)))]
     try:
-        record = json.loads(sample.members["json"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        record = parse_record(sample.members["json"])
+    except (ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8, a 5000-digit int
         return [("bad_json", str(exc)[:200])]
     kind = record_kind(record) if options.kind == "auto" else options.kind
     report.kinds[kind] += 1
@@ -141,6 +147,14 @@ def check_sample(
         return problems + [("schema", "; ".join(errors))]
     checker = {"interleaved": _check_interleaved, "gpt": _check_gpt, "pair": _check_pair}[kind]
     return problems + checker(record, sample, options, report)
+
+
+def parse_record(raw: bytes) -> Any:
+    """The loader's parser (``json.loads``), after orjson's stricter one: NaN/Infinity (the loader's
+    image matching raises on them) and lone surrogates (its tokenizer raises) are refused, as the
+    shard writer refuses them, instead of passing here and stopping a training run."""
+    orjson.loads(raw)
+    return json.loads(raw)
 
 
 def _member_problems(sample: Sample, kind: str) -> list[tuple[str, str]]:
@@ -168,10 +182,10 @@ def _check_image_bytes(
         return ("not_an_image", f"sniffed {fmt}")
     if options.deep:
         try:
-            decode_rgb(data, options.max_pixels)
-        except ValueError as exc:
-            return (str(exc), "")
-        except Exception as exc:  # any PIL decode failure means the same: the loader cannot use it
+            decode_at_least(data, LOADER_IMAGE_SIZE, options.max_pixels)
+        except Exception as exc:  # any decode failure means the same: the loader cannot use it
+            if exc.args == ("too_many_pixels",):
+                return ("too_many_pixels", "")
             return ("undecodable_image", f"{type(exc).__name__}: {exc}"[:200])
     return None
 
@@ -202,13 +216,15 @@ def _check_interleaved(
 
 def _check_gpt(record: dict, sample: Sample, options: ValidateOptions, report: ValidationReport):
     problems = []
+    # compared as text, as the loader looks them up: _!_IMAGE01_!_ is not _!_IMAGE1_!_
+    placed = [m.group(0) for m in PLACEHOLDER.finditer(record["example"])]
     numbers = [int(n) for n in PLACEHOLDER.findall(record["example"])]
     names = set(record["image_map"])
-    if {f"_!_IMAGE{n}_!_" for n in numbers} != names:
+    if set(placed) != names:
         problems.append(
             (
                 "placeholder_mismatch",
-                f"text has {sorted(set(numbers))}, image_map has {sorted(names)}",
+                f"text has {sorted(set(placed))}, image_map has {sorted(names)}",
             )
         )
     elif sorted(set(numbers)) != list(range(1, len(names) + 1)):
@@ -243,15 +259,15 @@ def _check_pair(record: dict, sample: Sample, options: ValidateOptions, report: 
 
 
 def _check_sizes(
-    paths: list[str], report: ValidationReport, write: bool, sizes_path: str | None
+    counts: dict[str, int | None], report: ValidationReport, write: bool, sizes_path: str | None
 ) -> None:
     """Compare with (or write) sizes.json in each folder holding shards."""
-    folders = sorted({os.path.dirname(p) or "." for p in paths})
+    folders = sorted({os.path.dirname(p) or "." for p in counts})
     for folder in folders:
         target = sizes_path or remote.join(folder, "sizes.json")
         here = {
-            os.path.basename(p): report.sizes.get(os.path.basename(p))
-            for p in paths
+            os.path.basename(p): count
+            for p, count in counts.items()
             if (os.path.dirname(p) or ".") == folder
         }
         if write:
@@ -261,10 +277,19 @@ def _check_sizes(
 
 
 def _write_sizes(target: str, here: dict[str, int | None]) -> None:
-    raw = remote.read_if_exists(target)
-    sizes = json.loads(raw) if raw is not None else {}
+    sizes = _existing_sizes(remote.read_if_exists(target))
     sizes.update({name: count for name, count in here.items() if count is not None})
     remote.write_file(target, json.dumps(dict(sorted(sizes.items())), indent=1).encode())
+
+
+def _existing_sizes(raw: bytes | None) -> dict[str, Any]:
+    """The entries to keep when rewriting sizes.json; a malformed one is replaced (the loader
+    ignores it too) rather than stopping ``--write-sizes`` with a traceback."""
+    try:
+        sizes = json.loads(raw) if raw is not None else {}
+    except (ValueError, RecursionError):
+        return {}
+    return sizes if isinstance(sizes, dict) else {}
 
 
 def _compare_sizes(
@@ -272,7 +297,7 @@ def _compare_sizes(
 ) -> None:
     try:
         sizes = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         report.failures.append(Failure(name, "", "bad_sizes_json", str(exc)[:200]))
         return
     if errors := schema_errors("sizes", sizes):
@@ -296,7 +321,7 @@ def _check_stats(paths: list[str], report: ValidationReport) -> None:
             continue
         try:
             errors = schema_errors("stats", json.loads(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             errors = [str(exc)[:200]]
         if errors:
             report.failures.append(Failure("stats.json", "", "stats_schema", "; ".join(errors)))

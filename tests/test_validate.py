@@ -112,18 +112,35 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         + rec["image_info"][1:],
     }
     no_images = {**rec, "image_info": [_without_bytes(info) for info in rec["image_info"]]}
+    # PIL decodes past junk bytes before a marker; the loader's libjpeg-turbo refuses them
+    jpeg = make_image(6)
+    dqt = jpeg.index(b"\xff\xdb")
+    junk_jpeg = gpt_record("_!_IMAGE1_!_ x", [1], jpeg[:dqt] + b"\x00\x01\x02" + jpeg[dqt:])
     gpt_bad_b64 = gpt_record("_!_IMAGE1_!_ x", [1])
     gpt_bad_b64["image_map"]["_!_IMAGE1_!_"]["base64_image"] = "not base64!"
+    nan_row = [float("nan")] * len(rec["text_list"])
+    nan_matrix = {**rec, "similarity_matrix": [nan_row for _ in rec["image_info"]]}
+    lone_surrogate = {**rec, "text_list": ["\ud800" + text for text in rec["text_list"]]}
     dumps = lambda obj: json.dumps(obj).encode()  # noqa: E731
     return {
         "bad_json": ({"k.json": b"{oops"}, "k", "bad_json"),
+        "json_nan": ({"k.json": dumps(nan_matrix)}, "k", "bad_json"),
+        "json_lone_surrogate": ({"k.json": dumps(lone_surrogate)}, "k", "bad_json"),
+        "json_too_deep": ({"k.json": b"[" * 100_000 + b"]" * 100_000}, "k", "bad_json"),
+        "json_huge_int": ({"k.json": b'{"n": ' + b"9" * 5000 + b"}"}, "k", "bad_json"),
         "schema": ({"k.json": dumps({**rec, "text_list": "not a list"})}, "k", "schema"),
+        "is_gpt_not_true": ({"k.json": dumps({**rec, "is_gpt": 1})}, "k", "schema"),
         "matrix": ({"k.json": dumps(wrong_shape)}, "k", "bad_matrix_shape"),
         "index": ({"k.json": dumps(bad_index)}, "k", "index_out_of_range"),
         "base64": ({"k.json": dumps(bad_b64)}, "k", "bad_base64"),
         "not_image": ({"k.json": dumps(not_image)}, "k", "not_an_image"),
         "gpt_mismatch": (
             {"k.json": dumps(gpt_record("_!_IMAGE1_!_ x _!_IMAGE3_!_", [1, 2]))},
+            "k",
+            "placeholder_mismatch",
+        ),
+        "gpt_leading_zero": (
+            {"k.json": dumps(gpt_record("_!_IMAGE01_!_ x", [1]))},
             "k",
             "placeholder_mismatch",
         ),
@@ -152,7 +169,9 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         ),
         "dotdot": ({"../k.json": dumps(rec)}, "../k.json", "unsafe_member_name"),
         "absolute": ({"/etc/k.json": dumps(rec)}, "/etc/k.json", "unsafe_member_name"),
+        "not_utf8_name": ({"k\udcff.json": dumps(rec)}, "k\udcff.json", "unsafe_member_name"),
         "deep_bomb": ({"k.json": dumps(bomb)}, "k", "too_many_pixels"),
+        "deep_junk_in_jpeg": ({"k.json": dumps(junk_jpeg)}, "k", "undecodable_image"),
     }
 
 
@@ -160,12 +179,18 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
     "case",
     [
         "bad_json",
+        "json_nan",
+        "json_lone_surrogate",
+        "json_too_deep",
+        "json_huge_int",
         "schema",
+        "is_gpt_not_true",
         "matrix",
         "index",
         "base64",
         "not_image",
         "gpt_mismatch",
+        "gpt_leading_zero",
         "gpt_gap",
         "pair_no_image",
         "no_images",
@@ -175,7 +200,9 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         "pickle",
         "dotdot",
         "absolute",
+        "not_utf8_name",
         "deep_bomb",
+        "deep_junk_in_jpeg",
     ],
 )
 def test_each_broken_shard_is_reported_by_key_and_reason(
@@ -243,15 +270,32 @@ def test_stats_json_is_checked(good: Path, tmp_path: Path) -> None:
     assert reasons == {"stats_schema": 1}
 
 
+@pytest.mark.parametrize("text", ["{oops", "[1, 2]", "[" * 100_000])
+def test_malformed_sizes_and_stats_json(good: Path, tmp_path: Path, text: str) -> None:
+    """Reported by name when checked, replaced by --write-sizes; never a crash or exit 2."""
+    shard = next(good.glob("*.tar"))
+    (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    (tmp_path / "sizes.json").write_text(text)
+    (tmp_path / "stats.json").write_text(text)
+    reasons = set(validate_shards(str(tmp_path)).reasons())
+    assert reasons == {"bad_sizes_json" if text != "[1, 2]" else "sizes_schema", "stats_schema"}
+    assert cli(["validate", str(tmp_path)]) == 1
+    validate_shards(str(tmp_path), write_sizes=True)
+    sizes = json.loads((good / "sizes.json").read_text())
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {shard.name: sizes[shard.name]}
+
+
 def test_shard_level_breakage(good: Path, tmp_path: Path) -> None:
     data = next(good.glob("*.tar")).read_bytes()
     (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
     (tmp_path / "zero.tar").write_bytes(b"")
+    write_tar(tmp_path / "nothing.tar", {})
     (tmp_path / "text.tar").write_bytes(b"this is not a tar file at all" * 40)
     reasons = {(f.shard, f.reason) for f in validate_shards(str(tmp_path)).failures}
     assert {
         ("truncated.tar", "truncated_tar"),
         ("zero.tar", "empty_tar"),
+        ("nothing.tar", "empty_tar"),
         ("text.tar", "not_a_tar"),
     } <= reasons
 
@@ -268,6 +312,20 @@ def test_duplicate_keys_across_shards_and_sizes_mismatch(good: Path, tmp_path: P
         ("a.tar", "count_mismatch"),
         ("b.tar", "missing_from_sizes_json"),
     }
+
+
+def test_sizes_of_same_named_shards_in_two_folders(good: Path, tmp_path: Path) -> None:
+    """Counts are kept by path: b/00000.tar's count must not land in a/sizes.json."""
+    shard = next(good.glob("*.tar"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "00000.tar").write_bytes(shard.read_bytes())
+    (tmp_path / "b").mkdir()
+    write_tar(tmp_path / "b" / "00000.tar", {"other.json": json.dumps(first_record(good)).encode()})
+    assert validate_shards(f"{tmp_path}/{{a,b}}/00000.tar", write_sizes=True).ok
+    expected = json.loads((good / "sizes.json").read_text())[shard.name]
+    assert json.loads((tmp_path / "a" / "sizes.json").read_text()) == {"00000.tar": expected}
+    assert json.loads((tmp_path / "b" / "sizes.json").read_text()) == {"00000.tar": 1}
+    assert validate_shards(f"{tmp_path}/{{a,b}}/00000.tar").ok
 
 
 def test_write_sizes_and_json_report(good: Path, tmp_path: Path) -> None:
