@@ -126,15 +126,30 @@ def decode_at_least(
         image = open_capped(data, max_pixels)
         if not _turbo_decodable(image):
             return _decode_with_pil(image, short_side)
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        width, height = image.size  # turbo-decodable: no rotation, so stored = displayed size
     elif header.mode == "RGB":
         width, height = header.width, header.height
     else:
         return _decode_with_pil(open_capped(data, max_pixels), short_side)
     if width * height > max_pixels:
         raise ValueError("too_many_pixels")
-    limit = dct_scale_limit(width, height, short_side)
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", **limit), (width, height)
+    return turbo_decode(data, (width, height), short_side, max_pixels), (width, height)
+
+
+def turbo_decode(
+    data: bytes, size: tuple[int, int], short_side: int, max_pixels: int
+) -> np.ndarray:
+    """A plain JPEG's pixels through libjpeg-turbo at the smallest DCT scale covering ``short_side``.
+
+    libjpeg-turbo refuses a file over any warning, and "extraneous bytes before marker" is common
+    on the web; PIL, which upstream open_flamingo decodes with, reads such files. So a refused file
+    gets PIL's answer: the image is decoded (at the draft size) or, when really cut off, PIL raises.
+    The stage, validate --deep and the loader thus agree with each other and with upstream.
+    """
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", **dct_scale_limit(*size, short_side))
+    except ValueError:
+        return _decode_with_pil(open_capped(data, max_pixels), short_side)[0]
 
 
 def _decode_with_pil(image: Image.Image, short_side: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -254,8 +269,7 @@ def _resized_turbo(
     data: bytes, size: tuple[int, int], target: tuple[int, int], policy: ImagePolicy
 ) -> ImageResult:
     """Reduced-scale decode of a plain JPEG (grey ones come back RGB), then the exact resize."""
-    limit = dct_scale_limit(*size, min(target))
-    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", **limit)
+    pixels = turbo_decode(data, size, min(target), policy.max_pixels)
     small = resize_pixels(pixels, target, policy.resize_filter)
     return _encoded("resized", small, policy, "resized")
 

@@ -321,3 +321,31 @@ def test_cut_off_images_are_still_truncated_with_or_without_a_tail(source: bytes
     cut = source[: len(source) * 2 // 3]
     assert process_image(cut, POLICY).reason == "truncated"
     assert process_image(cut + b"junk after the cut", POLICY).reason == "truncated"
+
+
+def _with_junk_before_a_marker(jpeg: bytes) -> bytes:
+    """libjpeg-turbo warns "3 extraneous bytes before marker 0xdb" and refuses; PIL reads it."""
+    dqt = jpeg.index(b"\xff\xdb")
+    return jpeg[:dqt] + b"\x00\x01\x02" + jpeg[dqt:]
+
+
+def test_junk_before_a_marker_is_decoded_as_pil_does_everywhere() -> None:
+    """Kept, resized and decoded by the loader alike, with PIL's pixels: not kept at conversion and
+    then dropped at training time."""
+    source = _photo("JPEG")
+    junk = _with_junk_before_a_marker(source)
+    assert process_image(junk, POLICY).outcome == "kept"
+    resized = process_image(junk, ImagePolicy(short_side=45))
+    assert resized.outcome == "resized" and (resized.width, resized.height) == (60, 45)
+    pixels, full = decode_at_least(junk, 45)
+    clean = simplejpeg.decode_jpeg(source, colorspace="RGB", min_height=45)  # same scale, no junk
+    assert full == (120, 90) and pixels.shape == clean.shape == (45, 60, 3)
+    assert np.abs(pixels.astype(int) - clean).mean() < 1
+
+
+def test_a_cut_off_jpeg_fails_the_loaders_decode_too() -> None:
+    """The PIL fallback is for warnings, not for missing data: libjpeg-turbo alone would grey-fill."""
+    cut = _photo("JPEG")[: len(_photo("JPEG")) * 2 // 3]
+    with pytest.raises(OSError):
+        decode_at_least(cut, 45)
+    assert process_image(cut, ImagePolicy(short_side=45)).reason == "undecodable"
