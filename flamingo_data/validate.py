@@ -69,6 +69,18 @@ class ValidationReport:
         }
 
 
+def _named_shards(specs: str | list[str]) -> tuple[list[str], list[str]]:
+    """(shards that exist, named shards that do not). A path or brace alternative that names no
+    file is a failure: a dataset with holes is not the dataset the user meant to train on. Only a
+    spec that names nothing at all is a usage error."""
+    named = expand_specs(specs, folder_suffix=".tar", keep_missing=True)
+    exists = [remote.exists(p) if remote.is_remote(p) else os.path.exists(p) for p in named]
+    present = [p for p, ok in zip(named, exists, strict=True) if ok]
+    if not present:
+        raise SpecError(f"no shard matches {specs!r}")
+    return present, [p for p, ok in zip(named, exists, strict=True) if not ok]
+
+
 @dataclass(frozen=True, slots=True)
 class ValidateOptions:
     deep: bool = False
@@ -86,11 +98,11 @@ def validate_shards(
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ValidationReport:
     """Validate every shard named by ``specs`` (brace patterns, globs, folders)."""
-    paths = expand_specs(specs, folder_suffix=".tar")
-    if not paths:
-        raise SpecError(f"no shard matches {specs!r}")
+    paths, missing = _named_shards(specs)
     options = ValidateOptions(deep=deep, kind=kind, max_pixels=max_pixels)
     report = ValidationReport()
+    for path in missing:
+        report.failures.append(Failure(os.path.basename(path), "", "missing_shard", path))
     seen_keys: set[str] = set()
     counts: dict[str, int | None] = {}  # by path: two folders may hold shards of the same name
     for path in paths:

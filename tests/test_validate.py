@@ -367,3 +367,28 @@ def test_deep_passes_a_jpeg_with_junk_before_a_marker_as_the_loader_reads_it(
     shard = write_tar(tmp_path / "junk.tar", {"k.json": json.dumps(record).encode()})
     report = validate_shards(str(shard), deep=True)
     assert report.ok, report.failures
+
+
+def test_a_named_shard_that_does_not_exist_fails_the_dataset(good: Path, capsys) -> None:
+    """A hole in a brace list or a mistyped path is a dataset the user did not mean; only a spec
+    that names nothing at all is a usage error."""
+    shards = sorted(p.name for p in good.glob("*.tar"))
+    spec = f"{good}/{{{','.join([*shards, 'shard_9-00000.tar'])}}}"
+    report = validate_shards(spec)
+    assert [(f.shard, f.reason) for f in report.failures] == [
+        ("shard_9-00000.tar", "missing_shard")
+    ]
+    assert report.shards == len(shards)
+    assert cli(["validate", str(good), str(good / "nope.tar")]) == 1
+    assert cli(["validate", str(good / "nope.tar")]) == 2
+
+
+@pytest.mark.parametrize("where", ["folder", "no_parent"])
+def test_an_unwritable_json_report_is_a_usage_error_before_any_work(
+    good: Path, tmp_path: Path, capsys, where: str
+) -> None:
+    target = tmp_path if where == "folder" else tmp_path / "no" / "report.json"
+    assert cli(["validate", str(good), "--json", str(target)]) == 2
+    out, err = capsys.readouterr()
+    assert "OK" not in out and "cannot write the --json report" in err
+    assert len(err.strip().splitlines()) == 1

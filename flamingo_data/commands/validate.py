@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TextIO
 
-from flamingo_data.commands.common import usage_errors
+from flamingo_data.commands.common import UsageError, usage_errors
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.validate import ValidationReport, validate_shards
 
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @usage_errors
 def run(args: argparse.Namespace) -> int:
+    report_file = _open_report(args.json_out)
     report = validate_shards(
         args.shards,
         deep=args.deep,
@@ -47,11 +49,21 @@ def run(args: argparse.Namespace) -> int:
         print()
     else:
         print_summary(report, args.max_failures_shown)
-        if args.json_out:
-            with open(args.json_out, "w") as handle:
-                json.dump(report.to_json(), handle, indent=1)
-                handle.write("\n")
+        if report_file is not None:
+            with report_file:
+                json.dump(report.to_json(), report_file, indent=1)
+                report_file.write("\n")
     return 0 if report.ok else 1
+
+
+def _open_report(path: str | None) -> TextIO | None:
+    """Open --json's file before the (maybe hour-long) validation, so a bad path fails first."""
+    if path in (None, "-"):
+        return None
+    try:
+        return open(path, "w")  # noqa: SIM115 -- closed after the report is written
+    except OSError as exc:
+        raise UsageError(f"cannot write the --json report to {path}: {exc.strerror}") from exc
 
 
 def print_summary(report: ValidationReport, limit: int) -> None:
