@@ -86,9 +86,10 @@ def image_folder(images: str, unit: Unit, layout: str) -> str:
 
 
 def iter_lines(path: str) -> Iterator[tuple[str, int, bytes]]:
-    """(member, line number, raw line) for every .jsonl member of the zip, members in name order."""
+    """(member, line number, raw line) for every .jsonl member of the zip (any case: a zip made
+    on another system may say .JSONL), members in name order."""
     with remote.open_binary(path) as handle, zipfile.ZipFile(handle) as zf:
-        members = sorted(n for n in zf.namelist() if n.endswith(".jsonl"))
+        members = sorted(n for n in zf.namelist() if n.lower().endswith(".jsonl"))
         if not members:
             raise zipfile.BadZipFile("no .jsonl member")
         for member in members:

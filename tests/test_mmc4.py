@@ -434,3 +434,12 @@ def test_a_motion_photo_keeps_its_image_and_loses_its_video(tmp_path: Path) -> N
     record = read_records(tmp_path / "out")["shard_0-0000001"]
     assert base64.b64decode(record["image_info"][0]["image_base64"]) == jpeg
     assert validate_shards(str(tmp_path / "out"), deep=True).ok
+
+
+def test_jsonl_members_are_found_whatever_the_case_of_their_suffix(tmp_path: Path) -> None:
+    sample = _sample_with_lines(tmp_path, lambda good: [])
+    docs_dir = Path(sample["docs"]).parent
+    line = zipfile.ZipFile(docs_dir / "shard_0.zip").read("shard_0.jsonl")
+    _zip(docs_dir / "shard_0.zip", {"a.jsonl": line, "B.JSONL": line, "notes.txt": b"not data"})
+    stats = convert(sample, tmp_path / "out")
+    assert stats["counts"]["documents"] == {"in": 2, "written": 2}
