@@ -35,6 +35,7 @@ from flamingo_data.units import (
     UnitContext,
     drop_work_dir,
     finalize,
+    output_settings,
     prepare_out_dir,
     unit_names,
     work_dir,
@@ -219,7 +220,10 @@ def convert_chatgpt(
     work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
     if (work / "_images").exists() and not (run.resume or overwrite):
         raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass --resume or --overwrite")
-    prepare_out_dir(run.out_dir, run.resume, overwrite)
+    run = output_settings(
+        run, url_key=options.url_key, missing=options.missing, policy=options.policy
+    )
+    prepare_out_dir(run.out_dir, run.resume, overwrite, run.settings)
     if overwrite:  # img2dataset's incremental mode would otherwise reuse the old downloads
         shutil.rmtree(work / "_images", ignore_errors=True)
     images = options.images_from or str(work / "_images")

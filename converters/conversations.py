@@ -46,6 +46,7 @@ from flamingo_data.units import (
     UnitContext,
     finalize,
     list_markers,
+    output_settings,
     prepare_out_dir,
 )
 
@@ -295,7 +296,8 @@ def convert_conversations(
     sources = conversation_sources(json_specs)
     if not remote.isdir(options.images):
         raise SpecError(f"image folder {options.images} does not exist")
-    prepare_out_dir(run.out_dir, run.resume, overwrite)
+    run = output_settings(run, as_=options.as_, template=options.template, policy=options.policy)
+    prepare_out_dir(run.out_dir, run.resume, overwrite, run.settings)
     try:
         record_chunk_size(run.out_dir, chunk_size, run.resume)
     except ValueError as exc:

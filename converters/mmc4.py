@@ -29,7 +29,15 @@ from flamingo_data.schema import schema_errors
 from flamingo_data.shards import safe_stem
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
-from flamingo_data.units import RunOptions, Unit, UnitContext, finalize, prepare_out_dir, unit_names
+from flamingo_data.units import (
+    RunOptions,
+    Unit,
+    UnitContext,
+    finalize,
+    output_settings,
+    prepare_out_dir,
+    unit_names,
+)
 
 LAYOUTS = ("auto", "indexed", "flat")
 # What reading a bad zip raises; RuntimeError: an encrypted member, NotImplementedError (a
@@ -341,7 +349,14 @@ def convert_mmc4(
     if not remote.isdir(options.images):
         raise SpecError(f"image folder {options.images} does not exist")
     layout, _rates = detect_layout(units, options)
-    prepare_out_dir(run.out_dir, run.resume, overwrite)
+    run = output_settings(
+        run,
+        layout=layout,
+        keep_docs_without_images=options.keep_docs_without_images,
+        drop_docs_with_missing_images=options.drop_docs_with_missing_images,
+        policy=options.policy,
+    )
+    prepare_out_dir(run.out_dir, run.resume, overwrite, run.settings)
     fn = partial(convert_unit, options=options, layout=layout)
     run_units(
         units, fn, run, executor=executor, processes=processes, progress=progress, master=master

@@ -18,7 +18,7 @@ import posixpath
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,9 @@ class RunOptions:
     fsync: bool = (
         True  # off: faster on scratch disks, but a power loss can corrupt committed shards
     )
+    # what decides the output (image policy, what is kept, shard sizes); recorded in each marker
+    # so that --resume refuses to finish a run with other options (see output_settings)
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,6 +153,8 @@ def _write_unit(
         "shards": shards,
         "stats": ctx.stats.to_json(),
     }
+    if options.settings:
+        marker["settings"] = options.settings
     write_atomic(marker_path(out, unit.name), json.dumps(marker, sort_keys=True).encode(), fsync)
     return marker
 
@@ -234,8 +239,35 @@ def list_markers(out_dir: str | Path) -> list[str]:
     return _glob(str(out_dir), f"{MARKER_DIR}/*.json")
 
 
-def prepare_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path | str:
-    """Create the folder; refuse to mix with an earlier run unless resuming or overwriting."""
+def output_settings(run: RunOptions, **settings: Any) -> RunOptions:
+    """``run`` carrying the options that decide a unit's bytes, in their JSON form (as markers hold
+    them), plus the shard size limits; paths are left out, so moved inputs still resume."""
+    every = {**settings, "max_samples": run.max_samples, "max_bytes": run.max_bytes}
+    return replace(run, settings=json.loads(json.dumps(every, default=_plain)))
+
+
+def _plain(value: Any) -> Any:
+    return asdict(value) if is_dataclass(value) else str(value)
+
+
+def check_resume_settings(out_dir: str | Path, settings: dict[str, Any]) -> None:
+    """Finishing a run with other options would mix two kinds of shard in one dataset: refuse,
+    naming what differs. Markers from before settings were recorded are not compared."""
+    for path in list_markers(out_dir):
+        earlier = json.loads(remote.read_bytes(path)).get("settings")
+        if earlier is not None and earlier != settings:
+            changed = sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k))
+            raise OutputExistsError(
+                f"{out_dir} was written with other options ({', '.join(changed)} differ): "
+                "resume with the same options, or pass --overwrite"
+            )
+
+
+def prepare_out_dir(
+    out_dir: str | Path, resume: bool, overwrite: bool, settings: dict[str, Any] | None = None
+) -> Path | str:
+    """Create the folder; refuse to mix with an earlier run unless resuming (with the same
+    ``settings``, when given) or overwriting."""
     out = str(out_dir)
     if remote.is_remote(out):
         remote.makedirs(remote.join(out, MARKER_DIR))
@@ -247,6 +279,8 @@ def prepare_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> Path 
         raise OutputExistsError(
             f"{out} holds {len(earlier)} finished units of an earlier run: pass --resume or --overwrite"
         )
+    if resume and settings and not overwrite:
+        check_resume_settings(out, settings)
     stale = _glob(out, f"*{TMP_SUFFIX}")
     if overwrite:
         stale += [*earlier, *_glob(out, "*.tar"), *_glob(out, f"{REJECTS_DIR}/*")]

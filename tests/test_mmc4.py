@@ -443,3 +443,21 @@ def test_jsonl_members_are_found_whatever_the_case_of_their_suffix(tmp_path: Pat
     _zip(docs_dir / "shard_0.zip", {"a.jsonl": line, "B.JSONL": line, "notes.txt": b"not data"})
     stats = convert(sample, tmp_path / "out")
     assert stats["counts"]["documents"] == {"in": 2, "written": 2}
+
+
+def test_resume_refuses_other_options_and_names_them(sample: dict, tmp_path: Path, capsys) -> None:
+    """Finishing a run at another size or quality would mix two kinds of image in one dataset."""
+    base = ["convert", "mmc4", "--docs", sample["docs"], "--out", str(tmp_path / "out")]
+    base += ["--processes", "1"]
+    assert cli([*base, "--images", sample["images"], "--short-side", "32"]) == 0
+    before = tar_bytes(tmp_path / "out")
+    capsys.readouterr()
+    resumed = [*base, "--images", sample["images"], "--resume", "--short-side", "48"]
+    assert cli(resumed) == 2
+    err = capsys.readouterr().err
+    assert "other options (policy differ)" in err and len(err.strip().splitlines()) == 1
+    assert tar_bytes(tmp_path / "out") == before
+    moved = tmp_path / "moved"
+    Path(sample["images"]).rename(moved)  # same options, images moved: resumes
+    assert cli([*base, "--images", str(moved), "--resume", "--short-side", "32"]) == 0
+    assert cli([*base, "--images", str(moved), "--overwrite", "--short-side", "48"]) == 0
