@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from flamingo_data.loader.labels import make_labels
 from flamingo_data.loader.sample import TextContext, preprocess, sample_rng
 from flamingo_data.records import encode_base64
 from flamingo_data.shardread import Sample
+from flamingo_data.validate import parse_record
 from tests.loader_data import interleaved_record, solid_jpeg
 
 EOS, IMG, EOC, PAD = 256, 257, 258, 259
@@ -110,6 +113,58 @@ def test_bad_base64_and_undecodable_image_are_rejections() -> None:
     record["image_info"][0]["image_base64"] = encode_base64(b"\xff\xd8\xff" + b"\0" * 50)
     with pytest.raises(Reject, match="undecodable_image"):
         run(record)
+
+
+def run_raw(raw: bytes) -> dict:
+    return preprocess(
+        Sample("s.tar", "k", {"json": raw}),
+        "d",
+        TextContext.of(make_tokenizer(None)),
+        CONFIG,
+        sample_rng(0, 0, "k"),
+    )
+
+
+GOOD = json.dumps(interleaved_record(["A", "B"], [[0.3, 0.1]], [solid_jpeg(RED)]))
+UNVALIDATED = {  # records that never went through validate: each crashed the loader
+    "nan": GOOD.replace("[[0.3, 0.1]]", "[[NaN, 0.1]]"),
+    "infinity": GOOD.replace("[[0.3, 0.1]]", "[[-Infinity, 0.1]]"),
+    "overflow": GOOD.replace("[[0.3, 0.1]]", "[[1e400, 0.1]]"),
+    "lone_surrogate": GOOD.replace('"A"', '"\\ud800"'),
+    "deep": GOOD.replace('"url": "u"', '"url": ' + "[" * 100_000 + "]" * 100_000),
+    "long_int": GOOD.replace('"url": "u"', '"url": ' + "7" * 5000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNVALIDATED))
+def test_json_that_validate_refuses_is_a_counted_bad_json(name: str) -> None:
+    raw = UNVALIDATED[name].encode()
+    with pytest.raises((ValueError, RecursionError)):
+        parse_record(raw)
+    with pytest.raises(Reject, match="bad_json"):
+        run_raw(raw)
+    assert run_raw(GOOD.encode())["pixels"].shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"text_list": ["A", 5]},
+        {"similarity_matrix": [["x", 0.1]]},
+        {"similarity_matrix": [[None, 0.1]]},
+        {"image_info": ["not an object"]},
+        {"image_info": [{"image_base64": 5}]},
+        {
+            "is_gpt": True,
+            "example": "_!_IMAGE0_!_ A",
+            "image_map": {"_!_IMAGE0_!_": {"base64_image": 5}},
+        },
+    ],
+)
+def test_fields_of_the_wrong_type_are_a_counted_bad_record(changes: dict) -> None:
+    record = {**json.loads(GOOD), **changes}
+    with pytest.raises(Reject, match="bad_record"):
+        run_raw(json.dumps(record).encode())
 
 
 def test_gpt_record_binds_images_by_number_in_text_order() -> None:

@@ -183,6 +183,8 @@ def test_corrupt_members_are_counted_and_nothing_is_unpickled(tmp_path: Path) ->
     with tarfile.open(shard, "w") as tar:
         _add(tar, "good.json", json.dumps(good).encode())
         _add(tar, "badjson.json", b"{not json")
+        _add(tar, "nan.json", json.dumps(good).replace("0.5", "NaN").encode())
+        _add(tar, "surrogate.json", json.dumps(good).replace('"A"', '"\\udc00"').encode())
         _add(tar, "badb64.json", json.dumps(bad_b64).encode())
         _add(tar, "bomb.json", json.dumps(bomb).encode())
         _add(tar, "evil.pickle", pickle.dumps(_Boom(str(marker))))
@@ -199,7 +201,7 @@ def test_corrupt_members_are_counted_and_nothing_is_unpickled(tmp_path: Path) ->
     assert keys == ["good"]
     reasons = loader.rejections()
     assert (
-        reasons["bad_json"] == 1
+        reasons["bad_json"] == 3
         and reasons["bad_base64"] == 1
         and reasons["unexpected_member"] == 1
     )
