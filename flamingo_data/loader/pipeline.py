@@ -150,6 +150,7 @@ def _collate(
         "_slot": slot,
         "_position": position,
         "_rejections": dict(rejections),
+        "_special_token_text": sum(s.get("special_token_text", 0) > 0 for s in samples),
     }
 
 
@@ -187,6 +188,7 @@ class FlamingoLoader:
         self.epoch = 0
         self._positions: dict[int, int] = {}
         self._rejections: Counter = Counter()
+        self._text_changes: Counter = Counter()
         self._last_log = 0.0
 
     @property
@@ -216,12 +218,18 @@ class FlamingoLoader:
     def rejections(self) -> dict[str, int]:
         return dict(self._rejections)
 
+    def text_changes(self) -> dict[str, int]:
+        """Delivered samples whose source text was changed, by change: ``special_token_text`` (a
+        literal special-token string, e.g. ``<image>`` in web text, broken so it stays text)."""
+        return dict(self._text_changes)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "positions": dict(self._positions),
             "slots": self.slots,
             "rejections": dict(self._rejections),
+            "text_changes": dict(self._text_changes),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -233,6 +241,7 @@ class FlamingoLoader:
         self.epoch = int(state["epoch"])
         self._positions = {int(k): int(v) for k, v in state["positions"].items()}
         self._rejections = Counter(state.get("rejections", {}))
+        self._text_changes = Counter(state.get("text_changes", {}))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         limit = None
@@ -255,6 +264,7 @@ class FlamingoLoader:
         for batch in self._source(stream):
             self._positions[batch.pop("_slot")] = batch.pop("_position")
             self._rejections.update(batch.pop("_rejections"))
+            self._text_changes["special_token_text"] += batch.pop("_special_token_text", 0)
             self._maybe_log()
             if not batch.pop("_end", False):
                 yield _finish_batch(batch, self.config)

@@ -141,3 +141,19 @@ def special_ids(tokenizer) -> dict[str, int]:
         "pad": tokenizer.pad_token_id,
         "eos": tokenizer.eos_token_id,
     }
+
+
+def literal_specials(tokenizer) -> re.Pattern:
+    """Every string the tokenizer turns into a special id when it meets it in text: Flamingo's two,
+    eos and pad, and a Hugging Face tokenizer's other special tokens (bos, unk, ...)."""
+    names = {IMAGE_TOKEN, EOC_TOKEN, tokenizer.eos_token, tokenizer.pad_token}
+    names.update(getattr(tokenizer, "all_special_tokens", []))
+    ordered = sorted((name for name in names if name), key=len, reverse=True)
+    return re.compile("|".join(re.escape(name) for name in ordered))
+
+
+def as_text(string: str, specials: re.Pattern) -> tuple[str, int]:
+    """``string`` with each literal special token broken by a zero-width space after its first
+    character (``<\u200bimage>``): it reads the same and is tokenized as text. Source text gets
+    this before the loader adds its own tokens, so only those become special ids."""
+    return specials.subn(lambda match: f"{match[0][0]}\u200b{match[0][1:]}", string)
