@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from flamingo_data.docview import DocView, iter_docs
 from flamingo_data.images import DEFAULT_MAX_PIXELS, open_capped, sniff_format
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.interleaved import InterleavedPlan, Placement, interleaved_text
-from flamingo_data.loader.tokenizer import IMAGE_TOKEN, make_tokenizer
+from flamingo_data.loader.tokenizer import IMAGE_TOKEN, as_text, literal_specials, make_tokenizer
 from flamingo_data.shardread import ReadIssue
 from flamingo_data.specs import expand_specs
 from flamingo_data.stats import Stats
@@ -101,14 +102,19 @@ def inspect_shards(
     paths = expand_specs(specs, folder_suffix=".tar")
     report.shards, report.bytes = len(paths), sum(remote.size(p) for p in paths)
     issues: list[ReadIssue] = []
+    specials = literal_specials(tokenizer)
     for doc in iter_docs(paths, config, issues):
-        _count_doc(report, doc, tokenizer, config)
+        _count_doc(report, doc, (tokenizer, specials), config)
     report.read_issues.update(issue.reason for issue in issues)
     report.source_stats = merged_stats(paths)
     return report
 
 
-def _count_doc(report: InspectReport, doc: DocView, tokenizer, config: LoaderConfig) -> None:
+def _count_doc(
+    report: InspectReport, doc: DocView, text: tuple[Any, re.Pattern], config: LoaderConfig
+) -> None:
+    """``text``: the tokenizer and its literal special-token pattern (the loader's TextContext)."""
+    tokenizer, specials = text
     report.documents += 1
     report.kinds[doc.kind] += 1
     with_bytes = [img for img in doc.images if img.data]
@@ -117,8 +123,8 @@ def _count_doc(report: InspectReport, doc: DocView, tokenizer, config: LoaderCon
     report.sentences_per_doc[len(doc.texts)] += 1
     for img in with_bytes:
         _count_image(report, img.data)
-    text = _training_text(doc, tokenizer)
-    ids = tokenizer.encode(text)
+    texts = [as_text(t, specials)[0] for t in doc.texts]  # as the loader: literal tokens stay text
+    ids = tokenizer.encode(_training_text(doc, texts, tokenizer))
     report.tokens.append(len(ids))
     reason = doc.rejected or _truncation_reject(ids[: config.max_tokens], tokenizer, config)
     if reason:
@@ -136,17 +142,17 @@ def _count_image(report: InspectReport, data: bytes) -> None:
         report.image_formats["unreadable"] += 1
 
 
-def _training_text(doc: DocView, tokenizer) -> str:
+def _training_text(doc: DocView, texts: list[str], tokenizer) -> str:
     if doc.kind == "interleaved" and doc.record is not None:
-        plan = InterleavedPlan(sentences=doc.texts)
+        plan = InterleavedPlan(sentences=texts)
         plan.placements = [
             Placement(i.index, i.where, i.similarity or 0.0) for i in doc.images if i.kept
         ]
         return interleaved_text(plan, tokenizer.eos_token)
     if doc.kind == "pair":
-        return f"{IMAGE_TOKEN}{doc.texts[0]}"
+        return f"{IMAGE_TOKEN}{texts[0]}"
     kept = {i.where for i in doc.images if i.kept}
-    return "".join((IMAGE_TOKEN if n in kept else "") + t for n, t in enumerate(doc.texts))
+    return "".join((IMAGE_TOKEN if n in kept else "") + t for n, t in enumerate(texts))
 
 
 def _truncation_reject(ids: list[int], tokenizer, config: LoaderConfig) -> str | None:

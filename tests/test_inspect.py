@@ -87,3 +87,20 @@ def test_cli_table_json_and_plot(shards: Path, tmp_path: Path, capsys) -> None:
     png = tmp_path / "h.png"
     assert cli(["inspect", str(shards), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_literal_image_tokens_in_text_do_not_count_as_images(tmp_path: Path) -> None:
+    """The loader breaks a literal ``<image>`` in web text so it stays text; inspect's prediction
+    of which documents survive truncation must agree (the image here lies past 256 tokens)."""
+    write_json_shard(
+        tmp_path,
+        "a",
+        {
+            "d": interleaved_record(
+                ["About the <image> tag. " + "A" * 400, "B"], [[0.1, 0.5]], [solid_jpeg((9, 9, 9))]
+            )
+        },
+    )
+    report = inspect_shards(str(tmp_path))
+    assert report.rejected_by_loader == {"too_few_images_after_truncation": 1}
+    assert report.survive == 0
