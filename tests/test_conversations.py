@@ -418,3 +418,31 @@ def test_a_tag_formed_by_template_and_text_is_refused(tmp_path: Path) -> None:
     _, records, rejects = convert_file(tmp_path, "t.json", json.dumps(items), *template)
     assert records == {}
     assert [r["reason"] for r in rejects] == ["special_token_in_text"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [
+            "convert",
+            "conversations",
+            "--json",
+            "x.json",
+            "--images",
+            "i",
+            "--max-samples-per-shard",
+            "0",
+        ],
+        ["convert", "conversations", "--json", "x.json", "--images", "i", "--processes", "0"],
+        ["convert", "chatgpt", "--sequences", "x.json", "--units-processes", "0"],
+        ["convert", "laion", "--parquet", "x.parquet", "--max-pixels", "-1"],
+        ["convert", "laion", "--parquet", "x.parquet", "--threads", "0"],
+    ],
+)
+def test_counts_and_sizes_below_one_are_exit_2(command: list[str], tmp_path: Path, capsys) -> None:
+    """0 or -1 samples per shard silently wrote one sample per shard; a negative pixel cap
+    rejected every image."""
+    with pytest.raises(SystemExit) as exc:
+        cli([*command, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err
