@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from flamingo_data import remote
+from flamingo_data.converters.jsonchunks import jsonl_lines
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.executors import run_units
@@ -43,6 +44,8 @@ from flamingo_data.units import (
 
 URL_KEYS = ("url", "raw_url", "image_url", "URL")
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
+# the loader's own tokens: text holding one would bind an image where no placeholder was
+SPECIAL_TOKENS = ("<image>", "<|endofchunk|>", "<|endoftext|>")
 
 
 class SequenceError(ValueError):
@@ -62,14 +65,14 @@ class ChatGptOptions:
 
 def read_sequences(path: str) -> list[Any]:
     """A JSON array, or JSONL (an undecodable line becomes a SequenceError item, counted later)."""
-    text = remote.read_bytes(path).decode("utf-8")
+    text = remote.read_bytes(path).decode("utf-8-sig")  # a byte-order mark is not part of the JSON
     if text.lstrip().startswith("["):
         return json.loads(text)
     items: list[Any] = []
-    for line in filter(str.strip, text.splitlines()):
+    for line in filter(str.strip, jsonl_lines(text)):
         try:
             items.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # also a >4300-digit integer, deep nesting
             items.append(SequenceError("bad_json"))
     return items
 
@@ -89,14 +92,18 @@ def check_placeholders(sequence: Any) -> list[int]:
         or not isinstance(sequence.get("image_map"), dict)
     ):
         raise SequenceError("bad_record")
-    numbers = sorted({int(n) for n in PLACEHOLDER.findall(sequence["example"])})
-    if {f"_!_IMAGE{n}_!_" for n in numbers} != set(sequence["image_map"]) or numbers != list(
-        range(1, len(numbers) + 1)
-    ):
+    if any(token in sequence["example"] for token in SPECIAL_TOKENS):
+        raise SequenceError("special_token_in_text")
+    placed = [m.group(0) for m in PLACEHOLDER.finditer(sequence["example"])]
+    numbered = [f"_!_IMAGE{n}_!_" for n in range(1, len(set(placed)) + 1)]
+    # compared as text, as validate and the loader look them up: _!_IMAGE01_!_ is not _!_IMAGE1_!_
+    if set(placed) != set(numbered) or set(sequence["image_map"]) != set(numbered):
         raise SequenceError("placeholder_mismatch")
-    if not numbers:
+    if len(placed) != len(numbered):
+        raise SequenceError("placeholder_repeated")
+    if not numbered:
         raise SequenceError("no_images")
-    return numbers
+    return list(range(1, len(numbered) + 1))
 
 
 def collect_urls(paths: list[str], url_key: str) -> list[str]:
@@ -104,7 +111,7 @@ def collect_urls(paths: list[str], url_key: str) -> list[str]:
     for path in paths:
         try:
             items = read_sequences(path)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # counted when its unit runs
             continue
         for item in items:
             if isinstance(item, dict) and isinstance(item.get("image_map"), dict):
@@ -135,19 +142,31 @@ def build_record(
         found[n] = (entry, result)
     if not found:
         raise SequenceError("no_images")
-    example, image_map = sequence["example"], {}
-    for new, old in enumerate(sorted(found), start=1):
-        entry, result = found[old]
-        image_map[f"_!_IMAGE{new}_!_"] = GptImage(
+    renumbered = {old: new for new, old in enumerate(sorted(found), start=1)}
+    image_map = {
+        f"_!_IMAGE{renumbered[n]}_!_": GptImage(
             image_bytes=result.data, extra={k: v for k, v in entry.items() if k != "base64_image"}
         )
-        example = example.replace(f"_!_IMAGE{old}_!_", f"\0{new}\0")
-    for old in set(numbers) - set(found):
-        example = example.replace(f"_!_IMAGE{old}_!_", "")
-    example = re.sub(r"\0(\d+)\0", r"_!_IMAGE\1_!_", re.sub(r"[ \t]{2,}", " ", example)).strip()
+        for n, (entry, result) in sorted(found.items())
+    }
+    example = renumber(sequence["example"], renumbered)
     extra = {k: v for k, v in sequence.items() if k not in ("example", "image_map", "is_gpt")}
     record = GptSequence(example=example, image_map=image_map, extra=extra).to_json()
     return record, [found[n][1].outcome for n in sorted(found)]
+
+
+def renumber(example: str, renumbered: dict[int, int]) -> str:
+    """Placeholders renumbered in one pass (no sentinel the text itself could hold); when one was
+    stripped, the doubled spaces it leaves are closed up. Text is left as is otherwise."""
+
+    def replace(match: re.Match[str]) -> str:
+        new = renumbered.get(int(match.group(1)))
+        return "" if new is None else f"_!_IMAGE{new}_!_"
+
+    text = PLACEHOLDER.sub(replace, example)
+    if len(renumbered) == len(set(PLACEHOLDER.findall(example))):
+        return text
+    return re.sub(r"[ \t]{2,}", " ", text).strip()
 
 
 def _image(store: ImageStore, url: str, policy: ImagePolicy) -> tuple[str, ImageResult | None]:
@@ -163,7 +182,7 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: ChatGptOptions, images: 
     store = ImageStore(images)
     try:
         items = read_sequences(unit.source)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # a JSON array nested too deeply
         ctx.reject("units", unit.name, "unreadable_json", str(exc))
         return
     for index, item in enumerate(items):

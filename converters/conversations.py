@@ -11,6 +11,7 @@ reproduces the placement exactly. GPT form puts ``_!_IMAGEk_!_`` exactly where t
 
 from __future__ import annotations
 
+import itertools
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -117,6 +118,8 @@ def render_turns(item: dict[str, Any], template: tuple[str, str]) -> list[Segmen
         segments = turn["value"].split(TAG)
         segments[0] = prefix + segments[0]
         segments[-1] += suffix
+        if any(token in s for s in segments for token in (TAG, *SPECIAL_TOKENS)):
+            raise ItemError("special_token_in_text")  # formed by the template and the text together
         turns.append(segments)
     return turns
 
@@ -135,9 +138,13 @@ def load_image(root: str, relative: str, policy: ImagePolicy) -> ImageResult:
     """Bytes through the image stage (an accepted result); refuses paths that leave the image folder."""
     if "\0" in relative or Path(relative).is_absolute():
         raise ItemError("unsafe_image_path", relative[:200])
-    path = _remote_path(root, relative) if remote.is_remote(root) else _local_path(root, relative)
     try:
+        path = (
+            _remote_path(root, relative) if remote.is_remote(root) else _local_path(root, relative)
+        )
         data = remote.read_bytes(path)
+    except UnicodeEncodeError as exc:  # a lone surrogate (a \ud800 escape) names no file
+        raise ItemError("invalid_unicode", ascii(relative)[:200]) from exc
     except OSError as exc:  # missing, a folder, a name too long...
         raise ItemError("missing_image", relative[:200]) from exc
     result = process_image(data, policy)
@@ -192,11 +199,7 @@ def gpt_record(
     turns: list[Segments], names: list[str], blobs: list[bytes], item_id: str
 ) -> dict[str, Any]:
     """The conversation as one text, turns joined by newlines, ``_!_IMAGEk_!_`` at the k-th tag."""
-    numbers = iter(range(1, len(names) + 1))
-    example = "\n".join(
-        "".join(s if i == 0 else f"_!_IMAGE{next(numbers)}_!_{s}" for i, s in enumerate(segments))
-        for segments in turns
-    )
+    example = gpt_example(turns)
     image_map = {
         f"_!_IMAGE{k}_!_": GptImage(image_bytes=blob, extra={"image_name": name})
         for k, (name, blob) in enumerate(zip(names, blobs, strict=True), start=1)
@@ -204,6 +207,22 @@ def gpt_record(
     return GptSequence(
         example=example, image_map=image_map, extra={"conversation_id": item_id}
     ).to_json()
+
+
+def gpt_example(turns: list[Segments]) -> str:
+    """The turns joined by newlines, ``_!_IMAGEk_!_`` at the k-th tag."""
+    numbers = itertools.count(1)
+    return "\n".join(
+        "".join(s if i == 0 else f"_!_IMAGE{next(numbers)}_!_{s}" for i, s in enumerate(segments))
+        for segments in turns
+    )
+
+
+def placeholders_exact(example: str, n_images: int) -> bool:
+    """The example holds exactly ``_!_IMAGE1_!_`` .. ``_!_IMAGEn_!_`` in order: checked on the text
+    itself, since text next to a tag can join with its placeholder (``x_!_IMAGE1<image>``)."""
+    placed = [m.group(0) for m in GPT_PLACEHOLDER.finditer(example)]
+    return placed == [f"_!_IMAGE{k}_!_" for k in range(1, n_images + 1)]
 
 
 def convert_item(item: Any, options: ConversationOptions) -> tuple[dict[str, Any], list[str]]:
@@ -214,7 +233,7 @@ def convert_item(item: Any, options: ConversationOptions) -> tuple[dict[str, Any
     if not names:
         raise ItemError("no_images")
     turns = place_images(render_turns(item, options.template), len(names))
-    if options.as_ == "gpt" and any(GPT_PLACEHOLDER.search("".join(t)) for t in turns):
+    if options.as_ == "gpt" and not placeholders_exact(gpt_example(turns), len(names)):
         raise ItemError("placeholder_in_text")  # the loader would bind an image to it
     images = [load_image(options.images, name, options.policy) for name in names]
     build = gpt_record if options.as_ == "gpt" else interleaved_record

@@ -24,6 +24,7 @@ from flamingo_data.units import Unit, unit_names
 CHUNK_DIR = "_chunks"
 CHUNKING_FILE = "_chunking.json"  # kept beside the shards so a resume can check it
 DEFAULT_CHUNK_SIZE = 10_000
+MAX_DEPTH = 100  # real items nest a few levels; the JSON parser gives up near 1000
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")  # webdataset splits keys at the first dot
 
 
@@ -35,13 +36,42 @@ def read_items(path: str) -> Iterator[tuple[int, Any, list[str] | None]]:
     text = remote.read_bytes(path).decode("utf-8-sig")
     if text.lstrip().startswith("["):
         for index, item in enumerate(json.loads(text)):
-            yield index, item, None
+            yield index, *_checked(item)
         return
-    for index, line in enumerate(row for row in text.splitlines() if row.strip()):
+    for index, line in enumerate(row for row in jsonl_lines(text) if row.strip()):
         try:
-            yield index, json.loads(line), None
-        except json.JSONDecodeError as exc:
+            yield index, *_checked(json.loads(line))
+        except (ValueError, RecursionError) as exc:  # also a >4300-digit integer, deep nesting
             yield index, None, ["bad_json", str(exc)]
+
+
+def _checked(item: Any) -> tuple[Any, list[str] | None]:
+    """(item, None), or (None, error) for an item nested so deeply that writing it into a chunk and
+    reading it back in a worker (one level deeper, on a deeper stack) could exceed the recursion limit."""
+    if nesting_depth(item) > MAX_DEPTH:
+        return None, ["bad_json", f"nested more than {MAX_DEPTH} levels deep"]
+    return item, None
+
+
+def nesting_depth(value: Any) -> int:
+    """How many lists/objects deep ``value`` goes, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in _children(node))
+    return deepest
+
+
+def _children(node: dict | list) -> Any:
+    return node.values() if isinstance(node, dict) else node
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """JSONL lines end at a newline only: ``str.splitlines`` would also cut at U+2028, U+0085 and
+    other characters that JSON strings may hold unescaped, splitting one record in several."""
+    return text.split("\n")
 
 
 def item_key(stem: str, index: int, item: Any, used: set[str]) -> tuple[str, str | None]:

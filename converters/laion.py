@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flamingo_data import remote
@@ -54,9 +55,17 @@ class LaionOptions:
     link: bool = False  # adopted output: hard-link good shards instead of copying them
 
 
+def column_names(parquet: str) -> list[str]:
+    """The file's columns; a file that is not parquet is bad input (one line, exit 2), not a crash."""
+    try:
+        return pq.read_schema(parquet).names
+    except (pa.ArrowException, OSError) as exc:
+        raise SpecError(f"{parquet} is not a readable parquet file: {exc}") from exc
+
+
 def detect_columns(parquet: str, url_col: str | None, caption_col: str | None) -> tuple[str, str]:
     """The url and caption columns: as given, or by common names (case-insensitive)."""
-    columns = pq.read_schema(parquet).names
+    columns = column_names(parquet)
     lower = {c.lower(): c for c in columns}
     url = url_col or next((lower[n] for n in URL_NAMES if n in lower), None)
     caption = caption_col or next((lower[n] for n in CAPTION_NAMES if n in lower), None)
@@ -75,12 +84,12 @@ def detect_columns(parquet: str, url_col: str | None, caption_col: str | None) -
 
 def input_columns(sources: list[str], options: LaionOptions) -> tuple[str, str, list[str]]:
     """(url, caption, extra columns to keep), the same for every file: img2dataset reads them all alike."""
-    first = pq.read_schema(sources[0]).names
+    first = column_names(sources[0])
     for source in sources[1:]:
-        if pq.read_schema(source).names != first:
+        if (columns := column_names(source)) != first:
             raise SpecError(
                 f"{source} has other columns than {sources[0]}: "
-                f"{', '.join(pq.read_schema(source).names)} vs {', '.join(first)}"
+                f"{', '.join(columns)} vs {', '.join(first)}"
             )
     url, caption = detect_columns(sources[0], options.url_col, options.caption_col)
     keep = options.keep_columns

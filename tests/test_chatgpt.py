@@ -167,6 +167,40 @@ def test_explicit_url_key(setup) -> None:
     assert stats["reasons"]["images"]["no_url"] == 3
 
 
+def test_placeholders_loader_tokens_and_jsonl_lines(setup) -> None:
+    """Every written record passes validate: repeated, zero-padded or non-ASCII-digit placeholders
+    and the loader's own tokens are counted rejects; a NUL-digit-NUL text stays text; one bad JSONL
+    line is one reject; U+2028 in a string and a byte-order mark lose nothing."""
+    root, served, _, server = setup
+    one = {"_!_IMAGE1_!_": {"url": server.url("1.jpg")}}
+    cases = {
+        "repeated _!_IMAGE1_!_ _!_IMAGE1_!_": "placeholder_repeated",
+        "padded _!_IMAGE01_!_": "placeholder_mismatch",
+        "arabic _!_IMAGE\u0661_!_": "placeholder_mismatch",
+        "tag <image> _!_IMAGE1_!_": "special_token_in_text",
+        "eoc <|endofchunk|> _!_IMAGE1_!_": "special_token_in_text",
+        "nul \x001\x00 _!_IMAGE1_!_": None,
+        "two  spaces\t\tkept _!_IMAGE1_!_": None,
+        "line\u2028separator _!_IMAGE1_!_": None,
+    }
+    lines = [json.dumps({"example": text, "image_map": one}, ensure_ascii=False) for text in cases]
+    lines += ['{"x": ' + "1" * 5000 + "}", "[" * 5000 + "]" * 5000]
+    (root / "edge.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    stats = convert_chatgpt(
+        str(root / "edge.jsonl"),
+        ChatGptOptions(images_from=str(root / "drop" / "_images")),
+        RunOptions(out_dir=str(root / "edge"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    ).to_json()
+    assert validate_shards(str(root / "edge"), deep=True).ok
+    written = {r["example"] for r in read_records(root / "edge").values()}
+    assert written == {text for text, reason in cases.items() if reason is None}
+    reasons = [reason for reason in cases.values() if reason] + ["bad_json", "bad_json"]
+    assert stats["reasons"]["documents"] == {r: reasons.count(r) for r in reasons}
+    assert stats["counts"]["documents"] == {"in": 10, "written": 3, "rejected": 7}
+
+
 @pytest.mark.slow
 def test_cli_resume_after_a_killed_run(setup, tmp_path: Path) -> None:
     root, served, _, _ = setup

@@ -355,3 +355,94 @@ def test_openflamingo_guide_shape_needs_no_change(tmp_path: Path) -> None:
     second = records["train-0b2c8f0e-43f4-4c8a-9d1a-6f0c7f5e2b11"]
     assert second["text_list"] == ["User:", "", "What changed?", "Assistant: The colours."]
     assert [i["matched_text_index"] for i in second["image_info"]] == [1, 2]
+
+
+def convert_file(tmp_path: Path, name: str, text: str, *extra: str) -> tuple[dict, dict, list]:
+    """Convert one input file through the CLI; (stats, records by key, rejects)."""
+    write_images(tmp_path / "images")
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["--json", str(tmp_path / name), "--images", str(tmp_path / "images"), *extra]
+    assert run_cli(*args, "--out", str(out), "--processes", "1") == 0
+    assert cli(["validate", str(out), "--deep"]) == 0 or not list(out.glob("*.tar"))
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    stats = json.loads((out / "stats.json").read_text())
+    return stats, {k: json.loads(v) for k, v in read_records(out).items()}, rejects
+
+
+def test_a_bad_jsonl_line_is_one_reject_and_u2028_does_not_split_a_line(tmp_path: Path) -> None:
+    """One bad line (a 5000-digit integer, nesting deeper than the parser goes or than a chunk
+    round trip survives) lost the whole file; U+2028 inside a string cut its line in three."""
+    good = [
+        {"id": f"g{i}", "image": "a.jpg", "conversations": [turn(H, "<image> hi")]}
+        for i in range(3)
+    ]
+    spaced = {"id": "ls", "image": "a.jpg", "conversations": [turn(H, "<image> a\u2028b\x85c")]}
+    lines = [json.dumps(good[0]), '{"x": ' + "1" * 5000 + "}", "[" * 980 + "]" * 980]
+    lines += ["[" * 5000 + "]" * 5000, json.dumps(spaced, ensure_ascii=False), json.dumps(good[1])]
+    stats, records, rejects = convert_file(tmp_path, "d.jsonl", "\r\n".join(lines) + "\r\n")
+    assert stats["counts"]["documents"] == {"in": 6, "written": 3, "rejected": 3}
+    assert [r["reason"] for r in rejects] == ["bad_json"] * 3
+    assert records["d-ls"]["text_list"][1] == "a\u2028b\x85c"
+
+
+def test_a_lone_surrogate_in_an_image_path_is_a_reject_not_a_crash(tmp_path: Path) -> None:
+    items = [
+        {"id": "bad", "image": "a\ud800.jpg", "conversations": [turn(H, "<image>")]},
+        {"id": "ok", "image": "a.jpg", "conversations": [turn(H, "<image>")]},
+    ]
+    stats, records, rejects = convert_file(tmp_path, "s.json", json.dumps(items))
+    assert list(records) == ["s-ok"]
+    assert [(r["key"], r["reason"]) for r in rejects] == [("s-bad", "invalid_unicode")]
+
+
+def test_gpt_form_refuses_text_that_joins_with_a_placeholder(tmp_path: Path) -> None:
+    """``b_!_IMAGE1<image>`` becomes ``b_!_IMAGE1_!_IMAGE2_!_``: placeholder 1 twice, 2 never."""
+    items = [
+        {
+            "id": "join",
+            "image": ["a.jpg", "b.png"],
+            "conversations": [turn(H, "a <image> b_!_IMAGE1<image> c")],
+        },
+        {"id": "ok", "image": "a.jpg", "conversations": [turn(H, "x_!_IMAGE<image>")]},
+    ]
+    _, records, rejects = convert_file(tmp_path, "j.json", json.dumps(items), "--as", "gpt")
+    assert list(records) == ["j-ok"]
+    assert [(r["key"], r["reason"]) for r in rejects] == [("j-join", "placeholder_in_text")]
+
+
+def test_a_tag_formed_by_template_and_text_is_refused(tmp_path: Path) -> None:
+    """Template ``User: <{value}`` + text ``image> hi`` would put a bare ``<image>`` in the text."""
+    items = [{"id": "t", "image": "a.jpg", "conversations": [turn(H, "image> hi")]}]
+    template = ["--template", "User: <{value}", "Assistant: {value}"]
+    _, records, rejects = convert_file(tmp_path, "t.json", json.dumps(items), *template)
+    assert records == {}
+    assert [r["reason"] for r in rejects] == ["special_token_in_text"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [
+            "convert",
+            "conversations",
+            "--json",
+            "x.json",
+            "--images",
+            "i",
+            "--max-samples-per-shard",
+            "0",
+        ],
+        ["convert", "conversations", "--json", "x.json", "--images", "i", "--processes", "0"],
+        ["convert", "chatgpt", "--sequences", "x.json", "--units-processes", "0"],
+        ["convert", "laion", "--parquet", "x.parquet", "--max-pixels", "-1"],
+        ["convert", "laion", "--parquet", "x.parquet", "--threads", "0"],
+    ],
+)
+def test_counts_and_sizes_below_one_are_exit_2(command: list[str], tmp_path: Path, capsys) -> None:
+    """0 or -1 samples per shard silently wrote one sample per shard; a negative pixel cap
+    rejected every image."""
+    with pytest.raises(SystemExit) as exc:
+        cli([*command, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err

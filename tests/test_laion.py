@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from flamingo_data.cli import main as cli
 from flamingo_data.converters.laion import (
     LaionOptions,
     convert_laion,
@@ -190,6 +191,14 @@ def test_column_detection_and_clear_error(server, tmp_path: Path) -> None:
     )
     with pytest.raises(SpecError, match="has other columns"):  # img2dataset reads all files alike
         input_columns([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], LaionOptions())
+
+
+def test_a_file_that_is_not_parquet_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    (tmp_path / "bad.parquet").write_text("hello")
+    args = ["--parquet", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "out")]
+    assert cli(["convert", "laion", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.parquet is not a readable parquet file" in err and "\n" not in err
 
 
 @pytest.mark.slow

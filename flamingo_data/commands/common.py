@@ -24,7 +24,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, help="output folder for shards, sizes.json, stats.json"
     )
     parser.add_argument(
-        "--processes", type=int, default=default_processes(), help="parallel units (default: cores)"
+        "--processes",
+        type=positive,
+        default=default_processes(),
+        help="parallel units (default: cores)",
     )
     parser.add_argument(
         "--executor",
@@ -44,8 +47,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="delete an earlier run's output first"
     )
     parser.add_argument("--rejects", action="store_true", help="write rejects.jsonl (key + reason)")
-    parser.add_argument("--max-samples-per-shard", type=int, default=10_000)
-    parser.add_argument("--max-bytes-per-shard", type=int, default=2**30)
+    parser.add_argument("--max-samples-per-shard", type=positive, default=10_000)
+    parser.add_argument("--max-bytes-per-shard", type=positive, default=2**30)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--no-fsync",
@@ -57,10 +60,10 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 def add_image_options(parser: argparse.ArgumentParser) -> None:
     """The image stage's policy: pixel cap (always on), optional resize, JPEG quality."""
     parser.add_argument(
-        "--max-side", type=_positive, default=None, help="downscale so the longer side is at most N"
+        "--max-side", type=positive, default=None, help="downscale so the longer side is at most N"
     )
     parser.add_argument(
-        "--short-side", type=_positive, default=None, help="downscale so the shorter side is N"
+        "--short-side", type=positive, default=None, help="downscale so the shorter side is N"
     )
     parser.add_argument(
         "--quality", type=_quality, default=90, help="JPEG quality when re-encoding (default 90)"
@@ -79,7 +82,7 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
         " needs the [jpegli] extra, see the README)",
     )
     parser.add_argument(
-        "--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="reject larger images"
+        "--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="reject larger images"
     )
     parser.add_argument(
         "--verify-images",
@@ -96,7 +99,7 @@ def _quality(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     """A size or pixel count: 0 was silently ignored and a negative one shrank every image to 1 x 1."""
     value = int(text)
     if value < 1:

@@ -9,6 +9,7 @@ from flamingo_data.commands.common import (
     add_image_options,
     check_writable,
     image_policy,
+    positive,
     usage_errors,
 )
 from flamingo_data.commands.convert_laion import add_download_options
@@ -30,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="drop",
         help="a sequence with an unavailable image: drop it, or strip that placeholder and renumber",
     )
-    parser.add_argument("--units-processes", type=int, default=1, help="parallel sequence files")
+    parser.add_argument(
+        "--units-processes", type=positive, default=1, help="parallel sequence files"
+    )
     parser.add_argument("--no-progress", action="store_true")
     add_image_options(parser)
     add_download_options(parser, max_pixels=False)

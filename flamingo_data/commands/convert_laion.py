@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
-from flamingo_data.commands.common import check_writable, usage_errors
+from flamingo_data.commands.common import check_writable, positive, usage_errors
 from flamingo_data.download import DownloadOptions
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 
 
 def add_download_options(parser: argparse.ArgumentParser, max_pixels: bool = True) -> None:
     parser.add_argument(
-        "--processes", type=int, default=1, help="img2dataset processes (and shard checkers)"
+        "--processes", type=positive, default=1, help="img2dataset processes (and shard checkers)"
     )
-    parser.add_argument("--threads", type=int, default=16, help="img2dataset threads per process")
-    parser.add_argument("--timeout", type=int, default=10, help="seconds per download")
+    parser.add_argument(
+        "--threads", type=positive, default=16, help="img2dataset threads per process"
+    )
+    parser.add_argument("--timeout", type=positive, default=10, help="seconds per download")
     parser.add_argument("--retries", type=int, default=1, help="extra tries per url (default 1)")
     parser.add_argument(
         "--resume", action="store_true", help="reuse img2dataset's incremental mode"
@@ -27,7 +29,7 @@ def add_download_options(parser: argparse.ArgumentParser, max_pixels: bool = Tru
         "--rejects", action="store_true", help="write rejects.jsonl (url/key + reason)"
     )
     if max_pixels:
-        parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+        parser.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--caption-col", default=None, help="default: detect (TEXT, caption, ...)")
     parser.add_argument(
-        "--image-size", type=int, default=256, help="resize target in px (only ever downscales)"
+        "--image-size",
+        type=positive,
+        default=256,
+        help="resize target in px (only ever downscales)",
     )
     parser.add_argument(
         "--resize-mode",
