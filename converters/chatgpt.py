@@ -21,7 +21,7 @@ import pandas as pd
 from flamingo_data import remote
 from flamingo_data.converters.jsonchunks import jsonl_lines
 from flamingo_data.converters.mmc4 import unit_stem
-from flamingo_data.download import DownloadOptions, run_img2dataset
+from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.executors import run_units
 from flamingo_data.i2doutput import ImageStore
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
@@ -115,7 +115,11 @@ def collect_urls(paths: list[str], url_key: str) -> list[str]:
             continue
         for item in items:
             if isinstance(item, dict) and isinstance(item.get("image_map"), dict):
-                urls.update(u for e in item["image_map"].values() if (u := entry_url(e, url_key)))
+                urls.update(
+                    u
+                    for e in item["image_map"].values()
+                    if (u := entry_url(e, url_key)) and is_web_url(u)
+                )
     return sorted(urls)
 
 
@@ -133,7 +137,10 @@ def build_record(
     for n in numbers:
         entry = sequence["image_map"][f"_!_IMAGE{n}_!_"]
         url = entry_url(entry, options.url_key)
-        reason, result = ("no_url", None) if url is None else _image(store, url, options.policy)
+        if url is None or not is_web_url(url):  # file://, ftp://, data: are never fetched
+            reason, result = ("no_url" if url is None else "bad_url"), None
+        else:
+            reason, result = _image(store, url, options.policy)
         if result is None:
             ctx.reject("images", f"{key}/{n}", reason, url or "")
             if options.missing == "drop":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flamingo_data import remote
@@ -40,6 +41,7 @@ from flamingo_data.units import (
 
 URL_NAMES = ("url", "image_url", "link", "img_url")
 CAPTION_NAMES = ("text", "caption", "title", "alt", "alt_text")
+WEB_ONLY_DIR = "_web_only"  # input copies whose non-http(s) urls were made unfetchable
 # Names img2dataset itself writes into <key>.json: an extra column with one of them would clash.
 I2D_META_KEYS = {"key", "url", "caption", "status", "error_message", "width", "height", "exif"}
 I2D_META_KEYS |= {"original_width", "original_height", "sha256", "md5"}
@@ -186,12 +188,32 @@ def _prepare(out: str, resume: bool, overwrite: bool) -> Path:
     if earlier and not (resume or overwrite):
         raise OutputExistsError(f"{out} holds an earlier run: pass --resume or --overwrite")
     if overwrite:
-        for path in (root / "_download", root / "_inputs"):
+        for path in (root / "_download", root / "_inputs", root / WEB_ONLY_DIR):
             shutil.rmtree(path, ignore_errors=True)
         for pattern in ("*.parquet", "*_stats.json", "sizes.json", "stats.json", "rejects.jsonl"):
             for path in root.glob(pattern):
                 path.unlink()
     return prepare_out_dir(root, resume, overwrite)
+
+
+def web_urls_only(source: str, url_col: str, target: Path) -> str:
+    """``source`` when every url is http(s) (or empty); else a copy at ``target`` in which the other
+    urls (``file://``, ``ftp://``, ``data:``) are prefixed with ``refused:``. img2dataset's urllib
+    would read a ``file://`` url from this machine's disk into the shards; now it cannot open it,
+    and the row is counted ``bad_url`` in its place, keys unchanged."""
+    urls = pq.read_table(source, columns=[url_col])[url_col]
+    if not pa.types.is_string(urls.type) and not pa.types.is_large_string(urls.type):
+        return source  # img2dataset counts a non-text url itself
+    lowered = pc.utf8_lower(urls)
+    web = pc.or_(pc.starts_with(lowered, "http://"), pc.starts_with(lowered, "https://"))
+    refused = pc.fill_null(pc.and_(pc.greater(pc.utf8_length(urls), 0), pc.invert(web)), False)
+    if not pc.any(refused).as_py():
+        return source
+    table = pq.read_table(source)
+    column = pc.if_else(refused, pc.binary_join_element_wise("refused:", urls, ""), urls)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.set_column(table.schema.get_field_index(url_col), url_col, column), target)
+    return str(target)
 
 
 def _fetch_inputs(sources: list[str], folder: Path) -> list[str]:
@@ -215,6 +237,10 @@ def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) ->
     if any(remote.is_remote(s) for s in sources):  # pyarrow and img2dataset read them locally
         sources = _fetch_inputs(sources, root / "_inputs")
     url_col, caption_col, extra = input_columns(sources, options)
+    sources = [
+        web_urls_only(source, url_col, root / WEB_ONLY_DIR / f"{i:05d}.parquet")
+        for i, source in enumerate(sources)
+    ]
     url_list = sources[0]
     if len(sources) > 1:  # img2dataset takes one file or one folder: link the inputs, in order
         inputs = root / "_inputs"

@@ -17,6 +17,12 @@ from flamingo_data.images import DEFAULT_MAX_PIXELS
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 
 
+def is_web_url(url: str) -> bool:
+    """Only http(s) is fetched: img2dataset's urllib would also read ``file://`` urls, so a crafted
+    dataset could copy the converting machine's own files into shards."""
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
 @dataclass(frozen=True)
 class DownloadOptions:
     """How img2dataset fetches: sizes, parallelism, bounded timeouts/retries, pixel cap, opt-outs."""

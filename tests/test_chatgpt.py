@@ -258,3 +258,30 @@ def test_remote_sequences_and_remote_out(setup, tmp_path, monkeypatch) -> None:
     finally:
         fs.rm("/gpt-in", recursive=True)
         fs.rm("/gpt-out", recursive=True)
+
+
+def test_only_http_urls_are_fetched_never_local_files(setup, tmp_path: Path) -> None:
+    """A crafted ``file://`` url would copy this machine's files into the shards: bad_url."""
+    root, served, _, server = setup
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(served[3])
+    sequence = {
+        "example": "a _!_IMAGE1_!_ b _!_IMAGE2_!_",
+        "image_map": {
+            "_!_IMAGE1_!_": {"url": server.url("1.jpg")},
+            "_!_IMAGE2_!_": {"url": secret.as_uri()},
+        },
+    }
+    (tmp_path / "s.json").write_text(json.dumps([sequence]))
+    out = tmp_path / "out"
+    stats = convert_chatgpt(
+        str(tmp_path / "s.json"),
+        ChatGptOptions(download=FAST, missing="strip"),
+        RunOptions(out_dir=str(out), converter="chatgpt", write_rejects=True),
+        processes=1,
+        progress=False,
+    ).to_json()
+    assert stats["reasons"]["images"] == {"bad_url": 1}
+    (record,) = read_records(out).values()
+    assert list(record["image_map"]) == ["_!_IMAGE1_!_"] and image(record, 1) == served[1]
+    assert served[3] not in out.joinpath("rejects.jsonl").read_bytes()

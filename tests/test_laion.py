@@ -268,3 +268,24 @@ def test_remote_parquet_and_remote_out(downloaded, tmp_path, monkeypatch) -> Non
     finally:
         fs.rm("/laion-in", recursive=True)
         fs.rm("/laion-out", recursive=True)
+
+
+@pytest.mark.slow
+def test_only_http_urls_are_fetched_never_local_files(server, tmp_path: Path) -> None:
+    """A crafted ``file://`` url would copy this machine's files into the shards: bad_url, and the
+    http rows of the same file still download, keys in place."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(make_image(4, fmt="PNG"))
+    good = server.add_image("web.png", seed=5, fmt="PNG")
+    urls = [secret.as_uri(), server.url("web.png"), "FTP://example.invalid/x.jpg"]
+    pd.DataFrame({"url": urls, "caption": ["secret", "web", "ftp"]}).to_parquet(
+        tmp_path / "p.parquet"
+    )
+    stats = convert_laion(
+        str(tmp_path / "p.parquet"), str(tmp_path / "out"), LaionOptions(download=FAST)
+    ).to_json()
+    assert stats["counts"]["rows"] == {"in": 3, "downloaded": 1, "rejected": 2}
+    assert stats["reasons"]["rows"] == {"bad_url": 2}
+    pairs = read_pairs(tmp_path / "out")
+    assert set(pairs) == {"web"} and same_picture(pairs["web"][0], good)
+    assert pairs["web"][1]["key"].endswith("01")  # the row's own position
