@@ -14,7 +14,7 @@ import json
 import multiprocessing
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,11 @@ from flamingo_data.shards import write_atomic
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
 from flamingo_data.units import (
+    SETTINGS_FILE,
     OutputExistsError,
     drop_work_dir,
     prepare_out_dir,
+    record_settings,
     upload_files,
     work_dir,
 )
@@ -55,6 +57,15 @@ class LaionOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     keep_columns: bool = True  # other parquet columns (similarity, punsafe, ...) go into <key>.json
     link: bool = False  # adopted output: hard-link good shards instead of copying them
+
+
+def _output_settings(options: LaionOptions) -> dict[str, Any]:
+    """What decides the shards: columns, image size and mode, pixel caps, opt-outs. Not the
+    parallelism, timeouts or retries, which may change between an interrupted run and its resume."""
+    download = asdict(options.download)
+    for name in ("processes", "threads", "timeout", "retries"):
+        download.pop(name)
+    return {**asdict(options), "download": download, "link": None}
 
 
 def column_names(parquet: str) -> list[str]:
@@ -114,6 +125,7 @@ def convert_laion(
     root = _prepare(str(work_dir(out)), resume, overwrite)  # a remote --out is filled at the end
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
     if from_img2dataset is None:
+        record_settings(root, _output_settings(options), resume)
         _download(parquet, root, staging, options)
     elif not finished_shards(staging):
         raise SpecError(f"no finished img2dataset shard (tar + _stats.json) in {from_img2dataset}")
@@ -190,7 +202,14 @@ def _prepare(out: str, resume: bool, overwrite: bool) -> Path:
     if overwrite:
         for path in (root / "_download", root / "_inputs", root / WEB_ONLY_DIR):
             shutil.rmtree(path, ignore_errors=True)
-        for pattern in ("*.parquet", "*_stats.json", "sizes.json", "stats.json", "rejects.jsonl"):
+        for pattern in (
+            "*.parquet",
+            "*_stats.json",
+            "sizes.json",
+            "stats.json",
+            "rejects.jsonl",
+            SETTINGS_FILE,
+        ):
             for path in root.glob(pattern):
                 path.unlink()
     return prepare_out_dir(root, resume, overwrite)

@@ -28,6 +28,7 @@ from flamingo_data.stats import Stats
 
 MARKER_DIR = "_done"
 REJECTS_DIR = "_rejects"
+SETTINGS_FILE = "_settings.json"  # converters without unit markers: the options of the run
 
 
 class OutputExistsError(RuntimeError):
@@ -254,13 +255,27 @@ def check_resume_settings(out_dir: str | Path, settings: dict[str, Any]) -> None
     """Finishing a run with other options would mix two kinds of shard in one dataset: refuse,
     naming what differs. Markers from before settings were recorded are not compared."""
     for path in list_markers(out_dir):
-        earlier = json.loads(remote.read_bytes(path)).get("settings")
-        if earlier is not None and earlier != settings:
-            changed = sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k))
-            raise OutputExistsError(
-                f"{out_dir} was written with other options ({', '.join(changed)} differ): "
-                "resume with the same options, or pass --overwrite"
-            )
+        _refuse_other_settings(
+            out_dir, json.loads(remote.read_bytes(path)).get("settings"), settings
+        )
+
+
+def record_settings(out_dir: Path, settings: dict[str, Any], resume: bool) -> None:
+    """The same guard for a converter without unit markers (LAION): one settings file per run."""
+    path = out_dir / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings, default=_plain))
+    if resume and path.exists():
+        _refuse_other_settings(out_dir, json.loads(path.read_bytes()), settings)
+    write_atomic(path, json.dumps(settings, sort_keys=True).encode(), fsync=True)
+
+
+def _refuse_other_settings(out_dir: str | Path, earlier: Any, settings: dict[str, Any]) -> None:
+    if isinstance(earlier, dict) and earlier != settings:
+        changed = sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k))
+        raise OutputExistsError(
+            f"{out_dir} was written with other options ({', '.join(changed)} differ): "
+            "resume with the same options, or pass --overwrite"
+        )
 
 
 def prepare_out_dir(
