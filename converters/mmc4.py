@@ -106,10 +106,18 @@ def iter_lines(path: str) -> Iterator[tuple[str, int, bytes]]:
                     yield member, number, line
 
 
-def parse_document(line: bytes) -> dict[str, Any]:
-    """Decode and structurally check one MMC4 line; raises DocumentError(reason)."""
+def parse_document(line: bytes) -> tuple[dict[str, Any], int]:
+    """Decode and structurally check one MMC4 line; raises DocumentError(reason). Also returns how
+    many NaN/Infinity values it holds: JSON has none, so a written record has null in their place,
+    and that change is counted rather than silent (in the similarity matrix they are a reject)."""
+    constants: list[str] = []
+
+    def non_finite(name: str) -> float:
+        constants.append(name)
+        return float(name)
+
     try:
-        doc = json.loads(line)
+        doc = json.loads(line, parse_constant=non_finite)
     except (ValueError, RecursionError) as exc:  # also a >4300-digit integer, deep nesting
         raise DocumentError("bad_json") from exc
     if not isinstance(doc, dict):
@@ -131,7 +139,7 @@ def parse_document(line: bytes) -> dict[str, Any]:
         raise DocumentError("bad_matrix_shape")
     if not _optional_fields_ok(doc, image_info):
         raise DocumentError("schema")
-    return doc
+    return doc, len(constants)
 
 
 def _optional_fields_ok(doc: dict[str, Any], image_info: list[dict[str, Any]]) -> bool:
@@ -216,7 +224,8 @@ def convert_line(
     """One jsonl line -> one written record or one counted reject."""
     ctx.stats.add("documents", "in")
     try:
-        doc = InterleavedDoc.from_json(parse_document(line))
+        parsed, non_finite = parse_document(line)
+        doc = InterleavedDoc.from_json(parsed)
     except DocumentError as exc:
         ctx.reject("documents", key, exc.args[0])
         return
@@ -240,6 +249,8 @@ def convert_line(
         return
     ctx.write(key, {"json": data})
     ctx.stats.add("documents", "written")
+    if non_finite:  # NaN/Infinity outside the matrix (e.g. face_detections): written as null
+        ctx.stats.add("values", "non_finite_as_null", non_finite)
 
 
 def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str) -> None:

@@ -461,3 +461,16 @@ def test_resume_refuses_other_options_and_names_them(sample: dict, tmp_path: Pat
     Path(sample["images"]).rename(moved)  # same options, images moved: resumes
     assert cli([*base, "--images", str(moved), "--resume", "--short-side", "32"]) == 0
     assert cli([*base, "--images", str(moved), "--overwrite", "--short-side", "48"]) == 0
+
+
+def test_nan_outside_the_matrix_is_written_as_null_and_counted(tmp_path: Path) -> None:
+    """JSON has no NaN: the record holds null there, and the change is counted, not silent."""
+
+    def lines(good: dict) -> list[bytes]:
+        text = json.dumps({**good, "face_detections": [float("nan"), float("inf")]})
+        return [text.encode()]  # Python's json writes NaN and Infinity, as MMC4's tools would
+
+    stats = convert(_sample_with_lines(tmp_path, lines), tmp_path / "out")
+    assert stats["counts"]["documents"] == {"in": 2, "written": 2}
+    assert stats["counts"]["values"] == {"non_finite_as_null": 2}
+    assert read_records(tmp_path / "out")["shard_0-0000002"]["face_detections"] == [None, None]
