@@ -38,11 +38,27 @@ def read_items(path: str) -> Iterator[tuple[int, Any, list[str] | None]]:
         for index, item in enumerate(json.loads(text)):
             yield index, *_checked(item)
         return
+    if (whole := _one_object(text)) is not None:
+        yield 0, *_checked(whole)
+        return
     for index, line in enumerate(row for row in jsonl_lines(text) if row.strip()):
         try:
             yield index, *_checked(json.loads(line))
         except (ValueError, RecursionError) as exc:  # also a >4300-digit integer, deep nesting
             yield index, None, ["bad_json", str(exc)]
+
+
+def _one_object(text: str) -> dict[str, Any] | None:
+    """A pretty-printed file holding one JSON object is that one item, not one bad_json per line.
+    Only tried when the object spans lines; JSONL fails fast here (extra data after line one)."""
+    body = text.strip()
+    if not body.startswith("{") or "\n" not in body:
+        return None
+    try:
+        whole = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return whole if isinstance(whole, dict) else None
 
 
 def _checked(item: Any) -> tuple[Any, list[str] | None]:

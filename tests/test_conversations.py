@@ -446,3 +446,20 @@ def test_counts_and_sizes_below_one_are_exit_2(command: list[str], tmp_path: Pat
         cli([*command, "--out", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_pretty_printed_single_object_is_one_item(data: Path, tmp_path: Path) -> None:
+    """Not one bad_json per line of it: the object converts (or is one counted reject)."""
+    one = {"id": "solo", "image": "a.jpg", "conversations": [turn("human", "<image> hi")]}
+    (tmp_path / "one.json").write_text(json.dumps(one, indent=2))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [one]}, indent=2))
+    stats = convert_conversations(
+        [str(tmp_path / "one.json"), str(tmp_path / "wrapped.json")],
+        ConversationOptions(images=str(data / "images")),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="conversations", write_rejects=True),
+        processes=1,
+        progress=False,
+    ).to_json()
+    assert stats["counts"]["documents"] == {"in": 2, "written": 1, "rejected": 1}
+    assert stats["reasons"]["documents"] == {"no_images": 1}  # the wrapper is one item
+    assert list(read_records(tmp_path / "out")) == ["one-solo"]
