@@ -11,7 +11,6 @@ adopted output — or, if any sample fails, rewritten without it. ``sizes.json``
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.i2doutput import finished_shards, row_results
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.paircheck import ShardResult, place_shard
+from flamingo_data.procpool import map_in_processes
 from flamingo_data.shards import write_atomic
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
@@ -174,8 +174,7 @@ def _pool_map(task: Callable, items: list, processes: int) -> Iterator:
     if processes <= 1 or len(items) <= 1:
         yield from map(task, items)
         return
-    with multiprocessing.get_context("spawn").Pool(min(processes, len(items))) as pool:
-        yield from pool.imap(task, items)
+    yield from map_in_processes(task, items, processes, "spawn", ordered=True)
 
 
 def _merge(result: ShardResult, stats: Stats, rejects: list, sizes: dict[str, int]) -> None:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from flamingo_data.commands.common import UsageError
+from flamingo_data.procpool import WorkerDied
 
 COMMANDS = {
     "validate": "Check shards are fit for training; write sizes.json",
@@ -61,6 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"flamingo-data: error: {exc.strerror or exc}{where}; committed units are kept, fix it and rerun "
             "with --resume",
+            file=sys.stderr,
+        )
+        return 1
+    except WorkerDied as exc:
+        print(
+            f"flamingo-data: error: {exc}; committed units are kept, rerun with --resume",
             file=sys.stderr,
         )
         return 1

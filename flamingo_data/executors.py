@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -11,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from flamingo_data.procpool import map_in_processes
 from flamingo_data.units import RunOptions, Unit, UnitFn, run_unit
 
 
@@ -43,9 +43,8 @@ def _map(task: Callable[[Unit], dict], units: Sequence[Unit], processes: int) ->
     if processes <= 1:
         yield from map(task, units)
         return
-    ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(processes) as pool:
-        yield from pool.imap_unordered(task, units)
+    start_method = "fork" if sys.platform == "linux" else "spawn"
+    yield from map_in_processes(task, units, processes, start_method)
 
 
 def run_spark(
