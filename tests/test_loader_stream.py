@@ -334,3 +334,28 @@ def test_resume_with_workers_continues_in_the_same_order_and_counts_each_issue_o
         rest, rejections = _batches_and_rejections(resumed)
         assert seen + rest == full, f"stopped after {stop} batches"
         assert rejections == full_rejections, f"stopped after {stop} batches"
+
+
+@pytest.mark.timeout(60)
+def test_resampling_a_dataset_with_no_readable_sample_ends_instead_of_looping(
+    tmp_path: Path,
+) -> None:
+    """Drawing shards with replacement from shards that never yield a sample used to loop forever
+    (the worker never produced a batch). Now the stream ends, the shard's problem is counted, and
+    in a mix the other dataset fills the epoch."""
+    (tmp_path / "e").mkdir(), (tmp_path / "g").mkdir()
+    (tmp_path / "e" / "empty-00000.tar").write_bytes(b"")
+    write_json_shard(tmp_path / "g", "g", simple_docs(4))
+    empty_only = build_loader(
+        [DatasetSpec("e", str(tmp_path / "e"))],
+        make_tokenizer(None),
+        config(resample=True, samples_per_epoch=10),
+    )
+    assert epoch_keys(empty_only) == [] and empty_only.rejections() == {"empty_tar": 1}
+    mix = build_loader(
+        [DatasetSpec("e", str(tmp_path / "e")), DatasetSpec("g", str(tmp_path / "g"))],
+        make_tokenizer(None),
+        config(resample=True, samples_per_epoch=12),
+    )
+    keys = epoch_keys(mix)
+    assert len(keys) == 12 and set(keys) <= set(simple_docs(4))

@@ -94,9 +94,20 @@ def _ignore(issue: ReadIssue) -> None:
 def _resampled(
     ds: Dataset, config: LoaderConfig, epoch: int, slot: int, on_issue: IssueSink
 ) -> Iterator[Sample]:
+    """Shards drawn with replacement. A shard that yields no sample is not drawn again, and when
+    no shard yields one the stream ends: drawing forever without yielding would hang the worker."""
     rng = rng_for(config, epoch, ds.index, slot, 1)
-    while True:
-        yield from iter_samples(ds.paths[int(rng.integers(len(ds.paths)))], on_issue)
+    barren: set[int] = set()
+    while len(barren) < len(ds.paths):
+        index = int(rng.integers(len(ds.paths)))
+        if index in barren:
+            continue
+        found = False
+        for sample in iter_samples(ds.paths[index], on_issue):
+            found = True
+            yield sample
+        if not found:
+            barren.add(index)
 
 
 def shuffled(samples: Iterator[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
