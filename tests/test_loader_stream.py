@@ -359,3 +359,13 @@ def test_resampling_a_dataset_with_no_readable_sample_ends_instead_of_looping(
     )
     keys = epoch_keys(mix)
     assert len(keys) == 12 and set(keys) <= set(simple_docs(4))
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_mixing_weight_that_is_not_a_positive_number_is_refused_up_front(
+    tmp_path: Path, weight: float
+) -> None:
+    """Such weights made the mix's probabilities NaN ('Probabilities contain NaN' in a worker, mid
+    epoch), or a 0-weight dataset was drawn anyway once the others were exhausted."""
+    with pytest.raises(ValueError, match="weight must be a finite number above 0"):
+        DatasetSpec("a", str(tmp_path), weight=weight)
