@@ -369,3 +369,18 @@ def test_a_mixing_weight_that_is_not_a_positive_number_is_refused_up_front(
     epoch), or a 0-weight dataset was drawn anyway once the others were exhausted."""
     with pytest.raises(ValueError, match="weight must be a finite number above 0"):
         DatasetSpec("a", str(tmp_path), weight=weight)
+
+
+@pytest.mark.parametrize("content", ["[6]", '"6"', '{"N": -6}', '{"N": "six"}', '{"N": 1.5}', "{"])
+def test_a_malformed_sizes_json_leaves_the_epoch_length_unknown_and_says_so(
+    tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A list crashed build_loader ('list' object has no attribute 'get'), 'six' raised int()'s
+    ValueError, -6 gave a negative epoch length (so a resampled epoch was empty) and 1.5 became 1.
+    Now the count is unknown, a warning names the file, and every sample is still read."""
+    shard = write_json_shard(tmp_path, "part", simple_docs(6))
+    (tmp_path / "sizes.json").write_text(content.replace("N", shard.name))
+    loader = build_loader([DatasetSpec("d", str(tmp_path))], make_tokenizer(None), config())
+    assert loader.samples_per_epoch is None and loader.batches_per_epoch() is None
+    assert "sizes.json" in caplog.text or shard.name in caplog.text
+    assert sorted(epoch_keys(loader)) == sorted(simple_docs(6))
