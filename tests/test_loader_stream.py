@@ -384,3 +384,48 @@ def test_a_malformed_sizes_json_leaves_the_epoch_length_unknown_and_says_so(
     assert loader.samples_per_epoch is None and loader.batches_per_epoch() is None
     assert "sizes.json" in caplog.text or shard.name in caplog.text
     assert sorted(epoch_keys(loader)) == sorted(simple_docs(6))
+
+
+def test_resampled_epochs_give_every_rank_the_same_number_of_batches(tmp_path: Path) -> None:
+    """With resampling, samples_per_epoch counts delivered samples: each worker delivers its share
+    whatever it rejects, so ranks step together (unequal batch counts hang DDP/FSDP collectives).
+    A third of the documents are rejected; each slot used to stop after a fixed number of samples
+    *read*, and 2 ranks got 5 and 6 batches (19 and 23 samples, not 40 each)."""
+    for part in range(4):
+        docs = simple_docs(10, seed=part)
+        for i, key in enumerate(sorted(docs)):
+            if (i * 7 + part) % 3 == 0:
+                docs[key]["similarity_matrix"] = [[0.0, 0.0]]  # no image placed: no_images
+        write_json_shard(tmp_path, f"p{part}", docs)
+    cfg = config(batch_size=4, resample=True, samples_per_epoch=80)
+    for world in (2, 4):
+        loaders = [
+            build_loader([DatasetSpec("d", str(tmp_path))], make_tokenizer(None), cfg, rank, world)
+            for rank in range(world)
+        ]
+        per_rank = [[len(batch["keys"]) for batch in loader] for loader in loaders]
+        assert [sum(sizes) for sizes in per_rank] == [80 // world] * world
+        assert [len(sizes) for sizes in per_rank] == [loaders[0].batches_per_epoch()] * world
+        assert all(loader.rejections()["no_images"] > 0 for loader in loaders)
+
+
+@pytest.mark.timeout(60)
+def test_resampling_shards_whose_every_sample_is_rejected_stops_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resampling limit counts delivered samples, so a dataset with no usable sample would be
+    read forever: after MAX_REFUSED_IN_A_ROW rejections in a row the worker says why."""
+    from flamingo_data.loader import pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_REFUSED_IN_A_ROW", 50)
+    docs = simple_docs(4)
+    for doc in docs.values():
+        doc["similarity_matrix"] = [[0.0, 0.0]]
+    write_json_shard(tmp_path, "bad", docs)
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path))],
+        make_tokenizer(None),
+        config(resample=True, samples_per_epoch=8),
+    )
+    with pytest.raises(RuntimeError, match=r"50 samples in a row rejected.*no_images"):
+        epoch_keys(loader)

@@ -72,8 +72,11 @@ class _WorkerStream(IterableDataset):
         on_issue = lambda issue: rejections.update([issue.reason])  # noqa: E731
         batch: list[dict[str, Any]] = []
         position, start = 0, self.resume.positions.get(slot, 0)
+        # The resampling limit counts delivered samples, so every slot (and rank) gets as many
+        # batches whatever it rejects; ``refused`` counts rejections since the last kept sample.
+        delivered, refused = self.resume.delivered.get(slot, 0), 0
         for name, sample in mixed(self.datasets, self.config, self.epoch, slot, slots, on_issue):
-            if self.limit is not None and position >= self.limit:
+            if self.limit is not None and delivered >= self.limit:
                 break
             position += 1
             if position <= start:
@@ -83,6 +86,10 @@ class _WorkerStream(IterableDataset):
             out = self._one(name, sample, text, rejections)
             if out is not None:
                 batch.append(out)
+                delivered, refused = delivered + 1, 0
+            elif self.limit is not None:
+                refused += 1
+                _check_refused(refused, rejections)
             if len(batch) == self.config.batch_size:
                 yield _collate(batch, text.ids["pad"], slot, position, rejections)
                 batch, rejections = [], Counter()
@@ -112,12 +119,26 @@ class _WorkerStream(IterableDataset):
             return None
 
 
+MAX_REFUSED_IN_A_ROW = 10_000
+
+
+def _check_refused(refused: int, rejections: Counter) -> None:
+    """Resampling never runs out of samples: without this, shards whose every sample is rejected
+    would keep a worker reading forever without delivering a batch."""
+    if refused >= MAX_REFUSED_IN_A_ROW:
+        raise RuntimeError(
+            f"{refused} samples in a row rejected while resampling (latest reasons: "
+            f"{dict(rejections.most_common(5))}): these shards hold no usable sample"
+        )
+
+
 @dataclass(frozen=True)
 class _Resume:
-    """Where each worker slot stopped: last delivered position, finished slots, and the local
-    worker (0 .. num_workers - 1) whose batch comes next."""
+    """Where each worker slot stopped: last delivered position, samples delivered, finished slots,
+    and the local worker (0 .. num_workers - 1) whose batch comes next."""
 
     positions: dict[int, int] = field(default_factory=dict)
+    delivered: dict[int, int] = field(default_factory=dict)
     ended: frozenset[int] = frozenset()
     next_worker: int = 0
 
@@ -208,6 +229,7 @@ class FlamingoLoader:
         special_ids(tokenizer)  # fail now, not in a worker, if the special tokens are missing
         self.epoch = 0
         self._positions: dict[int, int] = {}
+        self._delivered: dict[int, int] = {}
         self._ended: set[int] = set()
         self._next_worker = 0
         self._rejections: Counter = Counter()
@@ -227,15 +249,27 @@ class FlamingoLoader:
         return None if any(s is None for s in sizes) else sum(sizes)
 
     def batches_per_epoch(self) -> int | None:
-        """Upper bound on this rank's batches per epoch (rejections make it smaller)."""
-        total = self.samples_per_epoch
-        return (
-            None if total is None else math.ceil(total / self.world_size / self.config.batch_size)
-        )
+        """This rank's batches per epoch. Exact when resampling: each worker delivers its share of
+        samples_per_epoch, so every rank gets as many. Otherwise an estimate that ranks may not
+        share: whole shards go to each worker, each worker ends with a partial batch, and
+        rejections make it smaller."""
+        total, batch = self.samples_per_epoch, self.config.batch_size
+        if total is None:
+            return None
+        if self.config.resample:
+            rounding = math.floor if self.config.drop_last else math.ceil
+            return max(1, self.config.num_workers) * rounding(self._slot_limit() / batch)
+        return math.ceil(total / self.world_size / batch)
+
+    def _slot_limit(self) -> int:
+        """Samples each worker slot delivers per resampled epoch."""
+        if self.samples_per_epoch is None:
+            raise ValueError("resampling needs samples_per_epoch (or sizes.json beside the shards)")
+        return math.ceil(self.samples_per_epoch / self.slots)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self._positions, self._ended, self._next_worker = {}, set(), 0
+            self._positions, self._delivered, self._ended, self._next_worker = {}, {}, set(), 0
         self.epoch = epoch
 
     def rejections(self) -> dict[str, int]:
@@ -250,6 +284,7 @@ class FlamingoLoader:
         return {
             "epoch": self.epoch,
             "positions": dict(self._positions),
+            "delivered": dict(self._delivered),
             "ended": sorted(self._ended),
             "next_worker": self._next_worker,
             "slots": self.slots,
@@ -265,19 +300,15 @@ class FlamingoLoader:
             )
         self.epoch = int(state["epoch"])
         self._positions = {int(k): int(v) for k, v in state["positions"].items()}
+        delivered = state.get("delivered", state["positions"])  # older states: samples read
+        self._delivered = {int(k): int(v) for k, v in delivered.items()}
         self._ended = {int(slot) for slot in state.get("ended", [])}
         self._next_worker = int(state.get("next_worker", 0))
         self._rejections = Counter(state.get("rejections", {}))
         self._text_changes = Counter(state.get("text_changes", {}))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        limit = None
-        if self.config.resample:
-            if self.samples_per_epoch is None:
-                raise ValueError(
-                    "resampling needs samples_per_epoch (or sizes.json beside the shards)"
-                )
-            limit = math.ceil(self.samples_per_epoch / self.slots)
+        limit = self._slot_limit() if self.config.resample else None
         stream = _WorkerStream(
             self.datasets,
             self.tokenizer,
@@ -285,7 +316,12 @@ class FlamingoLoader:
             self.epoch,
             self.rank,
             self.world_size,
-            _Resume(dict(self._positions), frozenset(self._ended), self._next_worker),
+            _Resume(
+                dict(self._positions),
+                dict(self._delivered),
+                frozenset(self._ended),
+                self._next_worker,
+            ),
             limit,
         )
         workers = max(1, self.config.num_workers)
@@ -299,6 +335,7 @@ class FlamingoLoader:
             if batch.pop("_last", False) or batch.get("_end", False):
                 self._ended.add(slot)
             if not batch.pop("_end", False):
+                self._delivered[slot] = self._delivered.get(slot, 0) + len(batch["keys"])
                 yield _finish_batch(batch, self.config)
 
     def _source(self, stream: _WorkerStream) -> Iterator[dict[str, Any]]:
