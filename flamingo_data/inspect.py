@@ -106,7 +106,7 @@ def inspect_shards(
     for doc in iter_docs(paths, config, issues):
         _count_doc(report, doc, (tokenizer, specials), config)
     report.read_issues.update(issue.reason for issue in issues)
-    report.source_stats = merged_stats(paths)
+    report.source_stats = merged_stats(paths, report.read_issues)
     return report
 
 
@@ -160,13 +160,19 @@ def _truncation_reject(ids: list[int], tokenizer, config: LoaderConfig) -> str |
     return "too_few_images_after_truncation" if ids.count(image_id) < config.min_images else None
 
 
-def merged_stats(paths: list[str]) -> dict[str, Any]:
-    """stats.json files beside the shards, merged per converter."""
+def merged_stats(paths: list[str], issues: Counter | None = None) -> dict[str, Any]:
+    """stats.json files beside the shards, merged per converter; a malformed one is left out and
+    counted in ``issues`` as ``bad_stats_json`` (it used to stop inspect with a traceback)."""
     merged: dict[str, Stats] = {}
     for folder in sorted({os.path.dirname(p) or "." for p in paths}):
         raw = remote.read_if_exists(remote.join(folder, "stats.json"))
         if raw is not None:
-            stats = Stats.from_json(json.loads(raw))
+            try:
+                stats = Stats.from_json(json.loads(raw))
+            except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
+                if issues is not None:
+                    issues["bad_stats_json"] += 1
+                continue
             merged.setdefault(stats.converter or "unknown", Stats(converter=stats.converter)).merge(
                 stats
             )
