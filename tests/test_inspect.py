@@ -148,3 +148,26 @@ def test_a_malformed_stats_json_is_counted_not_a_crash(tmp_path: Path, content: 
     report = inspect_shards(str(tmp_path))
     assert report.documents == 1 and report.survive == 1
     assert report.read_issues == {"bad_stats_json": 1} and report.source_stats == {}
+
+
+def test_gpt_survivors_at_a_token_limit_are_the_loaders(tmp_path: Path) -> None:
+    """Eleven GPT sequences whose second image sits 1..11 characters later: with 10 tokens and 2
+    images required, inspect kept 6 where the loader keeps 7 (it tokenized another string)."""
+    from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+
+    image = {"base64_image": encode_base64(solid_jpeg((1, 2, 3)))}
+    writer = ShardWriter(tmp_path, "g")
+    for n in range(1, 12):
+        record = {
+            "is_gpt": True,
+            "example": f"_!_IMAGE1_!_ {'x' * n} _!_IMAGE2_!_ tail",
+            "image_map": {"_!_IMAGE1_!_": image, "_!_IMAGE2_!_": image},
+        }
+        writer.write(f"k{n:02d}", {"json": json.dumps(record).encode()})
+    writer.close()
+    report = inspect_shards(str(tmp_path), max_tokens=10, min_images=2)
+    config = LoaderConfig(image_size=16, max_tokens=10, min_images=2)
+    loader = build_loader([DatasetSpec("d", str(tmp_path))], make_tokenizer(None), config)
+    kept = sum(len(batch["keys"]) for batch in loader)
+    assert report.survive == kept == 7
+    assert dict(report.rejected_by_loader) == loader.rejections()
