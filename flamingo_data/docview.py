@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import binascii
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.gpt import PLACEHOLDER, plan_gpt
-from flamingo_data.loader.interleaved import plan_interleaved
+from flamingo_data.loader.interleaved import Reject, plan_interleaved
+from flamingo_data.loader.sample import parse_json
 from flamingo_data.records import decode_base64
 from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import SpecError, expand_specs
@@ -67,8 +67,8 @@ def view_sample(sample: Sample, config: LoaderConfig) -> DocView:
             [ImageView(0, sample.members[image_ext], True, 0)],
         )
     try:
-        record = json.loads(sample.members["json"])
-    except (KeyError, ValueError):
+        record = parse_json(sample.members["json"])  # the loader's parser: same bad_json
+    except (KeyError, Reject):
         return DocView(sample.key, sample.shard, "unknown", rejected="bad_json")
     try:
         if record.get("is_gpt"):

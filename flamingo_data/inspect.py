@@ -14,8 +14,15 @@ from flamingo_data import remote
 from flamingo_data.docview import DocView, iter_docs
 from flamingo_data.images import DEFAULT_MAX_PIXELS, open_capped, sniff_format
 from flamingo_data.loader.config import LoaderConfig
+from flamingo_data.loader.gpt import plan_gpt
 from flamingo_data.loader.interleaved import InterleavedPlan, Placement, interleaved_text
-from flamingo_data.loader.tokenizer import IMAGE_TOKEN, as_text, literal_specials, make_tokenizer
+from flamingo_data.loader.tokenizer import (
+    EOC_TOKEN,
+    IMAGE_TOKEN,
+    as_text,
+    literal_specials,
+    make_tokenizer,
+)
 from flamingo_data.shardread import ReadIssue
 from flamingo_data.specs import expand_specs
 from flamingo_data.stats import Stats
@@ -106,7 +113,7 @@ def inspect_shards(
     for doc in iter_docs(paths, config, issues):
         _count_doc(report, doc, (tokenizer, specials), config)
     report.read_issues.update(issue.reason for issue in issues)
-    report.source_stats = merged_stats(paths)
+    report.source_stats = merged_stats(paths, report.read_issues)
     return report
 
 
@@ -124,7 +131,7 @@ def _count_doc(
     for img in with_bytes:
         _count_image(report, img.data)
     texts = [as_text(t, specials)[0] for t in doc.texts]  # as the loader: literal tokens stay text
-    ids = tokenizer.encode(_training_text(doc, texts, tokenizer))
+    ids = tokenizer.encode(_training_text(doc, texts, text, config))
     report.tokens.append(len(ids))
     reason = doc.rejected or _truncation_reject(ids[: config.max_tokens], tokenizer, config)
     if reason:
@@ -142,7 +149,17 @@ def _count_image(report: InspectReport, data: bytes) -> None:
         report.image_formats["unreadable"] += 1
 
 
-def _training_text(doc: DocView, texts: list[str], tokenizer) -> str:
+def _training_text(
+    doc: DocView, texts: list[str], text: tuple[Any, re.Pattern], config: LoaderConfig
+) -> str:
+    """The string the loader tokenizes. For GPT records it is the loader's own plan text: joining
+    the pieces left out each ``<|endofchunk|>`` and the loader's space rules, so the count that
+    survives truncation was not the loader's (6 of 11 where the loader keeps 7)."""
+    tokenizer, specials = text
+    if doc.kind == "gpt" and doc.record is not None and not doc.rejected:
+        example = as_text(doc.record["example"], specials)[0]
+        plan = plan_gpt({**doc.record, "example": example}, config)
+        return f"{plan.text}{EOC_TOKEN}{tokenizer.eos_token}"
     if doc.kind == "interleaved" and doc.record is not None:
         plan = InterleavedPlan(sentences=texts)
         plan.placements = [
@@ -160,13 +177,19 @@ def _truncation_reject(ids: list[int], tokenizer, config: LoaderConfig) -> str |
     return "too_few_images_after_truncation" if ids.count(image_id) < config.min_images else None
 
 
-def merged_stats(paths: list[str]) -> dict[str, Any]:
-    """stats.json files beside the shards, merged per converter."""
+def merged_stats(paths: list[str], issues: Counter | None = None) -> dict[str, Any]:
+    """stats.json files beside the shards, merged per converter; a malformed one is left out and
+    counted in ``issues`` as ``bad_stats_json`` (it used to stop inspect with a traceback)."""
     merged: dict[str, Stats] = {}
     for folder in sorted({os.path.dirname(p) or "." for p in paths}):
         raw = remote.read_if_exists(remote.join(folder, "stats.json"))
         if raw is not None:
-            stats = Stats.from_json(json.loads(raw))
+            try:
+                stats = Stats.from_json(json.loads(raw))
+            except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
+                if issues is not None:
+                    issues["bad_stats_json"] += 1
+                continue
             merged.setdefault(stats.converter or "unknown", Stats(converter=stats.converter)).merge(
                 stats
             )

@@ -104,3 +104,70 @@ def test_literal_image_tokens_in_text_do_not_count_as_images(tmp_path: Path) -> 
     report = inspect_shards(str(tmp_path))
     assert report.rejected_by_loader == {"too_few_images_after_truncation": 1}
     assert report.survive == 0
+
+
+def test_records_the_loader_refuses_as_json_are_bad_json_here_too_and_crash_nothing(
+    tmp_path: Path,
+) -> None:
+    """Deep nesting (RecursionError) and a lone surrogate (UnicodeEncodeError in the tokenizer)
+    crashed inspect and preview on the whole dataset; NaN, 1e400 and a JSON list were
+    'bad_record' where the loader says 'bad_json'. The counts must match the loader's."""
+    from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+    from flamingo_data.preview import write_preview
+
+    good = interleaved_record(["A", "B"], [[0.3, 0.1]], [solid_jpeg((1, 2, 3))])
+    text = json.dumps(good)
+    writer = ShardWriter(tmp_path, "odd")
+    for key, raw in {
+        "good": text,
+        "deep": "[" * 100_000 + "]" * 100_000,
+        "surrogate": text.replace('"A"', '"\\udc00"'),
+        "nan": text.replace("0.3", "NaN"),
+        "huge": text.replace("0.3", "1e400"),
+        "list": "[1, 2]",
+    }.items():
+        writer.write(key, {"json": raw.encode()})
+    writer.close()
+    report = inspect_shards(str(tmp_path))
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path))], make_tokenizer(None), LoaderConfig(image_size=16)
+    )
+    assert sum(len(batch["keys"]) for batch in loader) == 1
+    assert report.documents == 6 and report.survive == 1
+    assert dict(report.rejected_by_loader) == loader.rejections() == {"bad_json": 5}
+    assert write_preview(str(tmp_path), str(tmp_path / "p.html"), n=10)
+
+
+@pytest.mark.parametrize("content", ["{", "[1]", '{"counts": "x"}'])
+def test_a_malformed_stats_json_is_counted_not_a_crash(tmp_path: Path, content: str) -> None:
+    """It raised JSONDecodeError / AttributeError out of inspect_shards."""
+    write_json_shard(
+        tmp_path, "a", {"d": interleaved_record(["A"], [[0.3]], [solid_jpeg((1, 2, 3))])}
+    )
+    (tmp_path / "stats.json").write_text(content)
+    report = inspect_shards(str(tmp_path))
+    assert report.documents == 1 and report.survive == 1
+    assert report.read_issues == {"bad_stats_json": 1} and report.source_stats == {}
+
+
+def test_gpt_survivors_at_a_token_limit_are_the_loaders(tmp_path: Path) -> None:
+    """Eleven GPT sequences whose second image sits 1..11 characters later: with 10 tokens and 2
+    images required, inspect kept 6 where the loader keeps 7 (it tokenized another string)."""
+    from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+
+    image = {"base64_image": encode_base64(solid_jpeg((1, 2, 3)))}
+    writer = ShardWriter(tmp_path, "g")
+    for n in range(1, 12):
+        record = {
+            "is_gpt": True,
+            "example": f"_!_IMAGE1_!_ {'x' * n} _!_IMAGE2_!_ tail",
+            "image_map": {"_!_IMAGE1_!_": image, "_!_IMAGE2_!_": image},
+        }
+        writer.write(f"k{n:02d}", {"json": json.dumps(record).encode()})
+    writer.close()
+    report = inspect_shards(str(tmp_path), max_tokens=10, min_images=2)
+    config = LoaderConfig(image_size=16, max_tokens=10, min_images=2)
+    loader = build_loader([DatasetSpec("d", str(tmp_path))], make_tokenizer(None), config)
+    kept = sum(len(batch["keys"]) for batch in loader)
+    assert report.survive == kept == 7
+    assert dict(report.rejected_by_loader) == loader.rejections()

@@ -298,3 +298,134 @@ def test_samples_whose_literal_special_tokens_were_broken_are_counted(tmp_path: 
     assert len(epoch_keys(loader)) == 4 and not loader.rejections()
     assert loader.text_changes() == {"special_token_text": 1}
     assert loader.state_dict()["text_changes"] == {"special_token_text": 1}
+
+
+def _batches_and_rejections(loader) -> tuple[list[list[str]], dict[str, int]]:
+    return [batch["keys"] for batch in loader], loader.rejections()
+
+
+def test_resume_with_workers_continues_in_the_same_order_and_counts_each_issue_once(
+    tmp_path: Path,
+) -> None:
+    """Stopped after any batch and resumed, the run delivers exactly the batches an uninterrupted
+    run delivers next, in the same order, and its rejections equal the uninterrupted run's (read
+    issues met while replaying up to the saved position, or in a finished worker, are not counted
+    twice). Worker 0 reads 3 documents then an empty tar and finishes first; worker 1 reads a tar
+    cut inside its last member (4 of 5 documents) then 4 documents."""
+    write_json_shard(tmp_path, "a_ok", simple_docs(3, seed=1))
+    cut = write_json_shard(tmp_path, "b_cut", simple_docs(5, seed=2))
+    with tarfile.open(cut) as tar:
+        last = tar.getmembers()[-1]
+    cut.write_bytes(cut.read_bytes()[: last.offset_data + last.size // 2])
+    (tmp_path / "c_empty-00000.tar").write_bytes(b"")
+    write_json_shard(tmp_path, "d_ok", simple_docs(4, seed=3))
+    spec, tokenizer = [DatasetSpec("d", str(tmp_path))], make_tokenizer(None)
+    cfg = config(batch_size=2, num_workers=2, shuffle_shards=False, shuffle_buffer=1)
+    full, full_rejections = _batches_and_rejections(build_loader(spec, tokenizer, cfg))
+    assert len(full) == 6 and full_rejections == {"empty_tar": 1, "truncated_tar": 1}
+    for stop in range(1, len(full)):
+        first = build_loader(spec, tokenizer, cfg)
+        iterator = iter(first)
+        seen = [next(iterator)["keys"] for _ in range(stop)]
+        state = json.loads(json.dumps(first.state_dict()))
+        del iterator
+        resumed = build_loader(spec, tokenizer, cfg)
+        resumed.load_state_dict(state)
+        rest, rejections = _batches_and_rejections(resumed)
+        assert seen + rest == full, f"stopped after {stop} batches"
+        assert rejections == full_rejections, f"stopped after {stop} batches"
+
+
+@pytest.mark.timeout(60)
+def test_resampling_a_dataset_with_no_readable_sample_ends_instead_of_looping(
+    tmp_path: Path,
+) -> None:
+    """Drawing shards with replacement from shards that never yield a sample used to loop forever
+    (the worker never produced a batch). Now the stream ends, the shard's problem is counted, and
+    in a mix the other dataset fills the epoch."""
+    (tmp_path / "e").mkdir(), (tmp_path / "g").mkdir()
+    (tmp_path / "e" / "empty-00000.tar").write_bytes(b"")
+    write_json_shard(tmp_path / "g", "g", simple_docs(4))
+    empty_only = build_loader(
+        [DatasetSpec("e", str(tmp_path / "e"))],
+        make_tokenizer(None),
+        config(resample=True, samples_per_epoch=10),
+    )
+    assert epoch_keys(empty_only) == [] and empty_only.rejections() == {"empty_tar": 1}
+    mix = build_loader(
+        [DatasetSpec("e", str(tmp_path / "e")), DatasetSpec("g", str(tmp_path / "g"))],
+        make_tokenizer(None),
+        config(resample=True, samples_per_epoch=12),
+    )
+    keys = epoch_keys(mix)
+    assert len(keys) == 12 and set(keys) <= set(simple_docs(4))
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_mixing_weight_that_is_not_a_positive_number_is_refused_up_front(
+    tmp_path: Path, weight: float
+) -> None:
+    """Such weights made the mix's probabilities NaN ('Probabilities contain NaN' in a worker, mid
+    epoch), or a 0-weight dataset was drawn anyway once the others were exhausted."""
+    with pytest.raises(ValueError, match="weight must be a finite number above 0"):
+        DatasetSpec("a", str(tmp_path), weight=weight)
+
+
+@pytest.mark.parametrize("content", ["[6]", '"6"', '{"N": -6}', '{"N": "six"}', '{"N": 1.5}', "{"])
+def test_a_malformed_sizes_json_leaves_the_epoch_length_unknown_and_says_so(
+    tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A list crashed build_loader ('list' object has no attribute 'get'), 'six' raised int()'s
+    ValueError, -6 gave a negative epoch length (so a resampled epoch was empty) and 1.5 became 1.
+    Now the count is unknown, a warning names the file, and every sample is still read."""
+    shard = write_json_shard(tmp_path, "part", simple_docs(6))
+    (tmp_path / "sizes.json").write_text(content.replace("N", shard.name))
+    loader = build_loader([DatasetSpec("d", str(tmp_path))], make_tokenizer(None), config())
+    assert loader.samples_per_epoch is None and loader.batches_per_epoch() is None
+    assert "sizes.json" in caplog.text or shard.name in caplog.text
+    assert sorted(epoch_keys(loader)) == sorted(simple_docs(6))
+
+
+def test_resampled_epochs_give_every_rank_the_same_number_of_batches(tmp_path: Path) -> None:
+    """With resampling, samples_per_epoch counts delivered samples: each worker delivers its share
+    whatever it rejects, so ranks step together (unequal batch counts hang DDP/FSDP collectives).
+    A third of the documents are rejected; each slot used to stop after a fixed number of samples
+    *read*, and 2 ranks got 5 and 6 batches (19 and 23 samples, not 40 each)."""
+    for part in range(4):
+        docs = simple_docs(10, seed=part)
+        for i, key in enumerate(sorted(docs)):
+            if (i * 7 + part) % 3 == 0:
+                docs[key]["similarity_matrix"] = [[0.0, 0.0]]  # no image placed: no_images
+        write_json_shard(tmp_path, f"p{part}", docs)
+    cfg = config(batch_size=4, resample=True, samples_per_epoch=80)
+    for world in (2, 4):
+        loaders = [
+            build_loader([DatasetSpec("d", str(tmp_path))], make_tokenizer(None), cfg, rank, world)
+            for rank in range(world)
+        ]
+        per_rank = [[len(batch["keys"]) for batch in loader] for loader in loaders]
+        assert [sum(sizes) for sizes in per_rank] == [80 // world] * world
+        assert [len(sizes) for sizes in per_rank] == [loaders[0].batches_per_epoch()] * world
+        assert all(loader.rejections()["no_images"] > 0 for loader in loaders)
+
+
+@pytest.mark.timeout(60)
+def test_resampling_shards_whose_every_sample_is_rejected_stops_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resampling limit counts delivered samples, so a dataset with no usable sample would be
+    read forever: after MAX_REFUSED_IN_A_ROW rejections in a row the worker says why."""
+    from flamingo_data.loader import pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_REFUSED_IN_A_ROW", 50)
+    docs = simple_docs(4)
+    for doc in docs.values():
+        doc["similarity_matrix"] = [[0.0, 0.0]]
+    write_json_shard(tmp_path, "bad", docs)
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path))],
+        make_tokenizer(None),
+        config(resample=True, samples_per_epoch=8),
+    )
+    with pytest.raises(RuntimeError, match=r"50 samples in a row rejected.*no_images"):
+        epoch_keys(loader)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -43,3 +44,12 @@ class DatasetSpec:
     shards: str | list[str] | tuple[str, ...]
     kind: str = "auto"
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        """A weight of 0, below 0, NaN or infinite made the mix's probabilities NaN: the worker
+        crashed mid-epoch (or a 0-weight dataset was silently drawn once the others ran out)."""
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(
+                f"dataset {self.name!r}: weight must be a finite number above 0, got {self.weight!r}"
+                " (to leave a dataset out, do not list it)"
+            )

@@ -1,8 +1,9 @@
 """The loader object: worker-side batching with positions and rejection counts, main-side bookkeeping.
 
 Each batch comes from one worker and carries that worker's stream position and the rejections it
-counted since its previous batch. The main process keeps the last delivered position per worker:
-that is the resumable state (samples prefetched but not delivered are simply produced again).
+counted since its previous batch. The main process keeps the last delivered position per worker,
+which workers have finished, and which worker delivers next: that is the resumable state (samples
+prefetched but not delivered are simply produced again, in the order they would have come).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,22 +42,28 @@ class _WorkerStream(IterableDataset):
         epoch: int,
         rank: int,
         world_size: int,
-        skip: dict[int, int],
+        resume: _Resume,
         limit: int | None,
     ) -> None:
         self.datasets, self.tokenizer, self.config = datasets, tokenizer, config
-        self.epoch, self.rank, self.world_size, self.skip, self.limit = (
+        self.epoch, self.rank, self.world_size, self.resume, self.limit = (
             epoch,
             rank,
             world_size,
-            skip,
+            resume,
             limit,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers = max(1, self.config.num_workers)
-        slot = self.rank * workers + (info.id if info is not None else 0)
+        # The DataLoader always asks worker 0 first, then cycles: rotate which slot each worker
+        # plays so that the cycle resumes at the worker that was due next.
+        local = ((info.id if info is not None else 0) + self.resume.next_worker) % workers
+        slot = self.rank * workers + local
+        if slot in self.resume.ended:
+            yield _end_marker(slot, self.resume.positions.get(slot, 0), Counter())
+            return
         yield from self._batches(slot, self.world_size * workers)
 
     def _batches(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
@@ -63,28 +71,33 @@ class _WorkerStream(IterableDataset):
         rejections: Counter = Counter()
         on_issue = lambda issue: rejections.update([issue.reason])  # noqa: E731
         batch: list[dict[str, Any]] = []
-        position, start = 0, self.skip.get(slot, 0)
+        position, start = 0, self.resume.positions.get(slot, 0)
+        # The resampling limit counts delivered samples, so every slot (and rank) gets as many
+        # batches whatever it rejects; ``refused`` counts rejections since the last kept sample.
+        delivered, refused = self.resume.delivered.get(slot, 0), 0
         for name, sample in mixed(self.datasets, self.config, self.epoch, slot, slots, on_issue):
-            if self.limit is not None and position >= self.limit:
+            if self.limit is not None and delivered >= self.limit:
                 break
             position += 1
             if position <= start:
+                if position == start:
+                    rejections.clear()  # read issues met while replaying were counted already
                 continue
             out = self._one(name, sample, text, rejections)
             if out is not None:
                 batch.append(out)
+                delivered, refused = delivered + 1, 0
+            elif self.limit is not None:
+                refused += 1
+                _check_refused(refused, rejections)
             if len(batch) == self.config.batch_size:
                 yield _collate(batch, text.ids["pad"], slot, position, rejections)
                 batch, rejections = [], Counter()
         if batch and not self.config.drop_last:
-            yield _collate(batch, text.ids["pad"], slot, position, rejections)
+            # Its rejections include read issues after its last sample: the slot is done with it.
+            yield {**_collate(batch, text.ids["pad"], slot, position, rejections), "_last": True}
             rejections = Counter()
-        yield {
-            "_slot": slot,
-            "_position": max(position, start),
-            "_rejections": dict(rejections),
-            "_end": True,
-        }
+        yield _end_marker(slot, max(position, start), rejections)
 
     def _one(
         self, name: str, sample, text: TextContext, rejections: Counter
@@ -104,6 +117,35 @@ class _WorkerStream(IterableDataset):
         except Reject as reject:
             rejections[reject.args[0]] += 1
             return None
+
+
+MAX_REFUSED_IN_A_ROW = 10_000
+
+
+def _check_refused(refused: int, rejections: Counter) -> None:
+    """Resampling never runs out of samples: without this, shards whose every sample is rejected
+    would keep a worker reading forever without delivering a batch."""
+    if refused >= MAX_REFUSED_IN_A_ROW:
+        raise RuntimeError(
+            f"{refused} samples in a row rejected while resampling (latest reasons: "
+            f"{dict(rejections.most_common(5))}): these shards hold no usable sample"
+        )
+
+
+@dataclass(frozen=True)
+class _Resume:
+    """Where each worker slot stopped: last delivered position, samples delivered, finished slots,
+    and the local worker (0 .. num_workers - 1) whose batch comes next."""
+
+    positions: dict[int, int] = field(default_factory=dict)
+    delivered: dict[int, int] = field(default_factory=dict)
+    ended: frozenset[int] = frozenset()
+    next_worker: int = 0
+
+
+def _end_marker(slot: int, position: int, rejections: Counter) -> dict[str, Any]:
+    """A worker's last item: its final position and the rejections after its last batch."""
+    return {"_slot": slot, "_position": position, "_rejections": dict(rejections), "_end": True}
 
 
 def _shared_buffer(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -187,6 +229,9 @@ class FlamingoLoader:
         special_ids(tokenizer)  # fail now, not in a worker, if the special tokens are missing
         self.epoch = 0
         self._positions: dict[int, int] = {}
+        self._delivered: dict[int, int] = {}
+        self._ended: set[int] = set()
+        self._next_worker = 0
         self._rejections: Counter = Counter()
         self._text_changes: Counter = Counter()
         self._last_log = 0.0
@@ -204,15 +249,27 @@ class FlamingoLoader:
         return None if any(s is None for s in sizes) else sum(sizes)
 
     def batches_per_epoch(self) -> int | None:
-        """Upper bound on this rank's batches per epoch (rejections make it smaller)."""
-        total = self.samples_per_epoch
-        return (
-            None if total is None else math.ceil(total / self.world_size / self.config.batch_size)
-        )
+        """This rank's batches per epoch. Exact when resampling: each worker delivers its share of
+        samples_per_epoch, so every rank gets as many. Otherwise an estimate that ranks may not
+        share: whole shards go to each worker, each worker ends with a partial batch, and
+        rejections make it smaller."""
+        total, batch = self.samples_per_epoch, self.config.batch_size
+        if total is None:
+            return None
+        if self.config.resample:
+            rounding = math.floor if self.config.drop_last else math.ceil
+            return max(1, self.config.num_workers) * rounding(self._slot_limit() / batch)
+        return math.ceil(total / self.world_size / batch)
+
+    def _slot_limit(self) -> int:
+        """Samples each worker slot delivers per resampled epoch."""
+        if self.samples_per_epoch is None:
+            raise ValueError("resampling needs samples_per_epoch (or sizes.json beside the shards)")
+        return math.ceil(self.samples_per_epoch / self.slots)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self._positions = {}
+            self._positions, self._delivered, self._ended, self._next_worker = {}, {}, set(), 0
         self.epoch = epoch
 
     def rejections(self) -> dict[str, int]:
@@ -227,6 +284,9 @@ class FlamingoLoader:
         return {
             "epoch": self.epoch,
             "positions": dict(self._positions),
+            "delivered": dict(self._delivered),
+            "ended": sorted(self._ended),
+            "next_worker": self._next_worker,
             "slots": self.slots,
             "rejections": dict(self._rejections),
             "text_changes": dict(self._text_changes),
@@ -240,17 +300,15 @@ class FlamingoLoader:
             )
         self.epoch = int(state["epoch"])
         self._positions = {int(k): int(v) for k, v in state["positions"].items()}
+        delivered = state.get("delivered", state["positions"])  # older states: samples read
+        self._delivered = {int(k): int(v) for k, v in delivered.items()}
+        self._ended = {int(slot) for slot in state.get("ended", [])}
+        self._next_worker = int(state.get("next_worker", 0))
         self._rejections = Counter(state.get("rejections", {}))
         self._text_changes = Counter(state.get("text_changes", {}))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        limit = None
-        if self.config.resample:
-            if self.samples_per_epoch is None:
-                raise ValueError(
-                    "resampling needs samples_per_epoch (or sizes.json beside the shards)"
-                )
-            limit = math.ceil(self.samples_per_epoch / self.slots)
+        limit = self._slot_limit() if self.config.resample else None
         stream = _WorkerStream(
             self.datasets,
             self.tokenizer,
@@ -258,15 +316,26 @@ class FlamingoLoader:
             self.epoch,
             self.rank,
             self.world_size,
-            dict(self._positions),
+            _Resume(
+                dict(self._positions),
+                dict(self._delivered),
+                frozenset(self._ended),
+                self._next_worker,
+            ),
             limit,
         )
+        workers = max(1, self.config.num_workers)
         for batch in self._source(stream):
-            self._positions[batch.pop("_slot")] = batch.pop("_position")
+            slot = batch.pop("_slot")
+            self._positions[slot] = batch.pop("_position")
+            self._next_worker = (slot - self.rank * workers + 1) % workers
             self._rejections.update(batch.pop("_rejections"))
             self._text_changes["special_token_text"] += batch.pop("_special_token_text", 0)
             self._maybe_log()
+            if batch.pop("_last", False) or batch.get("_end", False):
+                self._ended.add(slot)
             if not batch.pop("_end", False):
+                self._delivered[slot] = self._delivered.get(slot, 0) + len(batch["keys"])
                 yield _finish_batch(batch, self.config)
 
     def _source(self, stream: _WorkerStream) -> Iterator[dict[str, Any]]:

@@ -63,7 +63,7 @@ def preprocess(
     """Dispatch on the record kind; raises Reject(reason). ``special_token_text`` counts the
     literal special-token strings in the source text, broken so they stay text (``as_text``)."""
     if "json" in sample.members and not any(ext in sample.members for ext in IMAGE_EXTS):
-        record, changed = _record_as_text(_parse_json(sample.members["json"]), text)
+        record, changed = _record_as_text(parse_json(sample.members["json"]), text)
         out = _from_record(record, text, config, rng)
         out["special_token_text"] = changed
     elif any(ext in sample.members for ext in IMAGE_EXTS):
@@ -104,8 +104,9 @@ def _record_as_text(record: dict[str, Any], text: TextContext) -> tuple[dict[str
     return {**record, "text_list": [s for s, _ in pairs]}, sum(n for _, n in pairs)
 
 
-def _parse_json(raw: bytes) -> dict[str, Any]:
-    """orjson, which validate's ``parse_record`` runs first, so a record it passes parses here.
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """orjson, which validate's ``parse_record`` runs first, so a record it passes parses here
+    (inspect and preview parse with this too, so they count what the loader counts).
     json.loads let NaN/Infinity, 1e400 and lone surrogates through to crash the image matching or
     the tokenizer, and raised uncaught errors on deep nesting and 5000-digit integers; orjson
     refuses all of them (nesting over 1024) and is ~4x faster on base64-heavy records."""

@@ -8,6 +8,7 @@ first ``position`` samples without decoding them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from flamingo_data import remote
 from flamingo_data.loader.config import DatasetSpec, LoaderConfig
 from flamingo_data.shardread import IssueSink, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import expand_specs
+
+log = logging.getLogger("flamingo_data.loader")
 
 
 @dataclass(frozen=True)
@@ -39,22 +42,40 @@ def resolve(spec: DatasetSpec, index: int) -> Dataset:
 
 
 def sizes_total(paths: list[str]) -> int | None:
-    """Sum of the shards' counts in the sizes.json beside them; None if any shard is not listed."""
-    cache: dict[str, dict[str, int]] = {}
+    """Sum of the shards' counts in the sizes.json beside them; None if any shard is not listed
+    (or its count is not a whole number >= 0)."""
+    cache: dict[str, dict] = {}
     total = 0
     for path in paths:
         folder = os.path.dirname(path) or "."
         if folder not in cache:
-            try:
-                raw = remote.read_if_exists(remote.join(folder, "sizes.json"))
-                cache[folder] = json.loads(raw) if raw is not None else {}
-            except (OSError, ValueError):
-                cache[folder] = {}
+            cache[folder] = _read_sizes(remote.join(folder, "sizes.json"))
         count = cache[folder].get(os.path.basename(path))
-        if count is None:
+        if not _is_count(count):
+            if count is not None:
+                log.warning("%s: count %r of %s is not a whole number >= 0", folder, count, path)
             return None
-        total += int(count)
+        total += count
     return total
+
+
+def _read_sizes(path: str) -> dict:
+    """The sizes.json object, or {} (epoch length unknown) when there is none or it is malformed:
+    ignored like ``validate --write-sizes`` ignores it, but said, not a crash on a list."""
+    try:
+        raw = remote.read_if_exists(path)
+        sizes = json.loads(raw) if raw is not None else {}
+    except (OSError, ValueError, RecursionError) as exc:
+        log.warning("%s is unreadable, epoch length unknown: %s", path, exc)
+        return {}
+    if not isinstance(sizes, dict):
+        log.warning("%s is not an object {shard: count}, epoch length unknown", path)
+        return {}
+    return sizes
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def rng_for(config: LoaderConfig, epoch: int, *ids: int) -> np.random.Generator:
@@ -94,9 +115,20 @@ def _ignore(issue: ReadIssue) -> None:
 def _resampled(
     ds: Dataset, config: LoaderConfig, epoch: int, slot: int, on_issue: IssueSink
 ) -> Iterator[Sample]:
+    """Shards drawn with replacement. A shard that yields no sample is not drawn again, and when
+    no shard yields one the stream ends: drawing forever without yielding would hang the worker."""
     rng = rng_for(config, epoch, ds.index, slot, 1)
-    while True:
-        yield from iter_samples(ds.paths[int(rng.integers(len(ds.paths)))], on_issue)
+    barren: set[int] = set()
+    while len(barren) < len(ds.paths):
+        index = int(rng.integers(len(ds.paths)))
+        if index in barren:
+            continue
+        found = False
+        for sample in iter_samples(ds.paths[index], on_issue):
+            found = True
+            yield sample
+        if not found:
+            barren.add(index)
 
 
 def shuffled(samples: Iterator[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
