@@ -106,8 +106,11 @@ def inspect_shards(
             "min_images": min_images,
         }
     )
-    paths = expand_specs(specs, folder_suffix=".tar")
+    named = expand_specs(specs, folder_suffix=".tar", keep_missing=True)
+    paths = [p for p in named if remote.exists(p)]  # the loader skips the others, with a warning
     report.shards, report.bytes = len(paths), sum(remote.size(p) for p in paths)
+    if len(named) > len(paths):
+        report.read_issues["missing_shard"] = len(named) - len(paths)
     issues: list[ReadIssue] = []
     specials = literal_specials(tokenizer)
     for doc in iter_docs(paths, config, issues):

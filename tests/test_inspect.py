@@ -73,6 +73,14 @@ def test_counts_histograms_and_loader_survival(shards: Path) -> None:
     assert report["source_stats"]["mmc4"]["counts"] == {"documents": {"in": 5}}
 
 
+def test_a_named_shard_that_does_not_exist_is_counted(shards: Path) -> None:
+    present = sorted(p.name for p in shards.glob("*.tar"))
+    spec = [str(shards / name) for name in present] + [str(shards / "gone-00000.tar")]
+    report = inspect_shards(spec).to_json()
+    assert report["shards"] == 2 and report["documents"] == 5
+    assert report["read_issues"] == {"missing_shard": 1}
+
+
 def test_threshold_changes_survival(shards: Path) -> None:
     assert inspect_shards(str(shards), threshold=0.15).survive == 4
     assert inspect_shards(str(shards), max_tokens=1024).survive == 4

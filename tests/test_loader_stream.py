@@ -57,6 +57,17 @@ def test_split_by_node_is_a_partition(shards: Path) -> None:
     assert sorted(per_rank[0] + per_rank[1]) == sorted(simple_docs(24))
 
 
+def test_a_named_shard_that_does_not_exist_is_reported_not_silently_skipped(
+    shards: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = str(shards / "part{0..4}-00000.tar")  # part4 was never written
+    with caplog.at_level("WARNING", logger="flamingo_data.loader"):
+        loader = build_loader([DatasetSpec("mmc4", spec)], make_tokenizer(None), config())
+    assert loader.missing_shards() == {"mmc4": [str(shards / "part4-00000.tar")]}
+    assert "1 of 5 named shards do not exist" in caplog.text
+    assert sorted(epoch_keys(loader)) == sorted(simple_docs(24))
+
+
 def test_fewer_shards_than_workers_still_covers_each_sample_once(tmp_path: Path) -> None:
     write_json_shard(tmp_path, "only", simple_docs(7))
     keys = epoch_keys(

@@ -275,6 +275,10 @@ class FlamingoLoader:
     def rejections(self) -> dict[str, int]:
         return dict(self._rejections)
 
+    def missing_shards(self) -> dict[str, list[str]]:
+        """Shards each dataset's spec names that do not exist (skipped, with a warning at start)."""
+        return {ds.spec.name: list(ds.missing) for ds in self.datasets if ds.missing}
+
     def text_changes(self) -> dict[str, int]:
         """Delivered samples whose source text was changed, by change: ``special_token_text`` (a
         literal special-token string, e.g. ``<image>`` in web text, broken so it stays text)."""

@@ -25,20 +25,35 @@ log = logging.getLogger("flamingo_data.loader")
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset's resolved shard list and its sample count from sizes.json (None when unknown)."""
+    """A dataset's resolved shard list, its sample count from sizes.json (None when unknown), and
+    the shards its spec names that do not exist."""
 
     spec: DatasetSpec
     index: int
     paths: tuple[str, ...]
     size: int | None
+    missing: tuple[str, ...] = ()
 
 
 def resolve(spec: DatasetSpec, index: int) -> Dataset:
+    """The dataset's shards. A named shard that does not exist is skipped with a warning and kept
+    in ``missing``: a hole in a brace list used to shrink the dataset without a word."""
     shards = [spec.shards] if isinstance(spec.shards, str) else list(spec.shards)
-    paths = expand_specs(shards, folder_suffix=".tar")
+    named = expand_specs(shards, folder_suffix=".tar", keep_missing=True)
+    present = {p for p in set(named) if remote.exists(p)}
+    paths = [p for p in named if p in present]
+    missing = tuple(p for p in named if p not in present)
     if not paths:
         raise FileNotFoundError(f"dataset {spec.name!r}: no shard matches {spec.shards!r}")
-    return Dataset(spec, index, tuple(paths), sizes_total(paths))
+    if missing:
+        log.warning(
+            "dataset %r: %d of %d named shards do not exist and are skipped (first: %s)",
+            spec.name,
+            len(missing),
+            len(named),
+            missing[0],
+        )
+    return Dataset(spec, index, tuple(paths), sizes_total(paths), missing)
 
 
 def sizes_total(paths: list[str]) -> int | None:
