@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -63,6 +64,24 @@ def torchrun_command(shards: Path, run_dir: Path, *extra: str) -> list[str]:
         "--log-keys",
         *extra,
     ]
+
+
+def kill_torchrun(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers: each worker runs in a session of its own, so killing
+    torchrun's process group alone leaves them training (and writing to the run dir)."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == proc.pid:
+            workers.append(int(stat.parent.name))
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 def log_entries(run_dir: Path) -> list[dict]:
@@ -156,8 +175,7 @@ def test_sigkill_then_resume_continues_the_exact_stream(shards: Path, tmp_path: 
         and time.monotonic() < deadline
     ):
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_torchrun(proc)
     resumed_from = int(pointer.read_text().removeprefix("step_"))
     assert resumed_from < 12, "the run finished before it was killed"
 
@@ -169,6 +187,7 @@ def test_sigkill_then_resume_continues_the_exact_stream(shards: Path, tmp_path: 
     )
     assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
     entries = log_entries(killed)
+    assert entries[-1]["summary"]["start_step"] == resumed_from  # really resumed, not restarted
     start = (
         len(entries)
         - 1
