@@ -240,7 +240,12 @@ class RunLog:
 def fixed_batch_loss(model, config: TrainConfig, tokenizer, device, rank: int, world: int) -> float:
     """Loss on the first batch of the first dataset from a fresh loader (independent of the training stream)."""
     loader = make_loaders(config, tokenizer, rank, world)[config.datasets[0].name]
-    batch = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise RuntimeError(
+            f"rank {rank}: dataset {config.datasets[0].name!r} yields no usable sample:"
+            f" rejections {loader.rejections()}"
+        )
     model.eval()
     with torch.no_grad():
         loss = forward_loss(model, batch, device, config.precision, config.fsdp)
@@ -335,11 +340,16 @@ def _log_entry(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = parse_args(argv)
     try:
-        return run(config)
-    finally:
+        summary = run(config)
+    except BaseException:
+        # No barrier here: the other ranks may be inside a collective this rank will never join, and
+        # both would wait out the process-group timeout (30 min). Exiting lets torchrun stop them.
         if dist.is_initialized():
-            dist.barrier()  # no rank tears down gloo while another still uses it
             dist.destroy_process_group()
+        raise
+    dist.barrier()  # no rank tears down gloo while another still uses it
+    dist.destroy_process_group()
+    return summary
 
 
 if __name__ == "__main__":

@@ -231,3 +231,24 @@ def test_checkpoint_round_trip_under_ddp(tmp_path: Path) -> None:
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_run_instead_of_hanging_it(shards: Path, tmp_path: Path) -> None:
+    """Rank A fails (its only shard is not a tar) while rank B waits in a collective: the run must
+    end with A's error, not hang both ranks until the 30-minute process-group timeout."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a-00000.tar").write_bytes((shards / "shard_0-00000.tar").read_bytes())
+    (mixed / "b-00000.tar").write_bytes(b"this is not a tar archive" * 100)
+    command = torchrun_command(mixed, tmp_path / "run", "--steps", "2")
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        kill_torchrun(proc)
+        pytest.fail("one rank failed and the run hung instead of exiting")
+    assert proc.returncode != 0
+    assert "yields no usable sample" in stderr and "not_a_tar" in stderr
