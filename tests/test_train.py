@@ -111,6 +111,31 @@ def test_parse_args_builds_datasets_and_weights() -> None:
     assert config.loss_weights == {"mmc4": 1.0, "laion": 0.2}
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+        (["--log-every", "0"], "--log-every must be at least 1"),
+        (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--cross-attn-every-n-layers", "0"], "--cross-attn-every-n-layers must be at least 1"),
+        (["--workers", "-1"], "--workers must not be negative"),
+        (["--loss-weights", "mmc4=abc"], "--loss-weights wants NAME=NUMBER"),
+        (["--loss-weights", "mcm4=0.5"], "--loss-weights names no dataset: mcm4"),
+        (["--dataset", "mmc4=interleaved:b/"], "dataset name given twice: mmc4"),
+        (["--dataset", "x=interleavd:b/"], "KIND must be one of"),
+        (["--dataset", "x=b/"], "--dataset wants NAME=KIND:SPEC"),
+    ],
+)
+def test_bad_options_are_usage_errors(extra: list[str], message: str, capsys) -> None:
+    """Each of these crashed after a whole training step (modulo by zero, IndexError), trained
+    nothing with exit 0 (--grad-accum 0), or was silently ignored (a misspelt loss-weight name)."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--mmc4-shards", "a/", "--run-dir", "r", *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -> None:
     from flamingo_data.train import main
 
