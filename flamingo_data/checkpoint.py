@@ -80,4 +80,9 @@ def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"])
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """This rank's step, scheduler, RNG and loader positions (weights_only: no pickled code)."""
     return torch.load(path / f"trainer_rank{dist.get_rank()}.pt", weights_only=True)

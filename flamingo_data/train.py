@@ -21,7 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flamingo_data.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flamingo_data.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
 from flamingo_data.model import FlamingoConfig, build_flamingo
 from flamingo_data.trainconfig import TrainConfig, parse_args
@@ -253,9 +258,34 @@ def fixed_batch_loss(model, config: TrainConfig, tokenizer, device, rank: int, w
     return mean_across_ranks({"loss": loss.item()}, device)["loss"]
 
 
-def trainer_state(step: int, scheduler, loaders: dict[str, Any]) -> dict[str, Any]:
+RESUME_SETTINGS = ("vision", "lm", "tokenizer", "image_size", "cross_attn_every_n_layers", "seed")
+
+
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint only fits: the model (the tiny encoders' frozen weights come from the
+    seed, not the checkpoint), the tokenizer, and the data streams the loader positions refer to."""
+    settings: dict[str, Any] = {name: getattr(config, name) for name in RESUME_SETTINGS}
+    settings["datasets"] = sorted(ds.name for ds in config.datasets)
+    return settings
+
+
+def refuse_other_settings(path: Path, saved: dict[str, Any] | None, config: TrainConfig) -> None:
+    now = run_settings(config)
+    if saved is not None and saved != now:
+        changed = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
+        raise ValueError(
+            f"checkpoint {path} was written with other options ("
+            + ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+            + "): resume with the same options, or use a new --run-dir"
+        )
+
+
+def trainer_state(
+    step: int, scheduler, loaders: dict[str, Any], config: TrainConfig
+) -> dict[str, Any]:
     return {
         "step": step,
+        "settings": run_settings(config),
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "loaders": {name: loader.state_dict() for name, loader in loaders.items()},
@@ -267,6 +297,7 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
     path = latest_checkpoint(config.run_dir) if config.resume else None
     if path is None:
         return 0
+    refuse_other_settings(path, read_trainer_state(path).get("settings"), config)
     state = load_checkpoint(path, model, optimizer)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
@@ -307,7 +338,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
             log.write(entry)
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_checkpoint(
-                config.run_dir, step, model, optimizer, trainer_state(step, scheduler, loaders)
+                config.run_dir,
+                step,
+                model,
+                optimizer,
+                trainer_state(step, scheduler, loaders, config),
             )
     summary["steps"] = step
     if step == config.steps:

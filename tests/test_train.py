@@ -166,6 +166,33 @@ def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_another_model(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint holds only the trainable weights: the tiny encoders' frozen weights come from
+    --seed, and --cross-attn-every-n-layers 2 silently loaded half of an every-layer checkpoint."""
+    from flamingo_data.train import main
+
+    def train(*extra: str) -> dict:
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(name, raising=False)  # a fresh one-process group per call
+        return main(
+            ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
+            + ["--max-tokens", "160", "--checkpoint-every", "1", *extra]
+        )
+
+    train("--steps", "1")
+    for changed, message in (
+        (["--cross-attn-every-n-layers", "2"], "cross_attn_every_n_layers: 1 then, 2 now"),
+        (["--seed", "5"], "seed: 0 then, 5 now"),
+        (["--image-size", "48"], "image_size: 32 then, 48 now"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train("--steps", "2", "--resume", *changed)
+    assert train("--steps", "2", "--resume")["start_step"] == 1
+
+
+@pytest.mark.slow
 def test_torchrun_fsdp_loss_goes_down_on_a_fixed_batch(shards: Path, tmp_path: Path) -> None:
     subprocess.run(
         torchrun_command(shards, tmp_path, "--steps", "16", "--checkpoint-every", "100"),
