@@ -326,11 +326,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
     step = start
     while step < config.steps and (config.stop_after is None or step - start < config.stop_after):
         began = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses; step() moves to the next one
         result = train_step(model, streams, config, device, optimizer)
         scheduler.step()
         step += 1
         entry = _log_entry(
-            step, result, scheduler, loaders, time.perf_counter() - began, world, device, config
+            step, result, lr, loaders, time.perf_counter() - began, world, device, config
         )
         summary.setdefault("first_loss", entry["loss"])
         summary["last_loss"] = entry["loss"]
@@ -354,14 +355,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 def _log_entry(
-    step, result, scheduler, loaders, seconds, world, device, config: TrainConfig
+    step, result, lr, loaders, seconds, world, device, config: TrainConfig
 ) -> dict[str, Any]:
     losses = mean_across_ranks(result["losses"], device)
     entry = {
         "step": step,
         "loss": sum(config.loss_weights.get(n, 1.0) * v for n, v in losses.items()),
         **{f"loss/{n}": v for n, v in losses.items()},
-        "lr": scheduler.get_last_lr()[0],
+        "lr": lr,
         "grad_norm": result["grad_norm"],
         "samples_per_s": result["samples"] * world / max(seconds, 1e-9),
         "data_wait_s": result["data_wait_s"],

@@ -162,7 +162,10 @@ def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -
     )
     assert summary["steps"] == 3
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"
-    assert [e["step"] for e in log_entries(tmp_path) if "loss" in e] == [1, 2, 3]
+    logged = [e for e in log_entries(tmp_path) if "loss" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3]
+    # the rate each step used: warmup (default 10 steps) gives step k the factor k / 11
+    assert [e["lr"] for e in logged] == pytest.approx([1e-4 * k / 11 for k in (1, 2, 3)])
 
 
 @pytest.mark.slow
