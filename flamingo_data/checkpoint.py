@@ -85,4 +85,10 @@ def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
     """This rank's step, scheduler, RNG and loader positions (weights_only: no pickled code)."""
+    saved, world = len(list(path.glob("trainer_rank*.pt"))), dist.get_world_size()
+    if saved != world:  # every rank refuses, before any collective: none waits for another
+        raise ValueError(
+            f"checkpoint {path} was written by {saved} processes and this run has {world}: the"
+            " loader positions are per process, resume with the same number of processes"
+        )
     return torch.load(path / f"trainer_rank{dist.get_rank()}.pt", weights_only=True)

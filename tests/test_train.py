@@ -196,6 +196,29 @@ def test_resume_refuses_a_checkpoint_of_another_model(
 
 
 @pytest.mark.slow
+def test_resume_with_more_processes_is_refused_by_every_rank(shards: Path, tmp_path: Path) -> None:
+    """Rank 1 found no trainer_rank1.pt (FileNotFoundError) while rank 0 went on into dcp.load."""
+    options = torchrun_command(shards, tmp_path, "--steps", "1")
+    options = options[options.index("flamingo_data.train") + 1 :]  # the same run, one process
+    subprocess.run(
+        [sys.executable, "-m", "flamingo_data.train", *options],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    resumed = subprocess.run(
+        torchrun_command(shards, tmp_path, "--steps", "2", "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: ValueError: checkpoint" in resumed.stderr, resumed.stderr[-3000:]
+    assert "written by 1 processes and this run has 2" in resumed.stderr
+
+
+@pytest.mark.slow
 def test_torchrun_fsdp_loss_goes_down_on_a_fixed_batch(shards: Path, tmp_path: Path) -> None:
     subprocess.run(
         torchrun_command(shards, tmp_path, "--steps", "16", "--checkpoint-every", "100"),
