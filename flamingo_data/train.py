@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,17 +34,17 @@ NO_DECAY_MARKERS = ("tokens.", "latents", "frame_embs", "_gate", "norm", "bias")
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """Join torchrun's process group, or make a one-process group on 127.0.0.1 when run directly."""
-    if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
+    """Join torchrun's process group, or make a one-process group on 127.0.0.1 when run directly.
+
+    The one-process group gets its own free port without touching os.environ: setting RANK and
+    MASTER_PORT there leaked into the caller, so a later run or subprocess reused a stale port."""
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        backend = "nccl" if cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:

@@ -161,6 +161,7 @@ def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -
         ]
     )
     assert summary["steps"] == 3
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # the caller's env is kept
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"
     logged = [e for e in log_entries(tmp_path) if "loss" in e]
     assert [e["step"] for e in logged] == [1, 2, 3]
@@ -169,16 +170,12 @@ def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_checkpoint_of_another_model(
-    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_resume_refuses_a_checkpoint_of_another_model(shards: Path, tmp_path: Path) -> None:
     """A checkpoint holds only the trainable weights: the tiny encoders' frozen weights come from
     --seed, and --cross-attn-every-n-layers 2 silently loaded half of an every-layer checkpoint."""
     from flamingo_data.train import main
 
     def train(*extra: str) -> dict:
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            monkeypatch.delenv(name, raising=False)  # a fresh one-process group per call
         return main(
             ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
             + ["--max-tokens", "160", "--checkpoint-every", "1", *extra]
