@@ -80,4 +80,15 @@ def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"])
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """This rank's step, scheduler, RNG and loader positions (weights_only: no pickled code)."""
+    saved, world = len(list(path.glob("trainer_rank*.pt"))), dist.get_world_size()
+    if saved != world:  # every rank refuses, before any collective: none waits for another
+        raise ValueError(
+            f"checkpoint {path} was written by {saved} processes and this run has {world}: the"
+            " loader positions are per process, resume with the same number of processes"
+        )
     return torch.load(path / f"trainer_rank{dist.get_rank()}.pt", weights_only=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -21,7 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flamingo_data.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flamingo_data.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
 from flamingo_data.model import FlamingoConfig, build_flamingo
 from flamingo_data.trainconfig import TrainConfig, parse_args
@@ -30,17 +34,17 @@ NO_DECAY_MARKERS = ("tokens.", "latents", "frame_embs", "_gate", "norm", "bias")
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """Join torchrun's process group, or make a one-process group on 127.0.0.1 when run directly."""
-    if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-        )
+    """Join torchrun's process group, or make a one-process group on 127.0.0.1 when run directly.
+
+    The one-process group gets its own free port without touching os.environ: setting RANK and
+    MASTER_PORT there leaked into the caller, so a later run or subprocess reused a stale port."""
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        backend = "nccl" if cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -240,7 +244,12 @@ class RunLog:
 def fixed_batch_loss(model, config: TrainConfig, tokenizer, device, rank: int, world: int) -> float:
     """Loss on the first batch of the first dataset from a fresh loader (independent of the training stream)."""
     loader = make_loaders(config, tokenizer, rank, world)[config.datasets[0].name]
-    batch = next(iter(loader))
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise RuntimeError(
+            f"rank {rank}: dataset {config.datasets[0].name!r} yields no usable sample:"
+            f" rejections {loader.rejections()}"
+        )
     model.eval()
     with torch.no_grad():
         loss = forward_loss(model, batch, device, config.precision, config.fsdp)
@@ -248,9 +257,34 @@ def fixed_batch_loss(model, config: TrainConfig, tokenizer, device, rank: int, w
     return mean_across_ranks({"loss": loss.item()}, device)["loss"]
 
 
-def trainer_state(step: int, scheduler, loaders: dict[str, Any]) -> dict[str, Any]:
+RESUME_SETTINGS = ("vision", "lm", "tokenizer", "image_size", "cross_attn_every_n_layers", "seed")
+
+
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint only fits: the model (the tiny encoders' frozen weights come from the
+    seed, not the checkpoint), the tokenizer, and the data streams the loader positions refer to."""
+    settings: dict[str, Any] = {name: getattr(config, name) for name in RESUME_SETTINGS}
+    settings["datasets"] = sorted(ds.name for ds in config.datasets)
+    return settings
+
+
+def refuse_other_settings(path: Path, saved: dict[str, Any] | None, config: TrainConfig) -> None:
+    now = run_settings(config)
+    if saved is not None and saved != now:
+        changed = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
+        raise ValueError(
+            f"checkpoint {path} was written with other options ("
+            + ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+            + "): resume with the same options, or use a new --run-dir"
+        )
+
+
+def trainer_state(
+    step: int, scheduler, loaders: dict[str, Any], config: TrainConfig
+) -> dict[str, Any]:
     return {
         "step": step,
+        "settings": run_settings(config),
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "loaders": {name: loader.state_dict() for name, loader in loaders.items()},
@@ -262,6 +296,7 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
     path = latest_checkpoint(config.run_dir) if config.resume else None
     if path is None:
         return 0
+    refuse_other_settings(path, read_trainer_state(path).get("settings"), config)
     state = load_checkpoint(path, model, optimizer)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
@@ -290,11 +325,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
     step = start
     while step < config.steps and (config.stop_after is None or step - start < config.stop_after):
         began = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses; step() moves to the next one
         result = train_step(model, streams, config, device, optimizer)
         scheduler.step()
         step += 1
         entry = _log_entry(
-            step, result, scheduler, loaders, time.perf_counter() - began, world, device, config
+            step, result, lr, loaders, time.perf_counter() - began, world, device, config
         )
         summary.setdefault("first_loss", entry["loss"])
         summary["last_loss"] = entry["loss"]
@@ -302,7 +338,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
             log.write(entry)
         if step % config.checkpoint_every == 0 or step == config.steps:
             save_checkpoint(
-                config.run_dir, step, model, optimizer, trainer_state(step, scheduler, loaders)
+                config.run_dir,
+                step,
+                model,
+                optimizer,
+                trainer_state(step, scheduler, loaders, config),
             )
     summary["steps"] = step
     if step == config.steps:
@@ -314,14 +354,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 def _log_entry(
-    step, result, scheduler, loaders, seconds, world, device, config: TrainConfig
+    step, result, lr, loaders, seconds, world, device, config: TrainConfig
 ) -> dict[str, Any]:
     losses = mean_across_ranks(result["losses"], device)
     entry = {
         "step": step,
         "loss": sum(config.loss_weights.get(n, 1.0) * v for n, v in losses.items()),
         **{f"loss/{n}": v for n, v in losses.items()},
-        "lr": scheduler.get_last_lr()[0],
+        "lr": lr,
         "grad_norm": result["grad_norm"],
         "samples_per_s": result["samples"] * world / max(seconds, 1e-9),
         "data_wait_s": result["data_wait_s"],
@@ -335,11 +375,16 @@ def _log_entry(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = parse_args(argv)
     try:
-        return run(config)
-    finally:
+        summary = run(config)
+    except BaseException:
+        # No barrier here: the other ranks may be inside a collective this rank will never join, and
+        # both would wait out the process-group timeout (30 min). Exiting lets torchrun stop them.
         if dist.is_initialized():
-            dist.barrier()  # no rank tears down gloo while another still uses it
             dist.destroy_process_group()
+        raise
+    dist.barrier()  # no rank tears down gloo while another still uses it
+    dist.destroy_process_group()
+    return summary
 
 
 if __name__ == "__main__":

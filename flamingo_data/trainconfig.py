@@ -109,32 +109,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+KINDS = ("interleaved", "pair", "gpt", "auto")
+AT_LEAST_ONE = (
+    "batch_size",
+    "grad_accum",
+    "checkpoint_every",
+    "log_every",
+    "cross_attn_every_n_layers",
+    "max_tokens",
+    "max_images",
+    "image_size",
+)
+AT_LEAST_ZERO = ("steps", "warmup_steps", "workers")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    datasets = [
-        DatasetArg(n, k, s)
-        for n, k, s in (
-            ("mmc4", "interleaved", args.mmc4_shards),
-            ("laion", "pair", args.laion_shards),
-            ("gpt", "gpt", args.gpt_shards),
+    """Options -> TrainConfig; a bad value is a usage error (exit 2), not a crash mid-run."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        datasets = [
+            DatasetArg(n, k, s)
+            for n, k, s in (
+                ("mmc4", "interleaved", args.mmc4_shards),
+                ("laion", "pair", args.laion_shards),
+                ("gpt", "gpt", args.gpt_shards),
+            )
+            if s
+        ]
+        datasets += [_dataset_arg(text) for text in args.dataset]
+        if not datasets:
+            raise ValueError(
+                "give at least one of --mmc4-shards, --laion-shards, --gpt-shards, --dataset"
+            )
+        values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+        values.update(datasets=datasets, loss_weights=_weights(args.loss_weights))
+        config = TrainConfig(**values)
+        check(config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config
+
+
+def check(config: TrainConfig) -> None:
+    """Refuse values that would crash a run after its first step, or silently train nothing."""
+    for name in AT_LEAST_ONE:
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in AT_LEAST_ZERO:
+        if getattr(config, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+    if config.stop_after is not None and config.stop_after < 1:
+        raise ValueError("--stop-after must be at least 1")
+    names = [d.name for d in config.datasets]
+    if duplicates := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"dataset name given twice: {', '.join(duplicates)}")
+    if unknown := sorted(set(config.loss_weights) - set(names)):
+        raise ValueError(
+            f"--loss-weights names no dataset: {', '.join(unknown)} (datasets: {', '.join(names)})"
         )
-        if s
-    ]
-    datasets += [_dataset_arg(text) for text in args.dataset]
-    if not datasets:
-        build_parser().error(
-            "give at least one of --mmc4-shards, --laion-shards, --gpt-shards, --dataset"
-        )
-    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    values.update(datasets=datasets, loss_weights=_weights(args.loss_weights))
-    return TrainConfig(**values)
 
 
 def _dataset_arg(text: str) -> DatasetArg:
     name, _, rest = text.partition("=")
     kind, _, spec = rest.partition(":")
     if not (name and kind and spec):
-        raise SystemExit(f"--dataset wants NAME=KIND:SPEC, got {text!r}")
+        raise ValueError(f"--dataset wants NAME=KIND:SPEC, got {text!r}")
+    if kind not in KINDS:
+        raise ValueError(f"--dataset {text!r}: KIND must be one of {', '.join(KINDS)}")
     return DatasetArg(name, kind, spec)
 
 
@@ -142,5 +184,8 @@ def _weights(text: str) -> dict[str, float]:
     weights = {}
     for part in filter(None, text.split(",")):
         name, _, value = part.partition("=")
-        weights[name.strip()] = float(value)
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--loss-weights wants NAME=NUMBER,..., got {part!r}") from None
     return weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -65,6 +66,24 @@ def torchrun_command(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def kill_torchrun(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers: each worker runs in a session of its own, so killing
+    torchrun's process group alone leaves them training (and writing to the run dir)."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == proc.pid:
+            workers.append(int(stat.parent.name))
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
 def log_entries(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -92,6 +111,31 @@ def test_parse_args_builds_datasets_and_weights() -> None:
     assert config.loss_weights == {"mmc4": 1.0, "laion": 0.2}
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+        (["--log-every", "0"], "--log-every must be at least 1"),
+        (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--cross-attn-every-n-layers", "0"], "--cross-attn-every-n-layers must be at least 1"),
+        (["--workers", "-1"], "--workers must not be negative"),
+        (["--loss-weights", "mmc4=abc"], "--loss-weights wants NAME=NUMBER"),
+        (["--loss-weights", "mcm4=0.5"], "--loss-weights names no dataset: mcm4"),
+        (["--dataset", "mmc4=interleaved:b/"], "dataset name given twice: mmc4"),
+        (["--dataset", "x=interleavd:b/"], "KIND must be one of"),
+        (["--dataset", "x=b/"], "--dataset wants NAME=KIND:SPEC"),
+    ],
+)
+def test_bad_options_are_usage_errors(extra: list[str], message: str, capsys) -> None:
+    """Each of these crashed after a whole training step (modulo by zero, IndexError), trained
+    nothing with exit 0 (--grad-accum 0), or was silently ignored (a misspelt loss-weight name)."""
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--mmc4-shards", "a/", "--run-dir", "r", *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -> None:
     from flamingo_data.train import main
 
@@ -117,8 +161,58 @@ def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -
         ]
     )
     assert summary["steps"] == 3
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ  # the caller's env is kept
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"
-    assert [e["step"] for e in log_entries(tmp_path) if "loss" in e] == [1, 2, 3]
+    logged = [e for e in log_entries(tmp_path) if "loss" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3]
+    # the rate each step used: warmup (default 10 steps) gives step k the factor k / 11
+    assert [e["lr"] for e in logged] == pytest.approx([1e-4 * k / 11 for k in (1, 2, 3)])
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_another_model(shards: Path, tmp_path: Path) -> None:
+    """A checkpoint holds only the trainable weights: the tiny encoders' frozen weights come from
+    --seed, and --cross-attn-every-n-layers 2 silently loaded half of an every-layer checkpoint."""
+    from flamingo_data.train import main
+
+    def train(*extra: str) -> dict:
+        return main(
+            ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
+            + ["--max-tokens", "160", "--checkpoint-every", "1", *extra]
+        )
+
+    train("--steps", "1")
+    for changed, message in (
+        (["--cross-attn-every-n-layers", "2"], "cross_attn_every_n_layers: 1 then, 2 now"),
+        (["--seed", "5"], "seed: 0 then, 5 now"),
+        (["--image-size", "48"], "image_size: 32 then, 48 now"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train("--steps", "2", "--resume", *changed)
+    assert train("--steps", "2", "--resume")["start_step"] == 1
+
+
+@pytest.mark.slow
+def test_resume_with_more_processes_is_refused_by_every_rank(shards: Path, tmp_path: Path) -> None:
+    """Rank 1 found no trainer_rank1.pt (FileNotFoundError) while rank 0 went on into dcp.load."""
+    options = torchrun_command(shards, tmp_path, "--steps", "1")
+    options = options[options.index("flamingo_data.train") + 1 :]  # the same run, one process
+    subprocess.run(
+        [sys.executable, "-m", "flamingo_data.train", *options],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    resumed = subprocess.run(
+        torchrun_command(shards, tmp_path, "--steps", "2", "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]: ValueError: checkpoint" in resumed.stderr, resumed.stderr[-3000:]
+    assert "written by 1 processes and this run has 2" in resumed.stderr
 
 
 @pytest.mark.slow
@@ -156,8 +250,7 @@ def test_sigkill_then_resume_continues_the_exact_stream(shards: Path, tmp_path: 
         and time.monotonic() < deadline
     ):
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_torchrun(proc)
     resumed_from = int(pointer.read_text().removeprefix("step_"))
     assert resumed_from < 12, "the run finished before it was killed"
 
@@ -169,6 +262,7 @@ def test_sigkill_then_resume_continues_the_exact_stream(shards: Path, tmp_path: 
     )
     assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
     entries = log_entries(killed)
+    assert entries[-1]["summary"]["start_step"] == resumed_from  # really resumed, not restarted
     start = (
         len(entries)
         - 1
@@ -212,3 +306,24 @@ def test_checkpoint_round_trip_under_ddp(tmp_path: Path) -> None:
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_run_instead_of_hanging_it(shards: Path, tmp_path: Path) -> None:
+    """Rank A fails (its only shard is not a tar) while rank B waits in a collective: the run must
+    end with A's error, not hang both ranks until the 30-minute process-group timeout."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a-00000.tar").write_bytes((shards / "shard_0-00000.tar").read_bytes())
+    (mixed / "b-00000.tar").write_bytes(b"this is not a tar archive" * 100)
+    command = torchrun_command(mixed, tmp_path / "run", "--steps", "2")
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        kill_torchrun(proc)
+        pytest.fail("one rank failed and the run hung instead of exiting")
+    assert proc.returncode != 0
+    assert "yields no usable sample" in stderr and "not_a_tar" in stderr
