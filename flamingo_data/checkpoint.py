@@ -68,7 +68,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not pointer.exists():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if not path.is_dir():
+        # resuming from step 0 here would silently throw the run's progress away
+        raise FileNotFoundError(
+            f"{pointer} names {path.name}, which is not there: restore that folder, or delete "
+            "the pointer to start the run over"
+        )
+    return path
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:

@@ -62,11 +62,22 @@ def build_model(config: TrainConfig, tokenizer, device: torch.device):
         gradient_checkpointing=config.gradient_checkpointing,
     )
     model = build_flamingo(model_config, tokenizer).to(device)
+    check_sequence_length(config.max_tokens, model.lm)
     if config.fsdp:
         shard_model(model, config.precision)
     elif dist.get_world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     return model
+
+
+def check_sequence_length(max_tokens: int, lm: torch.nn.Module) -> None:
+    """Refuse at start a --max-tokens the LM has no positions for: it would crash at the first
+    long enough sample, possibly hours in."""
+    limit = getattr(lm, "max_positions", None)
+    if limit is not None and max_tokens > limit:
+        raise ValueError(
+            f"--max-tokens {max_tokens} is more than the language model's {limit} positions"
+        )
 
 
 def shard_model(model, precision: str) -> None:

@@ -192,6 +192,30 @@ def test_resume_refuses_a_checkpoint_of_another_model(shards: Path, tmp_path: Pa
     assert train("--steps", "2", "--resume")["start_step"] == 1
 
 
+def test_a_max_tokens_beyond_the_lm_positions_is_refused_before_training(
+    shards: Path, tmp_path: Path
+) -> None:
+    """The tiny LM has 512 positions: a longer sample used to crash at its first occurrence."""
+    from flamingo_data.train import main
+
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--steps", "1"]
+    with pytest.raises(ValueError, match="--max-tokens 513 is more than the language model's 512"):
+        main([*args, "--max-tokens", "513"])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_with_a_dangling_latest_pointer_is_an_error_not_a_fresh_start(
+    tmp_path: Path,
+) -> None:
+    from flamingo_data.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None  # no checkpoint yet: start at step 0
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000040")
+    with pytest.raises(FileNotFoundError, match="names step_0000040, which is not there"):
+        latest_checkpoint(tmp_path)
+
+
 @pytest.mark.slow
 def test_resume_with_more_processes_is_refused_by_every_rank(shards: Path, tmp_path: Path) -> None:
     """Rank 1 found no trainer_rank1.pt (FileNotFoundError) while rank 0 went on into dcp.load."""

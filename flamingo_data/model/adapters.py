@@ -40,6 +40,10 @@ class HFCausalLM(nn.Module):
             if hasattr(source.config, "hidden_size")
             else source.config.n_embd
         )
+        config = source.config
+        self.max_positions = getattr(config, "n_positions", None) or getattr(
+            config, "max_position_embeddings", None
+        )
         for path in _LAYER_PATHS:
             if (layers := _find(source, path)) is not None:
                 self.layers = layers

@@ -57,6 +57,7 @@ class TinyCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = dim
+        self.max_positions = max_len  # longer sequences have no position embedding
         self.embed = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
