@@ -50,8 +50,20 @@ def _add(sub: argparse._SubParsersAction, name: str, help_text: str, module_name
     parser.set_defaults(handler=module.run)
 
 
+def _train_handler():
+    from flamingo_data.commands.train import run
+
+    return run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # The trainer parses its own options (flamingo_data.trainconfig, -h included): this
+        # parser would refuse them as unrecognized arguments before the trainer saw them.
+        args = argparse.Namespace(handler=_train_handler(), train_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:

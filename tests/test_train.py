@@ -169,6 +169,20 @@ def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -
     assert [e["lr"] for e in logged] == pytest.approx([1e-4 * k / 11 for k in (1, 2, 3)])
 
 
+def test_the_cli_passes_the_trainer_its_options(shards: Path, tmp_path: Path, capsys) -> None:
+    """``flamingo-data train --mmc4-shards ... --run-dir ...`` (the README's one-process command)
+    was refused by the CLI's own parser as unrecognized arguments, and ``train --help`` showed the
+    wrapper's help instead of the trainer's options."""
+    from flamingo_data import cli
+
+    argv = ["train", "--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--steps", "1"]
+    assert cli.main([*argv, "--batch-size", "2", "--max-tokens", "160"]) == 0
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000001"
+    capsys.readouterr()
+    assert cli.main(["train", "--help"]) == 0
+    assert "--loss-weights" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_model(shards: Path, tmp_path: Path) -> None:
     """A checkpoint holds only the trainable weights: the tiny encoders' frozen weights come from

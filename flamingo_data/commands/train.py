@@ -10,7 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "train_args",
         nargs=argparse.REMAINDER,
-        help="trainer options, e.g. --mmc4-shards 'shards/*.tar' --run-dir runs/x (see --help below)",
+        help="trainer options, e.g. --mmc4-shards 'shards/*.tar' --run-dir runs/x "
+        "(flamingo-data train --help lists them)",
     )
     parser.epilog = "For several processes run: torchrun --nproc_per_node=N -m flamingo_data.train <same options>"
 
