@@ -237,8 +237,9 @@ def process_image(data: bytes | None, policy: ImagePolicy) -> ImageResult:
             return _plain_jpeg(data, header, policy)
     try:
         image = open_capped(data, policy.max_pixels)
-    except ValueError as exc:
-        return ImageResult("rejected", reason=str(exc))
+    except ValueError as exc:  # PIL raises ValueError for some corrupt headers too
+        reason = "too_many_pixels" if str(exc) == "too_many_pixels" else "undecodable"
+        return ImageResult("rejected", reason=reason)
     except Exception:  # PIL raises many types for a corrupt header; all mean the same here
         return ImageResult("rejected", reason="undecodable")
     if min(image.size) < policy.min_side:

@@ -130,8 +130,10 @@ def test_resize_limits_sides_and_never_upscales() -> None:
         (np.random.default_rng(0).bytes(3000), "not_an_image"),
         (make_image(6, 200, 150)[:1500], "truncated"),
         (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "undecodable"),
+        # PIL raises ValueError("Truncated IHDR chunk"): its message was the counted reason
+        (b"\x89PNG\r\n\x1a\n\0\0\0\0IHDR\0\0\0\x14", "undecodable"),
     ],
-    ids=["empty", "html", "random", "truncated-jpeg", "broken-png"],
+    ids=["empty", "html", "random", "truncated-jpeg", "broken-png", "png-cut-in-ihdr"],
 )
 def test_bad_bytes_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
     result = process_image(data, POLICY)
