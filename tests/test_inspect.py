@@ -179,3 +179,27 @@ def test_gpt_survivors_at_a_token_limit_are_the_loaders(tmp_path: Path) -> None:
     kept = sum(len(batch["keys"]) for batch in loader)
     assert report.survive == kept == 7
     assert dict(report.rejected_by_loader) == loader.rejections()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "--max-images", "0"],
+        ["inspect", "--max-tokens", "0"],
+        ["inspect", "--tokenizer", "no/such/tokenizer"],
+        ["preview", "--n", "0"],
+        ["preview", "--max-images", "-1"],
+        ["validate", "--max-pixels", "0"],
+        ["validate", "--max-failures-shown", "-1"],
+    ],
+)
+def test_bad_command_line_input_is_exit_2(shards: Path, tmp_path: Path, args: list[str]) -> None:
+    """A count below 1 was accepted (an empty report, a blank page, every image failing
+    validate --deep) and a bad --tokenizer path was exit 1 with advice to rerun with --resume."""
+    command, *options = args
+    extra = ["--out", str(tmp_path / "p.html")] if command == "preview" else []
+    try:
+        code = cli([command, str(shards), *options, *extra])
+    except SystemExit as exc:  # argparse's own usage error
+        code = exc.code
+    assert code == 2

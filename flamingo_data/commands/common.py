@@ -107,6 +107,13 @@ def positive(text: str) -> int:
     return value
 
 
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
 def image_policy(args: argparse.Namespace) -> ImagePolicy:
     try:
         return ImagePolicy(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from flamingo_data.commands.common import positive
 from flamingo_data.demo import run_demo
 
 
@@ -12,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default="demo-output", help="folder for every artifact (default: demo-output)"
     )
     parser.add_argument(
-        "--steps", type=int, default=12, help="training steps of the tiny model (default 12)"
+        "--steps", type=positive, default=12, help="training steps of the tiny model (default 12)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flamingo_data.commands.common import UsageError, usage_errors
+from flamingo_data.commands.common import UsageError, positive, usage_errors
 from flamingo_data.inspect import format_report, inspect_shards, plot_report
 from flamingo_data.loader.tokenizer import make_tokenizer
 
@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold", type=float, default=0.24, help="similarity threshold the loader will use"
     )
-    parser.add_argument("--max-images", type=int, default=6)
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--max-images", type=positive, default=6)
+    parser.add_argument("--max-tokens", type=positive, default=256)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument(
         "--plot",
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     report = inspect_shards(
         args.shards,
-        tokenizer=make_tokenizer(args.tokenizer),
+        tokenizer=_tokenizer(args.tokenizer),
         threshold=args.threshold,
         max_images=args.max_images,
         max_tokens=args.max_tokens,
@@ -46,3 +46,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
         print(f"histograms written to {args.plot}")
     return 0
+
+
+def _tokenizer(path: str | None):
+    """A --tokenizer that is not a local tokenizer is bad input (exit 2), not a traceback."""
+    try:
+        return make_tokenizer(path)
+    except ImportError as exc:
+        raise UsageError(f"--tokenizer needs the [hf] extra (transformers): {exc}") from exc
+    except (OSError, ValueError) as exc:  # no such folder, or no tokenizer files in it
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load --tokenizer {path}: {first_line}") from exc

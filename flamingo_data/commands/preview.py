@@ -6,20 +6,20 @@ import argparse
 import webbrowser
 from pathlib import Path
 
-from flamingo_data.commands.common import usage_errors
+from flamingo_data.commands.common import positive, usage_errors
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.preview import write_preview
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", nargs="+", help="shards: brace patterns, globs or folders")
-    parser.add_argument("--n", type=int, default=20, help="documents to render (default 20)")
+    parser.add_argument("--n", type=positive, default=20, help="documents to render (default 20)")
     parser.add_argument(
         "--key", action="append", default=None, help="render only these keys (repeatable)"
     )
     parser.add_argument("--out", default="preview.html")
     parser.add_argument("--threshold", type=float, default=0.24)
-    parser.add_argument("--max-images", type=int, default=6)
+    parser.add_argument("--max-images", type=positive, default=6)
     parser.add_argument("--open", action="store_true", help="open the page in a browser")
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TextIO
 
-from flamingo_data.commands.common import UsageError, usage_errors
+from flamingo_data.commands.common import UsageError, non_negative, positive, usage_errors
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.validate import ValidationReport, validate_shards
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--deep", action="store_true", help="also decode every image (pixel cap on)"
     )
     parser.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="--deep: larger images fail"
+        "--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="--deep: larger images fail"
     )
     parser.add_argument("--kind", choices=("auto", "interleaved", "gpt", "pair"), default="auto")
     parser.add_argument(
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", dest="json_out", default=None, help="write the full report as JSON (- for stdout)"
     )
-    parser.add_argument("--max-failures-shown", type=int, default=20)
+    parser.add_argument("--max-failures-shown", type=non_negative, default=20)
 
 
 @usage_errors
