@@ -235,6 +235,7 @@ def convert_chatgpt(
     overwrite: bool = False,
     processes: int | None = None,
     executor: str = "local",
+    master: str | None = None,
     progress: bool = True,
 ) -> Stats:
     """Download (or join) every image, then one unit per sequence file; returns the merged stats."""
@@ -263,6 +264,7 @@ def convert_chatgpt(
         executor=executor,
         processes=processes,
         progress=progress,
+        master=master,
     )
     stats = finalize(run.out_dir, "chatgpt")
     drop_work_dir(run.out_dir)

@@ -201,6 +201,30 @@ def test_placeholders_loader_tokens_and_jsonl_lines(setup) -> None:
     assert stats["counts"]["documents"] == {"in": 10, "written": 3, "rejected": 7}
 
 
+def test_cli_takes_the_unit_converters_options(setup, tmp_path: Path) -> None:
+    """--executor, --executor-master, --max-samples-per-shard, --max-bytes-per-shard and
+    --no-fsync (the options every unit converter shares, which the library takes) were refused."""
+    from flamingo_data.cli import main as cli
+
+    root, _, _, _ = setup
+    out = tmp_path / "out"
+    args = ["convert", "chatgpt", "--sequences", str(root / "seq-000.json"), "--out", str(out)]
+    args += ["--images-from", str(root / "drop" / "_images"), "--no-progress", "--no-fsync"]
+    args += [
+        "--executor",
+        "local",
+        "--max-samples-per-shard",
+        "1",
+        "--max-bytes-per-shard",
+        "9999999",
+    ]
+    assert cli(args) == 0
+    assert json.loads((out / "sizes.json").read_text()) == {
+        "seq-000-00000.tar": 1,
+        "seq-000-00001.tar": 1,
+    }
+
+
 @pytest.mark.slow
 def test_cli_resume_after_a_killed_run(setup, tmp_path: Path) -> None:
     root, served, _, _ = setup

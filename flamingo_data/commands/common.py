@@ -30,6 +30,19 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help="parallel units (default: cores)",
     )
     parser.add_argument(
+        "--resume", action="store_true", help="skip finished units, redo unfinished ones"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run's output first"
+    )
+    parser.add_argument("--rejects", action="store_true", help="write rejects.jsonl (key + reason)")
+    add_unit_options(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_unit_options(parser: argparse.ArgumentParser) -> None:
+    """Where units run and how their shards are cut and committed (every unit converter)."""
+    parser.add_argument(
         "--executor",
         choices=("local", "spark", "ray"),
         default="local",
@@ -40,16 +53,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="spark master URL (default local[--processes]) or ray address (default auto)",
     )
-    parser.add_argument(
-        "--resume", action="store_true", help="skip finished units, redo unfinished ones"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="delete an earlier run's output first"
-    )
-    parser.add_argument("--rejects", action="store_true", help="write rejects.jsonl (key + reason)")
     parser.add_argument("--max-samples-per-shard", type=positive, default=10_000)
     parser.add_argument("--max-bytes-per-shard", type=positive, default=2**30)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--no-fsync",
         action="store_true",

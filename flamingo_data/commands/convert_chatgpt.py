@@ -7,6 +7,7 @@ import json
 
 from flamingo_data.commands.common import (
     add_image_options,
+    add_unit_options,
     check_writable,
     image_policy,
     positive,
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
     add_image_options(parser)
     add_download_options(parser, max_pixels=False)
+    add_unit_options(parser)
 
 
 @usage_errors
@@ -60,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
         download=download,
     )
     run_opts = RunOptions(
-        out_dir=args.out, converter="chatgpt", write_rejects=args.rejects, resume=args.resume
+        out_dir=args.out,
+        converter="chatgpt",
+        max_samples=args.max_samples_per_shard,
+        max_bytes=args.max_bytes_per_shard,
+        write_rejects=args.rejects,
+        resume=args.resume,
+        fsync=not args.no_fsync,
     )
     stats = convert_chatgpt(
         args.sequences,
@@ -68,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         run_opts,
         overwrite=args.overwrite,
         processes=args.units_processes,
+        executor=args.executor,
+        master=args.executor_master,
         progress=not args.no_progress,
     )
     print(json.dumps(stats.to_json()["counts"], indent=1))
