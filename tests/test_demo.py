@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from flamingo_data import cli
+
 
 def test_demo_builds_converts_validates_previews_and_trains(tmp_path: Path) -> None:
     out = tmp_path / "demo"
@@ -24,3 +28,16 @@ def test_demo_builds_converts_validates_previews_and_trains(tmp_path: Path) -> N
     log = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
     assert (out / "run" / "checkpoints" / "latest").read_text() == "step_0000004"
+
+
+def test_demo_into_a_folder_it_cannot_create_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli.main(["demo", "--out", str(blocker / "demo"), "--no-train"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("flamingo-data: error: cannot create output folder")
+        and "--resume" not in err
+    )

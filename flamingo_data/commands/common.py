@@ -51,7 +51,7 @@ def add_unit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--executor-master",
         default=None,
-        help="spark master URL (default local[--processes]) or ray address (default auto)",
+        help="spark master URL (default local[N], N = the parallel units) or ray address (default auto)",
     )
     parser.add_argument("--max-samples-per-shard", type=positive, default=10_000)
     parser.add_argument("--max-bytes-per-shard", type=positive, default=2**30)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flamingo_data.commands.common import positive
+from flamingo_data.commands.common import check_writable, positive
 from flamingo_data.demo import run_demo
 
 
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable(args.out)  # one line and exit 2, not advice to --resume a run that never began
     result = run_demo(args.out, steps=args.steps, seed=args.seed, train=not args.no_train)
     print("\nflamingo-data demo finished. Artifacts:")
     for name, path in result.artifacts.items():
