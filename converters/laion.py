@@ -46,6 +46,8 @@ from flamingo_data.units import (
 URL_NAMES = ("url", "image_url", "link", "img_url")
 CAPTION_NAMES = ("text", "caption", "title", "alt", "alt_text")
 WEB_ONLY_DIR = "_web_only"  # input copies: non-http(s) urls unfetchable, dates etc. as text
+FETCHED_DIR = "_fetched"  # local copies of remote parquet inputs
+LINKS_DIR = "_inputs"  # what img2dataset reads when there are several inputs: links, in order
 # Names img2dataset itself writes into <key>.json: an extra column with one of them would clash.
 I2D_META_KEYS = {"key", "url", "caption", "status", "error_message", "width", "height", "exif"}
 I2D_META_KEYS |= {"original_width", "original_height", "sha256", "md5"}
@@ -233,7 +235,7 @@ def _prepare(out: str, resume: bool, overwrite: bool) -> Path:
     if earlier and not (resume or overwrite):
         raise OutputExistsError(f"{out} holds an earlier run: pass --resume or --overwrite")
     if overwrite:
-        for path in (root / "_download", root / "_inputs", root / WEB_ONLY_DIR):
+        for path in (root / "_download", root / LINKS_DIR, root / FETCHED_DIR, root / WEB_ONLY_DIR):
             shutil.rmtree(path, ignore_errors=True)
         for pattern in (
             "*.parquet",
@@ -302,7 +304,7 @@ def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) ->
     if not sources:
         raise SpecError(f"no parquet file matches {parquet!r}")
     if any(remote.is_remote(s) for s in sources):  # pyarrow and img2dataset read them locally
-        sources = _fetch_inputs(sources, root / "_inputs")
+        sources = _fetch_inputs(sources, root / FETCHED_DIR)
     url_col, caption_col, extra = input_columns(sources, options)
     sources = [
         web_urls_only(source, url_col, root / WEB_ONLY_DIR / f"{i:05d}.parquet", extra)
@@ -310,12 +312,12 @@ def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) ->
     ]
     url_list = sources[0]
     if len(sources) > 1:  # img2dataset takes one file or one folder: link the inputs, in order
-        inputs = root / "_inputs"
+        inputs = root / LINKS_DIR
         inputs.mkdir(exist_ok=True)
         for i, source in enumerate(sources):
             link = inputs / f"{i:05d}.parquet"
-            if not link.exists():
-                link.symlink_to(Path(source).resolve())
+            link.unlink(missing_ok=True)  # an earlier run's link may point elsewhere
+            link.symlink_to(Path(source).resolve())
         url_list = str(inputs)
     run_img2dataset(
         url_list,

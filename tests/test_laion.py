@@ -361,3 +361,31 @@ def test_a_shard_img2dataset_could_not_finish_stops_the_run_and_resume_completes
         "00000.tar": 2,
         "00001.tar": 2,
     }
+
+
+def test_remote_inputs_get_the_same_url_refusal(server, tmp_path, monkeypatch) -> None:
+    """Several remote parquet files are copied locally first: img2dataset must still read the
+    copies whose ``file://`` urls were made unfetchable, not the raw copies."""
+    import fsspec
+
+    monkeypatch.setenv("FLAMINGO_DATA_WORK", str(tmp_path / "work"))
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(make_image(4, fmt="PNG"))
+    server.add_image("web2.png", seed=6, fmt="PNG")
+    fs = fsspec.filesystem("memory")
+    for i, (url, caption) in enumerate(
+        ((secret.as_uri(), "secret"), (server.url("web2.png"), "web"))
+    ):
+        buffer = io.BytesIO()
+        pd.DataFrame({"url": [url], "caption": [caption]}).to_parquet(buffer)
+        fs.pipe_file(f"/refusal-in/p{i}.parquet", buffer.getvalue())
+    try:
+        stats = convert_laion(
+            "memory://refusal-in/p{0..1}.parquet",
+            str(tmp_path / "out"),
+            LaionOptions(download=FAST),
+        ).to_json()
+    finally:
+        fs.rm("/refusal-in", recursive=True)
+    assert stats["reasons"]["rows"] == {"bad_url": 1}
+    assert set(read_pairs(tmp_path / "out")) == {"web"}
