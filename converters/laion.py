@@ -149,6 +149,8 @@ def convert_laion(
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
     per_shard = None
     if from_img2dataset is None:
+        if resume:
+            _fetch_remote_settings(out, root)
         record_settings(root, _output_settings(options), resume)
         _check_finished(staging, _download(parquet, root, staging, options))
         per_shard = options.download.samples_per_shard
@@ -192,16 +194,27 @@ def _check_remote_out(out: str, resume: bool, overwrite: bool) -> None:
                 remote.remove(path)
 
 
+def _fetch_remote_settings(out: str, root: Path) -> None:
+    """A remote --out keeps its run's settings: the local work folder is removed once a run
+    succeeds (or was on another machine), yet --resume must still refuse other options, or
+    shards of two kinds (and stale ones, when the shard count changes) would mix in the bucket."""
+    local = root / SETTINGS_FILE
+    if not remote.is_remote(out) or local.exists():
+        return
+    if (data := remote.read_if_exists(remote.join(out, SETTINGS_FILE))) is not None:
+        write_atomic(local, data)
+
+
 def _published(root: Path, sizes: dict[str, int]) -> list[str]:
     """What a remote --out receives, in upload order: each shard with its img2dataset sidecars,
-    then rejects and stats, and sizes.json last (the file that says the set is complete)."""
+    then rejects, stats and settings, and sizes.json last (the file that says the set is complete)."""
     names = []
     for shard in sorted(sizes):
         stem = shard.removesuffix(".tar")
         names += [
             n for n in (shard, f"{stem}.parquet", f"{stem}_stats.json") if (root / n).exists()
         ]
-    sidecars = ("rejects.jsonl", "stats.json", "sizes.json")
+    sidecars = ("rejects.jsonl", "stats.json", SETTINGS_FILE, "sizes.json")
     return names + [n for n in sidecars if (root / n).exists()]
 
 

@@ -34,6 +34,7 @@ from flamingo_data.paircheck import check_sample
 from flamingo_data.procpool import WorkerDied
 from flamingo_data.samples import make_image
 from flamingo_data.specs import SpecError
+from flamingo_data.units import OutputExistsError
 from flamingo_data.validate import validate_shards
 from tests.conftest import Route, serve
 
@@ -281,6 +282,29 @@ def test_remote_parquet_and_remote_out(downloaded, tmp_path, monkeypatch) -> Non
     finally:
         fs.rm("/laion-in", recursive=True)
         fs.rm("/laion-out", recursive=True)
+
+
+def test_resume_into_a_finished_remote_out_refuses_other_options(
+    server, tmp_path, monkeypatch
+) -> None:
+    """The local work folder is gone after a successful remote run; the bucket's own settings
+    file still stops a resume that would leave the earlier run's extra shards beside the new."""
+    import fsspec
+
+    monkeypatch.setenv("FLAMINGO_DATA_WORK", str(tmp_path / "work"))
+    write_parquet(server, tmp_path / "in.parquet")
+    out = "memory://laion-settings/pairs"
+    fs = fsspec.filesystem("memory")
+    try:
+        convert_laion(str(tmp_path / "in.parquet"), out, LaionOptions(download=FAST))
+        before = {p: fs.cat_file(p) for p in fs.find("/laion-settings")}
+        assert before["/laion-settings/pairs/_settings.json"]
+        other = LaionOptions(download=replace(FAST, samples_per_shard=8))
+        with pytest.raises(OutputExistsError, match="other options"):
+            convert_laion(str(tmp_path / "in.parquet"), out, other, resume=True)
+        assert {p: fs.cat_file(p) for p in fs.find("/laion-settings")} == before
+    finally:
+        fs.rm("/laion-settings", recursive=True)
 
 
 @pytest.mark.slow
