@@ -11,8 +11,10 @@ adopted output — or, if any sample fails, rewritten without it. ``sizes.json``
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,7 +29,7 @@ from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.i2doutput import finished_shards, row_results
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.paircheck import ShardResult, place_shard
-from flamingo_data.procpool import map_in_processes
+from flamingo_data.procpool import WorkerDied, map_in_processes
 from flamingo_data.shards import write_atomic
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
@@ -43,7 +45,9 @@ from flamingo_data.units import (
 
 URL_NAMES = ("url", "image_url", "link", "img_url")
 CAPTION_NAMES = ("text", "caption", "title", "alt", "alt_text")
-WEB_ONLY_DIR = "_web_only"  # input copies whose non-http(s) urls were made unfetchable
+WEB_ONLY_DIR = "_web_only"  # input copies: non-http(s) urls unfetchable, dates etc. as text
+FETCHED_DIR = "_fetched"  # local copies of remote parquet inputs
+LINKS_DIR = "_inputs"  # what img2dataset reads when there are several inputs: links, in order
 # Names img2dataset itself writes into <key>.json: an extra column with one of them would clash.
 I2D_META_KEYS = {"key", "url", "caption", "status", "error_message", "width", "height", "exif"}
 I2D_META_KEYS |= {"original_width", "original_height", "sha256", "md5"}
@@ -107,7 +111,26 @@ def input_columns(sources: list[str], options: LaionOptions) -> tuple[str, str, 
     url, caption = detect_columns(sources[0], options.url_col, options.caption_col)
     keep = options.keep_columns
     extra = [c for c in first if keep and c not in (url, caption) and c not in I2D_META_KEYS]
-    return url, caption, extra
+    schema = pq.read_schema(sources[0])
+    if binary := [c for c in extra if _is_binary(schema.field(c).type)]:
+        print(
+            f"laion: bytes columns are not kept in <key>.json: {', '.join(binary)}", file=sys.stderr
+        )
+    return url, caption, [c for c in extra if c not in binary]
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return (
+        pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+        or pa.types.is_fixed_size_binary(kind)
+    )
+
+
+def _needs_text(kind: pa.DataType) -> bool:
+    """Values img2dataset's ``json.dumps`` of ``<key>.json`` cannot encode (dates, times,
+    decimals): it would drop every downloaded row of the file, so they are kept as text."""
+    return pa.types.is_temporal(kind) or pa.types.is_decimal(kind)
 
 
 def convert_laion(
@@ -124,13 +147,17 @@ def convert_laion(
     _check_remote_out(out, resume, overwrite)
     root = _prepare(str(work_dir(out)), resume, overwrite)  # a remote --out is filled at the end
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
+    per_shard = None
     if from_img2dataset is None:
+        if resume:
+            _fetch_remote_settings(out, root)
         record_settings(root, _output_settings(options), resume)
-        _download(parquet, root, staging, options)
+        _check_finished(staging, _download(parquet, root, staging, options))
+        per_shard = options.download.samples_per_shard
     elif not finished_shards(staging):
         raise SpecError(f"no finished img2dataset shard (tar + _stats.json) in {from_img2dataset}")
     stats = Stats(converter="laion")
-    rejects = row_results(staging, stats)
+    rejects = row_results(staging, stats, per_shard)
     how = "link" if from_img2dataset is None or options.link else "copy"
     task = partial(place_shard, out=root, max_pixels=options.max_pixels, how=how)
     sizes = {}
@@ -142,6 +169,17 @@ def convert_laion(
         upload_files(root, out, _published(root, sizes))
         drop_work_dir(out)
     return stats
+
+
+def _check_finished(staging: Path, expected: int) -> None:
+    """img2dataset only prints that a shard failed (a write error, a full disk) and returns: its
+    rows would be missing from every count. Stop instead; --resume downloads just those shards."""
+    done = {int(tar.stem) for tar in finished_shards(staging)}
+    if missing := [f"{n:05d}" for n in range(expected) if n not in done]:
+        raise WorkerDied(
+            f"img2dataset did not finish shard(s) {', '.join(missing)} in {staging} "
+            "(its log above says why)"
+        )
 
 
 def _check_remote_out(out: str, resume: bool, overwrite: bool) -> None:
@@ -156,16 +194,27 @@ def _check_remote_out(out: str, resume: bool, overwrite: bool) -> None:
                 remote.remove(path)
 
 
+def _fetch_remote_settings(out: str, root: Path) -> None:
+    """A remote --out keeps its run's settings: the local work folder is removed once a run
+    succeeds (or was on another machine), yet --resume must still refuse other options, or
+    shards of two kinds (and stale ones, when the shard count changes) would mix in the bucket."""
+    local = root / SETTINGS_FILE
+    if not remote.is_remote(out) or local.exists():
+        return
+    if (data := remote.read_if_exists(remote.join(out, SETTINGS_FILE))) is not None:
+        write_atomic(local, data)
+
+
 def _published(root: Path, sizes: dict[str, int]) -> list[str]:
     """What a remote --out receives, in upload order: each shard with its img2dataset sidecars,
-    then rejects and stats, and sizes.json last (the file that says the set is complete)."""
+    then rejects, stats and settings, and sizes.json last (the file that says the set is complete)."""
     names = []
     for shard in sorted(sizes):
         stem = shard.removesuffix(".tar")
         names += [
             n for n in (shard, f"{stem}.parquet", f"{stem}_stats.json") if (root / n).exists()
         ]
-    sidecars = ("rejects.jsonl", "stats.json", "sizes.json")
+    sidecars = ("rejects.jsonl", "stats.json", SETTINGS_FILE, "sizes.json")
     return names + [n for n in sidecars if (root / n).exists()]
 
 
@@ -199,7 +248,7 @@ def _prepare(out: str, resume: bool, overwrite: bool) -> Path:
     if earlier and not (resume or overwrite):
         raise OutputExistsError(f"{out} holds an earlier run: pass --resume or --overwrite")
     if overwrite:
-        for path in (root / "_download", root / "_inputs", root / WEB_ONLY_DIR):
+        for path in (root / "_download", root / LINKS_DIR, root / FETCHED_DIR, root / WEB_ONLY_DIR):
             shutil.rmtree(path, ignore_errors=True)
         for pattern in (
             "*.parquet",
@@ -214,24 +263,38 @@ def _prepare(out: str, resume: bool, overwrite: bool) -> Path:
     return prepare_out_dir(root, resume, overwrite)
 
 
-def web_urls_only(source: str, url_col: str, target: Path) -> str:
+def web_urls_only(source: str, url_col: str, target: Path, extra: Iterable[str] = ()) -> str:
     """``source`` when every url is http(s) (or empty); else a copy at ``target`` in which the other
     urls (``file://``, ``ftp://``, ``data:``) are prefixed with ``refused:``. img2dataset's urllib
     would read a ``file://`` url from this machine's disk into the shards; now it cannot open it,
-    and the row is counted ``bad_url`` in its place, keys unchanged."""
-    urls = pq.read_table(source, columns=[url_col])[url_col]
+    and the row is counted ``bad_url`` in its place, keys unchanged. The copy also holds the
+    ``extra`` columns that need it as text (see ``_needs_text``)."""
+    schema = pq.read_schema(source)
+    text = [c for c in extra if _needs_text(schema.field(c).type)]
+    refused = _refused_urls(pq.read_table(source, columns=[url_col])[url_col])
+    if refused is None and not text:
+        return source
+    table = pq.read_table(source)
+    if refused is not None:
+        urls = table[url_col]
+        column = pc.if_else(refused, pc.binary_join_element_wise("refused:", urls, ""), urls)
+        table = table.set_column(table.schema.get_field_index(url_col), url_col, column)
+    for name in text:
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, pc.cast(table[name], pa.string()))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, target)
+    return str(target)
+
+
+def _refused_urls(urls: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """Which non-empty urls are not http(s); None when there are none."""
     if not pa.types.is_string(urls.type) and not pa.types.is_large_string(urls.type):
-        return source  # img2dataset counts a non-text url itself
+        return None  # img2dataset counts a non-text url itself
     lowered = pc.utf8_lower(urls)
     web = pc.or_(pc.starts_with(lowered, "http://"), pc.starts_with(lowered, "https://"))
     refused = pc.fill_null(pc.and_(pc.greater(pc.utf8_length(urls), 0), pc.invert(web)), False)
-    if not pc.any(refused).as_py():
-        return source
-    table = pq.read_table(source)
-    column = pc.if_else(refused, pc.binary_join_element_wise("refused:", urls, ""), urls)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.set_column(table.schema.get_field_index(url_col), url_col, column), target)
-    return str(target)
+    return refused if pc.any(refused).as_py() else None
 
 
 def _fetch_inputs(sources: list[str], folder: Path) -> list[str]:
@@ -248,25 +311,26 @@ def _fetch_inputs(sources: list[str], folder: Path) -> list[str]:
     return local
 
 
-def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) -> None:
+def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) -> int:
+    """Run img2dataset over the inputs; returns how many shards it should have finished."""
     sources = expand_specs(parquet, folder_suffix=".parquet") if parquet else []
     if not sources:
         raise SpecError(f"no parquet file matches {parquet!r}")
     if any(remote.is_remote(s) for s in sources):  # pyarrow and img2dataset read them locally
-        sources = _fetch_inputs(sources, root / "_inputs")
+        sources = _fetch_inputs(sources, root / FETCHED_DIR)
     url_col, caption_col, extra = input_columns(sources, options)
     sources = [
-        web_urls_only(source, url_col, root / WEB_ONLY_DIR / f"{i:05d}.parquet")
+        web_urls_only(source, url_col, root / WEB_ONLY_DIR / f"{i:05d}.parquet", extra)
         for i, source in enumerate(sources)
     ]
     url_list = sources[0]
     if len(sources) > 1:  # img2dataset takes one file or one folder: link the inputs, in order
-        inputs = root / "_inputs"
+        inputs = root / LINKS_DIR
         inputs.mkdir(exist_ok=True)
         for i, source in enumerate(sources):
             link = inputs / f"{i:05d}.parquet"
-            if not link.exists():
-                link.symlink_to(Path(source).resolve())
+            link.unlink(missing_ok=True)  # an earlier run's link may point elsewhere
+            link.symlink_to(Path(source).resolve())
         url_list = str(inputs)
     run_img2dataset(
         url_list,
@@ -276,3 +340,5 @@ def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) ->
         extra_columns=extra,
         options=options.download,
     )
+    per_shard = options.download.samples_per_shard
+    return sum(math.ceil(pq.ParquetFile(s).metadata.num_rows / per_shard) for s in sources)

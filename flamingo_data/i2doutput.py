@@ -9,6 +9,7 @@ stable reason code and the message itself goes to ``rejects.jsonl`` as detail.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tarfile
 from pathlib import Path
@@ -18,6 +19,8 @@ import pandas as pd
 
 from flamingo_data.shardread import IMAGE_EXTS, split_key, unsafe_member_name
 from flamingo_data.stats import Stats
+
+DROPPED = "dropped_by_img2dataset"  # a row in no output file: see _dropped_rows
 
 # (lower-case fragment of img2dataset's message, our reason code), first match wins
 REASON_CODES = (
@@ -53,11 +56,15 @@ def failure_reason(message: Any, status: str) -> str:
     return next((code for fragment, code in REASON_CODES if fragment in text), status)
 
 
-def row_results(folder: str | Path, stats: Stats) -> list[dict[str, Any]]:
+def row_results(
+    folder: str | Path, stats: Stats, samples_per_shard: int | None = None
+) -> list[dict[str, Any]]:
     """Count every input row of the finished shards (``rows``: in, downloaded, rejected by reason).
 
     Returns one reject entry (key, url, reason, detail) per failed row. Counts come from the per-row
-    parquet files rather than ``_stats.json``, whose capped counter can drop rare messages.
+    parquet files rather than ``_stats.json``, whose capped counter can drop rare messages; rows
+    missing from the parquet are counted from ``_stats.json`` (see ``_dropped_rows``).
+    ``samples_per_shard`` (when known) names the keys of a shard that lost every row.
     """
     rejects = []
     for tar in finished_shards(folder):
@@ -66,6 +73,7 @@ def row_results(folder: str | Path, stats: Stats) -> list[dict[str, Any]]:
             _rows_from_stats_file(tar.with_name(f"{tar.stem}_stats.json"), stats)
             continue
         frame = pd.read_parquet(parquet, columns=["key", "url", "status", "error_message"])
+        rejects += _dropped_rows(tar, [str(k) for k in frame["key"]], stats, samples_per_shard)
         ok = frame["status"] == "success"
         stats.add("rows", "in", len(frame))
         stats.add("rows", "downloaded", int(ok.sum()))
@@ -82,6 +90,38 @@ def row_results(folder: str | Path, stats: Stats) -> list[dict[str, Any]]:
                 }
             )
     return rejects
+
+
+def _dropped_rows(
+    tar: Path, keys: list[str], stats: Stats, samples_per_shard: int | None
+) -> list[dict[str, Any]]:
+    """Rows img2dataset counted (``_stats.json`` ``count``) but wrote to neither tar nor parquet:
+    an error while writing a sample (say, a column value json cannot encode) is only printed
+    there. Counted as ``dropped_by_img2dataset``, with the row's key where it can be derived."""
+    stats_file = json.loads(tar.with_name(f"{tar.stem}_stats.json").read_text())
+    count = int(stats_file.get("count", 0))
+    if count <= len(keys):
+        return []
+    stats.add("rows", "in", count - len(keys))
+    stats.reject("rows", DROPPED, count - len(keys))
+    stem = tar.stem
+    digits = len(keys[0]) - len(stem) if keys else None
+    if digits is None and samples_per_shard:
+        digits = math.ceil(math.log10(samples_per_shard))
+    present = {int(k[len(stem) :] or 0) for k in keys}
+    detail = "img2dataset logged an error writing this row and kept no record of it"
+    return [
+        {
+            "key": f"{stem}{row:0{digits}d}" if digits is not None else "",
+            "shard": tar.name,
+            "row": row,
+            "kind": "rows",
+            "reason": DROPPED,
+            "detail": detail,
+        }
+        for row in range(count)
+        if row not in present
+    ]
 
 
 def _rows_from_stats_file(path: Path, stats: Stats) -> None:

@@ -299,6 +299,7 @@ def prepare_out_dir(
     stale = _glob(out, f"*{TMP_SUFFIX}")
     if overwrite:
         stale += [*earlier, *_glob(out, "*.tar"), *_glob(out, f"{REJECTS_DIR}/*")]
+        stale += _glob(out, "rejects.jsonl")  # a run without --rejects writes none to replace it
     for path in stale:
         _remove(path)
     return out if remote.is_remote(out) else Path(out)

@@ -10,10 +10,15 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
+from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -26,8 +31,10 @@ from flamingo_data.converters.laion import (
 )
 from flamingo_data.download import DownloadOptions
 from flamingo_data.paircheck import check_sample
+from flamingo_data.procpool import WorkerDied
 from flamingo_data.samples import make_image
 from flamingo_data.specs import SpecError
+from flamingo_data.units import OutputExistsError
 from flamingo_data.validate import validate_shards
 from tests.conftest import Route, serve
 
@@ -191,6 +198,9 @@ def test_column_detection_and_clear_error(server, tmp_path: Path) -> None:
     )
     with pytest.raises(SpecError, match="has other columns"):  # img2dataset reads all files alike
         input_columns([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], LaionOptions())
+    frame = {"url": ["u"], "caption": ["c"], "thumb": [b"\xff"], "score": [0.5]}
+    pd.DataFrame(frame).to_parquet(tmp_path / "c.parquet")  # json cannot hold bytes: left out
+    assert input_columns([str(tmp_path / "c.parquet")], LaionOptions())[2] == ["score"]
 
 
 def test_a_file_that_is_not_parquet_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
@@ -274,6 +284,29 @@ def test_remote_parquet_and_remote_out(downloaded, tmp_path, monkeypatch) -> Non
         fs.rm("/laion-out", recursive=True)
 
 
+def test_resume_into_a_finished_remote_out_refuses_other_options(
+    server, tmp_path, monkeypatch
+) -> None:
+    """The local work folder is gone after a successful remote run; the bucket's own settings
+    file still stops a resume that would leave the earlier run's extra shards beside the new."""
+    import fsspec
+
+    monkeypatch.setenv("FLAMINGO_DATA_WORK", str(tmp_path / "work"))
+    write_parquet(server, tmp_path / "in.parquet")
+    out = "memory://laion-settings/pairs"
+    fs = fsspec.filesystem("memory")
+    try:
+        convert_laion(str(tmp_path / "in.parquet"), out, LaionOptions(download=FAST))
+        before = {p: fs.cat_file(p) for p in fs.find("/laion-settings")}
+        assert before["/laion-settings/pairs/_settings.json"]
+        other = LaionOptions(download=replace(FAST, samples_per_shard=8))
+        with pytest.raises(OutputExistsError, match="other options"):
+            convert_laion(str(tmp_path / "in.parquet"), out, other, resume=True)
+        assert {p: fs.cat_file(p) for p in fs.find("/laion-settings")} == before
+    finally:
+        fs.rm("/laion-settings", recursive=True)
+
+
 @pytest.mark.slow
 def test_only_http_urls_are_fetched_never_local_files(server, tmp_path: Path) -> None:
     """A crafted ``file://`` url would copy this machine's files into the shards: bad_url, and the
@@ -293,3 +326,90 @@ def test_only_http_urls_are_fetched_never_local_files(server, tmp_path: Path) ->
     pairs = read_pairs(tmp_path / "out")
     assert set(pairs) == {"web"} and same_picture(pairs["web"][0], good)
     assert pairs["web"][1]["key"].endswith("01")  # the row's own position
+
+
+@pytest.mark.slow
+def test_date_columns_are_kept_as_text_and_rows_img2dataset_drops_are_counted(
+    server, tmp_path: Path
+) -> None:
+    """img2dataset's json.dumps cannot write a date: it prints the error and drops the row from
+    every output file. Top-level dates are kept as text; what it still drops is counted."""
+    good = server.add_image("dated.jpg", seed=11)
+    urls = [server.url("dated.jpg"), server.url("missing.jpg")]
+    when = [pd.Timestamp("2020-01-02"), pd.Timestamp("2021-03-04")]
+    pd.DataFrame({"url": urls, "caption": ["dated", "gone"], "when": when}).to_parquet(
+        tmp_path / "dates.parquet"
+    )
+    stats = convert_laion(
+        str(tmp_path / "dates.parquet"), str(tmp_path / "dates"), LaionOptions(download=FAST)
+    ).to_json()
+    assert stats["counts"]["rows"] == {"in": 2, "downloaded": 1, "rejected": 1}
+    pairs = read_pairs(tmp_path / "dates")
+    assert same_picture(pairs["dated"][0], good) and pairs["dated"][1]["when"].startswith(
+        "2020-01-02"
+    )
+
+    table = pa.table({"url": urls, "caption": ["a", "b"], "days": [[date(2020, 1, 2)]] * 2})
+    pq.write_table(table, tmp_path / "nested.parquet")  # a list of dates still cannot be written
+    out = tmp_path / "nested"
+    stats = convert_laion(
+        str(tmp_path / "nested.parquet"), str(out), LaionOptions(download=FAST), write_rejects=True
+    ).to_json()
+    assert stats["counts"]["rows"] == {"in": 2, "downloaded": 0, "rejected": 2}
+    assert stats["reasons"]["rows"] == {"dropped_by_img2dataset": 1, "http_404": 1}
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    dropped = [r for r in rejects if r["reason"] == "dropped_by_img2dataset"]
+    assert [(r["key"], r["shard"], r["row"]) for r in dropped] == [("000000", "00000.tar", 0)]
+
+
+@pytest.mark.slow
+def test_a_shard_img2dataset_could_not_finish_stops_the_run_and_resume_completes_it(
+    server, tmp_path: Path
+) -> None:
+    """img2dataset prints "shard failed" and returns: the run must not succeed without its rows."""
+    for i in range(4):
+        server.add_image(f"part{i}.jpg", seed=20 + i)
+    urls = [server.url(f"part{i}.jpg") for i in range(4)]
+    pd.DataFrame({"url": urls, "caption": list("abcd")}).to_parquet(tmp_path / "p.parquet")
+    options = LaionOptions(download=replace(FAST, samples_per_shard=2))
+    blocker = tmp_path / "out" / "_download" / "00001.tar"
+    blocker.mkdir(parents=True)  # img2dataset cannot open this shard for writing
+    run = partial(convert_laion, str(tmp_path / "p.parquet"), str(tmp_path / "out"), options)
+    with pytest.raises(WorkerDied, match="did not finish shard.s. 00001"):
+        run(resume=True)
+    blocker.rmdir()
+    stats = run(resume=True).to_json()
+    assert stats["counts"]["rows"] == {"in": 4, "downloaded": 4}
+    assert set(read_pairs(tmp_path / "out")) == set("abcd")
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {
+        "00000.tar": 2,
+        "00001.tar": 2,
+    }
+
+
+def test_remote_inputs_get_the_same_url_refusal(server, tmp_path, monkeypatch) -> None:
+    """Several remote parquet files are copied locally first: img2dataset must still read the
+    copies whose ``file://`` urls were made unfetchable, not the raw copies."""
+    import fsspec
+
+    monkeypatch.setenv("FLAMINGO_DATA_WORK", str(tmp_path / "work"))
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(make_image(4, fmt="PNG"))
+    server.add_image("web2.png", seed=6, fmt="PNG")
+    fs = fsspec.filesystem("memory")
+    for i, (url, caption) in enumerate(
+        ((secret.as_uri(), "secret"), (server.url("web2.png"), "web"))
+    ):
+        buffer = io.BytesIO()
+        pd.DataFrame({"url": [url], "caption": [caption]}).to_parquet(buffer)
+        fs.pipe_file(f"/refusal-in/p{i}.parquet", buffer.getvalue())
+    try:
+        stats = convert_laion(
+            "memory://refusal-in/p{0..1}.parquet",
+            str(tmp_path / "out"),
+            LaionOptions(download=FAST),
+        ).to_json()
+    finally:
+        fs.rm("/refusal-in", recursive=True)
+    assert stats["reasons"]["rows"] == {"bad_url": 1}
+    assert set(read_pairs(tmp_path / "out")) == {"web"}

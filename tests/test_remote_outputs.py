@@ -18,10 +18,15 @@ from flamingo_data.units import RunOptions, Unit, UnitContext, run_unit
 from flamingo_data.validate import validate_shards
 
 
-def convert(sample: dict, out: str, processes: int = 1, resume: bool = False) -> dict:
-    run = RunOptions(out_dir=out, converter="mmc4", write_rejects=True, resume=resume)
+def convert(
+    sample: dict, out: str, processes: int = 1, resume: bool = False, **kwargs: bool
+) -> dict:
+    rejects = kwargs.pop("write_rejects", True)
+    run = RunOptions(out_dir=out, converter="mmc4", write_rejects=rejects, resume=resume)
     options = Mmc4Options(images=sample["images"])
-    stats = convert_mmc4(sample["docs"], options, run, processes=processes, progress=False)
+    stats = convert_mmc4(
+        sample["docs"], options, run, processes=processes, progress=False, **kwargs
+    )
     return stats.to_json()
 
 
@@ -108,6 +113,15 @@ def test_resume_against_a_remote_out_redoes_only_unfinished_units(sample, memory
         k: v for k, v in before.items() if k != "shard_0-00000.tar"
     }
     assert stats["counts"]["units"]["done"] == 3
+
+
+def test_overwrite_without_rejects_leaves_no_earlier_rejects_file(sample, memory_out) -> None:
+    """rejects.jsonl describes the run beside it: --overwrite removes the earlier run's."""
+    convert(sample, memory_out)
+    assert "rejects.jsonl" in files(memory_out)
+    convert(sample, memory_out, write_rejects=False, overwrite=True)
+    after = files(memory_out)
+    assert "rejects.jsonl" not in after and {n for n in after if n.endswith(".tar")}
 
 
 def test_a_failing_unit_uploads_nothing_and_leaves_no_stage(memory_out) -> None:
