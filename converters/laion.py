@@ -29,13 +29,14 @@ from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.i2doutput import finished_shards, row_results
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.paircheck import ShardResult, place_shard
-from flamingo_data.procpool import WorkerDied, map_in_processes
+from flamingo_data.procpool import map_in_processes
 from flamingo_data.shards import write_atomic
 from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
 from flamingo_data.units import (
     SETTINGS_FILE,
     OutputExistsError,
+    RunIncomplete,
     drop_work_dir,
     prepare_out_dir,
     record_settings,
@@ -176,7 +177,7 @@ def _check_finished(staging: Path, expected: int) -> None:
     rows would be missing from every count. Stop instead; --resume downloads just those shards."""
     done = {int(tar.stem) for tar in finished_shards(staging)}
     if missing := [f"{n:05d}" for n in range(expected) if n not in done]:
-        raise WorkerDied(
+        raise RunIncomplete(
             f"img2dataset did not finish shard(s) {', '.join(missing)} in {staging} "
             "(its log above says why)"
         )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from flamingo_data.commands.common import UsageError
 from flamingo_data.procpool import WorkerDied
+from flamingo_data.units import RunIncomplete
 
 COMMANDS = {
     "validate": "Check shards are fit for training; write sizes.json",
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except WorkerDied as exc:
+    except (WorkerDied, RunIncomplete) as exc:
         print(
             f"flamingo-data: error: {exc}; committed units are kept, rerun with --resume",
             file=sys.stderr,

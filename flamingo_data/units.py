@@ -35,6 +35,11 @@ class OutputExistsError(RuntimeError):
     """The output folder holds an earlier run and neither resume nor overwrite was asked for."""
 
 
+class RunIncomplete(Exception):
+    """Part of the run did not finish (e.g. img2dataset gave up on a shard): what was committed is
+    kept, and --resume finishes the rest. Not a RuntimeError, which the CLI reports as bad input."""
+
+
 @dataclass(frozen=True, slots=True)
 class Unit:
     """One input shard. ``name`` prefixes its output shards and keys; ``index`` is its list position."""

@@ -31,10 +31,9 @@ from flamingo_data.converters.laion import (
 )
 from flamingo_data.download import DownloadOptions
 from flamingo_data.paircheck import check_sample
-from flamingo_data.procpool import WorkerDied
 from flamingo_data.samples import make_image
 from flamingo_data.specs import SpecError
-from flamingo_data.units import OutputExistsError
+from flamingo_data.units import OutputExistsError, RunIncomplete
 from flamingo_data.validate import validate_shards
 from tests.conftest import Route, serve
 
@@ -375,7 +374,7 @@ def test_a_shard_img2dataset_could_not_finish_stops_the_run_and_resume_completes
     blocker = tmp_path / "out" / "_download" / "00001.tar"
     blocker.mkdir(parents=True)  # img2dataset cannot open this shard for writing
     run = partial(convert_laion, str(tmp_path / "p.parquet"), str(tmp_path / "out"), options)
-    with pytest.raises(WorkerDied, match="did not finish shard.s. 00001"):
+    with pytest.raises(RunIncomplete, match="did not finish shard.s. 00001"):
         run(resume=True)
     blocker.rmdir()
     stats = run(resume=True).to_json()
