@@ -35,6 +35,9 @@ class Dataset:
     missing: tuple[str, ...] = ()
 
 
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
+
+
 def resolve(spec: DatasetSpec, index: int) -> Dataset:
     """The dataset's shards. A named shard that does not exist is skipped with a warning and kept
     in ``missing``: a hole in a brace list used to shrink the dataset without a word."""
@@ -45,7 +48,8 @@ def resolve(spec: DatasetSpec, index: int) -> Dataset:
     missing = tuple(p for p in named if p not in present)
     if not paths:
         raise FileNotFoundError(f"dataset {spec.name!r}: no shard matches {spec.shards!r}")
-    if missing:
+    if missing and (spec.name, missing) not in _WARNED:  # the trainer builds several loaders
+        _WARNED.add((spec.name, missing))
         log.warning(
             "dataset %r: %d of %d named shards do not exist and are skipped (first: %s)",
             spec.name,
