@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -392,3 +393,26 @@ def test_an_unwritable_json_report_is_a_usage_error_before_any_work(
     out, err = capsys.readouterr()
     assert "OK" not in out and "cannot write the --json report" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_summary_of_odd_member_names_prints_escaped_on_a_utf8_terminal(
+    good: Path, tmp_path: Path
+) -> None:
+    """A member name that is not UTF-8 stopped the summary with UnicodeEncodeError on a UTF-8
+    stdout (traceback, report lost); a terminal escape sequence in a name reached the terminal."""
+    shard = write_tar(
+        tmp_path / "odd.tar",
+        {"k\udcff.json": b"{}", "\x1b[2Jk.json": b"{oops"},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "flamingo_data", "validate", str(shard)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="surrogateescape",
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "odd.tar k\\udcff.json: unsafe_member_name" in result.stdout
+    assert "\x1b" not in result.stdout and "\\x1b[2Jk" in result.stdout
