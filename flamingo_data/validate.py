@@ -99,6 +99,7 @@ def validate_shards(
 ) -> ValidationReport:
     """Validate every shard named by ``specs`` (brace patterns, globs, folders)."""
     paths, missing = _named_shards(specs)
+    _check_sizes_target(paths, write_sizes, sizes_path)
     options = ValidateOptions(deep=deep, kind=kind, max_pixels=max_pixels)
     report = ValidationReport()
     for path in missing:
@@ -270,13 +271,44 @@ def _check_pair(record: dict, sample: Sample, options: ValidateOptions, report: 
     return problems
 
 
+class SizesFileError(SpecError):
+    """``--sizes`` names no file, or a sizes.json cannot be written: found before any shard is
+    read (it was found after an hour of validation, as a traceback-free exit 1 that printed no
+    report and advised ``--resume``)."""
+
+
+def _sizes_target(folder: str, sizes_path: str | None) -> str:
+    return sizes_path or remote.join(folder, "sizes.json")
+
+
+def _check_sizes_target(paths: list[str], write: bool, sizes_path: str | None) -> None:
+    if not write:
+        if sizes_path is not None and not remote.exists(sizes_path):
+            raise SizesFileError(f"--sizes {sizes_path} does not exist (--write-sizes writes it)")
+        return
+    for folder in sorted({os.path.dirname(p) or "." for p in paths}):
+        target = _sizes_target(folder, sizes_path)
+        if not remote.is_remote(target) and (problem := _unwritable(target)):
+            raise SizesFileError(f"cannot write {target}: {problem}")
+
+
+def _unwritable(target: str) -> str | None:
+    """Why a local sizes.json cannot be written atomically (a temporary beside it, then a rename)."""
+    parent = os.path.dirname(target) or "."
+    if os.path.isdir(target):
+        return "it is a folder"
+    if not os.path.isdir(parent):
+        return f"no folder {parent}"
+    return None if os.access(parent, os.W_OK) else f"folder {parent} is not writable"
+
+
 def _check_sizes(
     counts: dict[str, int | None], report: ValidationReport, write: bool, sizes_path: str | None
 ) -> None:
     """Compare with (or write) sizes.json in each folder holding shards."""
     folders = sorted({os.path.dirname(p) or "." for p in counts})
     for folder in folders:
-        target = sizes_path or remote.join(folder, "sizes.json")
+        target = _sizes_target(folder, sizes_path)
         here = {
             os.path.basename(p): count
             for p, count in counts.items()

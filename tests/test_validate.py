@@ -416,3 +416,20 @@ def test_summary_of_odd_member_names_prints_escaped_on_a_utf8_terminal(
     assert "Traceback" not in result.stderr
     assert "odd.tar k\\udcff.json: unsafe_member_name" in result.stdout
     assert "\x1b" not in result.stdout and "\\x1b[2Jk" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["folder", "no_parent", "missing_to_compare"])
+def test_a_bad_sizes_path_is_a_usage_error_before_any_work(
+    good: Path, tmp_path: Path, capsys, case: str
+) -> None:
+    """--write-sizes into a folder or a missing folder failed only after every shard was read,
+    printing no report at all (exit 1, 'rerun with --resume'); a --sizes that does not exist was
+    silently not compared (exit 0)."""
+    target = {"folder": tmp_path, "no_parent": tmp_path / "no" / "sizes.json"}.get(
+        case, tmp_path / "sizes.json"
+    )
+    write = ["--write-sizes"] if case != "missing_to_compare" else []
+    assert cli(["validate", str(good), "--sizes", str(target), *write]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert str(target) in err and "resume" not in err
