@@ -12,7 +12,7 @@ from flamingo_data.loader.gpt import PLACEHOLDER, plan_gpt
 from flamingo_data.loader.interleaved import Reject, plan_interleaved, shape_problem
 from flamingo_data.loader.sample import parse_json
 from flamingo_data.records import decode_base64
-from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
+from flamingo_data.shardread import DECODED_EXTS, IMAGE_EXTS, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import SpecError, expand_specs
 
 
@@ -51,7 +51,7 @@ def iter_docs(
         raise SpecError(f"no shard matches {specs!r}")
     sink = issues.append if issues is not None else (lambda issue: None)
     for path in paths:
-        for sample in iter_samples(path, sink):
+        for sample in iter_samples(path, sink, read=DECODED_EXTS):
             yield view_sample(sample, config)
 
 

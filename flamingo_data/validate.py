@@ -23,7 +23,7 @@ from flamingo_data import remote
 from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_at_least, sniff_format
 from flamingo_data.records import decode_base64
 from flamingo_data.schema import record_kind, schema_errors
-from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
+from flamingo_data.shardread import DECODED_EXTS, IMAGE_EXTS, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import SpecError, expand_specs
 
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
@@ -129,7 +129,7 @@ def _validate_shard(
         report.failures.append(Failure(shard, issue.key, issue.reason, issue.detail))
 
     count, failures_before = 0, len(report.failures)
-    for sample in iter_samples(path, on_issue):
+    for sample in iter_samples(path, on_issue, read=DECODED_EXTS):
         count += 1
         report.samples += 1
         if sample.key in seen:

@@ -433,3 +433,51 @@ def test_a_bad_sizes_path_is_a_usage_error_before_any_work(
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert str(target) in err and "resume" not in err
+
+
+def sparse_member_tar(path: Path, first: dict[str, bytes], name: str, size: int) -> Path:
+    """A tar with ``first``'s members, then a ``size``-byte member of zeros (sparse on disk)."""
+    write_tar(path, first)
+    with open(path, "r+b") as handle:
+        handle.seek(-2 * tarfile.BLOCKSIZE, io.SEEK_END)
+        while handle.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE:
+            handle.seek(-2 * tarfile.BLOCKSIZE, io.SEEK_CUR)  # back to the last member's end
+        info = tarfile.TarInfo(name)
+        info.size = size
+        handle.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        end = handle.tell() + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        handle.truncate(end + 2 * tarfile.BLOCKSIZE)
+    return path
+
+
+PEAK_RSS = (
+    "import resource, sys; from flamingo_data.validate import validate_shards;"
+    "r = validate_shards(sys.argv[1]);"
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sorted(r.reasons().items()))"
+)
+
+
+def _validate_peak_kib(shard: Path) -> tuple[int, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(shard)], capture_output=True, text=True, check=True
+    ).stdout
+    peak, reasons = out.split(" ", 1)
+    return int(peak), reasons.strip()
+
+
+def test_a_huge_unexpected_member_is_reported_without_being_read(
+    good: Path, tmp_path: Path
+) -> None:
+    """A 256 MiB member validate never decodes (a video beside a record) was read whole, twice
+    over: +512 MB of peak memory to report 'unexpected_member' (+2.4 GB for 1 GiB)."""
+    record = {"k.json": json.dumps(first_record(good)).encode()}
+    small = sparse_member_tar(tmp_path / "small.tar", record, "k.mp4", 1024)
+    big = sparse_member_tar(tmp_path / "big.tar", record, "k.mp4", 256 << 20)
+    (small_peak, small_reasons), (big_peak, big_reasons) = map(_validate_peak_kib, (small, big))
+    assert small_reasons == big_reasons == "[('unexpected_member', 1)]"
+    assert big_peak - small_peak < 64 << 10, (small_peak, big_peak)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(big.read_bytes()[: 128 << 20])
+    assert ("cut.tar", "truncated_tar") in {
+        (f.shard, f.reason) for f in validate_shards(str(cut)).failures
+    }
