@@ -481,3 +481,23 @@ def test_a_huge_unexpected_member_is_reported_without_being_read(
     assert ("cut.tar", "truncated_tar") in {
         (f.shard, f.reason) for f in validate_shards(str(cut)).failures
     }
+
+
+def test_a_shard_repacked_with_gnu_tar_passes(good: Path, tmp_path: Path) -> None:
+    """`tar -cf x.tar -C dir .` adds an entry for the folder ('./'); a good shard repacked so
+    failed as not_a_regular_file, though no sample is lost (webdataset skips such entries)."""
+    shard = next(good.glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        members = {f"./{m.name}": tar.extractfile(m).read() for m in tar}
+    repacked = tmp_path / "repacked.tar"
+    with tarfile.open(repacked, "w") as tar:
+        folder = tarfile.TarInfo(".")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    report = validate_shards(str(repacked))
+    assert report.ok, report.failures
+    assert report.samples == len(members)
