@@ -70,15 +70,17 @@ class ValidationReport:
 
 
 def _named_shards(specs: str | list[str]) -> tuple[list[str], list[str]]:
-    """(shards that exist, named shards that do not). A path or brace alternative that names no
-    file is a failure: a dataset with holes is not the dataset the user meant to train on. Only a
-    spec that names nothing at all is a usage error."""
-    named = expand_specs(specs, folder_suffix=".tar", keep_missing=True)
+    """(shards that exist, named shards that do not). A path, glob, folder or brace alternative
+    that names no shard is a failure: a dataset with holes is not the dataset the user meant to
+    train on (a glob or an empty folder beside other specs used to be skipped without a word).
+    Only specs that name nothing at all are a usage error."""
+    unmatched: list[str] = []
+    named = expand_specs(specs, folder_suffix=".tar", keep_missing=True, unmatched=unmatched)
     exists = [remote.exists(p) if remote.is_remote(p) else os.path.exists(p) for p in named]
     present = [p for p, ok in zip(named, exists, strict=True) if ok]
     if not present:
         raise SpecError(f"no shard matches {specs!r}")
-    return present, [p for p, ok in zip(named, exists, strict=True) if not ok]
+    return present, [p for p, ok in zip(named, exists, strict=True) if not ok] + unmatched
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +105,8 @@ def validate_shards(
     options = ValidateOptions(deep=deep, kind=kind, max_pixels=max_pixels)
     report = ValidationReport()
     for path in missing:
-        report.failures.append(Failure(os.path.basename(path), "", "missing_shard", path))
+        name = os.path.basename(path.rstrip("/")) or path
+        report.failures.append(Failure(name, "", "missing_shard", path))
     seen_keys: set[str] = set()
     counts: dict[str, int | None] = {}  # by path: two folders may hold shards of the same name
     for path in paths:

@@ -501,3 +501,18 @@ def test_a_shard_repacked_with_gnu_tar_passes(good: Path, tmp_path: Path) -> Non
     report = validate_shards(str(repacked))
     assert report.ok, report.failures
     assert report.samples == len(members)
+
+
+def test_a_glob_or_folder_that_matches_nothing_beside_good_specs_fails(
+    good: Path, tmp_path: Path
+) -> None:
+    """`validate shards/ 'shrads/*.tar' empty/` passed as if only shards/ had been named."""
+    (tmp_path / "empty").mkdir()
+    specs = [str(good), f"{tmp_path}/shrads/*.tar", f"{tmp_path}/empty"]
+    report = validate_shards(specs)
+    assert [(f.reason, f.detail) for f in report.failures] == [
+        ("missing_shard", specs[1]),
+        ("missing_shard", specs[2]),
+    ]
+    assert cli(["validate", *specs]) == 1
+    assert cli(["validate", *specs[1:]]) == 2
