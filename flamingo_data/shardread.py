@@ -92,7 +92,9 @@ def iter_samples(
                 if ext in current.members:
                     on_issue(ReadIssue(path, key, "duplicate_member", ext))
                 current.members[ext] = data
-            _require_end_marker(path, tar.offset)
+            if (at := _require_end_marker(path, tar.offset)) is not None:
+                detail = f"non-zero bytes at {at}, after the end-of-archive block (tars joined with cat?)"
+                on_issue(ReadIssue(path, "", "trailing_data", detail))
     except (tarfile.TarError, EOFError, OSError) as exc:
         on_issue(
             ReadIssue(path, "", _tar_error_reason(path, read_any), f"{type(exc).__name__}: {exc}")
@@ -128,13 +130,23 @@ def _accept(
     return key, ext, data
 
 
-def _require_end_marker(path: str, offset: int) -> None:
+def _require_end_marker(path: str, offset: int) -> int | None:
     """tarfile stops quietly at a missing or cut header, so a tar cut at a member boundary (a writer
-    that died, an interrupted copy) would read as complete: demand the zero block that ends a tar."""
+    that died, an interrupted copy) would read as complete: demand the zero block that ends a tar.
+
+    Returns where non-zero bytes follow that block, if they do: every reader stops at the end
+    block, so the samples of a second tar appended with ``cat`` were lost without a word (and
+    validate counted only the first tar's). The rest is normally a few KiB of zero padding."""
     with remote.open_binary(path) as handle:
         handle.seek(offset)
         if handle.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
             raise EOFError(f"no end-of-archive block at byte {offset}")
+        start = offset + tarfile.BLOCKSIZE
+        while chunk := handle.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                return start + next(i for i, byte in enumerate(chunk) if byte)
+            start += len(chunk)
+    return None
 
 
 def _tar_error_reason(path: str, read_any: bool) -> str:

@@ -516,3 +516,20 @@ def test_a_glob_or_folder_that_matches_nothing_beside_good_specs_fails(
     ]
     assert cli(["validate", *specs]) == 1
     assert cli(["validate", *specs[1:]]) == 2
+
+
+def test_tars_joined_with_cat_fail_as_trailing_data(good: Path, tmp_path: Path) -> None:
+    """Readers stop at the first end-of-archive block, so the second tar's samples were lost
+    without a word: validate passed and wrote the first tar's count into sizes.json."""
+    first, second = sorted(good.glob("*.tar"))
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    report = validate_shards(str(joined), write_sizes=True)
+    assert [(f.shard, f.key, f.reason) for f in report.failures] == [
+        ("joined.tar", "", "trailing_data")
+    ]
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {}
+    (tmp_path / "padded").mkdir()
+    padded = tmp_path / "padded" / "padded.tar"
+    padded.write_bytes(first.read_bytes() + bytes(100_000))
+    assert validate_shards(str(padded)).ok
