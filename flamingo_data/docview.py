@@ -9,10 +9,10 @@ from typing import Any
 
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.gpt import PLACEHOLDER, plan_gpt
-from flamingo_data.loader.interleaved import Reject, plan_interleaved
+from flamingo_data.loader.interleaved import Reject, plan_interleaved, shape_problem
 from flamingo_data.loader.sample import parse_json
 from flamingo_data.records import decode_base64
-from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
+from flamingo_data.shardread import DECODED_EXTS, IMAGE_EXTS, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import SpecError, expand_specs
 
 
@@ -51,7 +51,7 @@ def iter_docs(
         raise SpecError(f"no shard matches {specs!r}")
     sink = issues.append if issues is not None else (lambda issue: None)
     for path in paths:
-        for sample in iter_samples(path, sink):
+        for sample in iter_samples(path, sink, read=DECODED_EXTS):
             yield view_sample(sample, config)
 
 
@@ -86,7 +86,15 @@ def _bytes(b64: str | None) -> bytes | None:
 
 
 def _interleaved_view(sample: Sample, record: dict[str, Any], config: LoaderConfig) -> DocView:
+    """The loader's checks in the loader's order: shape, plan, then sentences that are not text
+    (its join fails). A wrong-shaped matrix or a number among the sentences crashed inspect and
+    preview with a traceback; the loader counts them."""
+    if (problem := shape_problem(record)) is not None:
+        return DocView(sample.key, sample.shard, "unknown", rejected=problem, record=record)
     plan = plan_interleaved(record, config)
+    if not all(isinstance(text, str) for text in plan.sentences):
+        reason = plan.rejected_reason or "bad_record"
+        return DocView(sample.key, sample.shard, "unknown", rejected=reason, record=record)
     infos = record["image_info"]
     view = DocView(
         sample.key,

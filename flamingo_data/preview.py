@@ -97,7 +97,7 @@ def render_doc(doc: DocView) -> str:
 
 def render_image(image: ImageView) -> str:
     state = "kept" if image.kept else "dropped"
-    label = f"sim {image.similarity:.2f}" if image.similarity is not None else _e(image.name)
+    label = f"sim {image.similarity:.2f}" if image.similarity is not None else str(image.name)
     if not image.kept:
         label += f" · {image.reason}"
     fmt = sniff_format(image.data) if image.data else None

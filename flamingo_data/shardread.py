@@ -65,15 +65,23 @@ def split_key(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem) if folder else stem, ext.lower()
 
 
-def iter_samples(path: str, on_issue: IssueSink) -> Iterator[Sample]:
-    """Samples of one tar in order; unreadable tars and bad members go to ``on_issue``, never raise."""
+def iter_samples(
+    path: str, on_issue: IssueSink, read: frozenset[str] | None = None
+) -> Iterator[Sample]:
+    """Samples of one tar in order; unreadable tars and bad members go to ``on_issue``, never raise.
+
+    ``read``: the extensions whose bytes the caller uses (all when None); other members appear
+    with empty bytes and are skipped unread, so a 1 GiB video in a shard costs no memory
+    (validate held 2.4 GB for one only to report it as unexpected). A cut-off skipped member
+    still makes the tar ``truncated_tar``: the next header or the end block is then missing.
+    """
     current: Sample | None = None
     read_any = False
     try:
         with remote.open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
             for member in tar:
                 read_any = True
-                sample = _accept(path, tar, member, on_issue)
+                sample = _accept(path, tar, member, on_issue, read)
                 if sample is None:
                     continue
                 key, ext, data = sample
@@ -84,7 +92,9 @@ def iter_samples(path: str, on_issue: IssueSink) -> Iterator[Sample]:
                 if ext in current.members:
                     on_issue(ReadIssue(path, key, "duplicate_member", ext))
                 current.members[ext] = data
-            _require_end_marker(path, tar.offset)
+            if (at := _require_end_marker(path, tar.offset)) is not None:
+                detail = f"non-zero bytes at {at}, after the end-of-archive block (tars joined with cat?)"
+                on_issue(ReadIssue(path, "", "trailing_data", detail))
     except (tarfile.TarError, EOFError, OSError) as exc:
         on_issue(
             ReadIssue(path, "", _tar_error_reason(path, read_any), f"{type(exc).__name__}: {exc}")
@@ -93,14 +103,26 @@ def iter_samples(path: str, on_issue: IssueSink) -> Iterator[Sample]:
         yield current
 
 
-def _accept(path: str, tar: tarfile.TarFile, member: tarfile.TarInfo, on_issue: IssueSink):
+def _accept(
+    path: str,
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    on_issue: IssueSink,
+    read: frozenset[str] | None,
+):
     if unsafe_member_name(member.name):
         on_issue(ReadIssue(path, member.name, "unsafe_member_name"))
+        return None
+    if (
+        member.isdir()
+    ):  # GNU tar's entry for a folder (`tar -cf x.tar -C dir .`): no sample, no harm
         return None
     if not member.isfile():
         on_issue(ReadIssue(path, member.name, "not_a_regular_file"))
         return None
     key, ext = split_key(member.name)
+    if read is not None and ext not in read:
+        return key, ext, b""
     handle = tar.extractfile(member)
     data = handle.read() if handle is not None else b""
     if len(data) != member.size:
@@ -108,13 +130,23 @@ def _accept(path: str, tar: tarfile.TarFile, member: tarfile.TarInfo, on_issue: 
     return key, ext, data
 
 
-def _require_end_marker(path: str, offset: int) -> None:
+def _require_end_marker(path: str, offset: int) -> int | None:
     """tarfile stops quietly at a missing or cut header, so a tar cut at a member boundary (a writer
-    that died, an interrupted copy) would read as complete: demand the zero block that ends a tar."""
+    that died, an interrupted copy) would read as complete: demand the zero block that ends a tar.
+
+    Returns where non-zero bytes follow that block, if they do: every reader stops at the end
+    block, so the samples of a second tar appended with ``cat`` were lost without a word (and
+    validate counted only the first tar's). The rest is normally a few KiB of zero padding."""
     with remote.open_binary(path) as handle:
         handle.seek(offset)
         if handle.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
             raise EOFError(f"no end-of-archive block at byte {offset}")
+        start = offset + tarfile.BLOCKSIZE
+        while chunk := handle.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                return start + next(i for i, byte in enumerate(chunk) if byte)
+            start += len(chunk)
+    return None
 
 
 def _tar_error_reason(path: str, read_any: bool) -> str:

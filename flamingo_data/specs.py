@@ -18,20 +18,27 @@ class SpecError(ValueError):
 
 
 def expand_specs(
-    specs: str | Iterable[str], folder_suffix: str = ".tar", keep_missing: bool = False
+    specs: str | Iterable[str],
+    folder_suffix: str = ".tar",
+    keep_missing: bool = False,
+    unmatched: list[str] | None = None,
 ) -> list[str]:
     """Paths named by ``specs`` in the order given.
 
     A folder expands to its files ending in ``folder_suffix`` (sorted), a glob to its sorted
     matches, a brace pattern to each alternative. Paths that do not exist are dropped unless
     ``keep_missing`` (MMC4's shard list has gaps, and positions in it still matter).
+    ``unmatched`` collects the alternatives (globs, folders, missing paths) that name nothing.
     """
     if isinstance(specs, str):
         specs = [specs]
     paths: list[str] = []
     for spec in specs:
         for item in braceexpand(spec):
-            paths.extend(_expand_one(item, folder_suffix, keep_missing))
+            found = _expand_one(item, folder_suffix, keep_missing)
+            if not found and unmatched is not None:
+                unmatched.append(item)
+            paths.extend(found)
     return paths
 
 

@@ -23,7 +23,7 @@ from flamingo_data import remote
 from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_at_least, sniff_format
 from flamingo_data.records import decode_base64
 from flamingo_data.schema import record_kind, schema_errors
-from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
+from flamingo_data.shardread import DECODED_EXTS, IMAGE_EXTS, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import SpecError, expand_specs
 
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
@@ -70,15 +70,17 @@ class ValidationReport:
 
 
 def _named_shards(specs: str | list[str]) -> tuple[list[str], list[str]]:
-    """(shards that exist, named shards that do not). A path or brace alternative that names no
-    file is a failure: a dataset with holes is not the dataset the user meant to train on. Only a
-    spec that names nothing at all is a usage error."""
-    named = expand_specs(specs, folder_suffix=".tar", keep_missing=True)
+    """(shards that exist, named shards that do not). A path, glob, folder or brace alternative
+    that names no shard is a failure: a dataset with holes is not the dataset the user meant to
+    train on (a glob or an empty folder beside other specs used to be skipped without a word).
+    Only specs that name nothing at all are a usage error."""
+    unmatched: list[str] = []
+    named = expand_specs(specs, folder_suffix=".tar", keep_missing=True, unmatched=unmatched)
     exists = [remote.exists(p) if remote.is_remote(p) else os.path.exists(p) for p in named]
     present = [p for p, ok in zip(named, exists, strict=True) if ok]
     if not present:
         raise SpecError(f"no shard matches {specs!r}")
-    return present, [p for p, ok in zip(named, exists, strict=True) if not ok]
+    return present, [p for p, ok in zip(named, exists, strict=True) if not ok] + unmatched
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +101,12 @@ def validate_shards(
 ) -> ValidationReport:
     """Validate every shard named by ``specs`` (brace patterns, globs, folders)."""
     paths, missing = _named_shards(specs)
+    _check_sizes_target(paths, write_sizes, sizes_path)
     options = ValidateOptions(deep=deep, kind=kind, max_pixels=max_pixels)
     report = ValidationReport()
     for path in missing:
-        report.failures.append(Failure(os.path.basename(path), "", "missing_shard", path))
+        name = os.path.basename(path.rstrip("/")) or path
+        report.failures.append(Failure(name, "", "missing_shard", path))
     seen_keys: set[str] = set()
     counts: dict[str, int | None] = {}  # by path: two folders may hold shards of the same name
     for path in paths:
@@ -128,7 +132,7 @@ def _validate_shard(
         report.failures.append(Failure(shard, issue.key, issue.reason, issue.detail))
 
     count, failures_before = 0, len(report.failures)
-    for sample in iter_samples(path, on_issue):
+    for sample in iter_samples(path, on_issue, read=DECODED_EXTS):
         count += 1
         report.samples += 1
         if sample.key in seen:
@@ -270,13 +274,44 @@ def _check_pair(record: dict, sample: Sample, options: ValidateOptions, report: 
     return problems
 
 
+class SizesFileError(SpecError):
+    """``--sizes`` names no file, or a sizes.json cannot be written: found before any shard is
+    read (it was found after an hour of validation, as a traceback-free exit 1 that printed no
+    report and advised ``--resume``)."""
+
+
+def _sizes_target(folder: str, sizes_path: str | None) -> str:
+    return sizes_path or remote.join(folder, "sizes.json")
+
+
+def _check_sizes_target(paths: list[str], write: bool, sizes_path: str | None) -> None:
+    if not write:
+        if sizes_path is not None and not remote.exists(sizes_path):
+            raise SizesFileError(f"--sizes {sizes_path} does not exist (--write-sizes writes it)")
+        return
+    for folder in sorted({os.path.dirname(p) or "." for p in paths}):
+        target = _sizes_target(folder, sizes_path)
+        if not remote.is_remote(target) and (problem := _unwritable(target)):
+            raise SizesFileError(f"cannot write {target}: {problem}")
+
+
+def _unwritable(target: str) -> str | None:
+    """Why a local sizes.json cannot be written atomically (a temporary beside it, then a rename)."""
+    parent = os.path.dirname(target) or "."
+    if os.path.isdir(target):
+        return "it is a folder"
+    if not os.path.isdir(parent):
+        return f"no folder {parent}"
+    return None if os.access(parent, os.W_OK) else f"folder {parent} is not writable"
+
+
 def _check_sizes(
     counts: dict[str, int | None], report: ValidationReport, write: bool, sizes_path: str | None
 ) -> None:
     """Compare with (or write) sizes.json in each folder holding shards."""
     folders = sorted({os.path.dirname(p) or "." for p in counts})
     for folder in folders:
-        target = sizes_path or remote.join(folder, "sizes.json")
+        target = _sizes_target(folder, sizes_path)
         here = {
             os.path.basename(p): count
             for p, count in counts.items()

@@ -203,3 +203,36 @@ def test_bad_command_line_input_is_exit_2(shards: Path, tmp_path: Path, args: li
     except SystemExit as exc:  # argparse's own usage error
         code = exc.code
     assert code == 2
+
+
+def test_records_the_loader_refuses_by_shape_are_counted_as_the_loaders_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """A matrix that is not images x sentences, no sentence at all, or a number among the
+    sentences stopped inspect and preview with a traceback (IndexError, TypeError); the loader
+    counts them (bad_matrix_shape, bad_record), and so must inspect."""
+    from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+    from flamingo_data.preview import write_preview
+
+    two = [solid_jpeg((1, 2, 3)), solid_jpeg((3, 2, 1))]
+    write_json_shard(
+        tmp_path,
+        "shape",
+        {
+            "good": interleaved_record(["A", "B"], [[0.3, 0.1]], two[:1]),
+            "short_matrix": interleaved_record(["A", "B"], [[0.3, 0.1]], two),
+            "no_sentence": interleaved_record([], [[]], two[:1]),
+            "number_sentence": interleaved_record(["A", 5], [[0.3, 0.1]], two[:1]),
+        },
+    )
+    report = inspect_shards(str(tmp_path))
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path))], make_tokenizer(None), LoaderConfig(image_size=16)
+    )
+    assert sum(len(batch["keys"]) for batch in loader) == 1
+    expected = {"bad_matrix_shape": 2, "bad_record": 1}
+    assert dict(report.rejected_by_loader) == loader.rejections() == expected
+    assert report.survive == 1
+    result = write_preview(str(tmp_path), str(tmp_path / "p.html"), n=10)
+    assert result.documents == 4
+    assert "bad_matrix_shape" in (tmp_path / "p.html").read_text()

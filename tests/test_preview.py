@@ -82,3 +82,12 @@ def test_cli_preview_and_bad_spec(shards: Path, tmp_path: Path, capsys) -> None:
     assert cli(["preview", str(shards), "--n", "2", "--out", str(out)]) == 0
     assert "wrote 2 documents" in capsys.readouterr().out and out.exists()
     assert cli(["preview", str(tmp_path / "missing_{1..2}.tar"), "--out", str(out)]) == 2
+
+
+def test_an_image_name_in_a_caption_is_escaped_once() -> None:
+    """The caption of an image without a similarity was escaped twice: 'a&b' showed as 'a&amp;b'."""
+    from flamingo_data.docview import ImageView
+    from flamingo_data.preview import render_image
+
+    html = render_image(ImageView(0, None, False, 0, None, "no_image_bytes", "a&b <x>.jpg"))
+    assert "<figcaption>a&amp;b &lt;x&gt;.jpg · no_image_bytes</figcaption>" in html

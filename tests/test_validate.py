@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -392,3 +393,143 @@ def test_an_unwritable_json_report_is_a_usage_error_before_any_work(
     out, err = capsys.readouterr()
     assert "OK" not in out and "cannot write the --json report" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_summary_of_odd_member_names_prints_escaped_on_a_utf8_terminal(
+    good: Path, tmp_path: Path
+) -> None:
+    """A member name that is not UTF-8 stopped the summary with UnicodeEncodeError on a UTF-8
+    stdout (traceback, report lost); a terminal escape sequence in a name reached the terminal."""
+    shard = write_tar(
+        tmp_path / "odd.tar",
+        {"k\udcff.json": b"{}", "\x1b[2Jk.json": b"{oops"},
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "flamingo_data", "validate", str(shard)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="surrogateescape",
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "odd.tar k\\udcff.json: unsafe_member_name" in result.stdout
+    assert "\x1b" not in result.stdout and "\\x1b[2Jk" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["folder", "no_parent", "missing_to_compare"])
+def test_a_bad_sizes_path_is_a_usage_error_before_any_work(
+    good: Path, tmp_path: Path, capsys, case: str
+) -> None:
+    """--write-sizes into a folder or a missing folder failed only after every shard was read,
+    printing no report at all (exit 1, 'rerun with --resume'); a --sizes that does not exist was
+    silently not compared (exit 0)."""
+    target = {"folder": tmp_path, "no_parent": tmp_path / "no" / "sizes.json"}.get(
+        case, tmp_path / "sizes.json"
+    )
+    write = ["--write-sizes"] if case != "missing_to_compare" else []
+    assert cli(["validate", str(good), "--sizes", str(target), *write]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert str(target) in err and "resume" not in err
+
+
+def sparse_member_tar(path: Path, first: dict[str, bytes], name: str, size: int) -> Path:
+    """A tar with ``first``'s members, then a ``size``-byte member of zeros (sparse on disk)."""
+    write_tar(path, first)
+    with open(path, "r+b") as handle:
+        handle.seek(-2 * tarfile.BLOCKSIZE, io.SEEK_END)
+        while handle.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE:
+            handle.seek(-2 * tarfile.BLOCKSIZE, io.SEEK_CUR)  # back to the last member's end
+        info = tarfile.TarInfo(name)
+        info.size = size
+        handle.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        end = handle.tell() + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        handle.truncate(end + 2 * tarfile.BLOCKSIZE)
+    return path
+
+
+PEAK_RSS = (
+    "import resource, sys; from flamingo_data.validate import validate_shards;"
+    "r = validate_shards(sys.argv[1]);"
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, sorted(r.reasons().items()))"
+)
+
+
+def _validate_peak_kib(shard: Path) -> tuple[int, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(shard)], capture_output=True, text=True, check=True
+    ).stdout
+    peak, reasons = out.split(" ", 1)
+    return int(peak), reasons.strip()
+
+
+def test_a_huge_unexpected_member_is_reported_without_being_read(
+    good: Path, tmp_path: Path
+) -> None:
+    """A 256 MiB member validate never decodes (a video beside a record) was read whole, twice
+    over: +512 MB of peak memory to report 'unexpected_member' (+2.4 GB for 1 GiB)."""
+    record = {"k.json": json.dumps(first_record(good)).encode()}
+    small = sparse_member_tar(tmp_path / "small.tar", record, "k.mp4", 1024)
+    big = sparse_member_tar(tmp_path / "big.tar", record, "k.mp4", 256 << 20)
+    (small_peak, small_reasons), (big_peak, big_reasons) = map(_validate_peak_kib, (small, big))
+    assert small_reasons == big_reasons == "[('unexpected_member', 1)]"
+    assert big_peak - small_peak < 64 << 10, (small_peak, big_peak)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(big.read_bytes()[: 128 << 20])
+    assert ("cut.tar", "truncated_tar") in {
+        (f.shard, f.reason) for f in validate_shards(str(cut)).failures
+    }
+
+
+def test_a_shard_repacked_with_gnu_tar_passes(good: Path, tmp_path: Path) -> None:
+    """`tar -cf x.tar -C dir .` adds an entry for the folder ('./'); a good shard repacked so
+    failed as not_a_regular_file, though no sample is lost (webdataset skips such entries)."""
+    shard = next(good.glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        members = {f"./{m.name}": tar.extractfile(m).read() for m in tar}
+    repacked = tmp_path / "repacked.tar"
+    with tarfile.open(repacked, "w") as tar:
+        folder = tarfile.TarInfo(".")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    report = validate_shards(str(repacked))
+    assert report.ok, report.failures
+    assert report.samples == len(members)
+
+
+def test_a_glob_or_folder_that_matches_nothing_beside_good_specs_fails(
+    good: Path, tmp_path: Path
+) -> None:
+    """`validate shards/ 'shrads/*.tar' empty/` passed as if only shards/ had been named."""
+    (tmp_path / "empty").mkdir()
+    specs = [str(good), f"{tmp_path}/shrads/*.tar", f"{tmp_path}/empty"]
+    report = validate_shards(specs)
+    assert [(f.reason, f.detail) for f in report.failures] == [
+        ("missing_shard", specs[1]),
+        ("missing_shard", specs[2]),
+    ]
+    assert cli(["validate", *specs]) == 1
+    assert cli(["validate", *specs[1:]]) == 2
+
+
+def test_tars_joined_with_cat_fail_as_trailing_data(good: Path, tmp_path: Path) -> None:
+    """Readers stop at the first end-of-archive block, so the second tar's samples were lost
+    without a word: validate passed and wrote the first tar's count into sizes.json."""
+    first, second = sorted(good.glob("*.tar"))
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    report = validate_shards(str(joined), write_sizes=True)
+    assert [(f.shard, f.key, f.reason) for f in report.failures] == [
+        ("joined.tar", "", "trailing_data")
+    ]
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {}
+    (tmp_path / "padded").mkdir()
+    padded = tmp_path / "padded" / "padded.tar"
+    padded.write_bytes(first.read_bytes() + bytes(100_000))
+    assert validate_shards(str(padded)).ok

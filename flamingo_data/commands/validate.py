@@ -78,8 +78,15 @@ def print_summary(report: ValidationReport, limit: int) -> None:
     for reason, count in report.reasons().most_common():
         print(f"  {reason}: {count}")
     for failure in report.failures[:limit]:
-        print(
-            f"  {failure.shard} {failure.key or '<shard>'}: {failure.reason} {failure.detail}".rstrip()
-        )
+        line = f"  {failure.shard} {failure.key or '<shard>'}: {failure.reason} {failure.detail}"
+        print(printable(line.rstrip()))
     if len(report.failures) > limit:
         print(f"  ... {len(report.failures) - limit} more (use --json for all)")
+
+
+def printable(text: str) -> str:
+    """``text`` with what a terminal must not receive escaped as Python does (``\\udcff``,
+    ``\\x1b``): member names come from untrusted tars, and a name that is not UTF-8 (kept as lone
+    surrogates) stopped the summary with UnicodeEncodeError on a UTF-8 stdout, losing the report;
+    an escape sequence in a name would reach the terminal."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)

@@ -49,6 +49,19 @@ def approx_b64_bytes(text: str) -> int:
     return len(text) * 3 // 4 - text[-2:].count("=")
 
 
+def shape_problem(record: dict[str, Any]) -> str | None:
+    """Why the loader refuses a record before planning it (``bad_record``: a field missing or not
+    a list; ``bad_matrix_shape``: not images x sentences, or no sentence), or None. Shared by the
+    loader and by inspect/preview, which crashed on what the loader counts here."""
+    try:
+        n_images, n_sentences = len(record["image_info"]), len(record["text_list"])
+        matrix = record["similarity_matrix"]
+        ok = len(matrix) == n_images and all(len(row) == n_sentences for row in matrix)
+    except (KeyError, TypeError):
+        return "bad_record"
+    return None if ok and n_sentences else "bad_matrix_shape"
+
+
 def plan_interleaved(
     record: dict[str, Any], config: LoaderConfig, exclude: frozenset[int] = frozenset()
 ) -> InterleavedPlan:

@@ -23,6 +23,7 @@ from flamingo_data.loader.interleaved import (
     interleaved_text,
     placed_image_bytes,
     plan_interleaved,
+    shape_problem,
 )
 from flamingo_data.loader.labels import IGNORE, make_labels
 from flamingo_data.loader.tokenizer import (
@@ -194,14 +195,8 @@ def _interleaved(
 
 
 def _check_interleaved_shape(record: dict[str, Any]) -> None:
-    try:
-        n_images, n_sentences = len(record["image_info"]), len(record["text_list"])
-        matrix = record["similarity_matrix"]
-        ok = len(matrix) == n_images and all(len(row) == n_sentences for row in matrix)
-    except (KeyError, TypeError) as exc:
-        raise Reject("bad_record") from exc
-    if not ok or n_sentences == 0:
-        raise Reject("bad_matrix_shape")
+    if (problem := shape_problem(record)) is not None:
+        raise Reject(problem)
 
 
 def _gpt(record: dict[str, Any], text: TextContext, config: LoaderConfig, rng: np.random.Generator):
