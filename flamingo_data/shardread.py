@@ -113,9 +113,8 @@ def _accept(
     if unsafe_member_name(member.name):
         on_issue(ReadIssue(path, member.name, "unsafe_member_name"))
         return None
-    if (
-        member.isdir()
-    ):  # GNU tar's entry for a folder (`tar -cf x.tar -C dir .`): no sample, no harm
+    # GNU tar's entry for a folder (`tar -cf x.tar -C dir .`): no sample, no harm
+    if member.isdir():
         return None
     if not member.isfile():
         on_issue(ReadIssue(path, member.name, "not_a_regular_file"))
