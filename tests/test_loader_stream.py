@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -440,3 +442,50 @@ def test_resampling_shards_whose_every_sample_is_rejected_stops_with_a_clear_err
     )
     with pytest.raises(RuntimeError, match=r"50 samples in a row rejected.*no_images"):
         epoch_keys(loader)
+
+
+LOADER_PEAK_RSS = """
+import resource, sys
+from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+config = LoaderConfig(batch_size=1, image_size=32, num_workers=0, seed=7)
+loader = build_loader([DatasetSpec("d", sys.argv[1])], make_tokenizer(None), config)
+keys = [key for batch in loader for key in batch["keys"]]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(peak, keys, sorted(loader.rejections().items()))
+"""
+
+
+def _loader_peak_kib(folder: Path) -> tuple[int, str]:
+    out = subprocess.run(
+        [sys.executable, "-c", LOADER_PEAK_RSS, str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    peak, rest = out.split(" ", 1)
+    return int(peak), rest.strip()
+
+
+def _with_sparse_member(folder: Path, size: int) -> Path:
+    """A shard of one good record followed by a ``size``-byte ``k.mp4`` of zeros (sparse on disk)."""
+    doc = interleaved_record(["A"], [[0.5]], [solid_jpeg((10, 200, 10))])
+    folder.mkdir()
+    shard = write_json_shard(folder, "part", {"k": doc})
+    with open(shard, "r+b") as handle:
+        handle.seek(-2 * tarfile.BLOCKSIZE, io.SEEK_END)
+        while handle.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE:
+            handle.seek(-2 * tarfile.BLOCKSIZE, io.SEEK_CUR)  # back to the last member's end
+        info = tarfile.TarInfo("k.mp4")
+        info.size = size
+        handle.write(info.tobuf(format=tarfile.GNU_FORMAT))
+        handle.truncate(handle.tell() + size + 2 * tarfile.BLOCKSIZE)  # size: a block multiple
+    return folder
+
+
+def test_a_huge_member_the_loader_never_decodes_costs_no_memory(tmp_path: Path) -> None:
+    """Each worker read a member it only counts as unexpected whole (+256 MB for 256 MiB)."""
+    small = _with_sparse_member(tmp_path / "small", 1024)
+    big = _with_sparse_member(tmp_path / "big", 256 << 20)
+    (small_peak, small_out), (big_peak, big_out) = map(_loader_peak_kib, (small, big))
+    assert small_out == big_out == "['k'] [('unexpected_member', 1)]"
+    assert big_peak - small_peak < 64 << 10, (small_peak, big_peak)
