@@ -285,6 +285,11 @@ def _sizes_target(folder: str, sizes_path: str | None) -> str:
 
 
 def _check_sizes_target(paths: list[str], write: bool, sizes_path: str | None) -> None:
+    if sizes_path is not None and (clash := _same_name_elsewhere(paths)):
+        raise SizesFileError(
+            f"--sizes {sizes_path}: one file cannot hold the counts of {clash[0]} and {clash[1]}"
+            " (sizes.json is keyed by file name); validate each folder on its own"
+        )
     if not write:
         if sizes_path is not None and not remote.exists(sizes_path):
             raise SizesFileError(f"--sizes {sizes_path} does not exist (--write-sizes writes it)")
@@ -293,6 +298,18 @@ def _check_sizes_target(paths: list[str], write: bool, sizes_path: str | None) -
         target = _sizes_target(folder, sizes_path)
         if not remote.is_remote(target) and (problem := _unwritable(target)):
             raise SizesFileError(f"cannot write {target}: {problem}")
+
+
+def _same_name_elsewhere(paths: list[str]) -> tuple[str, str] | None:
+    """Two shards of one name in different folders: one ``--sizes`` file would keep one count for
+    both (the last written won), a wrong epoch length for the other without a word."""
+    first: dict[str, str] = {}
+    for path in paths:
+        path = path if remote.is_remote(path) else os.path.normpath(path)
+        name = os.path.basename(path)
+        if first.setdefault(name, path) != path:
+            return first[name], path
+    return None
 
 
 def _unwritable(target: str) -> str | None:

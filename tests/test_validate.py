@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -433,6 +434,23 @@ def test_a_bad_sizes_path_is_a_usage_error_before_any_work(
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert str(target) in err and "resume" not in err
+
+
+def test_one_sizes_file_for_same_named_shards_in_two_folders_is_a_usage_error(
+    good: Path, tmp_path: Path, capsys
+) -> None:
+    """`validate a/ b/ --write-sizes --sizes all.json` kept one count for a/00000.tar and
+    b/00000.tar (the last won): a wrong epoch length for one dataset without a word."""
+    other = tmp_path / "other"
+    shutil.copytree(good, other)
+    target = tmp_path / "all.json"
+    assert cli(["validate", str(good), str(other), "--sizes", str(target), "--write-sizes"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "each folder" in err
+    assert not target.exists()
+    same_twice = [str(good), f"{good}/./*.tar", "--sizes", str(target), "--write-sizes"]
+    assert cli(["validate", *same_twice]) == 1  # one folder named twice: duplicate keys, no clash
+    assert json.loads(target.read_text()) == json.loads((good / "sizes.json").read_text())
 
 
 def sparse_member_tar(path: Path, first: dict[str, bytes], name: str, size: int) -> Path:
