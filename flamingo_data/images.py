@@ -211,9 +211,10 @@ def _has_app_metadata(data: bytes) -> bool:
 
 
 def _displayed_size(image: Image.Image) -> tuple[int, int]:
-    """Full-scale size after the EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    """Full-scale size after the EXIF orientation is applied (orientations 5-8 swap the sides);
+    any format, as ``exif_transpose`` rotates PNG, WebP and TIFF too."""
     width, height = image.size
-    orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
+    orientation = image.getexif().get(0x0112, 1)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
@@ -292,7 +293,7 @@ def dct_scale_limit(width: int, height: int, short_side: int) -> dict[str, int]:
 def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePolicy) -> ImageResult:
     target = _target_size(image.size, policy)
     width, height = image.size
-    if target is None and _keepable(fmt, image):
+    if target is None and _keepable(fmt, image, data):
         end = image_end(data, fmt)
         if policy.verify == "decode":
             _verify_decodes(image)  # decoding is the proof; a stream it reads whole is kept whole
@@ -319,13 +320,26 @@ def _encoded(outcome: str, rgb: Image.Image, policy: ImagePolicy, reason: str) -
     return ImageResult(outcome, data, "jpeg", rgb.width, rgb.height, reason=reason)
 
 
-def _keepable(fmt: str, image: Image.Image) -> bool:
+def _keepable(fmt: str, image: Image.Image, data: bytes) -> bool:
     if image.mode not in KEEPABLE.get(fmt, set()) or getattr(image, "is_animated", False):
         return False
     if image.mode == "P" and "transparency" in image.info:
         return False
-    orientation = image.getexif().get(0x0112, 1) if fmt == "jpeg" else 1
-    return orientation in (0, 1)
+    return _orientation(fmt, image, data) in (0, 1)
+
+
+# Where a PNG can hold an orientation for PIL (eXIf chunk, ImageMagick's text profile, XMP); the
+# keywords are never compressed, so a PNG without any of them has none.
+_PNG_ORIENTATION_SOURCES = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+
+def _orientation(fmt: str, image: Image.Image, data: bytes) -> int:
+    """The EXIF orientation PIL's ``exif_transpose`` would apply, in any format (a PNG or WebP
+    may carry one too). A PNG is asked only when it may hold one: PIL decodes the whole image to
+    find an eXIf chunk that follows the pixels."""
+    if fmt == "png" and not any(tag in data for tag in _PNG_ORIENTATION_SOURCES):
+        return 1
+    return image.getexif().get(0x0112, 1)
 
 
 def _kept(data: bytes, fmt: str, size: tuple[int, int], end: int | None) -> ImageResult:

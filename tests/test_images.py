@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import simplejpeg
-from PIL import Image
+from PIL import Image, ImageOps
 
 from flamingo_data.images import (
     ImagePolicy,
@@ -351,3 +351,45 @@ def test_a_cut_off_jpeg_fails_the_loaders_decode_too() -> None:
     with pytest.raises(OSError):
         decode_at_least(cut, 45)
     assert process_image(cut, ImagePolicy(short_side=45)).reason == "undecodable"
+
+
+def _quadrant_image() -> Image.Image:
+    """60 x 30, red top-left quadrant on blue: every orientation moves the red corner differently."""
+    pixels = np.zeros((30, 60, 3), np.uint8)
+    pixels[..., 2] = 200
+    pixels[:15, :30] = (255, 0, 0)
+    return Image.fromarray(pixels)
+
+
+def _displayed(data: bytes) -> np.ndarray:
+    """What a viewer that honours the orientation shows (PIL's exif_transpose)."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"), int)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_every_exif_orientation_is_applied_in_every_format(fmt: str, orientation: int) -> None:
+    """A PNG or WebP may carry an EXIF orientation too (phones, browsers apply it); it was kept
+    unrotated, so a loader that ignores EXIF (upstream open_flamingo's) saw it sideways, while the
+    same image with --short-side came out upright. Output must show what the source displays."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    options = {"quality": 95} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    data = encode(_quadrant_image(), fmt, exif=exif.tobytes(), **options)
+    result = process_image(data, POLICY)
+    stored = np.asarray(Image.open(io.BytesIO(result.data)).convert("RGB"), int)
+    expected = _displayed(data)
+    assert stored.shape == expected.shape and (result.width, result.height) == stored.shape[1::-1]
+    assert np.abs(stored - expected).mean() < 10
+    if orientation == 1 and fmt != "TIFF":
+        assert result.outcome == "kept"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_reduced_decode_reports_the_displayed_size_of_a_rotated_png_or_webp(fmt: str) -> None:
+    """The loader sizes its resize from ``full``: with the stored size of a rotated PNG/WebP it
+    stretched a 30 x 60 picture to 60 x 30's proportions."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels, full = decode_at_least(encode(_quadrant_image(), fmt, exif=exif.tobytes()), 10)
+    assert full == (30, 60) and pixels.shape[:2] == (60, 30)
