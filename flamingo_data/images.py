@@ -299,7 +299,7 @@ def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePol
             _verify_decodes(image)  # decoding is the proof; a stream it reads whole is kept whole
             end = end or len(data)
         return _kept(data, fmt, (width, height), end)
-    reason = "resized" if target is not None else _why(fmt, image)
+    reason = "resized" if target is not None else _why(fmt, image, data)
     if target is not None and _turbo_decodable(image):
         return _resized_turbo(data, image.size, target, policy)
     if target is not None and image.format == "JPEG":
@@ -323,9 +323,15 @@ def _encoded(outcome: str, rgb: Image.Image, policy: ImagePolicy, reason: str) -
 def _keepable(fmt: str, image: Image.Image, data: bytes) -> bool:
     if image.mode not in KEEPABLE.get(fmt, set()) or getattr(image, "is_animated", False):
         return False
-    if image.mode == "P" and "transparency" in image.info:
+    if (image.mode == "P" and "transparency" in image.info) or _png_16_bit(fmt, data):
         return False
     return _orientation(fmt, image, data) in (0, 1)
+
+
+def _png_16_bit(fmt: str, data: bytes) -> bool:
+    """16 bits per channel, read from IHDR: PIL opens 16-bit RGB/RGBA/LA as plain RGB/RGBA, so
+    its mode alone would keep twice the bytes that the 8-bit picture needs."""
+    return fmt == "png" and data[12:16] == b"IHDR" and data[24:25] == b"\x10"
 
 
 # Where a PNG can hold an orientation for PIL (eXIf chunk, ImageMagick's text profile, XMP); the
@@ -392,7 +398,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _why(fmt: str, image: Image.Image) -> str:
+def _why(fmt: str, image: Image.Image, data: bytes) -> str:
     """Why bytes could not be kept as they are."""
     if getattr(image, "is_animated", False):
         return "animated"
@@ -400,4 +406,6 @@ def _why(fmt: str, image: Image.Image) -> str:
         return f"format_{fmt}"
     if image.mode not in KEEPABLE[fmt]:
         return f"mode_{image.mode.lower().replace(';', '_')}"
+    if _png_16_bit(fmt, data):
+        return "bit_depth_16"
     return "exif_or_alpha"

@@ -393,3 +393,35 @@ def test_reduced_decode_reports_the_displayed_size_of_a_rotated_png_or_webp(fmt:
     exif[0x0112] = 6
     pixels, full = decode_at_least(encode(_quadrant_image(), fmt, exif=exif.tobytes()), 10)
     assert full == (30, 60) and pixels.shape[:2] == (60, 30)
+
+
+def _png_16bit(color_type: int, channels: int) -> bytes:
+    """A real 16-bit-per-channel PNG (PIL writes none): a horizontal ramp, opaque alpha."""
+    row = b"\x00" + b"".join(
+        struct.pack(f">{channels}H", *([x * 1000] * (channels - 1) + [65535])) for x in range(64)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 64, 32, 16, color_type, 0, 0, 0)
+    idat = zlib.compress(row * 32)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("color_type", "channels"), [(2, 3), (6, 4), (4, 2)], ids=["rgb", "rgba", "la"]
+)
+def test_16_bit_colour_pngs_are_converted_like_16_bit_grey(color_type: int, channels: int) -> None:
+    """PIL opens a 16-bit RGB/RGBA/LA PNG as plain RGB/RGBA, so it was kept byte for byte (twice
+    the bytes of its 8-bit self) while 16-bit grey was converted; the README promises both are."""
+    data = _png_16bit(color_type, channels)
+    result = process_image(data, POLICY)
+    assert (result.outcome, result.reason, result.fmt) == ("converted", "bit_depth_16", "jpeg")
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), int)
+    stored = np.asarray(Image.open(io.BytesIO(result.data)), int)
+    assert np.abs(stored - expected).mean() < 3
