@@ -525,3 +525,22 @@ def test_a_zip_bomb_line_does_not_fill_memory(tmp_path: Path) -> None:
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["reasons"]["documents"] == {"line_too_long": 1}
     assert stats["counts"]["documents"] == {"in": 2, "written": 1, "rejected": 1}
+
+
+@pytest.mark.parametrize(
+    "first", [[], ["--rejects"]], ids=["without-then-with", "with-then-without"]
+)
+def test_resume_refuses_a_change_of_rejects(
+    first: list[str], sample: dict, tmp_path: Path, capsys
+) -> None:
+    """Finished units keep the rejects part they were (not) written with: resuming a run started
+    without --rejects with it gave a rejects.jsonl holding 3 of the 6 rejects stats.json counted."""
+    out = tmp_path / "out"
+    base = ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+    base += ["--out", str(out), "--processes", "1"]
+    assert cli([*base, *first]) == 0
+    (out / "_done" / "shard_2.json").unlink()  # as if the run was killed before this unit finished
+    capsys.readouterr()
+    assert cli([*base, "--resume", *(["--rejects"] if not first else [])]) == 2
+    assert "other options (rejects differ)" in capsys.readouterr().err
+    assert cli([*base, "--resume", *first]) == 0
