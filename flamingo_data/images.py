@@ -383,10 +383,13 @@ def _target_size(size: tuple[int, int], policy: ImagePolicy) -> tuple[int, int] 
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for every mode: alpha composited on white, 16-bit scaled down, first frame of animations."""
+    """RGB for every mode: alpha composited on white, 16-bit scaled down, first frame of animations.
+
+    16-bit samples always run 0..65535 (a dark picture must stay dark); only 32-bit ``I``, whose
+    range the file does not say, is taken as 8-bit when no value exceeds 255."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.uint32)
-        scale = 257 if arr.max(initial=0) > 255 else 1
+        scale = 257 if image.mode != "I" or arr.max(initial=0) > 255 else 1
         return Image.fromarray((arr // scale).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")

@@ -425,3 +425,15 @@ def test_16_bit_colour_pngs_are_converted_like_16_bit_grey(color_type: int, chan
     expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), int)
     stored = np.asarray(Image.open(io.BytesIO(result.data)), int)
     assert np.abs(stored - expected).mean() < 3
+
+
+@pytest.mark.parametrize("peak", [255, 256, 65535])
+def test_16_bit_grey_is_scaled_by_its_full_range_whatever_its_brightest_pixel(peak: int) -> None:
+    """16-bit samples run 0..65535. A picture whose brightest pixel was <= 255 was not scaled at
+    all, so a near-black one came out 257x brighter (mean 127 instead of 0), while the same
+    picture with one pixel at 256 came out black: the output jumped on a single pixel value."""
+    ramp = (np.arange(64 * 32).reshape(32, 64) * peak // (64 * 32 - 1)).astype(np.uint16)
+    result = process_image(encode(Image.fromarray(ramp), "PNG"), POLICY)
+    stored = np.asarray(Image.open(io.BytesIO(result.data)).convert("L"), float)
+    assert result.outcome == "converted"
+    assert abs(stored.mean() - (ramp / 257).mean()) < 2
