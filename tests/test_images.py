@@ -437,3 +437,25 @@ def test_16_bit_grey_is_scaled_by_its_full_range_whatever_its_brightest_pixel(pe
     stored = np.asarray(Image.open(io.BytesIO(result.data)).convert("L"), float)
     assert result.outcome == "converted"
     assert abs(stored.mean() - (ramp / 257).mean()) < 2
+
+
+@pytest.mark.parametrize(
+    ("size", "orientation", "policy", "expected"),
+    [
+        ((1766, 1194), 3, ImagePolicy(short_side=256), (379, 256)),
+        ((1082, 1208), 3, ImagePolicy(short_side=256), (256, 286)),
+        ((629, 1610), 8, ImagePolicy(short_side=256), (655, 256)),
+        ((357, 682), 8, ImagePolicy(max_side=333), (333, 174)),
+    ],
+)
+def test_resized_rotated_jpegs_take_the_size_of_the_full_picture(
+    size: tuple[int, int], orientation: int, policy: ImagePolicy, expected: tuple[int, int]
+) -> None:
+    """EXIF-rotated JPEGs decode through PIL at a reduced DCT scale; the resize was sized from
+    that reduced image, so one side came out a pixel off the upright image's (45 of 300 cases)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.new("RGB", size, (90, 120, 30)), "JPEG", exif=exif.tobytes())
+    result = process_image(data, policy)
+    assert (result.outcome, result.width, result.height) == ("resized", *expected)
+    assert Image.open(io.BytesIO(result.data)).size == expected
