@@ -40,6 +40,9 @@ from flamingo_data.units import (
 )
 
 LAYOUTS = ("auto", "indexed", "flat")
+# A document line longer than this is counted line_too_long and never held whole: MMC4 lines are
+# kilobytes (a few MB at most), while a zip bomb's one line took 4x its size to read and parse.
+MAX_LINE_BYTES = 64 * 2**20
 # What reading a bad zip raises; RuntimeError: an encrypted member, NotImplementedError (a
 # RuntimeError too): an unsupported compression method.
 ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError)
@@ -93,17 +96,31 @@ def image_folder(images: str, unit: Unit, layout: str) -> str:
     return next((c for c in candidates if remote.isdir(c)), candidates[0])
 
 
-def iter_lines(path: str) -> Iterator[tuple[str, int, bytes]]:
+def iter_lines(path: str) -> Iterator[tuple[str, int, bytes | None]]:
     """(member, line number, raw line) for every .jsonl member of the zip (any case: a zip made
-    on another system may say .JSONL), members in name order."""
+    on another system may say .JSONL), members in name order. A line over ``MAX_LINE_BYTES`` is
+    None: it is skipped unread, so one huge line (a zip bomb) never has to fit in memory."""
     with remote.open_binary(path) as handle, zipfile.ZipFile(handle) as zf:
         members = sorted(n for n in zf.namelist() if n.lower().endswith(".jsonl"))
         if not members:
             raise zipfile.BadZipFile("no .jsonl member")
         for member in members:
             with zf.open(member) as handle:
-                for number, line in enumerate(io.BufferedReader(handle), start=1):
+                for number, line in enumerate(_capped_lines(io.BufferedReader(handle)), start=1):
                     yield member, number, line
+
+
+def _capped_lines(reader: io.BufferedReader) -> Iterator[bytes | None]:
+    """The reader's lines, each None when longer than ``MAX_LINE_BYTES`` (newline included); the
+    rest of such a line is read in pieces of that size and dropped."""
+    limit = MAX_LINE_BYTES
+    while line := reader.readline(limit + 1):
+        if len(line) <= limit:
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = reader.readline(limit)
+        yield None
 
 
 def parse_document(line: bytes) -> tuple[dict[str, Any], int]:
@@ -219,10 +236,13 @@ def attach_images(
 
 
 def convert_line(
-    line: bytes, key: str, folder: str, ctx: UnitContext, options: Mmc4Options
+    line: bytes | None, key: str, folder: str, ctx: UnitContext, options: Mmc4Options
 ) -> None:
-    """One jsonl line -> one written record or one counted reject."""
+    """One jsonl line (None: over ``MAX_LINE_BYTES``) -> one written record or one counted reject."""
     ctx.stats.add("documents", "in")
+    if line is None:
+        ctx.reject("documents", key, "line_too_long", f"over {MAX_LINE_BYTES} bytes")
+        return
     try:
         parsed, non_finite = parse_document(line)
         doc = InterleavedDoc.from_json(parsed)
@@ -263,7 +283,7 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str
         convert_line(line, f"{unit.name}-{count:07d}", folder, ctx, options)
 
 
-def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[int, bytes]]:
+def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[int, bytes | None]]:
     """(line number across the zip's members, line) for each non-blank line: blank lines still
     count, so a key names its source line."""
     lines, read = iter_lines(unit.source), 0
@@ -277,7 +297,7 @@ def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[int, bytes]]:
             ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
             return
         read += 1
-        if line.strip():
+        if line is None or line.strip():
             yield read, line
 
 
@@ -327,8 +347,10 @@ def _sample_image_names(units: list[Unit], limit: int) -> list[tuple[Unit, str]]
     return names
 
 
-def _image_infos(line: bytes) -> list[dict[str, Any]]:
+def _image_infos(line: bytes | None) -> list[dict[str, Any]]:
     """The sampled line's image entries; any malformed line gives none (conversion rejects it)."""
+    if line is None:
+        return []
     try:
         doc = json.loads(line)
     except (ValueError, RecursionError):

@@ -211,9 +211,10 @@ def _has_app_metadata(data: bytes) -> bool:
 
 
 def _displayed_size(image: Image.Image) -> tuple[int, int]:
-    """Full-scale size after the EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    """Full-scale size after the EXIF orientation is applied (orientations 5-8 swap the sides);
+    any format, as ``exif_transpose`` rotates PNG, WebP and TIFF too."""
     width, height = image.size
-    orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
+    orientation = image.getexif().get(0x0112, 1)
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
@@ -292,26 +293,34 @@ def dct_scale_limit(width: int, height: int, short_side: int) -> dict[str, int]:
 def _keep_or_convert(data: bytes, fmt: str, image: Image.Image, policy: ImagePolicy) -> ImageResult:
     target = _target_size(image.size, policy)
     width, height = image.size
-    if target is None and _keepable(fmt, image):
+    if target is None and _keepable(fmt, image, data):
         end = image_end(data, fmt)
         if policy.verify == "decode":
             _verify_decodes(image)  # decoding is the proof; a stream it reads whole is kept whole
             end = end or len(data)
         return _kept(data, fmt, (width, height), end)
-    reason = "resized" if target is not None else _why(fmt, image)
+    reason = "resized" if target is not None else _why(fmt, image, data)
     if target is not None and _turbo_decodable(image):
         return _resized_turbo(data, image.size, target, policy)
+    return _converted(image, target, policy, reason)
+
+
+def _converted(
+    image: Image.Image, target: tuple[int, int] | None, policy: ImagePolicy, reason: str
+) -> ImageResult:
+    """Decode (a JPEG at the DCT scale covering ``target``), apply the orientation, then resize to
+    the size the full-scale picture gives: sized from the reduced decode instead, the long side
+    of 15% of rotated JPEGs came out a pixel off (378 x 256 where 379 x 256 was due)."""
+    final = _target_size(_displayed_size(image), policy) if target is not None else None
     if target is not None and image.format == "JPEG":
         image.draft("RGB", target)
     image = ImageOps.exif_transpose(image) or image
     rgb = _to_rgb(image)
-    outcome = "converted"
-    if target is not None:
-        target = _target_size(rgb.size, policy) or rgb.size
-        if target != rgb.size:
-            rgb = resize_pixels(np.asarray(rgb), target, policy.resize_filter)
-            outcome = "resized"
-    return _encoded(outcome, rgb, policy, reason)
+    if final is None or final == rgb.size:
+        return _encoded("converted", rgb, policy, reason)
+    return _encoded(
+        "resized", resize_pixels(np.asarray(rgb), final, policy.resize_filter), policy, reason
+    )
 
 
 def _encoded(outcome: str, rgb: Image.Image, policy: ImagePolicy, reason: str) -> ImageResult:
@@ -319,13 +328,32 @@ def _encoded(outcome: str, rgb: Image.Image, policy: ImagePolicy, reason: str) -
     return ImageResult(outcome, data, "jpeg", rgb.width, rgb.height, reason=reason)
 
 
-def _keepable(fmt: str, image: Image.Image) -> bool:
+def _keepable(fmt: str, image: Image.Image, data: bytes) -> bool:
     if image.mode not in KEEPABLE.get(fmt, set()) or getattr(image, "is_animated", False):
         return False
-    if image.mode == "P" and "transparency" in image.info:
+    if (image.mode == "P" and "transparency" in image.info) or _png_16_bit(fmt, data):
         return False
-    orientation = image.getexif().get(0x0112, 1) if fmt == "jpeg" else 1
-    return orientation in (0, 1)
+    return _orientation(fmt, image, data) in (0, 1)
+
+
+def _png_16_bit(fmt: str, data: bytes) -> bool:
+    """16 bits per channel, read from IHDR: PIL opens 16-bit RGB/RGBA/LA as plain RGB/RGBA, so
+    its mode alone would keep twice the bytes that the 8-bit picture needs."""
+    return fmt == "png" and data[12:16] == b"IHDR" and data[24:25] == b"\x10"
+
+
+# Where a PNG can hold an orientation for PIL (eXIf chunk, ImageMagick's text profile, XMP); the
+# keywords are never compressed, so a PNG without any of them has none.
+_PNG_ORIENTATION_SOURCES = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+
+def _orientation(fmt: str, image: Image.Image, data: bytes) -> int:
+    """The EXIF orientation PIL's ``exif_transpose`` would apply, in any format (a PNG or WebP
+    may carry one too). A PNG is asked only when it may hold one: PIL decodes the whole image to
+    find an eXIf chunk that follows the pixels."""
+    if fmt == "png" and not any(tag in data for tag in _PNG_ORIENTATION_SOURCES):
+        return 1
+    return image.getexif().get(0x0112, 1)
 
 
 def _kept(data: bytes, fmt: str, size: tuple[int, int], end: int | None) -> ImageResult:
@@ -363,10 +391,13 @@ def _target_size(size: tuple[int, int], policy: ImagePolicy) -> tuple[int, int] 
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for every mode: alpha composited on white, 16-bit scaled down, first frame of animations."""
+    """RGB for every mode: alpha composited on white, 16-bit scaled down, first frame of animations.
+
+    16-bit samples always run 0..65535 (a dark picture must stay dark); only 32-bit ``I``, whose
+    range the file does not say, is taken as 8-bit when no value exceeds 255."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.uint32)
-        scale = 257 if arr.max(initial=0) > 255 else 1
+        scale = 257 if image.mode != "I" or arr.max(initial=0) > 255 else 1
         return Image.fromarray((arr // scale).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
@@ -378,7 +409,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _why(fmt: str, image: Image.Image) -> str:
+def _why(fmt: str, image: Image.Image, data: bytes) -> str:
     """Why bytes could not be kept as they are."""
     if getattr(image, "is_animated", False):
         return "animated"
@@ -386,4 +417,6 @@ def _why(fmt: str, image: Image.Image) -> str:
         return f"format_{fmt}"
     if image.mode not in KEEPABLE[fmt]:
         return f"mode_{image.mode.lower().replace(';', '_')}"
+    if _png_16_bit(fmt, data):
+        return "bit_depth_16"
     return "exif_or_alpha"

@@ -51,6 +51,11 @@ def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
 WRITEBACK_CHUNK = 8 * 2**20
 
 
+def _blocks(size: int) -> int:
+    """``size`` bytes rounded up to whole tar blocks."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
 class ShardWriter:
     """Writes samples ``{key}.{ext}`` into ``{prefix}-NNNNN.tar``, rolling over by count and bytes."""
 
@@ -75,10 +80,9 @@ class ShardWriter:
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample; members are written in sorted extension order for determinism."""
-        size = sum(len(v) for v in members.values())
         if self._tar is not None and (
             self._count >= self.max_samples
-            or (self._count and self._handle.tell() + size > self.max_bytes)
+            or (self._count and self._closed_size(key, members) > self.max_bytes)
         ):
             self._commit()
         if self._tar is None:
@@ -88,6 +92,18 @@ class ShardWriter:
         self._count += 1
         if self.fsync:
             self._start_writeback()
+
+    def _closed_size(self, key: str, members: dict[str, bytes]) -> int:
+        """The shard's file size if it were closed after this sample: each member's header (a GNU
+        long-name record first for names over 100 bytes) and padded data, then the two zero
+        end-of-archive blocks and tarfile's padding to a whole record."""
+        end = self._handle.tell() + 2 * tarfile.BLOCKSIZE
+        for ext, data in members.items():
+            name = len(f"{key}.{ext}".encode())
+            if name > tarfile.LENGTH_NAME:
+                end += tarfile.BLOCKSIZE + _blocks(name + 1)
+            end += tarfile.BLOCKSIZE + _blocks(len(data))
+        return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
     def close(self) -> dict[str, int]:
         """Commit the open shard; returns ``{shard basename: samples}`` for this writer."""

@@ -247,8 +247,13 @@ def list_markers(out_dir: str | Path) -> list[str]:
 
 def output_settings(run: RunOptions, **settings: Any) -> RunOptions:
     """``run`` carrying the options that decide a unit's bytes, in their JSON form (as markers hold
-    them), plus the shard size limits; paths are left out, so moved inputs still resume."""
+    them), plus the shard size limits; paths are left out, so moved inputs still resume.
+    ``rejects`` too (only when on, so markers from before it was recorded still match): a finished
+    unit keeps the rejects part it was or was not written with, so a change would leave
+    rejects.jsonl missing some units' rejects."""
     every = {**settings, "max_samples": run.max_samples, "max_bytes": run.max_bytes}
+    if run.write_rejects:
+        every["rejects"] = True
     return replace(run, settings=json.loads(json.dumps(every, default=_plain)))
 
 

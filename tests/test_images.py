@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import simplejpeg
-from PIL import Image
+from PIL import Image, ImageOps
 
 from flamingo_data.images import (
     ImagePolicy,
@@ -351,3 +351,111 @@ def test_a_cut_off_jpeg_fails_the_loaders_decode_too() -> None:
     with pytest.raises(OSError):
         decode_at_least(cut, 45)
     assert process_image(cut, ImagePolicy(short_side=45)).reason == "undecodable"
+
+
+def _quadrant_image() -> Image.Image:
+    """60 x 30, red top-left quadrant on blue: every orientation moves the red corner differently."""
+    pixels = np.zeros((30, 60, 3), np.uint8)
+    pixels[..., 2] = 200
+    pixels[:15, :30] = (255, 0, 0)
+    return Image.fromarray(pixels)
+
+
+def _displayed(data: bytes) -> np.ndarray:
+    """What a viewer that honours the orientation shows (PIL's exif_transpose)."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"), int)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_every_exif_orientation_is_applied_in_every_format(fmt: str, orientation: int) -> None:
+    """A PNG or WebP may carry an EXIF orientation too (phones, browsers apply it); it was kept
+    unrotated, so a loader that ignores EXIF (upstream open_flamingo's) saw it sideways, while the
+    same image with --short-side came out upright. Output must show what the source displays."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    options = {"quality": 95} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    data = encode(_quadrant_image(), fmt, exif=exif.tobytes(), **options)
+    result = process_image(data, POLICY)
+    stored = np.asarray(Image.open(io.BytesIO(result.data)).convert("RGB"), int)
+    expected = _displayed(data)
+    assert stored.shape == expected.shape and (result.width, result.height) == stored.shape[1::-1]
+    assert np.abs(stored - expected).mean() < 10
+    if orientation == 1 and fmt != "TIFF":
+        assert result.outcome == "kept"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_reduced_decode_reports_the_displayed_size_of_a_rotated_png_or_webp(fmt: str) -> None:
+    """The loader sizes its resize from ``full``: with the stored size of a rotated PNG/WebP it
+    stretched a 30 x 60 picture to 60 x 30's proportions."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels, full = decode_at_least(encode(_quadrant_image(), fmt, exif=exif.tobytes()), 10)
+    assert full == (30, 60) and pixels.shape[:2] == (60, 30)
+
+
+def _png_16bit(color_type: int, channels: int) -> bytes:
+    """A real 16-bit-per-channel PNG (PIL writes none): a horizontal ramp, opaque alpha."""
+    row = b"\x00" + b"".join(
+        struct.pack(f">{channels}H", *([x * 1000] * (channels - 1) + [65535])) for x in range(64)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 64, 32, 16, color_type, 0, 0, 0)
+    idat = zlib.compress(row * 32)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("color_type", "channels"), [(2, 3), (6, 4), (4, 2)], ids=["rgb", "rgba", "la"]
+)
+def test_16_bit_colour_pngs_are_converted_like_16_bit_grey(color_type: int, channels: int) -> None:
+    """PIL opens a 16-bit RGB/RGBA/LA PNG as plain RGB/RGBA, so it was kept byte for byte (twice
+    the bytes of its 8-bit self) while 16-bit grey was converted; the README promises both are."""
+    data = _png_16bit(color_type, channels)
+    result = process_image(data, POLICY)
+    assert (result.outcome, result.reason, result.fmt) == ("converted", "bit_depth_16", "jpeg")
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), int)
+    stored = np.asarray(Image.open(io.BytesIO(result.data)), int)
+    assert np.abs(stored - expected).mean() < 3
+
+
+@pytest.mark.parametrize("peak", [255, 256, 65535])
+def test_16_bit_grey_is_scaled_by_its_full_range_whatever_its_brightest_pixel(peak: int) -> None:
+    """16-bit samples run 0..65535. A picture whose brightest pixel was <= 255 was not scaled at
+    all, so a near-black one came out 257x brighter (mean 127 instead of 0), while the same
+    picture with one pixel at 256 came out black: the output jumped on a single pixel value."""
+    ramp = (np.arange(64 * 32).reshape(32, 64) * peak // (64 * 32 - 1)).astype(np.uint16)
+    result = process_image(encode(Image.fromarray(ramp), "PNG"), POLICY)
+    stored = np.asarray(Image.open(io.BytesIO(result.data)).convert("L"), float)
+    assert result.outcome == "converted"
+    assert abs(stored.mean() - (ramp / 257).mean()) < 2
+
+
+@pytest.mark.parametrize(
+    ("size", "orientation", "policy", "expected"),
+    [
+        ((1766, 1194), 3, ImagePolicy(short_side=256), (379, 256)),
+        ((1082, 1208), 3, ImagePolicy(short_side=256), (256, 286)),
+        ((629, 1610), 8, ImagePolicy(short_side=256), (655, 256)),
+        ((357, 682), 8, ImagePolicy(max_side=333), (333, 174)),
+    ],
+)
+def test_resized_rotated_jpegs_take_the_size_of_the_full_picture(
+    size: tuple[int, int], orientation: int, policy: ImagePolicy, expected: tuple[int, int]
+) -> None:
+    """EXIF-rotated JPEGs decode through PIL at a reduced DCT scale; the resize was sized from
+    that reduced image, so one side came out a pixel off the upright image's (45 of 300 cases)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.new("RGB", size, (90, 120, 30)), "JPEG", exif=exif.tobytes())
+    result = process_image(data, policy)
+    assert (result.outcome, result.width, result.height) == ("resized", *expected)
+    assert Image.open(io.BytesIO(result.data)).size == expected

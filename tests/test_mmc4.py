@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import tarfile
 import zipfile
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flamingo_data.cli import main as cli
+from flamingo_data.converters import mmc4
 from flamingo_data.converters.mmc4 import LayoutError, Mmc4Options, convert_mmc4
 from flamingo_data.images import ImagePolicy
 from flamingo_data.samples import make_image, write_mmc4_sample
@@ -474,3 +477,70 @@ def test_nan_outside_the_matrix_is_written_as_null_and_counted(tmp_path: Path) -
     assert stats["counts"]["documents"] == {"in": 2, "written": 2}
     assert stats["counts"]["values"] == {"non_finite_as_null": 2}
     assert read_records(tmp_path / "out")["shard_0-0000002"]["face_detections"] == [None, None]
+
+
+def test_an_over_long_line_is_counted_and_skipped_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line over the cap (a zip bomb's one line: 400 KB of zip held 400 MB and took 1.6 GB
+    to read) is line_too_long; the lines around it, and their keys, are unaffected."""
+    monkeypatch.setattr(mmc4, "MAX_LINE_BYTES", 4096)
+    sample = _sample_with_lines(
+        tmp_path,
+        lambda good: [b'{"url": "' + b"x" * 10_000 + b'"}', json.dumps(good).encode()],
+    )
+    stats = convert(sample, tmp_path / "out")
+    assert stats["counts"]["documents"] == {"in": 3, "written": 2, "rejected": 1}
+    assert stats["reasons"]["documents"] == {"line_too_long": 1}
+    assert list(read_records(tmp_path / "out")) == ["shard_0-0000001", "shard_0-0000003"]
+
+
+def _peak_mb_converting(sample: dict, out: Path) -> int:
+    """Peak memory (MB) of a fresh process converting ``sample`` in-process."""
+    code = (
+        "import resource; from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4; "
+        "from flamingo_data.units import RunOptions; "
+        f"convert_mmc4({sample['docs']!r}, Mmc4Options(images={sample['images']!r}), "
+        f"RunOptions(out_dir={str(out)!r}, converter='mmc4'), processes=1, progress=False); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_a_zip_bomb_line_does_not_fill_memory(tmp_path: Path) -> None:
+    """300 MB of one line in a 300 KB zip: peak memory grows by a few times the cap (64 MiB),
+    not by the line (it grew by ~1 GB before the cap)."""
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=1, seed=9)
+    baseline = _peak_mb_converting(sample, tmp_path / "plain")
+    bomb = Path(sample["docs"]).parent / "shard_0.zip"
+    good = zipfile.ZipFile(bomb).read("shard_0.jsonl")
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("a.jsonl", "w") as out:
+        out.write(good + b'{"url": "')
+        for _ in range(300):
+            out.write(b"x" * 2**20)
+        out.write(b'"}\n')
+    assert _peak_mb_converting(sample, tmp_path / "out") - baseline < 400
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["reasons"]["documents"] == {"line_too_long": 1}
+    assert stats["counts"]["documents"] == {"in": 2, "written": 1, "rejected": 1}
+
+
+@pytest.mark.parametrize(
+    "first", [[], ["--rejects"]], ids=["without-then-with", "with-then-without"]
+)
+def test_resume_refuses_a_change_of_rejects(
+    first: list[str], sample: dict, tmp_path: Path, capsys
+) -> None:
+    """Finished units keep the rejects part they were (not) written with: resuming a run started
+    without --rejects with it gave a rejects.jsonl holding 3 of the 6 rejects stats.json counted."""
+    out = tmp_path / "out"
+    base = ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+    base += ["--out", str(out), "--processes", "1"]
+    assert cli([*base, *first]) == 0
+    (out / "_done" / "shard_2.json").unlink()  # as if the run was killed before this unit finished
+    capsys.readouterr()
+    assert cli([*base, "--resume", *(["--rejects"] if not first else [])]) == 2
+    assert "other options (rejects differ)" in capsys.readouterr().err
+    assert cli([*base, "--resume", *first]) == 0

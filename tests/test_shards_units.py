@@ -162,3 +162,24 @@ def test_overwrite_clears_an_earlier_run(tmp_path: Path) -> None:
     )
     prepare_out_dir(tmp_path, resume=False, overwrite=True)
     assert list(tmp_path.glob("*.tar")) == [] and list((tmp_path / "_done").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "payload", "key"),
+    [(100_000, 3000, "u-{:04d}"), (50_000, 700, "u" * 120 + "-{:04d}"), (2048, 100, "u-{:04d}")],
+    ids=["headers", "long-names", "below-one-record"],
+)
+def test_shards_stay_within_max_bytes(
+    tmp_path: Path, max_bytes: int, payload: int, key: str
+) -> None:
+    """The cap counted payload bytes only: tar headers, the end-of-archive blocks and tarfile's
+    padding to 10 KiB made a 100 000-byte cap give 102 400-byte shards. Now only a shard of one
+    sample, which cannot be split, may exceed it."""
+    writer = ShardWriter(tmp_path, "u", max_bytes=max_bytes, fsync=False)
+    for i in range(200):
+        writer.write(key.format(i), {"json": b"x" * payload, "txt": b"y" * (i % 7)})
+    sizes = writer.close()
+    assert sum(sizes.values()) == 200
+    for name, count in sizes.items():
+        assert (tmp_path / name).stat().st_size <= max_bytes or count == 1
+    assert max(sizes.values()) > 1 or max_bytes < 10240  # still filled, not one sample each
