@@ -9,6 +9,7 @@ that placeholder and the rest are renumbered contiguously: never a hole the load
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from flamingo_data.converters.jsonchunks import jsonl_lines
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.executors import run_units
-from flamingo_data.i2doutput import ImageStore
+from flamingo_data.i2doutput import ImageStore, check_finished
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.records import GptImage, GptSequence, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
@@ -219,12 +220,16 @@ def convert_sequence(
 
 
 def _download(urls: list[str], root: Path, images: str, options: DownloadOptions) -> None:
-    """Each distinct url once; the url list is sorted, so a resumed run shards it the same way."""
+    """Each distinct url once; the url list is sorted, so a resumed run shards it the same way.
+
+    A shard img2dataset could not finish stops the run (RunIncomplete): its urls would otherwise be
+    ``not_downloaded``, and the units committed with those losses would be skipped by --resume."""
     if urls:
         pd.DataFrame({"url": urls}).to_parquet(root / "_urls.parquet")
         run_img2dataset(
             str(root / "_urls.parquet"), images, url_col="url", caption_col=None, options=options
         )
+        check_finished(Path(images), math.ceil(len(urls) / options.samples_per_shard))
 
 
 def convert_chatgpt(

@@ -19,6 +19,7 @@ import pandas as pd
 
 from flamingo_data.shardread import IMAGE_EXTS, split_key, unsafe_member_name
 from flamingo_data.stats import Stats
+from flamingo_data.units import RunIncomplete
 
 DROPPED = "dropped_by_img2dataset"  # a row in no output file: see _dropped_rows
 
@@ -46,6 +47,17 @@ def finished_shards(folder: str | Path) -> list[Path]:
     """img2dataset's finished shards: a tar whose ``_stats.json`` exists (it is written last)."""
     folder = Path(folder)
     return sorted(t for t in folder.glob("*.tar") if (folder / f"{t.stem}_stats.json").exists())
+
+
+def check_finished(staging: Path, expected: int) -> None:
+    """img2dataset only prints that a shard failed (a write error, a full disk) and returns: its
+    rows would be missing from every count. Stop instead; --resume downloads just those shards."""
+    done = {int(tar.stem) for tar in finished_shards(staging)}
+    if missing := [f"{n:05d}" for n in range(expected) if n not in done]:
+        raise RunIncomplete(
+            f"img2dataset did not finish shard(s) {', '.join(missing)} in {staging} "
+            "(its log above says why)"
+        )
 
 
 def failure_reason(message: Any, status: str) -> str:

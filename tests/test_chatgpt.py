@@ -309,3 +309,37 @@ def test_only_http_urls_are_fetched_never_local_files(setup, tmp_path: Path) -> 
     (record,) = read_records(out).values()
     assert list(record["image_map"]) == ["_!_IMAGE1_!_"] and image(record, 1) == served[1]
     assert served[3] not in out.joinpath("rejects.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_download_shard_img2dataset_could_not_finish_stops_the_run(tmp_path: Path) -> None:
+    """img2dataset only prints "shard failed": the run used to succeed with those urls counted
+    ``not_downloaded`` and their sequences dropped, and --resume then skipped the committed unit, so
+    they were lost for good. Now the run stops, and --resume downloads the shard and writes them."""
+    from flamingo_data.units import RunIncomplete
+
+    generator = serve()
+    server = next(generator)
+    sequences = []
+    for k in range(4):
+        server.add_image(f"{k}.jpg", seed=30 + k)
+        entry = {"_!_IMAGE1_!_": {"url": server.url(f"{k}.jpg")}}
+        sequences.append({"example": f"s{k} _!_IMAGE1_!_", "image_map": entry})
+    (tmp_path / "seq.json").write_text(json.dumps(sequences))
+    blocker = tmp_path / "out" / "_images" / "00001.tar"
+    blocker.mkdir(parents=True)  # img2dataset cannot open this shard for writing
+    options = ChatGptOptions(download=DownloadOptions(**{**FAST.__dict__, "samples_per_shard": 2}))
+    run = RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt", resume=True)
+    convert = lambda: convert_chatgpt(  # noqa: E731
+        str(tmp_path / "seq.json"), options, run, processes=1, progress=False
+    )
+    try:
+        with pytest.raises(RunIncomplete, match="did not finish shard.s. 00001"):
+            convert()
+        assert not list((tmp_path / "out" / "_done").iterdir())  # no unit committed its losses
+        blocker.rmdir()
+        stats = convert().to_json()
+    finally:
+        generator.close()
+    assert stats["counts"]["documents"] == {"in": 4, "written": 4}
+    assert len(read_records(tmp_path / "out")) == 4
