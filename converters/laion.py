@@ -65,9 +65,10 @@ class LaionOptions:
 
 def _output_settings(options: LaionOptions) -> dict[str, Any]:
     """What decides the shards: columns, image size and mode, pixel caps, opt-outs. Not the
-    parallelism, timeouts or retries, which may change between an interrupted run and its resume."""
+    parallelism or the fetch limits (timeouts, retries, size cap), which may change between an
+    interrupted run and its resume."""
     download = asdict(options.download)
-    for name in ("processes", "threads", "timeout", "retries"):
+    for name in ("processes", "threads", "timeout", "retries", "max_bytes"):
         download.pop(name)
     return {**asdict(options), "download": download, "link": None}
 

@@ -39,6 +39,8 @@ REASON_CODES = (
     ("remote end closed", "connection_closed"),
     ("connection reset", "connection_closed"),
     ("unknown url type", "bad_url"),
+    ("redirect to a non-http(s) url", "bad_url"),
+    ("over the download cap", "too_many_bytes"),
     ("no host given", "bad_url"),
 )
 
