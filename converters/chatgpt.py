@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from flamingo_data import remote
-from flamingo_data.converters.jsonchunks import jsonl_lines
+from flamingo_data.converters.jsonchunks import jsonl_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.executors import run_units
@@ -65,10 +65,13 @@ class ChatGptOptions:
 
 
 def read_sequences(path: str) -> list[Any]:
-    """A JSON array, or JSONL (an undecodable line becomes a SequenceError item, counted later)."""
+    """A JSON array, one pretty-printed object (one sequence, not one bad_json per line), or JSONL
+    (an undecodable line becomes a SequenceError item, counted later)."""
     text = remote.read_bytes(path).decode("utf-8-sig")  # a byte-order mark is not part of the JSON
     if text.lstrip().startswith("["):
         return json.loads(text)
+    if (whole := one_object(text)) is not None:
+        return [whole]
     items: list[Any] = []
     for line in filter(str.strip, jsonl_lines(text)):
         try:

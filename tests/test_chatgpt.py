@@ -343,3 +343,23 @@ def test_a_download_shard_img2dataset_could_not_finish_stops_the_run(tmp_path: P
         generator.close()
     assert stats["counts"]["documents"] == {"in": 4, "written": 4}
     assert len(read_records(tmp_path / "out")) == 4
+
+
+def test_a_pretty_printed_sequence_file_is_one_sequence(setup, tmp_path: Path) -> None:
+    """One sequence written with ``indent=2`` was read as JSONL: 8 lines, 8 ``bad_json`` rejects,
+    and the sequence lost. The conversation converter already read such a file as one item."""
+    root, served, _, server = setup
+    sequence = {
+        "example": "A _!_IMAGE1_!_.",
+        "image_map": {"_!_IMAGE1_!_": {"url": server.url("1.jpg")}},
+    }
+    (tmp_path / "one.json").write_text(json.dumps(sequence, indent=2))
+    stats = convert_chatgpt(
+        str(tmp_path / "one.json"),
+        ChatGptOptions(images_from=str(root / "drop" / "_images")),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    ).to_json()
+    assert stats["counts"]["documents"] == {"in": 1, "written": 1}
+    assert image(read_records(tmp_path / "out")["one-0000000"], 1) == served[1]
