@@ -45,6 +45,7 @@ from flamingo_data.units import (
 
 URL_KEYS = ("url", "raw_url", "image_url", "URL")
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
+SPACED_PLACEHOLDER = re.compile(r"([ \t]*)_!_IMAGE(\d+)_!_([ \t]*)")  # with the spaces around it
 # the loader's own tokens: text holding one would bind an image where no placeholder was
 SPECIAL_TOKENS = ("<image>", "<|endofchunk|>", "<|endoftext|>")
 
@@ -167,17 +168,19 @@ def build_record(
 
 
 def renumber(example: str, renumbered: dict[int, int]) -> str:
-    """Placeholders renumbered in one pass (no sentinel the text itself could hold); when one was
-    stripped, the doubled spaces it leaves are closed up. Text is left as is otherwise."""
+    """Placeholders renumbered in one pass (no sentinel the text itself could hold). A stripped one
+    takes the spaces around it along, leaving one space between words and none at the start or end
+    of a line; every other character of the text is left as it was."""
 
     def replace(match: re.Match[str]) -> str:
-        new = renumbered.get(int(match.group(1)))
-        return "" if new is None else f"_!_IMAGE{new}_!_"
+        new = renumbered.get(int(match.group(2)))
+        if new is not None:
+            return f"{match.group(1)}_!_IMAGE{new}_!_{match.group(3)}"
+        before, after = example[match.start() - 1 : match.start()], example[match.end() :][:1]
+        at_edge = not before.strip() or not after.strip()  # text or line edge, or spaces kept
+        return "" if at_edge or not (match.group(1) or match.group(3)) else " "
 
-    text = PLACEHOLDER.sub(replace, example)
-    if len(renumbered) == len(set(PLACEHOLDER.findall(example))):
-        return text
-    return re.sub(r"[ \t]{2,}", " ", text).strip()
+    return SPACED_PLACEHOLDER.sub(replace, example)
 
 
 def _image(store: ImageStore, url: str, policy: ImagePolicy) -> tuple[str, ImageResult | None]:

@@ -363,3 +363,24 @@ def test_a_pretty_printed_sequence_file_is_one_sequence(setup, tmp_path: Path) -
     ).to_json()
     assert stats["counts"]["documents"] == {"in": 1, "written": 1}
     assert image(read_records(tmp_path / "out")["one-0000000"], 1) == served[1]
+
+
+def test_strip_leaves_the_rest_of_the_text_as_it_was(setup, tmp_path: Path) -> None:
+    """Stripping a placeholder used to collapse every run of spaces or tabs in the whole text and
+    strip its ends (code indentation, a poem's layout lost); now only the stripped placeholder's own
+    spaces go."""
+    root, served, _, server = setup
+    text = "Code:\n    x  =  1 _!_IMAGE1_!_ then _!_IMAGE2_!_\tnext\n  _!_IMAGE3_!_  end  "
+    urls = {1: server.url("1.jpg"), 2: server.url("missing.jpg"), 3: server.url("3.jpg")}
+    image_map = {f"_!_IMAGE{k}_!_": {"url": url} for k, url in urls.items()}
+    (tmp_path / "s.json").write_text(json.dumps([{"example": text, "image_map": image_map}]))
+    convert_chatgpt(
+        str(tmp_path / "s.json"),
+        ChatGptOptions(missing="strip", images_from=str(root / "drop" / "_images")),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    )
+    record = read_records(tmp_path / "out")["s-0000000"]
+    assert record["example"] == "Code:\n    x  =  1 _!_IMAGE1_!_ then next\n  _!_IMAGE2_!_  end  "
+    assert image(record, 1) == served[1] and image(record, 2) == served[3]
