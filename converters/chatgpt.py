@@ -24,7 +24,7 @@ from flamingo_data.converters.jsonchunks import jsonl_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.executors import run_units
-from flamingo_data.i2doutput import ImageStore, check_finished
+from flamingo_data.i2doutput import ImageStore, check_finished, finished_shards
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.records import GptImage, GptSequence, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
@@ -255,6 +255,11 @@ def convert_chatgpt(
     sources = expand_specs(specs, folder_suffix=".json")
     if not sources:
         raise SpecError(f"no sequence file matches {specs!r}")
+    if options.images_from is not None and not finished_shards(options.images_from):
+        # a mistyped folder would otherwise drop every sequence as not_downloaded, and exit 0
+        raise SpecError(
+            f"no finished img2dataset shard (tar + _stats.json) in --images-from {options.images_from}"
+        )
     work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
     if (work / "_images").exists() and not (run.resume or overwrite):
         raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass --resume or --overwrite")

@@ -384,3 +384,15 @@ def test_strip_leaves_the_rest_of_the_text_as_it_was(setup, tmp_path: Path) -> N
     record = read_records(tmp_path / "out")["s-0000000"]
     assert record["example"] == "Code:\n    x  =  1 _!_IMAGE1_!_ then next\n  _!_IMAGE2_!_  end  "
     assert image(record, 1) == served[1] and image(record, 2) == served[3]
+
+
+def test_images_from_without_an_img2dataset_output_is_a_usage_error(setup, tmp_path, capsys):
+    """A mistyped --images-from used to exit 0 with every sequence rejected as not_downloaded."""
+    from flamingo_data.cli import main as cli
+
+    root, _, _, _ = setup
+    args = ["convert", "chatgpt", "--sequences", str(root / "seq-000.json"), "--no-progress"]
+    args += ["--out", str(tmp_path / "out"), "--images-from", str(tmp_path / "typo")]
+    assert cli(args) == 2
+    assert "no finished img2dataset shard" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "_done").exists()
