@@ -113,7 +113,7 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         self.deadline = deadline
 
     def https_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(_WatchedHTTPS, req, deadline=self.deadline)
+        return self.do_open(_WatchedHTTPS, req, context=self._context, deadline=self.deadline)
 
 
 class _WebOnlyRedirects(urllib.request.HTTPRedirectHandler):
