@@ -9,6 +9,7 @@ that placeholder and the rest are renumbered contiguously: never a hole the load
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ from typing import Any
 import pandas as pd
 
 from flamingo_data import remote
-from flamingo_data.converters.jsonchunks import jsonl_lines
+from flamingo_data.converters.jsonchunks import jsonl_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.executors import run_units
-from flamingo_data.i2doutput import ImageStore
+from flamingo_data.i2doutput import ImageStore, check_finished, finished_shards
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.records import GptImage, GptSequence, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
@@ -44,6 +45,7 @@ from flamingo_data.units import (
 
 URL_KEYS = ("url", "raw_url", "image_url", "URL")
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
+SPACED_PLACEHOLDER = re.compile(r"([ \t]*)_!_IMAGE(\d+)_!_([ \t]*)")  # with the spaces around it
 # the loader's own tokens: text holding one would bind an image where no placeholder was
 SPECIAL_TOKENS = ("<image>", "<|endofchunk|>", "<|endoftext|>")
 
@@ -64,10 +66,13 @@ class ChatGptOptions:
 
 
 def read_sequences(path: str) -> list[Any]:
-    """A JSON array, or JSONL (an undecodable line becomes a SequenceError item, counted later)."""
+    """A JSON array, one pretty-printed object (one sequence, not one bad_json per line), or JSONL
+    (an undecodable line becomes a SequenceError item, counted later)."""
     text = remote.read_bytes(path).decode("utf-8-sig")  # a byte-order mark is not part of the JSON
     if text.lstrip().startswith("["):
         return json.loads(text)
+    if (whole := one_object(text)) is not None:
+        return [whole]
     items: list[Any] = []
     for line in filter(str.strip, jsonl_lines(text)):
         try:
@@ -163,17 +168,19 @@ def build_record(
 
 
 def renumber(example: str, renumbered: dict[int, int]) -> str:
-    """Placeholders renumbered in one pass (no sentinel the text itself could hold); when one was
-    stripped, the doubled spaces it leaves are closed up. Text is left as is otherwise."""
+    """Placeholders renumbered in one pass (no sentinel the text itself could hold). A stripped one
+    takes the spaces around it along, leaving one space between words and none at the start or end
+    of a line; every other character of the text is left as it was."""
 
     def replace(match: re.Match[str]) -> str:
-        new = renumbered.get(int(match.group(1)))
-        return "" if new is None else f"_!_IMAGE{new}_!_"
+        new = renumbered.get(int(match.group(2)))
+        if new is not None:
+            return f"{match.group(1)}_!_IMAGE{new}_!_{match.group(3)}"
+        before, after = example[match.start() - 1 : match.start()], example[match.end() :][:1]
+        at_edge = not before.strip() or not after.strip()  # text or line edge, or spaces kept
+        return "" if at_edge or not (match.group(1) or match.group(3)) else " "
 
-    text = PLACEHOLDER.sub(replace, example)
-    if len(renumbered) == len(set(PLACEHOLDER.findall(example))):
-        return text
-    return re.sub(r"[ \t]{2,}", " ", text).strip()
+    return SPACED_PLACEHOLDER.sub(replace, example)
 
 
 def _image(store: ImageStore, url: str, policy: ImagePolicy) -> tuple[str, ImageResult | None]:
@@ -219,12 +226,16 @@ def convert_sequence(
 
 
 def _download(urls: list[str], root: Path, images: str, options: DownloadOptions) -> None:
-    """Each distinct url once; the url list is sorted, so a resumed run shards it the same way."""
+    """Each distinct url once; the url list is sorted, so a resumed run shards it the same way.
+
+    A shard img2dataset could not finish stops the run (RunIncomplete): its urls would otherwise be
+    ``not_downloaded``, and the units committed with those losses would be skipped by --resume."""
     if urls:
         pd.DataFrame({"url": urls}).to_parquet(root / "_urls.parquet")
         run_img2dataset(
             str(root / "_urls.parquet"), images, url_col="url", caption_col=None, options=options
         )
+        check_finished(Path(images), math.ceil(len(urls) / options.samples_per_shard))
 
 
 def convert_chatgpt(
@@ -244,6 +255,11 @@ def convert_chatgpt(
     sources = expand_specs(specs, folder_suffix=".json")
     if not sources:
         raise SpecError(f"no sequence file matches {specs!r}")
+    if options.images_from is not None and not finished_shards(options.images_from):
+        # a mistyped folder would otherwise drop every sequence as not_downloaded, and exit 0
+        raise SpecError(
+            f"no finished img2dataset shard (tar + _stats.json) in --images-from {options.images_from}"
+        )
     work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
     if (work / "_images").exists() and not (run.resume or overwrite):
         raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass --resume or --overwrite")

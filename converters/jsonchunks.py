@@ -38,7 +38,7 @@ def read_items(path: str) -> Iterator[tuple[int, Any, list[str] | None]]:
         for index, item in enumerate(json.loads(text)):
             yield index, *_checked(item)
         return
-    if (whole := _one_object(text)) is not None:
+    if (whole := one_object(text)) is not None:
         yield 0, *_checked(whole)
         return
     for index, line in enumerate(row for row in jsonl_lines(text) if row.strip()):
@@ -48,7 +48,7 @@ def read_items(path: str) -> Iterator[tuple[int, Any, list[str] | None]]:
             yield index, None, ["bad_json", str(exc)]
 
 
-def _one_object(text: str) -> dict[str, Any] | None:
+def one_object(text: str) -> dict[str, Any] | None:
     """A pretty-printed file holding one JSON object is that one item, not one bad_json per line.
     Only tried when the object spans lines; JSONL fails fast here (extra data after line one)."""
     body = text.strip()

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from flamingo_data import remote
 from flamingo_data.download import DownloadOptions, run_img2dataset
-from flamingo_data.i2doutput import finished_shards, row_results
+from flamingo_data.i2doutput import check_finished, finished_shards, row_results
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.paircheck import ShardResult, place_shard
 from flamingo_data.procpool import map_in_processes
@@ -36,7 +36,6 @@ from flamingo_data.stats import Stats
 from flamingo_data.units import (
     SETTINGS_FILE,
     OutputExistsError,
-    RunIncomplete,
     drop_work_dir,
     prepare_out_dir,
     record_settings,
@@ -66,9 +65,10 @@ class LaionOptions:
 
 def _output_settings(options: LaionOptions) -> dict[str, Any]:
     """What decides the shards: columns, image size and mode, pixel caps, opt-outs. Not the
-    parallelism, timeouts or retries, which may change between an interrupted run and its resume."""
+    parallelism or the fetch limits (timeouts, retries, size cap), which may change between an
+    interrupted run and its resume."""
     download = asdict(options.download)
-    for name in ("processes", "threads", "timeout", "retries"):
+    for name in ("processes", "threads", "timeout", "retries", "max_bytes"):
         download.pop(name)
     return {**asdict(options), "download": download, "link": None}
 
@@ -153,7 +153,7 @@ def convert_laion(
         if resume:
             _fetch_remote_settings(out, root)
         record_settings(root, _output_settings(options), resume)
-        _check_finished(staging, _download(parquet, root, staging, options))
+        check_finished(staging, _download(parquet, root, staging, options))
         per_shard = options.download.samples_per_shard
     elif not finished_shards(staging):
         raise SpecError(f"no finished img2dataset shard (tar + _stats.json) in {from_img2dataset}")
@@ -170,17 +170,6 @@ def convert_laion(
         upload_files(root, out, _published(root, sizes))
         drop_work_dir(out)
     return stats
-
-
-def _check_finished(staging: Path, expected: int) -> None:
-    """img2dataset only prints that a shard failed (a write error, a full disk) and returns: its
-    rows would be missing from every count. Stop instead; --resume downloads just those shards."""
-    done = {int(tar.stem) for tar in finished_shards(staging)}
-    if missing := [f"{n:05d}" for n in range(expected) if n not in done]:
-        raise RunIncomplete(
-            f"img2dataset did not finish shard(s) {', '.join(missing)} in {staging} "
-            "(its log above says why)"
-        )
 
 
 def _check_remote_out(out: str, resume: bool, overwrite: bool) -> None:

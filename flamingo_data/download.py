@@ -1,20 +1,37 @@
 """img2dataset as a library: Flamingo-ready settings, no telemetry, bounded timeouts, incremental resume.
 
 img2dataset spawns processes, so its caller needs an ``if __name__ == "__main__":`` guard (the CLI has
-one). albumentations, imported by img2dataset, calls PyPI on import unless told not to: we tell it, and
-import img2dataset only when a download really starts. Ray is never started: the ``multiprocessing``
+one). Its own fetch (``urlopen`` + ``read()``) has no size cap, a timeout per socket read only (a
+server that drips a byte a second holds a url forever) and follows redirects to ``ftp://``; its
+workers fetch with ``fetch`` instead (see ``flamingo_data.i2dfetch``). albumentations, imported by
+img2dataset, calls PyPI on import unless told not to: we tell it, and import img2dataset only when
+a download really starts. Ray is never started: the ``multiprocessing``
 distributor runs everything on this machine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import importlib
 import os
-from dataclasses import dataclass
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+from urllib.parse import urljoin
 
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 
 # Directives with which a site asks that its images not be used for AI training or indexing.
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
+# A response body over this many bytes is refused: no image a model is trained on comes near it.
+MAX_DOWNLOAD_BYTES = 64 * 2**20
+USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
 def is_web_url(url: str) -> bool:
@@ -38,6 +55,128 @@ class DownloadOptions:
     samples_per_shard: int = 10_000
     keep_original_bytes: bool = False
     respect_opt_out: bool = True
+    max_bytes: int = MAX_DOWNLOAD_BYTES  # a bigger body is refused (too_many_bytes)
+
+
+@dataclass
+class _Deadline:
+    """Shuts down every socket of one fetch when its time is up, whatever read it is blocked in."""
+
+    sockets: list[socket.socket] = field(default_factory=list)
+    expired: bool = False
+
+    def watch(self, sock: socket.socket) -> None:
+        self.sockets.append(sock)
+        if self.expired:
+            self.expire()
+
+    def expire(self) -> None:
+        self.expired = True
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):  # already closed
+                # the plain socket's shutdown, TLS too: it wakes a blocked read at once
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Watched:
+    """Connection mixin: once connected, the socket is shut down at its fetch's deadline."""
+
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        self._deadline.watch(self.sock)  # type: ignore[attr-defined]
+
+
+class _WatchedHTTP(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_WatchedHTTP, req, deadline=self.deadline)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_WatchedHTTPS, req, context=self._context, deadline=self.deadline)
+
+
+class _WebOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect to ``ftp://`` too: a crafted site could point it anywhere."""
+
+    def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001, ANN201 (urllib's hook)
+        target = urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
+        if not is_web_url(target):
+            fp.close()
+            raise urllib.error.URLError(f"refused redirect to a non-http(s) url {target[:200]}")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def fetch(
+    url: str,
+    *,
+    timeout: float,
+    max_bytes: int,
+    headers: dict[str, str],
+    check: Callable[[Any], None] = lambda response: None,
+) -> bytes:
+    """The body of ``url``, or an exception whose text says why: ``timeout`` seconds in all
+    (connect, redirects, headers, body: a slow-drip server is cut off), at most ``max_bytes``,
+    http(s) redirects only. ``check(response)`` may refuse it from its headers before the body."""
+    deadline = _Deadline()
+    timer = threading.Timer(timeout, deadline.expire)
+    timer.daemon = True
+    timer.start()
+    opener = urllib.request.build_opener(
+        _HTTPHandler(deadline), _HTTPSHandler(deadline), _WebOnlyRedirects
+    )
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+            check(response)
+            body = _read_capped(response, max_bytes)
+    except (OSError, http.client.HTTPException) as exc:
+        if deadline.expired:
+            raise TimeoutError(f"download timed out after {timeout} s") from exc
+        raise
+    finally:
+        timer.cancel()
+    if deadline.expired:  # a read cut short by the deadline can end without an error
+        raise TimeoutError(f"download timed out after {timeout} s")
+    return body
+
+
+def _read_capped(response: Any, max_bytes: int) -> bytes:
+    """The whole body, refused as soon as it is known to be over ``max_bytes``."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise TooManyBytes(f"response of {declared} bytes is over the download cap ({max_bytes})")
+    body = bytearray()
+    while chunk := response.read(1 << 16):
+        body += chunk
+        if len(body) > max_bytes:
+            raise TooManyBytes(f"response is over the download cap ({max_bytes} bytes)")
+    return bytes(body)
+
+
+class TooManyBytes(ValueError):
+    """A response body over the download cap."""
 
 
 def run_img2dataset(
@@ -55,29 +194,45 @@ def run_img2dataset(
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download
 
-    download(
-        url_list=url_list,
-        input_format=input_format,
-        url_col=url_col,
-        caption_col=caption_col,
-        save_additional_columns=extra_columns or None,
-        output_format="webdataset",
-        output_folder=output,
-        processes_count=options.processes,
-        thread_count=options.threads,
-        image_size=options.image_size,
-        resize_mode="no" if options.keep_original_bytes else options.resize_mode,
-        resize_only_if_bigger=True,
-        disable_all_reencoding=options.keep_original_bytes,
-        timeout=options.timeout,
-        retries=options.retries,
-        enable_wandb=False,
-        number_sample_per_shard=options.samples_per_shard,
-        min_image_size=options.min_size,
-        max_image_area=options.max_pixels,
-        compute_hash=None,
-        incremental_mode="incremental",
-        distributor="multiprocessing",
-        user_agent_token="img2dataset" if options.respect_opt_out else None,
-        disallowed_header_directives=OPT_OUT_DIRECTIVES if options.respect_opt_out else None,
-    )
+    with _bounded_fetch(options.max_bytes):
+        download(
+            url_list=url_list,
+            input_format=input_format,
+            url_col=url_col,
+            caption_col=caption_col,
+            save_additional_columns=extra_columns or None,
+            output_format="webdataset",
+            output_folder=output,
+            processes_count=options.processes,
+            thread_count=options.threads,
+            image_size=options.image_size,
+            resize_mode="no" if options.keep_original_bytes else options.resize_mode,
+            resize_only_if_bigger=True,
+            disable_all_reencoding=options.keep_original_bytes,
+            timeout=options.timeout,
+            retries=options.retries,
+            enable_wandb=False,
+            number_sample_per_shard=options.samples_per_shard,
+            min_image_size=options.min_size,
+            max_image_area=options.max_pixels,
+            compute_hash=None,
+            incremental_mode="incremental",
+            distributor="multiprocessing",
+            user_agent_token="img2dataset" if options.respect_opt_out else None,
+            disallowed_header_directives=OPT_OUT_DIRECTIVES if options.respect_opt_out else None,
+        )
+
+
+@contextlib.contextmanager
+def _bounded_fetch(max_bytes: int) -> Iterator[None]:
+    """img2dataset builds its downloader by the name ``Downloader`` in its ``main``: ours while
+    the download runs (its workers then fetch with ``fetch``), upstream's again afterwards."""
+    from flamingo_data.i2dfetch import BoundedDownloader
+
+    i2d_main = importlib.import_module("img2dataset.main")  # the package's ``main`` is a function
+    upstream = i2d_main.Downloader
+    i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes)
+    try:
+        yield
+    finally:
+        i2d_main.Downloader = upstream

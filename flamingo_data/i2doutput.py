@@ -19,6 +19,7 @@ import pandas as pd
 
 from flamingo_data.shardread import IMAGE_EXTS, split_key, unsafe_member_name
 from flamingo_data.stats import Stats
+from flamingo_data.units import RunIncomplete
 
 DROPPED = "dropped_by_img2dataset"  # a row in no output file: see _dropped_rows
 
@@ -38,6 +39,8 @@ REASON_CODES = (
     ("remote end closed", "connection_closed"),
     ("connection reset", "connection_closed"),
     ("unknown url type", "bad_url"),
+    ("redirect to a non-http(s) url", "bad_url"),
+    ("over the download cap", "too_many_bytes"),
     ("no host given", "bad_url"),
 )
 
@@ -46,6 +49,17 @@ def finished_shards(folder: str | Path) -> list[Path]:
     """img2dataset's finished shards: a tar whose ``_stats.json`` exists (it is written last)."""
     folder = Path(folder)
     return sorted(t for t in folder.glob("*.tar") if (folder / f"{t.stem}_stats.json").exists())
+
+
+def check_finished(staging: Path, expected: int) -> None:
+    """img2dataset only prints that a shard failed (a write error, a full disk) and returns: its
+    rows would be missing from every count. Stop instead; --resume downloads just those shards."""
+    done = {int(tar.stem) for tar in finished_shards(staging)}
+    if missing := [f"{n:05d}" for n in range(expected) if n not in done]:
+        raise RunIncomplete(
+            f"img2dataset did not finish shard(s) {', '.join(missing)} in {staging} "
+            "(its log above says why)"
+        )
 
 
 def failure_reason(message: Any, status: str) -> str:

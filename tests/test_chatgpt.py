@@ -309,3 +309,90 @@ def test_only_http_urls_are_fetched_never_local_files(setup, tmp_path: Path) -> 
     (record,) = read_records(out).values()
     assert list(record["image_map"]) == ["_!_IMAGE1_!_"] and image(record, 1) == served[1]
     assert served[3] not in out.joinpath("rejects.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_download_shard_img2dataset_could_not_finish_stops_the_run(tmp_path: Path) -> None:
+    """img2dataset only prints "shard failed": the run used to succeed with those urls counted
+    ``not_downloaded`` and their sequences dropped, and --resume then skipped the committed unit, so
+    they were lost for good. Now the run stops, and --resume downloads the shard and writes them."""
+    from flamingo_data.units import RunIncomplete
+
+    generator = serve()
+    server = next(generator)
+    sequences = []
+    for k in range(4):
+        server.add_image(f"{k}.jpg", seed=30 + k)
+        entry = {"_!_IMAGE1_!_": {"url": server.url(f"{k}.jpg")}}
+        sequences.append({"example": f"s{k} _!_IMAGE1_!_", "image_map": entry})
+    (tmp_path / "seq.json").write_text(json.dumps(sequences))
+    blocker = tmp_path / "out" / "_images" / "00001.tar"
+    blocker.mkdir(parents=True)  # img2dataset cannot open this shard for writing
+    options = ChatGptOptions(download=DownloadOptions(**{**FAST.__dict__, "samples_per_shard": 2}))
+    run = RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt", resume=True)
+    convert = lambda: convert_chatgpt(  # noqa: E731
+        str(tmp_path / "seq.json"), options, run, processes=1, progress=False
+    )
+    try:
+        with pytest.raises(RunIncomplete, match="did not finish shard.s. 00001"):
+            convert()
+        assert not list((tmp_path / "out" / "_done").iterdir())  # no unit committed its losses
+        blocker.rmdir()
+        stats = convert().to_json()
+    finally:
+        generator.close()
+    assert stats["counts"]["documents"] == {"in": 4, "written": 4}
+    assert len(read_records(tmp_path / "out")) == 4
+
+
+def test_a_pretty_printed_sequence_file_is_one_sequence(setup, tmp_path: Path) -> None:
+    """One sequence written with ``indent=2`` was read as JSONL: 8 lines, 8 ``bad_json`` rejects,
+    and the sequence lost. The conversation converter already read such a file as one item."""
+    root, served, _, server = setup
+    sequence = {
+        "example": "A _!_IMAGE1_!_.",
+        "image_map": {"_!_IMAGE1_!_": {"url": server.url("1.jpg")}},
+    }
+    (tmp_path / "one.json").write_text(json.dumps(sequence, indent=2))
+    stats = convert_chatgpt(
+        str(tmp_path / "one.json"),
+        ChatGptOptions(images_from=str(root / "drop" / "_images")),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    ).to_json()
+    assert stats["counts"]["documents"] == {"in": 1, "written": 1}
+    assert image(read_records(tmp_path / "out")["one-0000000"], 1) == served[1]
+
+
+def test_strip_leaves_the_rest_of_the_text_as_it_was(setup, tmp_path: Path) -> None:
+    """Stripping a placeholder used to collapse every run of spaces or tabs in the whole text and
+    strip its ends (code indentation, a poem's layout lost); now only the stripped placeholder's own
+    spaces go."""
+    root, served, _, server = setup
+    text = "Code:\n    x  =  1 _!_IMAGE1_!_ then _!_IMAGE2_!_\tnext\n  _!_IMAGE3_!_  end  "
+    urls = {1: server.url("1.jpg"), 2: server.url("missing.jpg"), 3: server.url("3.jpg")}
+    image_map = {f"_!_IMAGE{k}_!_": {"url": url} for k, url in urls.items()}
+    (tmp_path / "s.json").write_text(json.dumps([{"example": text, "image_map": image_map}]))
+    convert_chatgpt(
+        str(tmp_path / "s.json"),
+        ChatGptOptions(missing="strip", images_from=str(root / "drop" / "_images")),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    )
+    record = read_records(tmp_path / "out")["s-0000000"]
+    assert record["example"] == "Code:\n    x  =  1 _!_IMAGE1_!_ then next\n  _!_IMAGE2_!_  end  "
+    assert image(record, 1) == served[1] and image(record, 2) == served[3]
+
+
+def test_images_from_without_an_img2dataset_output_is_a_usage_error(setup, tmp_path, capsys):
+    """A mistyped --images-from used to exit 0 with every sequence rejected as not_downloaded."""
+    from flamingo_data.cli import main as cli
+
+    root, _, _, _ = setup
+    args = ["convert", "chatgpt", "--sequences", str(root / "seq-000.json"), "--no-progress"]
+    args += ["--out", str(tmp_path / "out"), "--images-from", str(tmp_path / "typo")]
+    assert cli(args) == 2
+    assert "no finished img2dataset shard" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "_done").exists()
