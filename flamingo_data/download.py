@@ -230,6 +230,14 @@ def _bounded_fetch(max_bytes: int) -> Iterator[None]:
     from flamingo_data.i2dfetch import BoundedDownloader
 
     i2d_main = importlib.import_module("img2dataset.main")  # the package's ``main`` is a function
+    i2d_downloader = importlib.import_module("img2dataset.downloader")
+    if not all(
+        hasattr(m, n) for m, n in ((i2d_main, "Downloader"), (i2d_downloader, "download_image"))
+    ):
+        raise RuntimeError(  # an img2dataset outside the tested range: never fetch unbounded silently
+            "this img2dataset has no img2dataset.main.Downloader / downloader.download_image to "
+            "bound its fetches; install the tested version: pip install 'img2dataset>=1.47,<1.48'"
+        )
     upstream = i2d_main.Downloader
     i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes)
     try:
