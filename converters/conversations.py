@@ -142,7 +142,9 @@ def load_image(root: str, relative: str, policy: ImagePolicy) -> ImageResult:
         path = (
             _remote_path(root, relative) if remote.is_remote(root) else _local_path(root, relative)
         )
-        data = remote.read_bytes(path)
+        data = remote.read_bytes(
+            path, policy.max_bytes + 1
+        )  # more: too_many_bytes, read no further
     except UnicodeEncodeError as exc:  # a lone surrogate (a \ud800 escape) names no file
         raise ItemError("invalid_unicode", ascii(relative)[:200]) from exc
     except OSError as exc:  # missing, a folder, a name too long...

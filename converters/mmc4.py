@@ -220,7 +220,7 @@ def attach_images(
             ctx.reject("images", f"{key}/{info.image_name}", "unsafe_image_name")
             continue
         try:
-            data = remote.read_bytes(remote.join(folder, info.image_name))
+            data = remote.read_bytes(remote.join(folder, info.image_name), policy.max_bytes + 1)
         except OSError:  # absent, a folder, a name too long for the filesystem...
             ctx.stats.add("images", "missing")
             continue

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import simplejpeg
@@ -21,6 +22,9 @@ from flamingo_data.resize import RESIZE_FILTERS, resize_pixels
 
 KEEPABLE = {"jpeg": {"RGB", "L"}, "png": {"RGB", "L", "RGBA", "LA", "P"}, "webp": {"RGB", "RGBA"}}
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; a decompression bomb is far above this
+# An image file is read no further than this: 2 bytes a pixel at the pixel cap (a losslessly
+# compressed photo fits), while a multi-GB file would have been read whole into each worker.
+DEFAULT_MAX_BYTES = 128 * 2**20
 
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -38,6 +42,7 @@ class ImagePolicy:
     """What the image stage accepts and produces. ``max_pixels`` is always on."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES  # a bigger file is too_many_bytes, read no further
     max_side: int | None = None
     short_side: int | None = None
     quality: int = 90
@@ -48,12 +53,22 @@ class ImagePolicy:
         DEFAULT_ENCODER  # JPEG encoder for re-encodes; see flamingo_data/jpeg_encoders.py
     )
 
+    def as_settings(self) -> dict[str, Any]:
+        """The JSON form unit markers record. ``max_bytes`` only when changed: runs written
+        before it existed then still resume."""
+        settings = asdict(self)
+        if self.max_bytes == DEFAULT_MAX_BYTES:
+            del settings["max_bytes"]
+        return settings
+
     def __post_init__(self) -> None:
         if self.resize_filter not in RESIZE_FILTERS:
             raise ValueError(f"resize_filter must be one of {sorted(RESIZE_FILTERS)}")
         if not 1 <= self.quality <= 100:
             raise ValueError("quality must be 1..100")
         check_encoder(self.encoder)
+        if self.max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +244,8 @@ def process_image(data: bytes | None, policy: ImagePolicy) -> ImageResult:
     """Run one image through the stage; never raises on bad bytes."""
     if not data:
         return ImageResult("rejected", reason="empty")
+    if len(data) > policy.max_bytes:
+        return ImageResult("rejected", reason="too_many_bytes")
     fmt = sniff_format(data)
     if fmt is None:
         return ImageResult("rejected", reason="not_an_image")

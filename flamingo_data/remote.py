@@ -5,8 +5,10 @@ Plain local paths take the fast path (os/open) so local conversions pay nothing 
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import stat
 from typing import IO
 
 import fsspec
@@ -47,13 +49,17 @@ def isdir(path: str) -> bool:
     return fs.isdir(inner)
 
 
-def read_bytes(path: str) -> bytes:
-    """The file's bytes; FileNotFoundError when absent, like a local read."""
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+    """The file's bytes, at most ``limit`` of them; FileNotFoundError when absent, like a local
+    read. Only regular local files are opened: opening a FIFO blocks until something writes to it
+    (a converter hung forever on one among its images)."""
     if not is_remote(path):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
         with open(path, "rb") as handle:
-            return handle.read()
+            return handle.read(-1 if limit is None else limit)
     fs, inner = _fs(path)
-    return fs.cat_file(inner)
+    return fs.cat_file(inner) if limit is None else fs.cat_file(inner, start=0, end=limit)
 
 
 def open_binary(path: str) -> IO[bytes]:

@@ -258,6 +258,8 @@ def output_settings(run: RunOptions, **settings: Any) -> RunOptions:
 
 
 def _plain(value: Any) -> Any:
+    if hasattr(value, "as_settings"):
+        return value.as_settings()
     return asdict(value) if is_dataclass(value) else str(value)
 
 

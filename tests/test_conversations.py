@@ -396,6 +396,21 @@ def test_a_lone_surrogate_in_an_image_path_is_a_reject_not_a_crash(tmp_path: Pat
     assert [(r["key"], r["reason"]) for r in rejects] == [("s-bad", "invalid_unicode")]
 
 
+def test_an_image_file_over_the_byte_cap_is_a_reject_read_no_further(tmp_path: Path) -> None:
+    """--max-image-bytes: with the cap at b.png's size, b.png is kept and a.jpg is refused."""
+    items = [
+        {"id": "big", "image": "a.jpg", "conversations": [turn(H, "<image>")]},
+        {"id": "ok", "image": "b.png", "conversations": [turn(H, "<image>")]},
+    ]
+    write_images(tmp_path / "probe")
+    cap = (tmp_path / "probe" / "b.png").stat().st_size
+    assert (tmp_path / "probe" / "a.jpg").stat().st_size > cap
+    text = json.dumps(items)
+    stats, records, rejects = convert_file(tmp_path, "s.json", text, "--max-image-bytes", str(cap))
+    assert list(records) == ["s-ok"]
+    assert [(r["key"], r["reason"]) for r in rejects] == [("s-big", "image_too_many_bytes")]
+
+
 def test_gpt_form_refuses_text_that_joins_with_a_placeholder(tmp_path: Path) -> None:
     """``b_!_IMAGE1<image>`` becomes ``b_!_IMAGE1_!_IMAGE2_!_``: placeholder 1 twice, 2 never."""
     items = [

@@ -459,3 +459,15 @@ def test_resized_rotated_jpegs_take_the_size_of_the_full_picture(
     result = process_image(data, policy)
     assert (result.outcome, result.width, result.height) == ("resized", *expected)
     assert Image.open(io.BytesIO(result.data)).size == expected
+
+
+def test_the_byte_cap_rejects_bigger_data_and_is_recorded_only_when_changed() -> None:
+    """Over ``max_bytes`` is too_many_bytes before any parse; markers of runs from before the
+    cap existed hold no ``max_bytes``, so it is left out at its default (they still resume)."""
+    data = make_image(1)
+    assert process_image(data, ImagePolicy(max_bytes=len(data) - 1)).reason == "too_many_bytes"
+    assert process_image(data, ImagePolicy(max_bytes=len(data))).outcome == "kept"
+    assert "max_bytes" not in ImagePolicy().as_settings()
+    assert ImagePolicy(max_bytes=5).as_settings()["max_bytes"] == 5
+    with pytest.raises(ValueError):
+        ImagePolicy(max_bytes=0)

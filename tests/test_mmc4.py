@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -544,3 +545,39 @@ def test_resume_refuses_a_change_of_rejects(
     assert cli([*base, "--resume", *(["--rejects"] if not first else [])]) == 2
     assert "other options (rejects differ)" in capsys.readouterr().err
     assert cli([*base, "--resume", *first]) == 0
+
+
+CLI_PEAK = (
+    "import resource, sys; from flamingo_data.cli import main; code = main(sys.argv[1:]); "
+    "print(code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+)
+
+
+def _cli_exit_and_peak_mb(sample: dict, out: Path, *extra: str) -> tuple[int, int]:
+    """(exit code, peak MB) of ``convert mmc4`` in a fresh process; a 60 s limit (a hang fails)."""
+    args = ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+    args += ["--out", str(out), "--processes", "1", "--no-progress", *extra]
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_PEAK, *args], capture_output=True, text=True, timeout=60
+    )
+    code, peak = done.stdout.split()[-2:]
+    return int(code), int(peak)
+
+
+def test_a_huge_image_file_is_refused_unread_and_a_fifo_does_not_hang(tmp_path: Path) -> None:
+    """A 1 GiB image file was read whole (+1 GB per worker) before any check, and a FIFO among
+    the images blocked the converter forever on open."""
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=6, missing_rate=0)
+    files = sorted(p for p in Path(sample["images"]).rglob("*") if p.is_file())
+    baseline = _cli_exit_and_peak_mb(sample, tmp_path / "plain", "--max-image-bytes", "1000000")
+    huge, fifo = files[0], files[1]
+    with open(huge, "r+b") as handle:  # its real JPEG bytes, then 1 GiB of zeros (sparse)
+        handle.truncate(2**30)
+    fifo.unlink()
+    os.mkfifo(fifo)
+    code, peak = _cli_exit_and_peak_mb(sample, tmp_path / "out", "--max-image-bytes", "1000000")
+    assert code == 0 and peak - baseline[1] < 200, (baseline, peak)
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "stats.json").read_text())
+    assert stats["reasons"]["images"] == {"too_many_bytes": 1}
+    assert stats["counts"]["images"]["missing"] == plain["counts"]["images"].get("missing", 0) + 1

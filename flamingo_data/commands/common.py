@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flamingo_data import remote
 from flamingo_data.executors import default_processes
-from flamingo_data.images import DEFAULT_MAX_PIXELS, RESIZE_FILTERS, ImagePolicy
+from flamingo_data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, RESIZE_FILTERS, ImagePolicy
 from flamingo_data.jpeg_encoders import DEFAULT_ENCODER, ENCODERS
 from flamingo_data.specs import SpecError
 from flamingo_data.units import OutputExistsError, RunOptions
@@ -90,6 +90,12 @@ def add_image_options(parser: argparse.ArgumentParser) -> None:
         "--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="reject larger images"
     )
     parser.add_argument(
+        "--max-image-bytes",
+        type=positive,
+        default=DEFAULT_MAX_BYTES,
+        help="reject bigger image files unread (default 128 MiB)",
+    )
+    parser.add_argument(
         "--verify-images",
         choices=("structure", "decode"),
         default="structure",
@@ -123,6 +129,7 @@ def image_policy(args: argparse.Namespace) -> ImagePolicy:
     try:
         return ImagePolicy(
             max_pixels=args.max_pixels,
+            max_bytes=args.max_image_bytes,
             max_side=args.max_side,
             short_side=args.short_side,
             quality=args.quality,
