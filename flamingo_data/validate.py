@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import orjson
 
 from flamingo_data import remote
 from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_at_least, sniff_format
+from flamingo_data.keyindex import KeyIndex
 from flamingo_data.records import decode_base64
 from flamingo_data.schema import record_kind, schema_errors
 from flamingo_data.shardread import DECODED_EXTS, IMAGE_EXTS, ReadIssue, Sample, iter_samples
@@ -107,20 +109,21 @@ def validate_shards(
     for path in missing:
         name = os.path.basename(path.rstrip("/")) or path
         report.failures.append(Failure(name, "", "missing_shard", path))
-    seen_keys: set[str] = set()
+    keys = KeyIndex()
     counts: dict[str, int | None] = {}  # by path: two folders may hold shards of the same name
     for path in paths:
         report.shards += 1
-        counts[path] = _validate_shard(path, options, report, seen_keys)
+        counts[path] = _validate_shard(path, options, report, keys)
         if counts[path] is not None:
             report.sizes[os.path.basename(path)] = counts[path]
+    _report_duplicate_keys(keys, paths, report)
     _check_sizes(counts, report, write_sizes, sizes_path)
     _check_stats(paths, report)
     return report
 
 
 def _validate_shard(
-    path: str, options: ValidateOptions, report: ValidationReport, seen: set[str]
+    path: str, options: ValidateOptions, report: ValidationReport, keys: KeyIndex
 ) -> int | None:
     """Returns the shard's sample count, or None when the shard itself is unreadable."""
     shard = os.path.basename(path)
@@ -132,17 +135,26 @@ def _validate_shard(
         report.failures.append(Failure(shard, issue.key, issue.reason, issue.detail))
 
     count, failures_before = 0, len(report.failures)
+    keys.start_shard()
     for sample in iter_samples(path, on_issue, read=DECODED_EXTS):
         count += 1
         report.samples += 1
-        if sample.key in seen:
-            report.failures.append(Failure(shard, sample.key, "duplicate_key"))
-        seen.add(sample.key)
+        keys.add(sample.key)
         for reason, detail in check_sample(sample, options, report):
             report.failures.append(Failure(shard, sample.key, reason, detail))
     if count == 0 and len(report.failures) == failures_before:  # only an end-of-archive block
         report.failures.append(Failure(shard, "", "empty_tar", "no samples"))
     return None if shard_broken else count
+
+
+def _report_duplicate_keys(keys: KeyIndex, paths: list[str], report: ValidationReport) -> None:
+    """``duplicate_key`` for each sample whose key an earlier sample had, in any shard."""
+
+    def read_keys(shard: int) -> Iterator[str]:  # names only: no member's bytes are read
+        return (s.key for s in iter_samples(paths[shard], lambda issue: None, read=frozenset()))
+
+    for shard, key in keys.duplicates(read_keys):
+        report.failures.append(Failure(os.path.basename(paths[shard]), key, "duplicate_key"))
 
 
 def check_sample(
