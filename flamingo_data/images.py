@@ -102,6 +102,7 @@ def open_capped(data: bytes, max_pixels: int) -> Image.Image:
 
     Raises ``ValueError('too_many_pixels')`` for a bomb; PIL errors for undecodable headers.
     """
+    _let_pil_open_up_to(max_pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -112,6 +113,14 @@ def open_capped(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ValueError("too_many_pixels")
     return image
+
+
+def _let_pil_open_up_to(max_pixels: int) -> None:
+    """PIL refuses images over twice its own ``MAX_IMAGE_PIXELS`` (179 M by default) whatever our
+    cap, so a ``--max-pixels`` above that had no effect. Raised to the cap asked for, never
+    lowered: PIL's check is the backstop (it also guards frames bigger than their canvas)."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def decode_rgb(

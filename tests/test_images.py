@@ -471,3 +471,15 @@ def test_the_byte_cap_rejects_bigger_data_and_is_recorded_only_when_changed() ->
     assert ImagePolicy(max_bytes=5).as_settings()["max_bytes"] == 5
     with pytest.raises(ValueError):
         ImagePolicy(max_bytes=0)
+
+
+def test_a_pixel_cap_above_pils_own_limit_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIL refuses over 2 x its MAX_IMAGE_PIXELS (179 M): --max-pixels 300 M still refused a
+    196 M-pixel PNG as too_many_pixels. PIL's limit is raised to the cap, never lowered."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    before = Image.MAX_IMAGE_PIXELS
+    big = png_bomb(14000, 14000)
+    assert process_image(big, ImagePolicy()).reason == "too_many_pixels"
+    assert before == Image.MAX_IMAGE_PIXELS
+    assert process_image(big, ImagePolicy(max_pixels=300_000_000)).reason != "too_many_pixels"
+    assert process_image(png_bomb(20000, 20000), ImagePolicy()).reason == "too_many_pixels"
