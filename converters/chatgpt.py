@@ -231,11 +231,27 @@ def _download(urls: list[str], root: Path, images: str, options: DownloadOptions
     A shard img2dataset could not finish stops the run (RunIncomplete): its urls would otherwise be
     ``not_downloaded``, and the units committed with those losses would be skipped by --resume."""
     if urls:
+        _check_same_urls(root / "_urls.parquet", images, urls)
         pd.DataFrame({"url": urls}).to_parquet(root / "_urls.parquet")
         run_img2dataset(
             str(root / "_urls.parquet"), images, url_col="url", caption_col=None, options=options
         )
         check_finished(Path(images), math.ceil(len(urls) / options.samples_per_shard))
+
+
+def _check_same_urls(previous: Path, images: str, urls: list[str]) -> None:
+    """img2dataset's incremental mode skips the shards it finished, by number: had the sequence
+    files changed since the interrupted run, the urls now sorted into those shards would never
+    be fetched, and their sequences would be dropped as not_downloaded. Refuse instead."""
+    if not previous.exists() or not finished_shards(images):
+        return
+    before = pd.read_parquet(previous)["url"].tolist()
+    if before != urls:
+        new, gone = len(set(urls) - set(before)), len(set(before) - set(urls))
+        raise OutputExistsError(
+            f"the sequence files name other image urls than the interrupted run did ({new} new, "
+            f"{gone} gone): its downloads would miss the new ones; pass --overwrite"
+        )
 
 
 def convert_chatgpt(

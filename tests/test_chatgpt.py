@@ -16,7 +16,7 @@ import pytest
 
 from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 from flamingo_data.download import DownloadOptions
-from flamingo_data.units import RunOptions
+from flamingo_data.units import OutputExistsError, RunOptions
 from flamingo_data.validate import validate_shards
 from tests.conftest import Route, serve
 
@@ -396,3 +396,34 @@ def test_images_from_without_an_img2dataset_output_is_a_usage_error(setup, tmp_p
     assert cli(args) == 2
     assert "no finished img2dataset shard" in capsys.readouterr().err
     assert not (tmp_path / "out" / "_done").exists()
+
+
+def test_resume_refuses_sequence_files_whose_urls_changed(
+    setup, tmp_path: Path, monkeypatch
+) -> None:
+    """Changed between a killed run and --resume, new urls sorted into shards img2dataset had
+    finished were never fetched: their sequences were dropped as not_downloaded, exit 0."""
+    from flamingo_data.converters import chatgpt
+
+    root, _, _, _ = setup
+    sequences = json.loads((root / "seq-000.json").read_text())
+    source, out = tmp_path / "seq.json", tmp_path / "out"
+    source.write_text(json.dumps(sequences[:2]))
+
+    def run(resume: bool) -> dict:
+        run_options = RunOptions(out_dir=str(out), converter="chatgpt", resume=resume)
+        options = ChatGptOptions(download=DownloadOptions(processes=1, threads=2, timeout=5))
+        return convert_chatgpt(str(source), options, run_options, processes=1, progress=False)
+
+    def killed_after_download(*args, **kwargs) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chatgpt, "run_units", killed_after_download)
+    with pytest.raises(KeyboardInterrupt):
+        run(resume=False)
+    monkeypatch.undo()
+    source.write_text(json.dumps(sequences[:3]))  # one more sequence: three more urls
+    with pytest.raises(OutputExistsError, match="3 new, 0 gone"):
+        run(resume=True)
+    source.write_text(json.dumps(sequences[:2]))
+    assert run(resume=True).to_json()["counts"]["documents"] == {"in": 2, "written": 2}
