@@ -37,6 +37,7 @@ from scipy.optimize import linear_sum_assignment
 
 from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
+from flamingo_data.converters.laion import LaionOptions, convert_laion
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo import run_demo
 from flamingo_data.images import ImagePolicy
@@ -44,6 +45,7 @@ from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.interleaved import plan_interleaved
 from flamingo_data.samples import write_mmc4_sample
 from flamingo_data.units import RunOptions
+from flamingo_data.validate import validate_shards
 
 THRESHOLD = 0.24  # the published recipe's --mmc4_textsim_threshold
 UPSTREAM_MIN_BYTES = 11_000  # upstream skips an image when len(bytes) // 1000 <= 10
@@ -334,4 +336,27 @@ def test_conversation_shards_read_by_open_flamingo_steps(tmp_path: Path, as_: st
         "data-end": 1,
         "data-adjacent": 2,
         "data-notag": 3,
+    }
+
+
+def test_pair_shards_read_by_open_flamingo_steps(tmp_path: Path) -> None:
+    """Adopted img2dataset pairs: JPEG and PNG samples are read with their (stripped) captions;
+    a .webp sample passes our checks but upstream's LAION path skips it (README says so)."""
+    rows = [
+        (url(1), "A pink bird.", photo_like(1, 120, 90), "jpg"),
+        (url(2), "  padded caption \n", photo_like(2, 90, 120, "PNG"), "png"),
+        (url(3), "odd: ü 🦩 \t<b>", photo_like(3, 64, 64), "jpg"),
+        (url(4), "a webp picture", photo_like(4, 64, 64, "WEBP"), "webp"),
+        (url(5), "dead link", None, "jpg"),
+    ]
+    write_img2dataset_output(tmp_path / "i2d", rows)
+    stats = convert_laion(
+        None, str(tmp_path / "out"), LaionOptions(), from_img2dataset=str(tmp_path / "i2d")
+    ).to_json()
+    assert stats["counts"]["samples"] == {"in": 4, "written": 4}
+    assert validate_shards(str(tmp_path / "out"), deep=True).ok
+    assert read_pairs_like_open_flamingo(shards_of(tmp_path / "out")) == {
+        "000000000": "A pink bird.",
+        "000000001": "padded caption",
+        "000000002": "odd: ü 🦩 \t<b>",
     }
