@@ -24,6 +24,7 @@ import io
 import json
 import re
 import tarfile
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,33 @@ def test_demo_shards_read_by_open_flamingo_steps(tmp_path: Path) -> None:
     result = run_demo(tmp_path / "demo", train=False)
     assert result.ok
     assert assert_upstream_reads_what_we_plan(Path(result.artifacts["shards"]))
+
+
+def test_an_is_gpt_key_in_a_source_document_is_refused(tmp_path: Path) -> None:
+    """Upstream tests ``"is_gpt" in info``: an MMC4 document carrying ``is_gpt: false`` (or null, 0)
+    went down its GPT path and failed on ``info["example"]``, though we wrote it and validate
+    passed it. Now it is a ``schema`` reject, and validate flags such a record."""
+    (tmp_path / "images" / "0").mkdir(parents=True)
+    (tmp_path / "images" / "0" / "a.jpg").write_bytes(photo_like(0, 200, 160))
+    doc = {
+        "text_list": ["A flamingo.", "Water."],
+        "image_info": [{"image_name": "a.jpg", "matched_text_index": 0, "matched_sim": 0.3}],
+        "similarity_matrix": [[0.3, 0.1]],
+    }
+    lines = [json.dumps({**doc, "is_gpt": value}) for value in (False, None, 0)] + [json.dumps(doc)]
+    with zipfile.ZipFile(tmp_path / "shard_0.zip", "w") as zf:
+        zf.writestr("shard_0.jsonl", "\n".join(lines) + "\n")
+    out = convert_sample(tmp_path, str(tmp_path / "images"), str(tmp_path / "shard_0.zip"))
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
+    assert stats["reasons"]["documents"] == {"schema": 3}
+    assert assert_upstream_reads_what_we_plan(out) == {"shard_0-0000004": {(0, 0)}}
+    data = json.dumps({**records(out)["shard_0-0000004"], "is_gpt": False}).encode()
+    member = tarfile.TarInfo("hand-0.json")
+    member.size = len(data)
+    with tarfile.open(tmp_path / "hand-00000.tar", "w") as tar:
+        tar.addfile(member, io.BytesIO(data))
+    assert validate_shards(str(tmp_path / "hand-00000.tar")).reasons() == {"schema": 1}
 
 
 def write_img2dataset_output(folder: Path, rows: list[tuple[str, str, bytes | None, str]]) -> None:
