@@ -160,7 +160,11 @@ def parse_document(line: bytes) -> tuple[dict[str, Any], int]:
 
 
 def _optional_fields_ok(doc: dict[str, Any], image_info: list[dict[str, Any]]) -> bool:
-    """The rest of schemas/interleaved.schema.json, checked by hand (jsonschema per record is slow)."""
+    """The rest of schemas/interleaved.schema.json, checked by hand (jsonschema per record is slow).
+    No ``is_gpt`` key, whatever its value: open_flamingo tests its presence and reads the document
+    as a GPT sequence (a KeyError on ``example``, the document lost)."""
+    if "is_gpt" in doc:
+        return False
     if not isinstance(doc.get("url", ""), str) or doc.get("could_have_url_duplicate", 0) not in (
         0,
         1,

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -26,39 +27,47 @@ def tars(out: Path) -> dict[str, bytes]:
     }
 
 
+def outputs(out: Path) -> dict[str, bytes]:
+    """Shards and every file the driver merges from the units' markers."""
+    return tars(out) | {name: (out / name).read_bytes() for name in ("stats.json", "rejects.jsonl")}
+
+
 @pytest.mark.slow
 def test_spark_local_gives_byte_identical_output_and_resumes_across_executors(
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("pyspark")
     sample = write_mmc4_sample(tmp_path / "src", n_shards=3, docs_per_shard=8, seed=4)
-    options = Mmc4Options(images=sample["images"])
+    options = Mmc4Options(images=sample["images"], drop_docs_with_missing_images=True)
     convert_mmc4(
         sample["docs"],
         options,
-        RunOptions(out_dir=str(tmp_path / "local"), converter="mmc4"),
+        RunOptions(out_dir=str(tmp_path / "local"), converter="mmc4", write_rejects=True),
         processes=1,
         progress=False,
     )
     convert_mmc4(
         sample["docs"],
         options,
-        RunOptions(out_dir=str(tmp_path / "spark"), converter="mmc4"),
+        RunOptions(out_dir=str(tmp_path / "spark"), converter="mmc4", write_rejects=True),
         executor="spark",
         master="local[2]",
         progress=False,
     )
-    assert tars(tmp_path / "spark") == tars(tmp_path / "local")
+    assert outputs(tmp_path / "spark") == outputs(tmp_path / "local")
+    assert (tmp_path / "local" / "rejects.jsonl").read_text()  # rejects were compared
     # resume across executors: drop one unit's marker, finish it locally
     (tmp_path / "spark" / "_done" / "shard_1.json").unlink()
     convert_mmc4(
         sample["docs"],
         options,
-        RunOptions(out_dir=str(tmp_path / "spark"), converter="mmc4", resume=True),
+        RunOptions(
+            out_dir=str(tmp_path / "spark"), converter="mmc4", write_rejects=True, resume=True
+        ),
         processes=1,
         progress=False,
     )
-    assert tars(tmp_path / "spark") == tars(tmp_path / "local")
+    assert outputs(tmp_path / "spark") == outputs(tmp_path / "local")
 
 
 def test_unknown_and_missing_executors_are_clear_errors(tmp_path: Path) -> None:
@@ -149,3 +158,19 @@ def test_cli_reports_a_killed_worker_in_one_line_and_resume_completes(
     assert cli.main(clean) == 0
     assert tars(tmp_path / "out") == tars(tmp_path / "clean")
     assert json.loads((tmp_path / "out" / "sizes.json").read_text())  # documents were written
+
+
+@pytest.mark.slow
+def test_a_killed_spark_worker_fails_the_run_and_resume_finishes(tmp_path: Path) -> None:
+    """Spark does not hide a lost unit: the job fails (local[N] retries no task), the killed
+    unit has no marker, and a resumed run (on any executor) redoes it."""
+    cloudpickle = pytest.importorskip("pyspark.cloudpickle")
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Spark's workers lack tests/
+    units = four_units(tmp_path)
+    options = RunOptions(out_dir=str(tmp_path), converter="t")
+    with pytest.raises(Exception, match="(?i)task .* failed"):
+        run_units(units, _killed_on_unit_1, options, executor="spark", master="local[2]")
+    assert not (tmp_path / "_done" / "u1.json").exists()
+    resumed = RunOptions(out_dir=str(tmp_path), converter="t", resume=True)
+    markers = run_units(units, _one_sample, resumed, processes=1, progress=False)
+    assert [m["unit"] for m in markers] == ["u0", "u1", "u2", "u3"]
