@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from flamingo_data.procpool import map_in_processes
-from flamingo_data.units import RunOptions, Unit, UnitFn, run_unit
+from flamingo_data.units import RunIncomplete, RunOptions, Unit, UnitFn, run_unit
 
 
 def default_processes() -> int:
@@ -76,9 +76,27 @@ def run_spark(
     try:
         rdd = spark.sparkContext.parallelize(list(units), max(1, len(units)))
         markers = rdd.map(partial(run_unit, fn=fn, options=options)).collect()
+    except Exception as exc:  # PythonException, Py4JJavaError: pages of Java, Spark logs them
+        raise RunIncomplete(f"a unit failed under Spark: {spark_failure(str(exc))}") from exc
     finally:
         spark.stop()
     return _in_unit_order(markers, units)
+
+
+def spark_failure(text: str) -> str:
+    """One line for a failed Spark job: the unit's Python error, or that its worker died. The
+    exception's text runs to pages of Java stack (Spark has logged it already); the command line
+    says what happened in one line, like the local pool."""
+    if "Python worker exited unexpectedly" in text:
+        return "a Python worker was killed (out of memory?)"
+    python_lines = [line for line in text.splitlines() if line and not line[0].isspace()]
+    errors = [line for line in python_lines if _looks_like_python_error(line)]
+    return (errors[-1] if errors else (python_lines or ["unknown error"])[0])[:300]
+
+
+def _looks_like_python_error(line: str) -> bool:
+    name, colon, _ = line.partition(":")
+    return bool(colon) and name.isidentifier() and name.endswith(("Error", "Exception", "Exit"))
 
 
 def run_ray(

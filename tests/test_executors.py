@@ -18,7 +18,7 @@ from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.executors import run_units
 from flamingo_data.procpool import WorkerDied
 from flamingo_data.samples import write_mmc4_sample
-from flamingo_data.units import RunOptions, Unit, UnitContext
+from flamingo_data.units import RunIncomplete, RunOptions, Unit, UnitContext
 
 
 def tars(out: Path) -> dict[str, bytes]:
@@ -168,9 +168,33 @@ def test_a_killed_spark_worker_fails_the_run_and_resume_finishes(tmp_path: Path)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Spark's workers lack tests/
     units = four_units(tmp_path)
     options = RunOptions(out_dir=str(tmp_path), converter="t")
-    with pytest.raises(Exception, match="(?i)task .* failed"):
+    with pytest.raises(
+        RunIncomplete, match=r"^a unit failed under Spark: a Python worker was killed"
+    ):
         run_units(units, _killed_on_unit_1, options, executor="spark", master="local[2]")
     assert not (tmp_path / "_done" / "u1.json").exists()
     resumed = RunOptions(out_dir=str(tmp_path), converter="t", resume=True)
     markers = run_units(units, _one_sample, resumed, processes=1, progress=False)
     assert [m["unit"] for m in markers] == ["u0", "u1", "u2", "u3"]
+
+
+def _disk_full_on_unit_1(unit: Unit, ctx: UnitContext) -> None:
+    ctx.write(f"{unit.name}-0", {"json": b"{}"})
+    if unit.name == "u1":
+        raise OSError(28, "No space left on device")
+
+
+@pytest.mark.slow
+def test_a_unit_error_under_spark_is_one_line_not_pages_of_java(tmp_path: Path) -> None:
+    """The unit's Python error reached the command line as Spark's exception: a traceback through
+    py4j and pages of Java stack (exit 1) where the local pool gives one line."""
+    cloudpickle = pytest.importorskip("pyspark.cloudpickle")
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    units = four_units(tmp_path)
+    options = RunOptions(out_dir=str(tmp_path), converter="t")
+    with pytest.raises(RunIncomplete) as caught:
+        run_units(units, _disk_full_on_unit_1, options, executor="spark", master="local[2]")
+    assert str(caught.value) == (
+        "a unit failed under Spark: OSError: [Errno 28] No space left on device"
+    )
+    assert not (tmp_path / "_done" / "u1.json").exists()
