@@ -230,3 +230,38 @@ def test_hugging_face_tokenizer_with_the_tiny_lm_trains_the_added_tokens() -> No
         "<image>a photo<|endofchunk|>", max_length=8, padding="max_length", return_tensors="pt"
     )["input_ids"]
     assert model(torch.randn(1, 1, 1, 3, 32, 32), ids).logits.shape == (1, 8, 50260)
+
+
+def test_left_padded_generation_with_hugging_face_gpt2_matches_each_prompt_alone() -> None:
+    """GPT-2 has learned absolute positions and numbers them 0..l-1 whatever the mask says: left
+    padding shifted every position of the shorter prompt, so a batched prompt got other logits."""
+    transformers = pytest.importorskip("transformers")
+    from flamingo_data.model.adapters import HFCausalLM
+    from flamingo_data.model.flamingo import Flamingo
+    from flamingo_data.model.tiny import TinyVisionEncoder
+
+    torch.manual_seed(0)
+    lm = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=300)
+    )
+    model = Flamingo(
+        TinyVisionEncoder(dim=32),
+        HFCausalLM(lm),
+        config=FlamingoConfig(),
+        media_token_id=301,
+        vocab_size=303,
+    ).eval()
+    prompts = [[5, 301, 7, 8, 302, 301, 9], [301, 11, 12]]
+    width = max(map(len, prompts))
+    batch = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    vision = torch.randn(2, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        padded = model(vision, batch, mask).logits[:, -1]
+    together = model.generate(vision, batch, mask, max_new_tokens=4)[:, width:]
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            alone = model(vision[row : row + 1], torch.tensor([prompt])).logits[0, -1]
+        assert torch.allclose(padded[row], alone, atol=1e-5)
+        continued = model.generate(vision[row : row + 1], torch.tensor([prompt]), max_new_tokens=4)
+        assert torch.equal(together[row], continued[0, len(prompt) :])
