@@ -265,3 +265,13 @@ def test_left_padded_generation_with_hugging_face_gpt2_matches_each_prompt_alone
         assert torch.allclose(padded[row], alone, atol=1e-5)
         continued = model.generate(vision[row : row + 1], torch.tensor([prompt]), max_new_tokens=4)
         assert torch.equal(together[row], continued[0, len(prompt) :])
+
+
+def test_generate_refuses_right_padded_prompts(tokenizer) -> None:
+    """The next token is read at the last position: a right-padded row (what the tokenizers here
+    give) was continued after its padding, silently."""
+    model = model_with_open_gates(tokenizer)
+    enc = tokenizer(["<image>a cat", "<image>a"], padding="longest")
+    vision = torch.randn(2, 1, 1, 3, 32, 32)
+    with pytest.raises(ValueError, match="left-pad"):
+        model.generate(vision, enc["input_ids"], enc["attention_mask"], max_new_tokens=2)
