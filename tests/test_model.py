@@ -275,3 +275,42 @@ def test_generate_refuses_right_padded_prompts(tokenizer) -> None:
     vision = torch.randn(2, 1, 1, 3, 32, 32)
     with pytest.raises(ValueError, match="left-pad"):
         model.generate(vision, enc["input_ids"], enc["attention_mask"], max_new_tokens=2)
+
+
+def test_hugging_face_llama_layers_are_wrapped_as_transformers_calls_them() -> None:
+    """Llama's model calls each decoder layer with hidden states positional and the rest as keywords,
+    and takes a tensor back (GPT-2 passes more positionally): zero gates give exactly the bare LM,
+    open gates let a token see its image and nothing before the first one."""
+    transformers = pytest.importorskip("transformers")
+    from flamingo_data.model.adapters import HFCausalLM
+    from flamingo_data.model.flamingo import Flamingo
+    from flamingo_data.model.tiny import TinyVisionEncoder
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    lm = transformers.LlamaForCausalLM(config).eval()
+    model = Flamingo(
+        TinyVisionEncoder(dim=32),
+        HFCausalLM(lm),
+        config=FlamingoConfig(),
+        media_token_id=301,
+        vocab_size=303,
+    ).eval()
+    ids = torch.tensor([[5, 6, 301, 7, 8, 302, 301, 9]])
+    vision = torch.randn(1, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        bare = lm(inputs_embeds=model.tokens(ids)).logits
+        assert torch.equal(model(vision, ids).logits[..., :300], bare)
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(1.0)
+        base, other = model(vision, ids).logits[0], model(torch.randn_like(vision), ids).logits[0]
+    assert torch.allclose(base[:2], other[:2], atol=1e-6)
+    assert not torch.allclose(base[2:], other[2:], atol=1e-4)
