@@ -161,6 +161,11 @@ def check(config: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative")
     if config.stop_after is not None and config.stop_after < 1:
         raise ValueError("--stop-after must be at least 1")
+    if config.lm.startswith("hf:") and config.tokenizer is None:
+        raise ValueError(
+            f"--lm {config.lm} needs --tokenizer (that LM's own): the built-in tokenizer's byte ids"
+            " are other tokens to it"
+        )
     names = [d.name for d in config.datasets]
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"dataset name given twice: {', '.join(duplicates)}")

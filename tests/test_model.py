@@ -230,3 +230,87 @@ def test_hugging_face_tokenizer_with_the_tiny_lm_trains_the_added_tokens() -> No
         "<image>a photo<|endofchunk|>", max_length=8, padding="max_length", return_tensors="pt"
     )["input_ids"]
     assert model(torch.randn(1, 1, 1, 3, 32, 32), ids).logits.shape == (1, 8, 50260)
+
+
+def test_left_padded_generation_with_hugging_face_gpt2_matches_each_prompt_alone() -> None:
+    """GPT-2 has learned absolute positions and numbers them 0..l-1 whatever the mask says: left
+    padding shifted every position of the shorter prompt, so a batched prompt got other logits."""
+    transformers = pytest.importorskip("transformers")
+    from flamingo_data.model.adapters import HFCausalLM
+    from flamingo_data.model.flamingo import Flamingo
+    from flamingo_data.model.tiny import TinyVisionEncoder
+
+    torch.manual_seed(0)
+    lm = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=300)
+    )
+    model = Flamingo(
+        TinyVisionEncoder(dim=32),
+        HFCausalLM(lm),
+        config=FlamingoConfig(),
+        media_token_id=301,
+        vocab_size=303,
+    ).eval()
+    prompts = [[5, 301, 7, 8, 302, 301, 9], [301, 11, 12]]
+    width = max(map(len, prompts))
+    batch = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    vision = torch.randn(2, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        padded = model(vision, batch, mask).logits[:, -1]
+    together = model.generate(vision, batch, mask, max_new_tokens=4)[:, width:]
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            alone = model(vision[row : row + 1], torch.tensor([prompt])).logits[0, -1]
+        assert torch.allclose(padded[row], alone, atol=1e-5)
+        continued = model.generate(vision[row : row + 1], torch.tensor([prompt]), max_new_tokens=4)
+        assert torch.equal(together[row], continued[0, len(prompt) :])
+
+
+def test_generate_refuses_right_padded_prompts(tokenizer) -> None:
+    """The next token is read at the last position: a right-padded row (what the tokenizers here
+    give) was continued after its padding, silently."""
+    model = model_with_open_gates(tokenizer)
+    enc = tokenizer(["<image>a cat", "<image>a"], padding="longest")
+    vision = torch.randn(2, 1, 1, 3, 32, 32)
+    with pytest.raises(ValueError, match="left-pad"):
+        model.generate(vision, enc["input_ids"], enc["attention_mask"], max_new_tokens=2)
+
+
+def test_hugging_face_llama_layers_are_wrapped_as_transformers_calls_them() -> None:
+    """Llama's model calls each decoder layer with hidden states positional and the rest as keywords,
+    and takes a tensor back (GPT-2 passes more positionally): zero gates give exactly the bare LM,
+    open gates let a token see its image and nothing before the first one."""
+    transformers = pytest.importorskip("transformers")
+    from flamingo_data.model.adapters import HFCausalLM
+    from flamingo_data.model.flamingo import Flamingo
+    from flamingo_data.model.tiny import TinyVisionEncoder
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    lm = transformers.LlamaForCausalLM(config).eval()
+    model = Flamingo(
+        TinyVisionEncoder(dim=32),
+        HFCausalLM(lm),
+        config=FlamingoConfig(),
+        media_token_id=301,
+        vocab_size=303,
+    ).eval()
+    ids = torch.tensor([[5, 6, 301, 7, 8, 302, 301, 9]])
+    vision = torch.randn(1, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        bare = lm(inputs_embeds=model.tokens(ids)).logits
+        assert torch.equal(model(vision, ids).logits[..., :300], bare)
+        for name, param in model.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(1.0)
+        base, other = model(vision, ids).logits[0], model(torch.randn_like(vision), ids).logits[0]
+    assert torch.allclose(base[:2], other[:2], atol=1e-6)
+    assert not torch.allclose(base[2:], other[2:], atol=1e-4)

@@ -125,11 +125,13 @@ def test_parse_args_builds_datasets_and_weights() -> None:
         (["--dataset", "mmc4=interleaved:b/"], "dataset name given twice: mmc4"),
         (["--dataset", "x=interleavd:b/"], "KIND must be one of"),
         (["--dataset", "x=b/"], "--dataset wants NAME=KIND:SPEC"),
+        (["--lm", "hf:gpt2"], "--lm hf:gpt2 needs --tokenizer"),
     ],
 )
 def test_bad_options_are_usage_errors(extra: list[str], message: str, capsys) -> None:
     """Each of these crashed after a whole training step (modulo by zero, IndexError), trained
-    nothing with exit 0 (--grad-accum 0), or was silently ignored (a misspelt loss-weight name)."""
+    nothing with exit 0 (--grad-accum 0), was silently ignored (a misspelt loss-weight name), or
+    trained a Hugging Face LM on the built-in tokenizer's byte ids, which are other tokens to it."""
     with pytest.raises(SystemExit) as exc:
         parse_args(["--mmc4-shards", "a/", "--run-dir", "r", *extra])
     assert exc.value.code == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -50,16 +52,23 @@ class HFCausalLM(nn.Module):
                 break
         else:
             raise ValueError(f"cannot find the decoder layers of {type(source).__name__}")
+        self.takes_positions = "position_ids" in inspect.signature(source.forward).parameters
 
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
     def run(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Positions count only unmasked tokens, so a left-padded prompt reads as the prompt alone:
+        HF models number positions 0..l-1 when given none, which moves GPT-2's absolute ones."""
+        extra = {}
+        if attention_mask is not None and self.takes_positions:
+            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             output_hidden_states=True,
             use_cache=False,
+            **extra,
         )
         return out.logits, out.hidden_states[-1]
 

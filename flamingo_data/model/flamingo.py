@@ -203,6 +203,11 @@ class Flamingo(nn.Module):
         """
         ids = lang_x
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
+        if not bool(mask[:, -1].all()):
+            raise ValueError(
+                "generate needs left-padded prompts (mask 0 before each prompt, never after it):"
+                " a right-padded row would be continued after its padding"
+            )
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             logits = self(vision_x, ids, mask).logits[:, -1].float()
