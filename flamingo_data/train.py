@@ -63,6 +63,7 @@ def build_model(config: TrainConfig, tokenizer, device: torch.device):
     )
     model = build_flamingo(model_config, tokenizer).to(device)
     check_sequence_length(config.max_tokens, model.lm)
+    check_image_size(config.image_size, model.vision)
     if config.fsdp:
         shard_model(model, config.precision)
     elif dist.get_world_size() > 1:
@@ -77,6 +78,17 @@ def check_sequence_length(max_tokens: int, lm: torch.nn.Module) -> None:
     if limit is not None and max_tokens > limit:
         raise ValueError(
             f"--max-tokens {max_tokens} is more than the language model's {limit} positions"
+        )
+
+
+def check_image_size(image_size: int, vision: torch.nn.Module) -> None:
+    """Refuse at start an --image-size the vision encoder was not built for (a 224 px CLIP with the
+    default 32): it would fail at the first batch, after the data pipeline had started."""
+    expected = getattr(vision, "image_size", None)
+    if expected is not None and image_size != expected:
+        raise ValueError(
+            f"--image-size {image_size} does not fit the vision encoder, which takes {expected} px"
+            f" images: pass --image-size {expected}"
         )
 
 

@@ -220,6 +220,31 @@ def test_a_max_tokens_beyond_the_lm_positions_is_refused_before_training(
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_an_image_size_the_vision_encoder_does_not_take_is_refused_before_training(
+    shards: Path, tmp_path: Path
+) -> None:
+    """A Hugging Face CLIP built for 64 px images with the default --image-size 32 used to fail at
+    the first batch, after the loaders had started."""
+    transformers = pytest.importorskip("transformers")
+    from flamingo_data.train import main
+
+    clip = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=16,
+    )
+    transformers.CLIPVisionModel(clip).save_pretrained(tmp_path / "clip")
+    run_dir = tmp_path / "run"
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(run_dir), "--steps", "1"]
+    args += ["--vision", f"hf:{tmp_path / 'clip'}"]
+    with pytest.raises(ValueError, match="--image-size 32 does not fit .* pass --image-size 64"):
+        main(args)
+    assert main([*args, "--image-size", "64"])["steps"] == 1
+
+
 def test_resume_with_a_dangling_latest_pointer_is_an_error_not_a_fresh_start(
     tmp_path: Path,
 ) -> None:

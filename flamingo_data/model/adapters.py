@@ -84,6 +84,7 @@ class HFVisionEncoder(nn.Module):
             source = CLIPVisionModel.from_pretrained(source, local_files_only=True)
         self.model = source
         self.dim = source.config.hidden_size
+        self.image_size = source.config.image_size  # its position embeddings fit this size only
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=images).last_hidden_state
@@ -100,6 +101,8 @@ class OpenClipVisionEncoder(nn.Module):
         self.visual = model.visual
         self.visual.output_tokens = True
         self.dim = self.visual.transformer.width
+        size = getattr(self.visual, "image_size", None)  # open_clip's ViTs keep (h, w)
+        self.image_size = size[0] if isinstance(size, tuple | list) else size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)[1]

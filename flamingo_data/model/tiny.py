@@ -35,7 +35,7 @@ class TinyVisionEncoder(nn.Module):
         self, *, dim: int = 64, depth: int = 2, heads: int = 4, patch: int = 8, image_size: int = 32
     ) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.image_size = dim, image_size
         self.patchify = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
         self.pos = nn.Parameter(torch.randn((image_size // patch) ** 2, dim) * 0.02)
         self.blocks = nn.ModuleList(Block(dim, heads, causal=False) for _ in range(depth))
