@@ -280,6 +280,7 @@ def fixed_batch_loss(model, config: TrainConfig, tokenizer, device, rank: int, w
     return mean_across_ranks({"loss": loss.item()}, device)["loss"]
 
 
+CROSS_ATTN_PLACEMENT = "before blocks n-1, 2n-1, ... (open_flamingo's)"
 RESUME_SETTINGS = ("vision", "lm", "tokenizer", "image_size", "cross_attn_every_n_layers", "seed")
 
 
@@ -288,6 +289,8 @@ def run_settings(config: TrainConfig) -> dict[str, Any]:
     seed, not the checkpoint), the tokenizer, and the data streams the loader positions refer to."""
     settings: dict[str, Any] = {name: getattr(config, name) for name in RESUME_SETTINGS}
     settings["datasets"] = sorted(ds.name for ds in config.datasets)
+    if config.cross_attn_every_n_layers > 1:  # checkpoints from before it moved hold other blocks
+        settings["cross_attn_placement"] = CROSS_ATTN_PLACEMENT
     return settings
 
 

@@ -314,3 +314,14 @@ def test_hugging_face_llama_layers_are_wrapped_as_transformers_calls_them() -> N
         base, other = model(vision, ids).logits[0], model(torch.randn_like(vision), ids).logits[0]
     assert torch.allclose(base[:2], other[:2], atol=1e-6)
     assert not torch.allclose(base[2:], other[2:], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("every", "with_xattn"), [(1, [0, 1, 2, 3, 4, 5]), (2, [1, 3, 5]), (3, [2, 5])]
+)
+def test_cross_attention_sits_where_open_flamingo_puts_it(tokenizer, every, with_xattn) -> None:
+    """Before LM blocks n-1, 2n-1, ...: with every 2 of 6 blocks, blocks 1, 3, 5 (block 0 had one
+    and block 5 none, so --cross-attn-every-n-layers 4 was not OpenFlamingo-9B's architecture)."""
+    model = build_flamingo(FlamingoConfig(lm_depth=6, cross_attn_every_n_layers=every), tokenizer)
+    placed = [i for i, layer in enumerate(model.flamingo_layers) if layer.xattn is not None]
+    assert placed == with_xattn

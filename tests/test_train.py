@@ -208,6 +208,25 @@ def test_resume_refuses_a_checkpoint_of_another_model(shards: Path, tmp_path: Pa
     assert train("--steps", "2", "--resume")["start_step"] == 1
 
 
+def test_a_checkpoint_from_before_cross_attention_moved_is_refused_when_it_differs(
+    tmp_path: Path,
+) -> None:
+    """Cross-attention moved to open_flamingo's blocks (n-1, 2n-1, ...): an older checkpoint with
+    n > 1 holds other blocks and is refused by name; with n = 1 nothing moved and it resumes."""
+    from flamingo_data.train import refuse_other_settings, run_settings
+
+    args = ["--mmc4-shards", "s/", "--run-dir", str(tmp_path)]
+    for every, refused in ((1, False), (2, True)):
+        config = parse_args([*args, "--cross-attn-every-n-layers", str(every)])
+        older = {k: v for k, v in run_settings(config).items() if k != "cross_attn_placement"}
+        if refused:
+            with pytest.raises(ValueError, match="cross_attn_placement: None then"):
+                refuse_other_settings(tmp_path, older, config)
+        else:
+            refuse_other_settings(tmp_path, older, config)
+        refuse_other_settings(tmp_path, run_settings(config), config)
+
+
 def test_a_max_tokens_beyond_the_lm_positions_is_refused_before_training(
     shards: Path, tmp_path: Path
 ) -> None:

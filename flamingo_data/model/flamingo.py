@@ -133,10 +133,12 @@ class Flamingo(nn.Module):
         self.set_gradient_checkpointing(config.gradient_checkpointing)
 
     def _wrap_layers(self, lm: nn.Module) -> list[FlamingoLayer]:
+        """Cross-attention before LM blocks n-1, 2n-1, ... (open_flamingo's placement: with n = 4,
+        OpenFlamingo-9B's, the last block gets one, the first does not)."""
         wrapped = []
         for i, layer in enumerate(lm.layers):
             xattn = None
-            if i % self.config.cross_attn_every_n_layers == 0:
+            if (i + 1) % self.config.cross_attn_every_n_layers == 0:
                 xattn = GatedCrossAttentionBlock(
                     dim=self.lm.dim,
                     dim_visual=self.vision.dim,
