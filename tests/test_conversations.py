@@ -396,6 +396,21 @@ def test_a_lone_surrogate_in_an_image_path_is_a_reject_not_a_crash(tmp_path: Pat
     assert [(r["key"], r["reason"]) for r in rejects] == [("s-bad", "invalid_unicode")]
 
 
+def test_windows_backslash_paths_read_the_same_file_as_on_remote_storage(tmp_path: Path) -> None:
+    """``sub\\d.jpg`` (a JSON written on Windows) was missing_image in a local folder, though the
+    same path was read as ``sub/d.jpg`` from remote storage; ``..\\`` still may not climb out."""
+    (tmp_path / "outside.jpg").write_bytes(make_image(9))
+    items = [
+        {"id": "win", "image": "sub\\d.jpg", "conversations": [turn(H, "<image> hi")]},
+        {"id": "up", "image": "..\\outside.jpg", "conversations": [turn(H, "<image> hi")]},
+    ]
+    _, records, rejects = convert_file(tmp_path, "w.json", json.dumps(items))
+    image = records["w-win"]["image_info"][0]
+    assert base64.b64decode(image["image_base64"]) == (tmp_path / "images/sub/d.jpg").read_bytes()
+    assert image["image_name"] == "sub\\d.jpg"  # as the input named it
+    assert [(r["key"], r["reason"]) for r in rejects] == [("w-up", "unsafe_image_path")]
+
+
 def test_an_image_file_over_the_byte_cap_is_a_reject_read_no_further(tmp_path: Path) -> None:
     """--max-image-bytes: with the cap at b.png's size, b.png is kept and a.jpg is refused."""
     items = [
