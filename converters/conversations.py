@@ -284,11 +284,17 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: ConversationOptions) -> 
 
 
 def conversation_sources(specs: str | list[str]) -> list[str]:
-    """Files named by specs (globs, brace patterns, folders of .json and .jsonl files), sorted, each once."""
-    found = expand_specs(specs, folder_suffix=".json") + expand_specs(specs, folder_suffix=".jsonl")
+    """Files named by specs (globs, brace patterns, folders of .json and .jsonl files), sorted, each once.
+    A spec that names no file beside others that do is an error too: a mistyped split is not skipped."""
+    no_json: list[str] = []
+    no_jsonl: list[str] = []
+    found = expand_specs(specs, folder_suffix=".json", unmatched=no_json)
+    found += expand_specs(specs, folder_suffix=".jsonl", unmatched=no_jsonl)
     sources = sorted({path for path in found if remote.isfile(path)})
     if not sources:
         raise SpecError(f"no conversation file matches {specs!r}")
+    if nothing := [spec for spec in no_json if spec in no_jsonl]:
+        raise SpecError(f"{nothing[0]} names no conversation file (.json or .jsonl)")
     return sources
 
 

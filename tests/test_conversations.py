@@ -478,6 +478,23 @@ def test_counts_and_sizes_below_one_are_exit_2(command: list[str], tmp_path: Pat
     assert "must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("named", ["val.json", "val*.json", "empty-folder"])
+def test_a_named_input_that_names_no_file_is_exit_2(
+    named: str, data: Path, tmp_path: Path, capsys
+) -> None:
+    """``--json train.json val.json`` with val.json mistyped converted train.json alone and
+    exited 0: a split was lost without a word (a glob or empty folder beside others, the same)."""
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder/only.json").write_text(json.dumps(ITEMS[:1]))  # a folder of .json only
+    specs = [str(data / "data.json"), str(tmp_path / "folder"), str(tmp_path / named)]
+    args = ["--json", *specs, "--images", str(data / "images"), "--out", str(tmp_path / "out")]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / named) in err[0]
+    assert not list((tmp_path / "out").glob("*"))
+
+
 def test_a_pretty_printed_single_object_is_one_item(data: Path, tmp_path: Path) -> None:
     """Not one bad_json per line of it: the object converts (or is one counted reject)."""
     one = {"id": "solo", "image": "a.jpg", "conversations": [turn("human", "<image> hi")]}
