@@ -158,7 +158,10 @@ def load_image(root: str, relative: str, policy: ImagePolicy) -> ImageResult:
 def _local_path(root: str, relative: str) -> str:
     """The file under ``root``, symlinks resolved, or an unsafe_image_path error; a backslash
     separates folders, as in ``_remote_path`` (a JSON written on Windows)."""
-    path = (Path(root) / relative.replace("\\", "/")).resolve()
+    try:
+        path = (Path(root) / relative.replace("\\", "/")).resolve()
+    except RuntimeError as exc:  # a symlink loop (Python 3.11, 3.12): no file to read
+        raise ItemError("missing_image", relative[:200]) from exc
     if not path.is_relative_to(Path(root).resolve()):
         raise ItemError("unsafe_image_path", relative[:200])
     return str(path)

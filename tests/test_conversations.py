@@ -411,6 +411,19 @@ def test_windows_backslash_paths_read_the_same_file_as_on_remote_storage(tmp_pat
     assert [(r["key"], r["reason"]) for r in rejects] == [("w-up", "unsafe_image_path")]
 
 
+def test_a_symlink_loop_among_the_images_is_one_reject_not_a_failed_run(tmp_path: Path) -> None:
+    """pathlib raises RuntimeError on a symlink loop: the whole run stopped, exit 2."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images/loop.jpg").symlink_to("loop.jpg")  # convert_file adds the real images
+    items = [
+        {"id": "loop", "image": "loop.jpg", "conversations": [turn(H, "<image> hi")]},
+        {"id": "ok", "image": "a.jpg", "conversations": [turn(H, "<image> hi")]},
+    ]
+    _, records, rejects = convert_file(tmp_path, "l.json", json.dumps(items))
+    assert list(records) == ["l-ok"]
+    assert [(r["key"], r["reason"]) for r in rejects] == [("l-loop", "missing_image")]
+
+
 def test_an_image_file_over_the_byte_cap_is_a_reject_read_no_further(tmp_path: Path) -> None:
     """--max-image-bytes: with the cap at b.png's size, b.png is kept and a.jpg is refused."""
     items = [
