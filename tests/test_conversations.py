@@ -232,6 +232,63 @@ def test_interleaved_examples_read_by_the_loader(interleaved) -> None:
         ]
 
 
+@pytest.mark.parametrize("as_", ["interleaved", "gpt"])
+def test_loader_batches_have_the_turns_in_order_and_each_image_at_its_tag(
+    as_: str, tmp_path: Path
+) -> None:
+    """Read back through the loader: the k-th ``<image>`` token of a sample is the k-th image
+    (solid colours tell them apart), and the turns keep their order around the images."""
+    import torch
+
+    from flamingo_data.loader import DatasetSpec, build_loader, make_tokenizer
+    from tests.loader_data import solid_jpeg
+
+    colours = {"r.jpg": 0, "g.jpg": 1, "b.jpg": 2}
+    (tmp_path / "images").mkdir()
+    for name, channel in colours.items():
+        rgb = tuple(250 if c == channel else 0 for c in range(3))
+        (tmp_path / "images" / name).write_bytes(solid_jpeg(rgb, (64, 48)))
+    items = [
+        {
+            "id": "three",
+            "image": ["b.jpg", "r.jpg", "g.jpg"],
+            "conversations": [
+                turn(H, "first <image> then <image>"),
+                turn(G, "ok"),
+                turn(H, "and <image>\nlast"),
+                turn(G, "done"),
+            ],
+        },
+        {
+            "id": "notag",
+            "image": ["g.jpg", "b.jpg"],
+            "conversations": [turn(H, "Both?"), turn(G, "y")],
+        },
+    ]
+    (tmp_path / "c.json").write_text(json.dumps(items))
+    args = ["--json", str(tmp_path / "c.json"), "--images", str(tmp_path / "images")]
+    assert run_cli(*args, "--out", str(tmp_path / "out"), "--as", as_) == 0
+    tokenizer = make_tokenizer(None)
+    config = LoaderConfig(batch_size=2, image_size=32, shuffle_shards=False, flip_prob=0.0)
+    [batch] = list(build_loader([DatasetSpec("c", str(tmp_path / "out"))], tokenizer, config))
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    seen = {}
+    for i, key in enumerate(batch["keys"]):
+        ids = batch["lang_x"][i][batch["attention_mask"][i].bool()]
+        text = tokenizer.decode(ids).replace("<|endofchunk|>", "")
+        text = re.sub(r"\s*<image>\s*", "<image>", " ".join(text.split()))  # gpt keeps newlines
+        pixels = batch["vision_x"][i, : int((ids == image_id).sum()), 0]
+        seen[key] = (text, [int(torch.argmax(p.reshape(3, -1).mean(dim=1))) for p in pixels])
+    assert seen == {
+        "c-three": (
+            "User: first<image>then<image>Assistant: ok User: and<image>last Assistant: done"
+            "<|endoftext|>",
+            [2, 0, 1],
+        ),
+        "c-notag": ("<image><image>User: Both? Assistant: y<|endoftext|>", [1, 2]),
+    }
+
+
 def test_real_image_bytes_are_embedded(data: Path, interleaved, gpt) -> None:
     for record in interleaved[1].values():
         for info in record["image_info"]:
