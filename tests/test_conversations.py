@@ -9,8 +9,14 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
+import random
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -580,3 +586,61 @@ def test_a_pretty_printed_single_object_is_one_item(data: Path, tmp_path: Path) 
     assert stats["counts"]["documents"] == {"in": 2, "written": 1, "rejected": 1}
     assert stats["reasons"]["documents"] == {"no_images": 1}  # the wrapper is one item
     assert list(read_records(tmp_path / "out")) == ["one-solo"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_shards(
+    tmp_path: Path,
+) -> None:
+    """A real process group killed mid-chunking or mid-unit, five times, then --resume: the same
+    shards, sizes, rejects and counts as one uninterrupted run (chunks are cut again each time)."""
+    rng = random.Random(5)
+    names = [f"sub/{i}.jpg" for i in range(12)]
+    (tmp_path / "images/sub").mkdir(parents=True)
+    for seed, name in enumerate(names):
+        (tmp_path / "images" / name).write_bytes(make_image(seed, 320, 240))
+    items = []
+    for i in range(300):
+        chosen = rng.sample(names, rng.randint(0, 3)) + (["gone.jpg"] if i % 17 == 0 else [])
+        tags = "<image>\n" * len(chosen)
+        items.append(
+            {
+                "id": f"q{i}",
+                "image": chosen,
+                "conversations": [turn(H, f"{tags}Q{i}"), turn(G, "A")],
+            }
+        )
+    (tmp_path / "llava.json").write_text(json.dumps(items))
+
+    def command(out: str) -> list[str]:
+        return [
+            *(sys.executable, "-m", "flamingo_data", "convert", "conversations", "--no-progress"),
+            *("--json", str(tmp_path / "llava.json"), "--images", str(tmp_path / "images")),
+            *("--out", str(tmp_path / out), "--chunk-size", "20", "--processes", "2"),
+            *("--max-samples-per-shard", "7", "--rejects"),
+        ]
+
+    subprocess.run(command("whole"), check=True, capture_output=True)
+    for attempt in range(5):
+        proc = subprocess.Popen(
+            command("killed") + (["--resume"] if attempt else []),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(rng.uniform(0.5, 3.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subprocess.run(command("killed") + ["--resume"], check=True, capture_output=True)
+
+    def result(out: str) -> tuple:
+        folder = tmp_path / out
+        stats = json.loads((folder / "stats.json").read_text())
+        sidecars = [(folder / n).read_bytes() for n in ("sizes.json", "rejects.jsonl")]
+        tars = {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+        return tars, sidecars, stats["counts"], stats["reasons"]
+
+    assert result("killed") == result("whole")
+    assert result("whole")[2]["documents"]["in"] == 300
+    assert not (tmp_path / "killed/_chunks").exists()
+    assert validate_shards(str(tmp_path / "killed")).ok
