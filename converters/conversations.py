@@ -156,8 +156,12 @@ def load_image(root: str, relative: str, policy: ImagePolicy) -> ImageResult:
 
 
 def _local_path(root: str, relative: str) -> str:
-    """The file under ``root``, symlinks resolved, or an unsafe_image_path error."""
-    path = (Path(root) / relative).resolve()
+    """The file under ``root``, symlinks resolved, or an unsafe_image_path error; a backslash
+    separates folders, as in ``_remote_path`` (a JSON written on Windows)."""
+    try:
+        path = (Path(root) / relative.replace("\\", "/")).resolve()
+    except RuntimeError as exc:  # a symlink loop (Python 3.11, 3.12): no file to read
+        raise ItemError("missing_image", relative[:200]) from exc
     if not path.is_relative_to(Path(root).resolve()):
         raise ItemError("unsafe_image_path", relative[:200])
     return str(path)
@@ -283,11 +287,17 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: ConversationOptions) -> 
 
 
 def conversation_sources(specs: str | list[str]) -> list[str]:
-    """Files named by specs (globs, brace patterns, folders of .json and .jsonl files), sorted, each once."""
-    found = expand_specs(specs, folder_suffix=".json") + expand_specs(specs, folder_suffix=".jsonl")
+    """Files named by specs (globs, brace patterns, folders of .json and .jsonl files), sorted, each once.
+    A spec that names no file beside others that do is an error too: a mistyped split is not skipped."""
+    no_json: list[str] = []
+    no_jsonl: list[str] = []
+    found = expand_specs(specs, folder_suffix=".json", unmatched=no_json)
+    found += expand_specs(specs, folder_suffix=".jsonl", unmatched=no_jsonl)
     sources = sorted({path for path in found if remote.isfile(path)})
     if not sources:
         raise SpecError(f"no conversation file matches {specs!r}")
+    if nothing := [spec for spec in no_json if spec in no_jsonl]:
+        raise SpecError(f"{nothing[0]} names no conversation file (.json or .jsonl)")
     return sources
 
 

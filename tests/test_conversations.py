@@ -9,8 +9,14 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
+import random
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +238,63 @@ def test_interleaved_examples_read_by_the_loader(interleaved) -> None:
         ]
 
 
+@pytest.mark.parametrize("as_", ["interleaved", "gpt"])
+def test_loader_batches_have_the_turns_in_order_and_each_image_at_its_tag(
+    as_: str, tmp_path: Path
+) -> None:
+    """Read back through the loader: the k-th ``<image>`` token of a sample is the k-th image
+    (solid colours tell them apart), and the turns keep their order around the images."""
+    import torch
+
+    from flamingo_data.loader import DatasetSpec, build_loader, make_tokenizer
+    from tests.loader_data import solid_jpeg
+
+    colours = {"r.jpg": 0, "g.jpg": 1, "b.jpg": 2}
+    (tmp_path / "images").mkdir()
+    for name, channel in colours.items():
+        rgb = tuple(250 if c == channel else 0 for c in range(3))
+        (tmp_path / "images" / name).write_bytes(solid_jpeg(rgb, (64, 48)))
+    items = [
+        {
+            "id": "three",
+            "image": ["b.jpg", "r.jpg", "g.jpg"],
+            "conversations": [
+                turn(H, "first <image> then <image>"),
+                turn(G, "ok"),
+                turn(H, "and <image>\nlast"),
+                turn(G, "done"),
+            ],
+        },
+        {
+            "id": "notag",
+            "image": ["g.jpg", "b.jpg"],
+            "conversations": [turn(H, "Both?"), turn(G, "y")],
+        },
+    ]
+    (tmp_path / "c.json").write_text(json.dumps(items))
+    args = ["--json", str(tmp_path / "c.json"), "--images", str(tmp_path / "images")]
+    assert run_cli(*args, "--out", str(tmp_path / "out"), "--as", as_) == 0
+    tokenizer = make_tokenizer(None)
+    config = LoaderConfig(batch_size=2, image_size=32, shuffle_shards=False, flip_prob=0.0)
+    [batch] = list(build_loader([DatasetSpec("c", str(tmp_path / "out"))], tokenizer, config))
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    seen = {}
+    for i, key in enumerate(batch["keys"]):
+        ids = batch["lang_x"][i][batch["attention_mask"][i].bool()]
+        text = tokenizer.decode(ids).replace("<|endofchunk|>", "")
+        text = re.sub(r"\s*<image>\s*", "<image>", " ".join(text.split()))  # gpt keeps newlines
+        pixels = batch["vision_x"][i, : int((ids == image_id).sum()), 0]
+        seen[key] = (text, [int(torch.argmax(p.reshape(3, -1).mean(dim=1))) for p in pixels])
+    assert seen == {
+        "c-three": (
+            "User: first<image>then<image>Assistant: ok User: and<image>last Assistant: done"
+            "<|endoftext|>",
+            [2, 0, 1],
+        ),
+        "c-notag": ("<image><image>User: Both? Assistant: y<|endoftext|>", [1, 2]),
+    }
+
+
 def test_real_image_bytes_are_embedded(data: Path, interleaved, gpt) -> None:
     for record in interleaved[1].values():
         for info in record["image_info"]:
@@ -396,6 +459,34 @@ def test_a_lone_surrogate_in_an_image_path_is_a_reject_not_a_crash(tmp_path: Pat
     assert [(r["key"], r["reason"]) for r in rejects] == [("s-bad", "invalid_unicode")]
 
 
+def test_windows_backslash_paths_read_the_same_file_as_on_remote_storage(tmp_path: Path) -> None:
+    """``sub\\d.jpg`` (a JSON written on Windows) was missing_image in a local folder, though the
+    same path was read as ``sub/d.jpg`` from remote storage; ``..\\`` still may not climb out."""
+    (tmp_path / "outside.jpg").write_bytes(make_image(9))
+    items = [
+        {"id": "win", "image": "sub\\d.jpg", "conversations": [turn(H, "<image> hi")]},
+        {"id": "up", "image": "..\\outside.jpg", "conversations": [turn(H, "<image> hi")]},
+    ]
+    _, records, rejects = convert_file(tmp_path, "w.json", json.dumps(items))
+    image = records["w-win"]["image_info"][0]
+    assert base64.b64decode(image["image_base64"]) == (tmp_path / "images/sub/d.jpg").read_bytes()
+    assert image["image_name"] == "sub\\d.jpg"  # as the input named it
+    assert [(r["key"], r["reason"]) for r in rejects] == [("w-up", "unsafe_image_path")]
+
+
+def test_a_symlink_loop_among_the_images_is_one_reject_not_a_failed_run(tmp_path: Path) -> None:
+    """pathlib raises RuntimeError on a symlink loop: the whole run stopped, exit 2."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images/loop.jpg").symlink_to("loop.jpg")  # convert_file adds the real images
+    items = [
+        {"id": "loop", "image": "loop.jpg", "conversations": [turn(H, "<image> hi")]},
+        {"id": "ok", "image": "a.jpg", "conversations": [turn(H, "<image> hi")]},
+    ]
+    _, records, rejects = convert_file(tmp_path, "l.json", json.dumps(items))
+    assert list(records) == ["l-ok"]
+    assert [(r["key"], r["reason"]) for r in rejects] == [("l-loop", "missing_image")]
+
+
 def test_an_image_file_over_the_byte_cap_is_a_reject_read_no_further(tmp_path: Path) -> None:
     """--max-image-bytes: with the cap at b.png's size, b.png is kept and a.jpg is refused."""
     items = [
@@ -463,6 +554,23 @@ def test_counts_and_sizes_below_one_are_exit_2(command: list[str], tmp_path: Pat
     assert "must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("named", ["val.json", "val*.json", "empty-folder"])
+def test_a_named_input_that_names_no_file_is_exit_2(
+    named: str, data: Path, tmp_path: Path, capsys
+) -> None:
+    """``--json train.json val.json`` with val.json mistyped converted train.json alone and
+    exited 0: a split was lost without a word (a glob or empty folder beside others, the same)."""
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder/only.json").write_text(json.dumps(ITEMS[:1]))  # a folder of .json only
+    specs = [str(data / "data.json"), str(tmp_path / "folder"), str(tmp_path / named)]
+    args = ["--json", *specs, "--images", str(data / "images"), "--out", str(tmp_path / "out")]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / named) in err[0]
+    assert not list((tmp_path / "out").glob("*"))
+
+
 def test_a_pretty_printed_single_object_is_one_item(data: Path, tmp_path: Path) -> None:
     """Not one bad_json per line of it: the object converts (or is one counted reject)."""
     one = {"id": "solo", "image": "a.jpg", "conversations": [turn("human", "<image> hi")]}
@@ -478,3 +586,61 @@ def test_a_pretty_printed_single_object_is_one_item(data: Path, tmp_path: Path) 
     assert stats["counts"]["documents"] == {"in": 2, "written": 1, "rejected": 1}
     assert stats["reasons"]["documents"] == {"no_images": 1}  # the wrapper is one item
     assert list(read_records(tmp_path / "out")) == ["one-solo"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_shards(
+    tmp_path: Path,
+) -> None:
+    """A real process group killed mid-chunking or mid-unit, five times, then --resume: the same
+    shards, sizes, rejects and counts as one uninterrupted run (chunks are cut again each time)."""
+    rng = random.Random(5)
+    names = [f"sub/{i}.jpg" for i in range(12)]
+    (tmp_path / "images/sub").mkdir(parents=True)
+    for seed, name in enumerate(names):
+        (tmp_path / "images" / name).write_bytes(make_image(seed, 320, 240))
+    items = []
+    for i in range(300):
+        chosen = rng.sample(names, rng.randint(0, 3)) + (["gone.jpg"] if i % 17 == 0 else [])
+        tags = "<image>\n" * len(chosen)
+        items.append(
+            {
+                "id": f"q{i}",
+                "image": chosen,
+                "conversations": [turn(H, f"{tags}Q{i}"), turn(G, "A")],
+            }
+        )
+    (tmp_path / "llava.json").write_text(json.dumps(items))
+
+    def command(out: str) -> list[str]:
+        return [
+            *(sys.executable, "-m", "flamingo_data", "convert", "conversations", "--no-progress"),
+            *("--json", str(tmp_path / "llava.json"), "--images", str(tmp_path / "images")),
+            *("--out", str(tmp_path / out), "--chunk-size", "20", "--processes", "2"),
+            *("--max-samples-per-shard", "7", "--rejects"),
+        ]
+
+    subprocess.run(command("whole"), check=True, capture_output=True)
+    for attempt in range(5):
+        proc = subprocess.Popen(
+            command("killed") + (["--resume"] if attempt else []),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(rng.uniform(0.5, 3.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subprocess.run(command("killed") + ["--resume"], check=True, capture_output=True)
+
+    def result(out: str) -> tuple:
+        folder = tmp_path / out
+        stats = json.loads((folder / "stats.json").read_text())
+        sidecars = [(folder / n).read_bytes() for n in ("sizes.json", "rejects.jsonl")]
+        tars = {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+        return tars, sidecars, stats["counts"], stats["reasons"]
+
+    assert result("killed") == result("whole")
+    assert result("whole")[2]["documents"]["in"] == 300
+    assert not (tmp_path / "killed/_chunks").exists()
+    assert validate_shards(str(tmp_path / "killed")).ok
