@@ -16,7 +16,6 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from flamingo_data import remote
@@ -54,7 +53,7 @@ from flamingo_data.units import (
 TAG = "<image>"
 SPECIAL_TOKENS = ("<|endofchunk|>", "<|endoftext|>")  # would be read as the loader's own tokens
 GPT_PLACEHOLDER = re.compile(r"_!_IMAGE\d+_!_")
-ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}
+ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1, "system": 2}
 DEFAULT_TEMPLATE = ("User: {value}", "Assistant: {value}")
 
 Segments = list[str]  # a turn's text between its <image> tags: n tags -> n + 1 segments
@@ -80,17 +79,26 @@ class ConversationOptions:
     as_: str = "interleaved"
     template: tuple[str, str] = DEFAULT_TEMPLATE
     policy: ImagePolicy = field(default_factory=ImagePolicy)
+    system_template: str | None = None  # None: a system turn is an unknown_role reject
 
     def __post_init__(self) -> None:
         if self.as_ not in ("interleaved", "gpt"):
             raise ValueError("--as must be interleaved or gpt")
-        for template in self.template:
+        for template in self.role_templates():
             split_template(template)
+
+    def role_templates(self) -> tuple[str, ...]:
+        """By role number (``ROLES``): user, assistant, and system when one is given."""
+        system = () if self.system_template is None else (self.system_template,)
+        return (*self.template, *system)
 
 
 def image_paths(item: dict[str, Any]) -> list[str]:
-    """``image`` as a list: absent -> [], one path -> [path], a list of paths as is."""
-    image = item.get("image")
+    """``image`` (LLaVA) or ``images`` (Mantis, LLaMA-Factory) as a list: absent -> [], one path ->
+    [path], a list of paths as is; both keys at once is ambiguous and refused."""
+    if "image" in item and "images" in item:
+        raise ItemError("bad_image_field", "both image and images")
+    image = item.get("image", item.get("images"))
     if image is None:
         return []
     if isinstance(image, str):
@@ -100,7 +108,7 @@ def image_paths(item: dict[str, Any]) -> list[str]:
     raise ItemError("bad_image_field")
 
 
-def render_turns(item: dict[str, Any], template: tuple[str, str]) -> list[Segments]:
+def render_turns(item: dict[str, Any], template: tuple[str, ...]) -> list[Segments]:
     """Each turn's segments between ``<image>`` tags, wrapped in its role's template."""
     conversations = item.get("conversations")
     if not isinstance(conversations, list) or not conversations:
@@ -110,7 +118,7 @@ def render_turns(item: dict[str, Any], template: tuple[str, str]) -> list[Segmen
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise ItemError("bad_turn")
         role = ROLES.get(str(turn.get("from", "")).strip().lower())
-        if role is None:
+        if role is None or role >= len(template):
             raise ItemError("unknown_role", str(turn.get("from"))[:100])
         if any(token in turn["value"] for token in SPECIAL_TOKENS):
             raise ItemError("special_token_in_text")
@@ -136,18 +144,14 @@ def place_images(turns: list[Segments], n_images: int) -> list[Segments]:
 
 def load_image(root: str, relative: str, policy: ImagePolicy) -> ImageResult:
     """Bytes through the image stage (an accepted result); refuses paths that leave the image folder."""
-    if "\0" in relative or Path(relative).is_absolute():
-        raise ItemError("unsafe_image_path", relative[:200])
     try:
-        path = (
-            _remote_path(root, relative) if remote.is_remote(root) else _local_path(root, relative)
-        )
+        path = remote.join(root, safe_relative(relative))
         data = remote.read_bytes(
             path, policy.max_bytes + 1
         )  # more: too_many_bytes, read no further
     except UnicodeEncodeError as exc:  # a lone surrogate (a \ud800 escape) names no file
         raise ItemError("invalid_unicode", ascii(relative)[:200]) from exc
-    except OSError as exc:  # missing, a folder, a name too long...
+    except OSError as exc:  # missing, a folder, a symlink loop, a name too long...
         raise ItemError("missing_image", relative[:200]) from exc
     result = process_image(data, policy)
     if not result.ok:
@@ -155,24 +159,22 @@ def load_image(root: str, relative: str, policy: ImagePolicy) -> ImageResult:
     return result
 
 
-def _local_path(root: str, relative: str) -> str:
-    """The file under ``root``, symlinks resolved, or an unsafe_image_path error; a backslash
-    separates folders, as in ``_remote_path`` (a JSON written on Windows)."""
-    try:
-        path = (Path(root) / relative.replace("\\", "/")).resolve()
-    except RuntimeError as exc:  # a symlink loop (Python 3.11, 3.12): no file to read
-        raise ItemError("missing_image", relative[:200]) from exc
-    if not path.is_relative_to(Path(root).resolve()):
-        raise ItemError("unsafe_image_path", relative[:200])
-    return str(path)
+def safe_relative(relative: str) -> str:
+    """The path normalized, or an unsafe_image_path error when it is absolute or climbs out.
 
-
-def _remote_path(root: str, relative: str) -> str:
-    """Object stores have no symlinks: a normalized relative path must not climb out."""
+    Judged on the text, which is what the (possibly untrusted) JSON controls; symlinks inside the
+    image folder are the user's own and are followed (LLaVA's ``coco -> /datasets/coco``). A
+    backslash separates folders too (a JSON written on Windows).
+    """
     normal = posixpath.normpath(relative.replace("\\", "/"))
-    if normal.startswith(("..", "/")) or normal == ".":
+    if (
+        "\0" in relative
+        or normal.startswith("/")
+        or normal in (".", "..")
+        or normal.startswith("../")
+    ):
         raise ItemError("unsafe_image_path", relative[:200])
-    return remote.join(root, normal)
+    return normal
 
 
 def interleaved_record(
@@ -238,7 +240,7 @@ def convert_item(item: Any, options: ConversationOptions) -> tuple[dict[str, Any
     names = image_paths(item)
     if not names:
         raise ItemError("no_images")
-    turns = place_images(render_turns(item, options.template), len(names))
+    turns = place_images(render_turns(item, options.role_templates()), len(names))
     if options.as_ == "gpt" and not placeholders_exact(gpt_example(turns), len(names)):
         raise ItemError("placeholder_in_text")  # the loader would bind an image to it
     images = [load_image(options.images, name, options.policy) for name in names]
@@ -327,7 +329,10 @@ def convert_conversations(
     sources = conversation_sources(json_specs)
     if not remote.isdir(options.images):
         raise SpecError(f"image folder {options.images} does not exist")
-    run = output_settings(run, as_=options.as_, template=options.template, policy=options.policy)
+    system = {} if options.system_template is None else {"system_template": options.system_template}
+    run = output_settings(
+        run, as_=options.as_, template=options.template, policy=options.policy, **system
+    )
     prepare_out_dir(run.out_dir, run.resume, overwrite, run.settings)
     try:
         record_chunk_size(run.out_dir, chunk_size, run.resume)

@@ -487,6 +487,58 @@ def test_a_symlink_loop_among_the_images_is_one_reject_not_a_failed_run(tmp_path
     assert [(r["key"], r["reason"]) for r in rejects] == [("l-loop", "missing_image")]
 
 
+def test_a_symlinked_image_folder_is_followed_and_paths_are_judged_as_written(
+    tmp_path: Path,
+) -> None:
+    """LLaVA's layout links ``coco`` to shared storage: every image in it was unsafe_image_path,
+    as was a file named ``..x.jpg`` on remote storage. Only the JSON's own text may not climb out."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "e.jpg").write_bytes(make_image(7))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images/coco").symlink_to(shared, target_is_directory=True)
+    (tmp_path / "images/..x.jpg").write_bytes(make_image(8))
+    items = [
+        {"id": "linked", "image": "coco/e.jpg", "conversations": [turn(H, "<image> hi")]},
+        {"id": "dots", "image": "..x.jpg", "conversations": [turn(H, "<image> hi")]},
+        {"id": "climb", "image": "coco/../../shared/e.jpg", "conversations": [turn(H, "<image>")]},
+    ]
+    _, records, rejects = convert_file(tmp_path, "k.json", json.dumps(items))
+    linked = records["k-linked"]["image_info"][0]["image_base64"]
+    assert base64.b64decode(linked) == (shared / "e.jpg").read_bytes()
+    assert base64.b64decode(records["k-dots"]["image_info"][0]["image_base64"]) == make_image(8)
+    assert [(r["key"], r["reason"]) for r in rejects] == [("k-climb", "unsafe_image_path")]
+
+
+def test_images_key_and_system_turns(tmp_path: Path) -> None:
+    """``images`` (Mantis, LLaMA-Factory) reads as ``image`` did (every such item was no_images);
+    both keys at once is refused; a system turn is rendered with --system-template when given."""
+    system = {"from": "system", "value": "Be brief."}
+    items = [
+        {
+            "id": "plural",
+            "images": ["a.jpg", "b.png"],
+            "conversations": [turn(H, "<image><image>")],
+        },
+        {
+            "id": "both",
+            "image": "a.jpg",
+            "images": ["a.jpg"],
+            "conversations": [turn(H, "<image>")],
+        },
+        {"id": "sys", "image": "a.jpg", "conversations": [system, turn(H, "<image> hi")]},
+    ]
+    text = json.dumps(items)
+    _, records, rejects = convert_file(tmp_path / "a", "i.json", text)
+    assert len(records["i-plural"]["image_info"]) == 2
+    assert [(r["key"], r["reason"]) for r in rejects] == [
+        ("i-both", "bad_image_field"),
+        ("i-sys", "unknown_role"),
+    ]
+    _, records, _ = convert_file(tmp_path / "b", "i.json", text, "--system-template", "{value}")
+    assert records["i-sys"]["text_list"] == ["Be brief.", "User:", "hi"]
+
+
 def test_an_image_file_over_the_byte_cap_is_a_reject_read_no_further(tmp_path: Path) -> None:
     """--max-image-bytes: with the cap at b.png's size, b.png is kept and a.jpg is refused."""
     items = [

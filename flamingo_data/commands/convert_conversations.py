@@ -61,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how each role's turn is rendered (default: 'User: {value}' 'Assistant: {value}')",
     )
     parser.add_argument(
+        "--system-template",
+        type=template_arg,
+        default=None,
+        metavar="SYSTEM",
+        help="how a system turn is rendered, e.g. '{value}' (default: a system turn rejects its item,"
+        " unknown_role)",
+    )
+    parser.add_argument(
         "--chunk-size",
         type=positive_int,
         default=DEFAULT_CHUNK_SIZE,
@@ -74,7 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     options = ConversationOptions(
-        images=args.images, as_=args.as_, template=tuple(args.template), policy=image_policy(args)
+        images=args.images,
+        as_=args.as_,
+        template=tuple(args.template),
+        policy=image_policy(args),
+        system_template=args.system_template,
     )
     stats = convert_conversations(
         args.json,
