@@ -268,9 +268,12 @@ def convert_chatgpt(
     """Download (or join) every image, then one unit per sequence file; returns the merged stats."""
     if options.missing not in ("drop", "strip"):
         raise ValueError("--missing must be drop or strip")
-    sources = expand_specs(specs, folder_suffix=".json")
+    unmatched: list[str] = []
+    sources = expand_specs(specs, folder_suffix=".json", unmatched=unmatched)
     if not sources:
         raise SpecError(f"no sequence file matches {specs!r}")
+    if unmatched:  # beside files that exist: a mistyped one is not skipped without a word
+        raise SpecError(f"{unmatched[0]} names no sequence file (.json)")
     if options.images_from is not None and not finished_shards(options.images_from):
         # a mistyped folder would otherwise drop every sequence as not_downloaded, and exit 0
         raise SpecError(

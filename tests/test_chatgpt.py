@@ -427,3 +427,17 @@ def test_resume_refuses_sequence_files_whose_urls_changed(
         run(resume=True)
     source.write_text(json.dumps(sequences[:2]))
     assert run(resume=True).to_json()["counts"]["documents"] == {"in": 2, "written": 2}
+
+
+def test_a_sequence_file_that_is_not_there_beside_one_that_is_is_a_usage_error(
+    setup, tmp_path, capsys
+):
+    """``--sequences a.json typo.json`` converted a.json alone and exited 0."""
+    from flamingo_data.cli import main as cli
+
+    root, _, _, _ = setup
+    typo = str(tmp_path / "seq-001.json")
+    args = ["convert", "chatgpt", "--sequences", str(root / "seq-000.json"), typo]
+    assert cli([*args, "--no-progress", "--out", str(tmp_path / "out")]) == 2
+    assert f"{typo} names no sequence file" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "_done").exists()
