@@ -2,10 +2,11 @@
 
 For web-size photographs (the MMC4 benchmark's generator), each output of a conversion setting is
 put through the loader's geometry (short side 224 with PIL bicubic, centre crop) and compared with
-the source put through the same geometry: PSNR at 224 px, and bytes against the baseline converter
+the source put through the same geometry: PSNR and SSIM at 224 px, and bytes against the baseline converter
 (full-size PIL decode + re-encode at PIL's default quality, 75), and the time to decode an output at
 full scale (the loader's cost per image). Images kept byte for byte (already under the short side)
-match exactly and are left out of the PSNR. One process, one run.
+match exactly and are left out of the scores. A row without any re-encode (the 256 px picture kept
+lossless) shows what the two resamples cost alone. One process, one run.
 Usage: python benchmarks/bench_quality_at_224.py [--images 300]
 """
 
@@ -21,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 from PIL import Image
+from skimage.metrics import structural_similarity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import load_photos, web_jpeg  # noqa: E402
 
-from flamingo_data.images import ImagePolicy, process_image  # noqa: E402
+from flamingo_data.images import ImagePolicy, process_image, turbo_decode  # noqa: E402
+from flamingo_data.resize import resize_pixels  # noqa: E402
 
 SIZE = 224
 SETTINGS = [
@@ -55,7 +58,10 @@ def settings() -> list[tuple[str, ImagePolicy]]:
 
 def at_model_size(data: bytes) -> np.ndarray:
     """The loader's geometry, done the reference way: short side to 224 (bicubic), centre crop."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return model_view(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def model_view(image: Image.Image) -> np.ndarray:
     scale = SIZE / min(image.size)
     size = (max(SIZE, round(image.width * scale)), max(SIZE, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
@@ -69,22 +75,46 @@ def baseline(data: bytes) -> bytes:
     return buf.getvalue()
 
 
+def resampled_only(data: bytes, dct_scaled: bool, short_side: int = 256) -> np.ndarray:
+    """The source resized to ``short_side`` (bicubic) and then through the loader's geometry, with no
+    JPEG in between: the floor any re-encode at that size starts from. ``dct_scaled`` decodes as the
+    converter does (smallest DCT scale covering the target), else at full size."""
+    width, height = Image.open(io.BytesIO(data)).size
+    scale = short_side / min(width, height)
+    target = (round(width * scale), round(height * scale))
+    limit = short_side if dct_scaled else max(width, height)
+    pixels = turbo_decode(data, (width, height), limit, width * height)
+    return model_view(resize_pixels(pixels, target, "bicubic"))
+
+
+def scores(outputs: list[np.ndarray], refs: list[np.ndarray]) -> tuple[float, float]:
+    """Median PSNR (dB) and median SSIM of pictures at 224 against their references."""
+    psnr = [
+        10 * np.log10(255.0**2 / np.mean((out - ref) ** 2))
+        for out, ref in zip(outputs, refs, strict=True)
+    ]
+    ssim = [
+        structural_similarity(out, ref, channel_axis=2, data_range=255.0)
+        for out, ref in zip(outputs, refs, strict=True)
+    ]
+    return float(np.median(psnr)), float(np.median(ssim))
+
+
 def measure(convert: Callable[[bytes], bytes], sources: list[bytes], refs: list[np.ndarray]):
-    """(total bytes, median PSNR dB at 224 over the images that were re-encoded, mean ms to decode
-    one output with libjpeg-turbo: what the loader pays per image, best of 3 passes)."""
+    """(total bytes, median PSNR dB and SSIM at 224 over the images that were re-encoded, mean ms
+    to decode one output with libjpeg-turbo: what the loader pays per image, best of 3 passes)."""
     outputs = [convert(data) for data in sources]
-    scores = []
-    for out, src, ref in zip(outputs, sources, refs, strict=True):
-        if out != src:
-            mse = np.mean((at_model_size(out) - ref) ** 2)
-            scores.append(10 * np.log10(255.0**2 / mse))
+    changed = [
+        (out, ref) for out, src, ref in zip(outputs, sources, refs, strict=True) if out != src
+    ]
+    psnr, ssim = scores([at_model_size(out) for out, _ in changed], [ref for _, ref in changed])
     passes = []
     for _ in range(3):
         start = time.perf_counter()
         for out in outputs:
             simplejpeg.decode_jpeg(out)
         passes.append((time.perf_counter() - start) * 1e3 / len(outputs))
-    return sum(len(out) for out in outputs), float(np.median(scores)), min(passes)
+    return sum(len(out) for out in outputs), psnr, ssim, min(passes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,13 +125,29 @@ def main(argv: list[str] | None = None) -> None:
     photos = load_photos()
     sources = [web_jpeg(photos[int(rng.integers(len(photos)))], rng) for _ in range(args.images)]
     refs = [at_model_size(data) for data in sources]
-    base_bytes, base_db, base_ms = measure(baseline, sources, refs)
-    print(f"{len(sources)} web-size photos; PSNR at {SIZE} px after the loader's resize + crop")
-    print(f"{'setting':<44} {'bytes vs baseline':>18} {'PSNR dB @224':>13} {'decode ms':>10}")
-    print(f"{'baseline (full size, quality 75)':<44} {1.0:18.2f} {base_db:13.2f} {base_ms:10.2f}")
+    base_bytes, base_db, base_ssim, base_ms = measure(baseline, sources, refs)
+    print(f"{len(sources)} web-size photos; scores at {SIZE} px after the loader's resize + crop")
+    print(
+        f"{'setting':<44} {'bytes vs baseline':>18} {'PSNR dB @224':>13} {'SSIM @224':>10}"
+        f" {'decode ms':>10}"
+    )
+    row = "{:<44} {:18.2f} {:13.2f} {:10.4f} {:10.2f}"
+    print(row.format("baseline (full size, quality 75)", 1.0, base_db, base_ssim, base_ms))
+    resized = [
+        (src, ref)
+        for src, ref in zip(sources, refs, strict=True)
+        if min(Image.open(io.BytesIO(src)).size) > 256
+    ]
+    for label, dct_scaled in (("full decode", False), ("DCT-scaled decode", True)):
+        floor = scores(
+            [resampled_only(src, dct_scaled) for src, _ in resized], [r for _, r in resized]
+        )
+        print(row.format(f"256 px lossless, {label}", float("nan"), *floor, float("nan")))
     for label, policy in settings():
-        size, db, ms = measure(lambda data, p=policy: process_image(data, p).data, sources, refs)
-        print(f"{label:<44} {size / base_bytes:18.2f} {db:13.2f} {ms:10.2f}")
+        size, db, ssim, ms = measure(
+            lambda data, p=policy: process_image(data, p).data, sources, refs
+        )
+        print(row.format(label, size / base_bytes, db, ssim, ms))
 
 
 if __name__ == "__main__":
