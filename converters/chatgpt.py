@@ -269,11 +269,13 @@ def convert_chatgpt(
     if options.missing not in ("drop", "strip"):
         raise ValueError("--missing must be drop or strip")
     unmatched: list[str] = []
-    sources = expand_specs(specs, folder_suffix=".json", unmatched=unmatched)
+    # a folder gives its .json and .jsonl files: the README takes JSONL input, and a folder of
+    # .jsonl sequence files used to be "no sequence file matches", exit 2
+    sources = expand_specs(specs, folder_suffix=(".json", ".jsonl"), unmatched=unmatched)
     if not sources:
         raise SpecError(f"no sequence file matches {specs!r}")
     if unmatched:  # beside files that exist: a mistyped one is not skipped without a word
-        raise SpecError(f"{unmatched[0]} names no sequence file (.json)")
+        raise SpecError(f"{unmatched[0]} names no sequence file (.json or .jsonl)")
     if options.images_from is not None and not finished_shards(options.images_from):
         # a mistyped folder would otherwise drop every sequence as not_downloaded, and exit 0
         raise SpecError(

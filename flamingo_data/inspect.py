@@ -24,7 +24,7 @@ from flamingo_data.loader.tokenizer import (
     make_tokenizer,
 )
 from flamingo_data.shardread import ReadIssue
-from flamingo_data.specs import expand_specs
+from flamingo_data.specs import SpecError, expand_specs
 from flamingo_data.stats import Stats
 
 
@@ -108,6 +108,8 @@ def inspect_shards(
     )
     named = expand_specs(specs, folder_suffix=".tar", keep_missing=True)
     paths = [p for p in named if remote.exists(p)]  # the loader skips the others, with a warning
+    if not paths:  # named here: the paths (none) made the message "no shard matches []"
+        raise SpecError(f"no shard matches {specs!r}")
     report.shards, report.bytes = len(paths), sum(remote.size(p) for p in paths)
     if len(named) > len(paths):
         report.read_issues["missing_shard"] = len(named) - len(paths)

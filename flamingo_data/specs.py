@@ -19,14 +19,14 @@ class SpecError(ValueError):
 
 def expand_specs(
     specs: str | Iterable[str],
-    folder_suffix: str = ".tar",
+    folder_suffix: str | tuple[str, ...] = ".tar",
     keep_missing: bool = False,
     unmatched: list[str] | None = None,
 ) -> list[str]:
     """Paths named by ``specs`` in the order given.
 
-    A folder expands to its files ending in ``folder_suffix`` (sorted), a glob to its sorted
-    matches, a brace pattern to each alternative. Paths that do not exist are dropped unless
+    A folder expands to its files ending in ``folder_suffix`` (one suffix or a tuple of them;
+    sorted), a glob to its sorted matches, a brace pattern to each alternative. Paths that do not exist are dropped unless
     ``keep_missing`` (MMC4's shard list has gaps, and positions in it still matter).
     ``unmatched`` collects the alternatives (globs, folders, missing paths) that name nothing.
     """
@@ -42,7 +42,7 @@ def expand_specs(
     return paths
 
 
-def _expand_one(item: str, folder_suffix: str, keep_missing: bool) -> list[str]:
+def _expand_one(item: str, folder_suffix: str | tuple[str, ...], keep_missing: bool) -> list[str]:
     if remote.is_remote(item):
         return _expand_remote(item, folder_suffix, keep_missing)
     if os.path.isdir(item):
@@ -55,7 +55,9 @@ def _expand_one(item: str, folder_suffix: str, keep_missing: bool) -> list[str]:
     return []
 
 
-def _expand_remote(item: str, folder_suffix: str, keep_missing: bool) -> list[str]:
+def _expand_remote(
+    item: str, folder_suffix: str | tuple[str, ...], keep_missing: bool
+) -> list[str]:
     """The same rules through fsspec (s3://, gs://, hdfs://, memory://, ...)."""
     if _GLOB_CHARS & set(item):
         return sorted(remote.glob(item))

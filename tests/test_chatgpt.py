@@ -441,3 +441,23 @@ def test_a_sequence_file_that_is_not_there_beside_one_that_is_is_a_usage_error(
     assert cli([*args, "--no-progress", "--out", str(tmp_path / "out")]) == 2
     assert f"{typo} names no sequence file" in capsys.readouterr().err
     assert not (tmp_path / "out" / "_done").exists()
+
+
+def test_a_folder_of_jsonl_sequence_files_is_read(setup, tmp_path) -> None:
+    """The README takes JSONL input, but a folder gave only its .json files: a folder of .jsonl
+    sequence files was "no sequence file matches", exit 2."""
+    root, _, stats, _ = setup
+    folder = tmp_path / "sequences"
+    folder.mkdir()
+    (folder / "seq-000.json").write_bytes((root / "seq-000.json").read_bytes())
+    (folder / "seq-001.jsonl").write_bytes((root / "seq-001.json").read_bytes())
+    (folder / "notes.txt").write_text("not a sequence file")
+    got = convert_chatgpt(
+        str(folder),
+        ChatGptOptions(images_from=str(root / "drop" / "_images")),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    ).to_json()
+    assert got["counts"]["units"] == {"done": 2}
+    assert got["counts"]["documents"] == stats["counts"]["documents"]

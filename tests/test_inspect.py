@@ -236,3 +236,12 @@ def test_records_the_loader_refuses_by_shape_are_counted_as_the_loaders_not_a_cr
     result = write_preview(str(tmp_path), str(tmp_path / "p.html"), n=10)
     assert result.documents == 4
     assert "bad_matrix_shape" in (tmp_path / "p.html").read_text()
+
+
+def test_a_spec_that_names_no_shard_is_named_in_the_error(tmp_path: Path, capsys) -> None:
+    """The one-line error said "no shard matches []": the spec the user typed was lost."""
+    assert cli(["inspect", str(tmp_path)]) == 2
+    assert f"no shard matches [{str(tmp_path)!r}]" in capsys.readouterr().err
+    spec = str(tmp_path / "{00000..00001}.tar")
+    assert cli(["inspect", spec]) == 2
+    assert f"no shard matches [{spec!r}]" in capsys.readouterr().err

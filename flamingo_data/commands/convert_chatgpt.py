@@ -18,7 +18,9 @@ from flamingo_data.download import DownloadOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sequences", required=True, nargs="+", help="JSON array / JSONL files")
+    parser.add_argument(
+        "--sequences", required=True, nargs="+", help="JSON array / JSONL files (patterns, folders)"
+    )
     parser.add_argument("--out", required=True, help="output folder: shards + sidecar files")
     parser.add_argument(
         "--url-key", default="auto", help="image_map key holding the url (auto: url, raw_url, ...)"
