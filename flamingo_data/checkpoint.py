@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.nn.parallel import DistributedDataParallel
 
 from flamingo_data.shards import write_atomic
+from flamingo_data.trainconfig import StartError
 
 
 def _trainable_model_state(model: torch.nn.Module) -> dict[str, Any]:
@@ -93,7 +94,7 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     """This rank's step, scheduler, RNG and loader positions (weights_only: no pickled code)."""
     saved, world = len(list(path.glob("trainer_rank*.pt"))), dist.get_world_size()
     if saved != world:  # every rank refuses, before any collective: none waits for another
-        raise ValueError(
+        raise StartError(
             f"checkpoint {path} was written by {saved} processes and this run has {world}: the"
             " loader positions are per process, resume with the same number of processes"
         )

@@ -28,7 +28,7 @@ from flamingo_data.checkpoint import (
 )
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
 from flamingo_data.model import FlamingoConfig, build_flamingo
-from flamingo_data.trainconfig import TrainConfig, parse_args
+from flamingo_data.trainconfig import StartError, TrainConfig, parse_args
 
 NO_DECAY_MARKERS = ("tokens.", "latents", "frame_embs", "_gate", "norm", "bias")
 
@@ -76,7 +76,7 @@ def check_sequence_length(max_tokens: int, lm: torch.nn.Module) -> None:
     long enough sample, possibly hours in."""
     limit = getattr(lm, "max_positions", None)
     if limit is not None and max_tokens > limit:
-        raise ValueError(
+        raise StartError(
             f"--max-tokens {max_tokens} is more than the language model's {limit} positions"
         )
 
@@ -86,7 +86,7 @@ def check_image_size(image_size: int, vision: torch.nn.Module) -> None:
     default 32): it would fail at the first batch, after the data pipeline had started."""
     expected = getattr(vision, "image_size", None)
     if expected is not None and image_size != expected:
-        raise ValueError(
+        raise StartError(
             f"--image-size {image_size} does not fit the vision encoder, which takes {expected} px"
             f" images: pass --image-size {expected}"
         )
@@ -298,7 +298,7 @@ def refuse_other_settings(path: Path, saved: dict[str, Any] | None, config: Trai
     now = run_settings(config)
     if saved is not None and saved != now:
         changed = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
-        raise ValueError(
+        raise StartError(
             f"checkpoint {path} was written with other options ("
             + ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed)
             + "): resume with the same options, or use a new --run-dir"
@@ -413,5 +413,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def cli_main(argv: Sequence[str]) -> int:
+    """``main`` for the command line and torchrun: a StartError is one line and exit 2."""
+    try:
+        main(argv)
+    except StartError as exc:
+        print(f"flamingo-data: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli_main(sys.argv[1:]))

@@ -123,6 +123,12 @@ AT_LEAST_ONE = (
 AT_LEAST_ZERO = ("steps", "warmup_steps", "workers")
 
 
+class StartError(ValueError):
+    """Options that cannot work with this model, data or checkpoint, found as the run starts (a
+    --max-tokens beyond the LM's positions, --resume with other settings): a usage error, one line
+    and exit 2 from the command line, like a bad option."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Options -> TrainConfig; a bad value is a usage error (exit 2), not a crash mid-run."""
     parser = build_parser()

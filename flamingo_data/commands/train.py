@@ -17,15 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flamingo_data.train import main
+    from flamingo_data.train import cli_main
 
     if not args.train_args or args.train_args[0] in ("-h", "--help"):
         from flamingo_data.trainconfig import build_parser
 
         build_parser().print_help()
         return 0
-    main(args.train_args)
-    return 0
+    return cli_main(args.train_args)
 
 
 if __name__ == "__main__":
