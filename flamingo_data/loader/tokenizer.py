@@ -103,11 +103,14 @@ def make_tokenizer(name_or_path: str | None = None):
 
 
 def add_flamingo_tokens(tokenizer):
-    """Add ``<|endofchunk|>``, ``<image>`` and a pad token (if missing) to a Hugging Face tokenizer."""
+    """Add ``<|endofchunk|>``, ``<image>`` and a pad token (if missing) to a Hugging Face tokenizer.
+    Truncation is set to the right: the images passed are the first ones in text order, so a
+    tokenizer saved with ``"truncation_side": "left"`` bound them to the wrong ``<image>`` tokens."""
     tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "right"
     return tokenizer
 
 
@@ -134,7 +137,13 @@ def gpt2_tokenizer_from_package():
 
 
 def special_ids(tokenizer) -> dict[str, int]:
-    """Ids of the tokens the loader and the model need."""
+    """Ids of the tokens the loader and the model need; refuses a tokenizer that truncates on the
+    left (the loader passes the first images, so it needs the start of the text)."""
+    if getattr(tokenizer, "truncation_side", "right") != "right":
+        raise ValueError(
+            f"tokenizer truncation_side is {tokenizer.truncation_side!r}; the loader needs 'right'"
+            " (add_flamingo_tokens sets it)"
+        )
     return {
         "image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         "eoc": tokenizer.convert_tokens_to_ids(EOC_TOKEN),
