@@ -365,3 +365,23 @@ def test_a_tokenizer_that_truncates_on_the_left_is_refused() -> None:
     tokenizer.truncation_side = "left"
     with pytest.raises(ValueError, match="truncation_side"):
         TextContext.of(tokenizer)
+
+
+def test_a_tokenizer_without_flamingo_tokens_is_refused() -> None:
+    """Before: <image> and <|endofchunk|> both got the unk id, so every unknown word of a document
+    counted as an image token (14 of them for its 2 images), and the loader took it silently."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from flamingo_data.loader.tokenizer import add_flamingo_tokens
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, "A": 3}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+    with pytest.raises(ValueError, match="image, eoc"):
+        TextContext.of(tokenizer)
+    ids = TextContext.of(add_flamingo_tokens(tokenizer)).ids
+    assert len({ids["image"], ids["eoc"], 0}) == 3
