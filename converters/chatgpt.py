@@ -185,7 +185,7 @@ def renumber(example: str, renumbered: dict[int, int]) -> str:
 
 def _image(store: ImageStore, url: str, policy: ImagePolicy) -> tuple[str, ImageResult | None]:
     """("", the accepted result) or (why there is none, None)."""
-    data, reason = store.get(url)
+    data, reason = store.get(url, policy.max_bytes + 1)  # more: too_many_bytes
     if data is None:
         return reason, None
     result = process_image(data, policy)

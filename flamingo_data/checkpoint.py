@@ -6,6 +6,7 @@ atomically: written as ``step_N.tmp``, renamed, then ``latest`` points at them.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,53 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+# What torch.distributed.checkpoint's ``.metadata`` pickle names: its own records, sizes, dtypes,
+# layouts and the path it was saved to. dcp.load unpickles the file with plain ``pickle.load``.
+METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in METADATA_GLOBALS or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
+
+
+def check_metadata(path: Path) -> None:
+    """Unpickle the checkpoint's metadata files building only what DCP writes there, before
+    dcp.load unpickles them unrestricted: a crafted ``.metadata`` ran its code on --resume."""
+    for file in (path / ".metadata", *path.glob("__*.metadata")):
+        if not file.exists():
+            continue
+        try:
+            with open(file, "rb") as handle:
+                _MetadataUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+            raise StartError(f"checkpoint {file} is not metadata DCP writes: {exc}") from exc
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
     """Restore weights and optimizer in place; returns this rank's trainer state (weights_only load)."""
+    check_metadata(path)
     state = {
         "model": _trainable_model_state(model),
         "optim": get_optimizer_state_dict(model, optimizer),

@@ -186,12 +186,13 @@ class ImageStore:
             elif row.status != "success":
                 self.failed.setdefault(url, failure_reason(row.error_message, str(row.status)))
 
-    def get(self, url: str) -> tuple[bytes | None, str]:
-        """(bytes, "") or (None, reason)."""
+    def get(self, url: str, limit: int | None = None) -> tuple[bytes | None, str]:
+        """(bytes, "") or (None, reason); at most ``limit`` bytes are read (an output from
+        elsewhere may hold a member of any size, and it was read whole only to be refused)."""
         where = self.found.get(url)
         if where is None:
             return None, self.failed.get(url, "not_downloaded")
         tar, offset, size = where
         with open(tar, "rb") as handle:
             handle.seek(offset)
-            return handle.read(size), ""
+            return handle.read(size if limit is None else min(size, limit)), ""

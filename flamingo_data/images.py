@@ -35,6 +35,9 @@ _MAGIC = (
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
 )
+# PIL's names for the formats above: the only decoders bytes from the web or a shard reach. PIL
+# tries every plugin it has otherwise, and its EPS plugin runs Ghostscript on the file.
+PIL_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,7 @@ def sniff_format(data: bytes) -> str | None:
 
 def open_capped(data: bytes, max_pixels: int) -> Image.Image:
     """Open lazily (header only) and refuse images over ``max_pixels`` before any pixel is decoded.
+    Only ``PIL_FORMATS`` are opened (the loader hands it bytes no sniff has checked).
 
     Raises ``ValueError('too_many_pixels')`` for a bomb; PIL errors for undecodable headers.
     """
@@ -106,7 +110,7 @@ def open_capped(data: bytes, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         except Image.DecompressionBombError as exc:
             raise ValueError("too_many_pixels") from exc
     width, height = image.size

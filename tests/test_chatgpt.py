@@ -461,3 +461,24 @@ def test_a_folder_of_jsonl_sequence_files_is_read(setup, tmp_path) -> None:
     ).to_json()
     assert got["counts"]["units"] == {"done": 2}
     assert got["counts"]["documents"] == stats["counts"]["documents"]
+
+
+def test_images_from_reads_no_more_of_an_image_than_the_byte_cap(setup, monkeypatch) -> None:
+    """An img2dataset output from elsewhere may hold an image member of any size: it was read
+    whole into memory only for the image stage to refuse it as too_many_bytes."""
+    from flamingo_data.converters import chatgpt
+    from flamingo_data.i2doutput import ImageStore
+    from flamingo_data.images import ImagePolicy
+
+    store = ImageStore(setup[0] / "drop" / "_images")
+    url, (_, _, size) = next(iter(store.found.items()))
+    handed = []
+    real = chatgpt.process_image
+    monkeypatch.setattr(
+        chatgpt,
+        "process_image",
+        lambda data, policy: handed.append(len(data)) or real(data, policy),
+    )
+    cap = size // 4
+    assert chatgpt._image(store, url, ImagePolicy(max_bytes=cap)) == ("too_many_bytes", None)
+    assert handed == [cap + 1]

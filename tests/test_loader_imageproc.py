@@ -6,10 +6,12 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from PIL import Image
+from PIL import EpsImagePlugin, Image, UnidentifiedImageError
 
 from flamingo_data.loader import LoaderConfig
 from flamingo_data.loader.imageproc import (
@@ -137,3 +139,23 @@ def test_a_tiny_one_pixel_high_strip_stays_within_bounded_memory() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-500:]
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
+
+
+def test_an_eps_image_in_a_shard_never_runs_ghostscript(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader decodes shard images unsniffed; PIL opened any of its ~40 formats, and for EPS
+    ran ``gs`` (Ghostscript, a PostScript interpreter) on the attacker's file."""
+    marker = tmp_path / "gs_ran"
+    gs = tmp_path / "bin" / "gs"
+    gs.parent.mkdir()
+    gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{gs.parent}:{Path(sys.executable).parent}:/usr/bin:/bin")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # look for gs again, on this PATH
+    with pytest.raises(UnidentifiedImageError):
+        image_pixels(EPS, CONFIG)
+    assert not marker.exists()

@@ -405,6 +405,43 @@ def test_checkpoint_round_trip_under_ddp(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+CRAFTED_METADATA = """
+import pickle, sys, torch, torch.distributed as dist
+from pathlib import Path
+from flamingo_data.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flamingo_data.trainconfig import StartError
+class Touch:
+    def __reduce__(self):
+        return (open, (sys.argv[2], "w"))
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+model = torch.nn.Linear(2, 2)
+optimizer = torch.optim.AdamW(model.parameters())
+path = save_checkpoint(sys.argv[1], 1, model, optimizer, {"step": 1})
+assert load_checkpoint(path, model, optimizer) == {"step": 1}  # DCP's own metadata loads
+(path / ".metadata").write_bytes(pickle.dumps(Touch()))
+try:
+    load_checkpoint(latest_checkpoint(sys.argv[1]), model, optimizer)
+except StartError as exc:
+    print("refused:", exc)
+dist.destroy_process_group()
+"""
+
+
+def test_a_crafted_checkpoint_metadata_is_refused_not_unpickled(tmp_path: Path) -> None:
+    """dcp.load unpickles ``.metadata`` with plain pickle: a run folder from elsewhere ran the
+    code in it on --resume (weights_only covered only the trainer state)."""
+    marker = tmp_path / "ran"
+    run = subprocess.run(
+        [sys.executable, "-c", CRAFTED_METADATA, str(tmp_path / "run"), str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert not marker.exists()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "refused:" in run.stdout and "io.open is not checkpoint metadata" in run.stdout
+
+
 @pytest.mark.slow
 def test_a_failing_rank_stops_the_run_instead_of_hanging_it(shards: Path, tmp_path: Path) -> None:
     """Rank A fails (its only shard is not a tar) while rank B waits in a collective: the run must

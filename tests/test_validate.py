@@ -18,6 +18,7 @@ from flamingo_data.cli import main as cli
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.records import encode_base64
 from flamingo_data.samples import make_image, write_mmc4_sample
+from flamingo_data.shardread import iter_samples
 from flamingo_data.shards import ShardWriter
 from flamingo_data.units import RunOptions
 from flamingo_data.validate import validate_shards
@@ -240,6 +241,37 @@ def test_links_and_devices_are_reported(good: Path, tmp_path: Path) -> None:
             tar.addfile(info)
     failures = {(f.key, f.reason) for f in validate_shards(str(shard)).failures}
     assert failures == {("a.json", "not_a_regular_file"), ("b.json", "not_a_regular_file")}
+
+
+def gnu_sparse_tar(path: Path, name: str, real_size: int) -> Path:
+    """A tar whose one GNU sparse member (type S) stores 512 bytes and declares ``real_size``:
+    reading it back fills the hole with zeros."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = tarfile.BLOCKSIZE, tarfile.GNUTYPE_SPARSE
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[386:410] = tarfile.itn(0, 12, tarfile.GNU_FORMAT) + tarfile.itn(
+        512, 12, tarfile.GNU_FORMAT
+    )
+    header[483:495] = tarfile.itn(real_size, 12, tarfile.GNU_FORMAT)
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    path.write_bytes(bytes(header) + b"{}".ljust(512, b" ") + tarfile.NUL * 2 * tarfile.BLOCKSIZE)
+    return path
+
+
+def test_a_sparse_member_is_refused_unread(tmp_path: Path) -> None:
+    """A 1.5 KiB tar whose member declares 64 MiB: read, it was 64 MiB of zeros in memory (any
+    size can be declared, in every loader worker); it is a failure and never expanded."""
+    shard = gnu_sparse_tar(tmp_path / "sparse.tar", "k.json", 64 << 20)
+    with tarfile.open(shard) as tar:
+        assert [m.size for m in tar] == [64 << 20]  # what tarfile would read back
+    read = []
+    issues = []
+    for sample in iter_samples(str(shard), issues.append):
+        read += [len(data) for data in sample.members.values()]
+    assert read == [] and [(i.key, i.reason) for i in issues] == [("k.json", "sparse_member")]
+    failures = {(f.key, f.reason) for f in validate_shards(str(shard)).failures}
+    assert failures == {("k.json", "sparse_member")}
 
 
 def member_ends(shard: Path) -> list[int]:
