@@ -149,11 +149,12 @@ def _rows_from_stats_file(path: Path, stats: Stats) -> None:
 
 
 def member_offsets(tar_path: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """``{key: {ext: (offset, size)}}`` for the safe regular members of an uncompressed tar."""
+    """``{key: {ext: (offset, size)}}`` for the safe regular members of an uncompressed tar; a
+    sparse member's bytes are not where its header says (its holes are not stored), so none."""
     index: dict[str, dict[str, tuple[int, int]]] = {}
     with tarfile.open(tar_path, mode="r:") as tar:
         for member in tar:
-            if member.isfile() and not unsafe_member_name(member.name):
+            if member.isfile() and not member.issparse() and not unsafe_member_name(member.name):
                 key, ext = split_key(member.name)
                 index.setdefault(key, {})[ext] = (member.offset_data, member.size)
     return index

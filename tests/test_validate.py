@@ -274,6 +274,14 @@ def test_a_sparse_member_is_refused_unread(tmp_path: Path) -> None:
     assert failures == {("k.json", "sparse_member")}
 
 
+def test_an_img2dataset_index_leaves_a_sparse_member_out(tmp_path: Path) -> None:
+    """``--images-from`` reads members at their header's offset and size: a sparse member's bytes
+    are not stored that way, so it was indexed as a 64 MiB image of whatever follows it."""
+    from flamingo_data.i2doutput import member_offsets
+
+    assert member_offsets(gnu_sparse_tar(tmp_path / "00000.tar", "k.jpg", 64 << 20)) == {}
+
+
 def member_ends(shard: Path) -> list[int]:
     with tarfile.open(shard) as tar:
         return [m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for m in tar]
