@@ -164,17 +164,16 @@ def safe_relative(relative: str) -> str:
 
     Judged on the text, which is what the (possibly untrusted) JSON controls; symlinks inside the
     image folder are the user's own and are followed (LLaVA's ``coco -> /datasets/coco``). A
-    backslash separates folders too (a JSON written on Windows).
+    backslash separates folders too (a JSON written on Windows), and a drive (``C:``) is refused.
     """
     normal = posixpath.normpath(relative.replace("\\", "/"))
-    if (
-        "\0" in relative
-        or normal.startswith("/")
-        or normal in (".", "..")
-        or normal.startswith("../")
-    ):
+    climbs = normal in (".", "..") or normal.startswith(("../", "/")) or _DRIVE.match(normal)
+    if "\0" in relative or climbs:
         raise ItemError("unsafe_image_path", relative[:200])
     return normal
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")  # C:\x is a folder here, but another drive joined on Windows
 
 
 def interleaved_record(

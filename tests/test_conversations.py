@@ -502,12 +502,16 @@ def test_a_symlinked_image_folder_is_followed_and_paths_are_judged_as_written(
         {"id": "linked", "image": "coco/e.jpg", "conversations": [turn(H, "<image> hi")]},
         {"id": "dots", "image": "..x.jpg", "conversations": [turn(H, "<image> hi")]},
         {"id": "climb", "image": "coco/../../shared/e.jpg", "conversations": [turn(H, "<image>")]},
+        {"id": "drive", "image": "C:\\shared\\e.jpg", "conversations": [turn(H, "<image>")]},
     ]
     _, records, rejects = convert_file(tmp_path, "k.json", json.dumps(items))
     linked = records["k-linked"]["image_info"][0]["image_base64"]
     assert base64.b64decode(linked) == (shared / "e.jpg").read_bytes()
     assert base64.b64decode(records["k-dots"]["image_info"][0]["image_base64"]) == make_image(8)
-    assert [(r["key"], r["reason"]) for r in rejects] == [("k-climb", "unsafe_image_path")]
+    assert [(r["key"], r["reason"]) for r in rejects] == [
+        ("k-climb", "unsafe_image_path"),
+        ("k-drive", "unsafe_image_path"),
+    ]
 
 
 def test_images_key_and_system_turns(tmp_path: Path) -> None:
