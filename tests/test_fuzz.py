@@ -135,9 +135,11 @@ class Store:
     def __init__(self, images: dict[str, bytes]) -> None:
         self.images = images
 
-    def get(self, url: str) -> tuple[bytes | None, str]:
+    def get(self, url: str, limit: int | None = None) -> tuple[bytes | None, str]:
         data = self.images.get(url)
-        return data, "" if data is not None else "not_downloaded"
+        if data is None:
+            return None, "not_downloaded"
+        return data[:limit], ""
 
 
 GPT = {
