@@ -322,7 +322,13 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
     path = latest_checkpoint(config.run_dir) if config.resume else None
     if path is None:
         return 0
-    refuse_other_settings(path, read_trainer_state(path).get("settings"), config)
+    saved = read_trainer_state(path)
+    refuse_other_settings(path, saved.get("settings"), config)
+    if int(saved["step"]) > config.steps:  # the loop would not run: nothing trained, exit 0
+        raise StartError(
+            f"checkpoint {path} is at step {saved['step']}, past --steps {config.steps}:"
+            f" pass --steps {saved['step']} or more, or use a new --run-dir"
+        )
     state = load_checkpoint(path, model, optimizer)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])

@@ -208,6 +208,20 @@ def test_resume_refuses_a_checkpoint_of_another_model(shards: Path, tmp_path: Pa
     assert train("--steps", "2", "--resume")["start_step"] == 1
 
 
+@pytest.mark.slow
+def test_resume_with_steps_below_the_checkpoint_is_refused(shards: Path, tmp_path: Path) -> None:
+    """A checkpoint at step 2 resumed with --steps 1 trained nothing, saved nothing and exited 0:
+    the lowered --steps was silently ignored."""
+    from flamingo_data.train import main
+
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
+    args += ["--max-tokens", "160"]
+    main([*args, "--steps", "2"])
+    with pytest.raises(ValueError, match="at step 2, past --steps 1: pass --steps 2 or more"):
+        main([*args, "--steps", "1", "--resume"])
+    assert main([*args, "--steps", "2", "--resume"])["start_step"] == 2
+
+
 def test_a_checkpoint_from_before_cross_attention_moved_is_refused_when_it_differs(
     tmp_path: Path,
 ) -> None:
