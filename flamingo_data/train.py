@@ -331,6 +331,10 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
         )
     state = load_checkpoint(path, model, optimizer)
     scheduler.load_state_dict(state["scheduler"])
+    # The saved rate is the next step's under the checkpoint's --steps: recompute it under this
+    # run's (a raised --steps would otherwise train one step at the old schedule's end, 0).
+    scheduler.last_epoch -= 1
+    scheduler.step()
     torch.set_rng_state(state["rng"])
     for name, loader in loaders.items():
         loader.load_state_dict(state["loaders"][name])

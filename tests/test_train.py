@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -220,6 +221,23 @@ def test_resume_with_steps_below_the_checkpoint_is_refused(shards: Path, tmp_pat
     with pytest.raises(ValueError, match="at step 2, past --steps 1: pass --steps 2 or more"):
         main([*args, "--steps", "1", "--resume"])
     assert main([*args, "--steps", "2", "--resume"])["start_step"] == 2
+
+
+@pytest.mark.slow
+def test_resume_with_more_steps_follows_the_longer_schedule(shards: Path, tmp_path: Path) -> None:
+    """Step 3 of a run raised from --steps 2 to 4 trained at the old schedule's last rate (0 for
+    cosine, a wasted step), not at step 3's rate of the 4-step schedule."""
+    from flamingo_data.train import main
+
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
+    args += ["--max-tokens", "160", "--lr", "1e-3", "--warmup-steps", "0"]
+    main([*args, "--steps", "2"])
+    main([*args, "--steps", "4", "--resume"])
+    rates = [e["lr"] for e in log_entries(tmp_path) if "lr" in e]
+    cosine = [0.5e-3 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert rates == pytest.approx(
+        [0.5e-3 * (1 + math.cos(math.pi * s / 2)) for s in range(2)] + cosine[2:]
+    )
 
 
 def test_a_checkpoint_from_before_cross_attention_moved_is_refused_when_it_differs(
