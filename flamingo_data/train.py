@@ -372,7 +372,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         summary["last_loss"] = entry["loss"]
         if step % config.log_every == 0 or step == config.steps:
             log.write(entry)
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        stopping = config.stop_after is not None and step - start == config.stop_after
+        if step % config.checkpoint_every == 0 or step == config.steps or stopping:
             save_checkpoint(
                 config.run_dir,
                 step,

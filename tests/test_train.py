@@ -240,6 +240,29 @@ def test_resume_with_more_steps_follows_the_longer_schedule(shards: Path, tmp_pa
     )
 
 
+@pytest.mark.slow
+def test_stop_after_saves_a_checkpoint_the_resume_continues_from(
+    shards: Path, tmp_path: Path
+) -> None:
+    """--stop-after 2 between checkpoints exited 0 without saving: --resume started over at step
+    0 and the two steps were lost."""
+    from flamingo_data.train import main
+
+    def train(run_dir: Path, *extra: str) -> dict:
+        args = ["--mmc4-shards", str(shards), "--run-dir", str(run_dir), "--batch-size", "2"]
+        return main([*args, "--max-tokens", "160", "--log-keys", "--steps", "4", *extra])
+
+    train(tmp_path / "whole")
+    assert train(tmp_path / "cut", "--checkpoint-every", "3", "--stop-after", "2")["steps"] == 2
+    assert train(tmp_path / "cut", "--resume")["start_step"] == 2
+    whole = [e for e in log_entries(tmp_path / "whole") if "loss" in e]
+    cut = [e for e in log_entries(tmp_path / "cut") if "loss" in e]
+    assert [e["step"] for e in cut] == [1, 2, 3, 4]
+    assert [(e["keys"], e["loss"], e["lr"]) for e in cut] == [
+        (e["keys"], e["loss"], e["lr"]) for e in whole
+    ]
+
+
 def test_a_checkpoint_from_before_cross_attention_moved_is_refused_when_it_differs(
     tmp_path: Path,
 ) -> None:
