@@ -329,8 +329,15 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
             f"checkpoint {path} is at step {saved['step']}, past --steps {config.steps}:"
             f" pass --steps {saved['step']} or more, or use a new --run-dir"
         )
+    # The checkpoint brings back the optimizer's moments and the step; the rate and the weight
+    # decay stay this run's options (they came back from the checkpoint, ignoring a new --lr).
+    options = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
     state = load_checkpoint(path, model, optimizer)
     scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = base_lrs
+    for group, values in zip(optimizer.param_groups, options, strict=True):
+        group.update(values)
     # The saved rate is the next step's under the checkpoint's --steps: recompute it under this
     # run's (a raised --steps would otherwise train one step at the old schedule's end, 0).
     scheduler.last_epoch -= 1

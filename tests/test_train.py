@@ -263,6 +263,25 @@ def test_stop_after_saves_a_checkpoint_the_resume_continues_from(
     ]
 
 
+@pytest.mark.slow
+def test_resume_takes_this_runs_lr_and_weight_decay(shards: Path, tmp_path: Path) -> None:
+    """The checkpoint's optimizer and scheduler state brought back its --lr and --weight-decay:
+    new values given with --resume were silently ignored."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from flamingo_data.train import main
+
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
+    args += ["--max-tokens", "160", "--warmup-steps", "0", "--schedule", "constant"]
+    main([*args, "--steps", "1", "--lr", "1e-3", "--weight-decay", "0.1"])
+    main([*args, "--steps", "2", "--resume", "--lr", "2e-3", "--weight-decay", "0.05"])
+    assert [e["lr"] for e in log_entries(tmp_path) if "lr" in e] == [1e-3, 2e-3]
+    dcp_to_torch_save(tmp_path / "checkpoints" / "step_0000002", tmp_path / "step_2.pt")
+    groups = torch.load(tmp_path / "step_2.pt", weights_only=False)["optim"]["param_groups"]
+    assert [(g["weight_decay"], g["initial_lr"]) for g in groups] == [(0.05, 2e-3), (0.0, 2e-3)]
+
+
 def test_a_checkpoint_from_before_cross_attention_moved_is_refused_when_it_differs(
     tmp_path: Path,
 ) -> None:
