@@ -322,9 +322,26 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
     path = latest_checkpoint(config.run_dir) if config.resume else None
     if path is None:
         return 0
-    refuse_other_settings(path, read_trainer_state(path).get("settings"), config)
+    saved = read_trainer_state(path)
+    refuse_other_settings(path, saved.get("settings"), config)
+    if int(saved["step"]) > config.steps:  # the loop would not run: nothing trained, exit 0
+        raise StartError(
+            f"checkpoint {path} is at step {saved['step']}, past --steps {config.steps}:"
+            f" pass --steps {saved['step']} or more, or use a new --run-dir"
+        )
+    # The checkpoint brings back the optimizer's moments and the step; the rate and the weight
+    # decay stay this run's options (they came back from the checkpoint, ignoring a new --lr).
+    options = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
     state = load_checkpoint(path, model, optimizer)
     scheduler.load_state_dict(state["scheduler"])
+    scheduler.base_lrs = base_lrs
+    for group, values in zip(optimizer.param_groups, options, strict=True):
+        group.update(values)
+    # The saved rate is the next step's under the checkpoint's --steps: recompute it under this
+    # run's (a raised --steps would otherwise train one step at the old schedule's end, 0).
+    scheduler.last_epoch -= 1
+    scheduler.step()
     torch.set_rng_state(state["rng"])
     for name, loader in loaders.items():
         loader.load_state_dict(state["loaders"][name])
@@ -362,7 +379,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         summary["last_loss"] = entry["loss"]
         if step % config.log_every == 0 or step == config.steps:
             log.write(entry)
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        stopping = config.stop_after is not None and step - start == config.stop_after
+        if step % config.checkpoint_every == 0 or step == config.steps or stopping:
             save_checkpoint(
                 config.run_dir,
                 step,

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after",
         type=int,
         default=None,
-        help="exit after this many steps in this run (testing)",
+        help="save a checkpoint and exit after this many steps in this run (testing)",
     )
     return p
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -206,6 +207,79 @@ def test_resume_refuses_a_checkpoint_of_another_model(shards: Path, tmp_path: Pa
         with pytest.raises(ValueError, match=message):
             train("--steps", "2", "--resume", *changed)
     assert train("--steps", "2", "--resume")["start_step"] == 1
+
+
+@pytest.mark.slow
+def test_resume_with_steps_below_the_checkpoint_is_refused(shards: Path, tmp_path: Path) -> None:
+    """A checkpoint at step 2 resumed with --steps 1 trained nothing, saved nothing and exited 0:
+    the lowered --steps was silently ignored."""
+    from flamingo_data.train import main
+
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
+    args += ["--max-tokens", "160"]
+    main([*args, "--steps", "2"])
+    with pytest.raises(ValueError, match="at step 2, past --steps 1: pass --steps 2 or more"):
+        main([*args, "--steps", "1", "--resume"])
+    assert main([*args, "--steps", "2", "--resume"])["start_step"] == 2
+
+
+@pytest.mark.slow
+def test_resume_with_more_steps_follows_the_longer_schedule(shards: Path, tmp_path: Path) -> None:
+    """Step 3 of a run raised from --steps 2 to 4 trained at the old schedule's last rate (0 for
+    cosine, a wasted step), not at step 3's rate of the 4-step schedule."""
+    from flamingo_data.train import main
+
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
+    args += ["--max-tokens", "160", "--lr", "1e-3", "--warmup-steps", "0"]
+    main([*args, "--steps", "2"])
+    main([*args, "--steps", "4", "--resume"])
+    rates = [e["lr"] for e in log_entries(tmp_path) if "lr" in e]
+    cosine = [0.5e-3 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert rates == pytest.approx(
+        [0.5e-3 * (1 + math.cos(math.pi * s / 2)) for s in range(2)] + cosine[2:]
+    )
+
+
+@pytest.mark.slow
+def test_stop_after_saves_a_checkpoint_the_resume_continues_from(
+    shards: Path, tmp_path: Path
+) -> None:
+    """--stop-after 2 between checkpoints exited 0 without saving: --resume started over at step
+    0 and the two steps were lost."""
+    from flamingo_data.train import main
+
+    def train(run_dir: Path, *extra: str) -> dict:
+        args = ["--mmc4-shards", str(shards), "--run-dir", str(run_dir), "--batch-size", "2"]
+        return main([*args, "--max-tokens", "160", "--log-keys", "--steps", "4", *extra])
+
+    train(tmp_path / "whole")
+    assert train(tmp_path / "cut", "--checkpoint-every", "3", "--stop-after", "2")["steps"] == 2
+    assert train(tmp_path / "cut", "--resume")["start_step"] == 2
+    whole = [e for e in log_entries(tmp_path / "whole") if "loss" in e]
+    cut = [e for e in log_entries(tmp_path / "cut") if "loss" in e]
+    assert [e["step"] for e in cut] == [1, 2, 3, 4]
+    assert [(e["keys"], e["loss"], e["lr"]) for e in cut] == [
+        (e["keys"], e["loss"], e["lr"]) for e in whole
+    ]
+
+
+@pytest.mark.slow
+def test_resume_takes_this_runs_lr_and_weight_decay(shards: Path, tmp_path: Path) -> None:
+    """The checkpoint's optimizer and scheduler state brought back its --lr and --weight-decay:
+    new values given with --resume were silently ignored."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from flamingo_data.train import main
+
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
+    args += ["--max-tokens", "160", "--warmup-steps", "0", "--schedule", "constant"]
+    main([*args, "--steps", "1", "--lr", "1e-3", "--weight-decay", "0.1"])
+    main([*args, "--steps", "2", "--resume", "--lr", "2e-3", "--weight-decay", "0.05"])
+    assert [e["lr"] for e in log_entries(tmp_path) if "lr" in e] == [1e-3, 2e-3]
+    dcp_to_torch_save(tmp_path / "checkpoints" / "step_0000002", tmp_path / "step_2.pt")
+    groups = torch.load(tmp_path / "step_2.pt", weights_only=False)["optim"]["param_groups"]
+    assert [(g["weight_decay"], g["initial_lr"]) for g in groups] == [(0.05, 2e-3), (0.0, 2e-3)]
 
 
 def test_a_checkpoint_from_before_cross_attention_moved_is_refused_when_it_differs(
