@@ -93,13 +93,15 @@ def same_picture(got: bytes, want: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def downloaded(server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
-    """Two parquet files (4 rows each, half failing) downloaded into 2 shards."""
+    """Two parquet files (4 rows each, half failing) downloaded into 2 shards; ``punsafe`` holds
+    NaN and Infinity, which JSON has not (img2dataset wrote them, validate refused the sample)."""
     root = tmp_path_factory.mktemp("laion")
     urls, captions, served = serve_routes(server)
     for part, rows in enumerate((slice(0, 2), slice(2, 4))):
         picked = [*range(8)[rows], *range(4, 8)[rows]]
         frame = {"URL": [urls[i] for i in picked], "TEXT": [captions[i] for i in picked]}
         frame["similarity"] = [0.25 + i / 100 for i in picked]
+        frame["punsafe"] = [float("nan") if part else float("inf"), 0.1, 0.1, 0.1]
         pd.DataFrame(frame).to_parquet(root / f"part-{part:05d}.parquet")
     stats = convert_laion(
         str(root / "part-{00000..00001}.parquet"),
@@ -119,6 +121,8 @@ def test_end_to_end_captions_images_and_counted_failures(downloaded) -> None:
     for caption, (data, meta) in pairs.items():
         assert same_picture(data, served[caption])  # small images are not upscaled
         assert meta["caption"] == caption and meta["similarity"] >= 0.25  # extra column kept
+        assert meta["punsafe"] in (None, 0.1)  # NaN, Infinity: null
+    assert sorted(meta["punsafe"] is None for _, meta in pairs.values()) == [False] * 2 + [True] * 2
     assert stats["counts"]["rows"] == {"in": 8, "downloaded": 4, "rejected": 4}
     assert stats["reasons"]["rows"] == {"http_404": 1, "image_decoding_error": 2, "timeout": 1}
     assert stats["counts"]["samples"] == {"in": 4, "written": 4}
