@@ -170,6 +170,42 @@ def test_adopting_an_img2dataset_output_checks_and_rewrites_bad_samples(
     assert copied.stat().st_ino != (source / "00001.tar").stat().st_ino
 
 
+def test_an_adopted_output_with_nan_in_its_json_is_written_with_null(
+    jpeg_bytes: bytes, tmp_path: Path
+) -> None:
+    """img2dataset itself writes NaN/Infinity from a float column into <key>.json: the check passed
+    such samples and validate refused every one; now the value is null and the sample kept."""
+    source = tmp_path / "i2d"
+    source.mkdir()
+    metas = [
+        '{"key": "000000000", "status": "success", "punsafe": NaN}',
+        '{"key": "000000001", "status": "success", "punsafe": 0.5, "similarity": -Infinity}',
+        '{"key": "000000002", "status": "success", "punsafe": 0.5}',
+    ]
+    with tarfile.open(source / "00000.tar", "w") as tar:
+        for i, meta in enumerate(metas):
+            for ext, data in (("jpg", jpeg_bytes), ("txt", f"cap {i}".encode()), ("json", meta)):
+                data = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(f"00000000{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (source / "00000_stats.json").write_text('{"count": 3, "successes": 3}')
+    out = tmp_path / "out"
+    stats = convert_laion(None, str(out), LaionOptions(), from_img2dataset=str(source)).to_json()
+    assert stats["counts"]["samples"] == {"in": 3, "written": 3, "non_finite_to_null": 2}
+    assert stats["counts"]["shards"] == {"rewritten": 1, "written": 1}
+    assert validate_shards(str(out), deep=True).ok
+    with tarfile.open(out / "00000.tar") as tar:
+        got = [json.loads(tar.extractfile(f"00000000{i}.json").read()) for i in range(3)]
+    assert [(m["punsafe"], m.get("similarity")) for m in got] == [
+        (None, None),
+        (0.5, None),
+        (0.5, None),
+    ]
+    nan = {"jpg": jpeg_bytes, "txt": b"c", "json": metas[0].encode()}
+    assert check_sample(nan, max_pixels=10_000) == "bad_json"  # as validate says
+
+
 def test_sample_check_reasons(jpeg_bytes: bytes) -> None:
     meta = json.dumps({"key": "000000000", "status": "success"}).encode()
     good = {"jpg": jpeg_bytes, "txt": b"a cat", "json": meta}
