@@ -258,11 +258,14 @@ def web_urls_only(source: str, url_col: str, target: Path, extra: Iterable[str] 
     urls (``file://``, ``ftp://``, ``data:``) are prefixed with ``refused:``. img2dataset's urllib
     would read a ``file://`` url from this machine's disk into the shards; now it cannot open it,
     and the row is counted ``bad_url`` in its place, keys unchanged. The copy also holds the
-    ``extra`` columns that need it as text (see ``_needs_text``)."""
+    ``extra`` columns that need it as text (see ``_needs_text``) and float columns with NaN or
+    ±Infinity as null (see ``_non_finite``)."""
     schema = pq.read_schema(source)
     text = [c for c in extra if _needs_text(schema.field(c).type)]
+    floats = [c for c in extra if pa.types.is_floating(schema.field(c).type)]
     refused = _refused_urls(pq.read_table(source, columns=[url_col])[url_col])
-    if refused is None and not text:
+    non_finite = _non_finite(pq.read_table(source, columns=floats)) if floats else {}
+    if refused is None and not text and not non_finite:
         return source
     table = pq.read_table(source)
     if refused is not None:
@@ -272,9 +275,25 @@ def web_urls_only(source: str, url_col: str, target: Path, extra: Iterable[str] 
     for name in text:
         index = table.schema.get_field_index(name)
         table = table.set_column(index, name, pc.cast(table[name], pa.string()))
+    for name, mask in non_finite.items():
+        index = table.schema.get_field_index(name)
+        column = pc.if_else(mask, pa.scalar(None, table[name].type), table[name])
+        table = table.set_column(index, name, column)
     target.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, target)
     return str(target)
+
+
+def _non_finite(table: pa.Table) -> dict[str, pa.ChunkedArray]:
+    """Where float columns hold NaN or ±Infinity (LAION's ``punsafe``/``pwatermark`` can): JSON
+    has no such values, yet img2dataset's ``json.dumps`` writes them into ``<key>.json``, which
+    ``validate`` (and any strict JSON reader) refuses. They become null."""
+    masks = {}
+    for name in table.column_names:
+        mask = pc.fill_null(pc.invert(pc.is_finite(table[name])), False)
+        if pc.any(mask).as_py():
+            masks[name] = mask
+    return masks
 
 
 def _refused_urls(urls: pa.ChunkedArray) -> pa.ChunkedArray | None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 
@@ -31,6 +31,8 @@ from flamingo_data.images import DEFAULT_MAX_PIXELS
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 # A response body over this many bytes is refused: no image a model is trained on comes near it.
 MAX_DOWNLOAD_BYTES = 64 * 2**20
+# What a url keeps as is when it is percent-encoded for the request: reserved characters and "%".
+URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
@@ -38,6 +40,22 @@ def is_web_url(url: str) -> bool:
     """Only http(s) is fetched: img2dataset's urllib would also read ``file://`` urls, so a crafted
     dataset could copy the converting machine's own files into shards."""
     return url[:8].lower().startswith(("http://", "https://"))
+
+
+def request_url(url: str) -> str:
+    """``url`` as a browser requests it: spaces, other control characters and non-ASCII text
+    percent-encoded (UTF-8), a non-ASCII host in IDNA form; ``%XX`` already there stays. urllib
+    sends the url as given, so a web url with ``é`` or a space failed (``'ascii' codec can't
+    encode``, ``URL can't contain control characters``) though the image was there."""
+    if not isinstance(url, str) or (url.isascii() and url.isprintable() and " " not in url):
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if not netloc.isascii():
+        with contextlib.suppress(UnicodeError):  # not a valid name: the request fails, says why
+            netloc = netloc.encode("idna").decode("ascii")
+    path, query = (quote(part, safe=URL_SAFE) for part in (parts.path, parts.query))
+    return urlunsplit((parts.scheme, netloc, path, query, ""))
 
 
 @dataclass(frozen=True)
@@ -139,7 +157,8 @@ def fetch(
 ) -> bytes:
     """The body of ``url``, or an exception whose text says why: ``timeout`` seconds in all
     (connect, redirects, headers, body: a slow-drip server is cut off), at most ``max_bytes``,
-    http(s) redirects only. ``check(response)`` may refuse it from its headers before the body."""
+    http(s) redirects only; ``url`` is percent-encoded as a browser does (``request_url``).
+    ``check(response)`` may refuse it from its headers before the body."""
     deadline = _Deadline()
     timer = threading.Timer(timeout, deadline.expire)
     timer.daemon = True
@@ -148,7 +167,8 @@ def fetch(
         _HTTPHandler(deadline), _HTTPSHandler(deadline), _WebOnlyRedirects
     )
     try:
-        with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+        request = urllib.request.Request(request_url(url), headers=headers)
+        with opener.open(request, timeout=timeout) as response:
             check(response)
             body = _read_capped(response, max_bytes)
     except (OSError, http.client.HTTPException) as exc:

@@ -1,7 +1,8 @@
 """Check one img2dataset pair shard sample by sample and place it in the output folder.
 
 A shard whose every sample is fit for training is placed unchanged (hard link or copy: no re-encode,
-byte-identical); otherwise it is rewritten without the bad samples, each counted with its reason.
+byte-identical); otherwise it is rewritten without the bad samples, each counted with its reason
+(and with NaN/±Infinity in ``<key>.json`` written as null: see ``finite_json``).
 Runs in a worker process, so it returns plain data (``ShardResult``) for the driver to merge.
 """
 
@@ -13,6 +14,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from flamingo_data.images import decode_rgb, sniff_format
 from flamingo_data.schema import schema_errors
@@ -55,6 +58,7 @@ def _check_text(members: dict[str, bytes]) -> str | None:
         return "missing_caption"
     try:
         caption = members["txt"].decode("utf-8")
+        orjson.loads(members["json"])  # validate's parser first: it refuses NaN, lone surrogates
         meta = json.loads(members["json"])
     except UnicodeDecodeError:
         return "caption_not_utf8"
@@ -65,6 +69,24 @@ def _check_text(members: dict[str, bytes]) -> str | None:
     return "schema" if schema_errors("pair", meta) else None
 
 
+def finite_json(raw: bytes) -> bytes | None:
+    """``raw`` with NaN/±Infinity as null, when it has them, else None. img2dataset's
+    ``json.dumps`` writes them from a float column (LAION's ``punsafe``), JSON has neither, and
+    ``validate`` refuses the sample: the pair itself is fine, so the value goes, not the sample."""
+    try:
+        orjson.loads(raw)
+        return None
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        value = json.loads(raw, parse_constant=lambda name: None)
+        fixed = json.dumps(value, indent=4).encode()  # img2dataset's layout
+        orjson.loads(fixed)
+    except (ValueError, RecursionError):  # not only NaN: check_sample says bad_json
+        return None
+    return fixed
+
+
 def _url(sample: Sample) -> str:
     try:
         return str(json.loads(sample.members["json"]).get("url", ""))
@@ -72,12 +94,18 @@ def _url(sample: Sample) -> str:
         return ""
 
 
-def scan_shard(tar: Path, max_pixels: int, stats: Stats, rejects: list) -> tuple[set[str], bool]:
-    """(keys of bad samples, whether the tar itself had problems); counts every sample."""
+def scan_shard(
+    tar: Path, max_pixels: int, stats: Stats, rejects: list
+) -> tuple[set[str], dict[str, bytes], bool]:
+    """(keys of bad samples, repaired ``<key>.json`` by key, whether the tar itself had problems);
+    counts every sample."""
     bad: set[str] = set()
+    repaired: dict[str, bytes] = {}
     issues: list[ReadIssue] = []
     for sample in iter_samples(str(tar), issues.append):
         stats.add("samples", "in")
+        if "json" in sample.members and (fixed := finite_json(sample.members["json"])):
+            sample.members["json"] = repaired[sample.key] = fixed
         if (reason := check_sample(sample.members, max_pixels)) is None:
             continue
         bad.add(sample.key)
@@ -89,21 +117,23 @@ def scan_shard(tar: Path, max_pixels: int, stats: Stats, rejects: list) -> tuple
         stats.reject("members", issue.reason)
         entry = {"key": issue.key, "kind": "members", "reason": issue.reason}
         rejects.append({**entry, "shard": tar.name, "detail": issue.detail})
-    return bad, bool(issues)
+    if count := len(repaired.keys() - bad):
+        stats.add("samples", "non_finite_to_null", count)
+    return bad, repaired, bool(issues)
 
 
 def place_shard(tar: Path, out: Path, max_pixels: int, how: str = "copy") -> ShardResult:
     """Check ``tar`` and put its good samples into ``out`` under the same name (``how``: link|copy)."""
     stats, rejects = Stats(converter="laion"), []
-    bad, damaged = scan_shard(tar, max_pixels, stats, rejects)
+    bad, repaired, damaged = scan_shard(tar, max_pixels, stats, rejects)
     written = stats.get("samples", "in") - len(bad)
     stats.add("samples", "written", written)
     target = out / tar.name
     if written == 0:
         target.unlink(missing_ok=True)  # an earlier run's shard must not outlive its samples
         done = "empty"
-    elif bad or damaged:
-        _rewrite(tar, out, bad)
+    elif bad or repaired or damaged:
+        _rewrite(tar, out, bad, repaired)
         done = "rewritten"
     else:
         done = _place_unchanged(tar, target, how)
@@ -130,10 +160,12 @@ def _place_unchanged(tar: Path, target: Path, how: str) -> str:
     return "copied"
 
 
-def _rewrite(tar: Path, out: Path, bad: set[str]) -> None:
+def _rewrite(tar: Path, out: Path, bad: set[str], repaired: dict[str, bytes]) -> None:
     writer = ShardWriter(out, f"{tar.stem}_rewrite", max_samples=2**62, max_bytes=2**62)
     for sample in iter_samples(str(tar), lambda issue: None):
         if sample.key not in bad:
+            if sample.key in repaired:
+                sample.members["json"] = repaired[sample.key]
             writer.write(sample.key, sample.members)
     for name in writer.close():
         os.replace(out / name, out / tar.name)

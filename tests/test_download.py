@@ -12,12 +12,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from flamingo_data.download import DownloadOptions, TooManyBytes, fetch
+from flamingo_data.download import DownloadOptions, TooManyBytes, fetch, request_url
 from flamingo_data.samples import make_image
+from tests.conftest import Route
 
 JPEG = make_image(3, 64, 48, "JPEG")
 CAP = 1 << 20
@@ -95,6 +97,21 @@ def test_fetch_bounds_time_size_and_redirects(server) -> None:
     with pytest.raises(OSError, match="non-http"):
         get("ftp.jpg")
     assert ftp_hits == []
+
+
+def test_urls_with_spaces_and_non_ascii_text_are_fetched_as_a_browser_does(http_server) -> None:
+    """urllib sent the url as given: ``é`` failed ('ascii' codec can't encode) and a space failed
+    (control characters), so such LAION rows were lost though their images were there."""
+    http_server.routes["/caf%C3%A9%20noir.jpg"] = Route(JPEG)
+    http_server.routes["/a%20b.jpg"] = Route(b"already encoded")
+    get = partial(fetch, timeout=2, max_bytes=CAP, headers={})
+    assert get(http_server.url("café noir.jpg")) == JPEG
+    assert get(http_server.url("a%20b.jpg")) == b"already encoded"  # an existing %XX stays
+    assert get(http_server.url("caf%C3%A9%20noir.jpg?q=1 2")) == JPEG
+    assert request_url("http://bücher.example/ä b?x=ü&y=%41") == (
+        "http://xn--bcher-kva.example/%C3%A4%20b?x=%C3%BC&y=%41"
+    )
+    assert request_url("http://example.com/plain.jpg#frag") == "http://example.com/plain.jpg#frag"
 
 
 @pytest.mark.slow

@@ -93,13 +93,15 @@ def same_picture(got: bytes, want: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def downloaded(server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
-    """Two parquet files (4 rows each, half failing) downloaded into 2 shards."""
+    """Two parquet files (4 rows each, half failing) downloaded into 2 shards; ``punsafe`` holds
+    NaN and Infinity, which JSON has not (img2dataset wrote them, validate refused the sample)."""
     root = tmp_path_factory.mktemp("laion")
     urls, captions, served = serve_routes(server)
     for part, rows in enumerate((slice(0, 2), slice(2, 4))):
         picked = [*range(8)[rows], *range(4, 8)[rows]]
         frame = {"URL": [urls[i] for i in picked], "TEXT": [captions[i] for i in picked]}
         frame["similarity"] = [0.25 + i / 100 for i in picked]
+        frame["punsafe"] = [float("nan") if part else float("inf"), 0.1, 0.1, 0.1]
         pd.DataFrame(frame).to_parquet(root / f"part-{part:05d}.parquet")
     stats = convert_laion(
         str(root / "part-{00000..00001}.parquet"),
@@ -119,6 +121,8 @@ def test_end_to_end_captions_images_and_counted_failures(downloaded) -> None:
     for caption, (data, meta) in pairs.items():
         assert same_picture(data, served[caption])  # small images are not upscaled
         assert meta["caption"] == caption and meta["similarity"] >= 0.25  # extra column kept
+        assert meta["punsafe"] in (None, 0.1)  # NaN, Infinity: null
+    assert sorted(meta["punsafe"] is None for _, meta in pairs.values()) == [False] * 2 + [True] * 2
     assert stats["counts"]["rows"] == {"in": 8, "downloaded": 4, "rejected": 4}
     assert stats["reasons"]["rows"] == {"http_404": 1, "image_decoding_error": 2, "timeout": 1}
     assert stats["counts"]["samples"] == {"in": 4, "written": 4}
@@ -164,6 +168,42 @@ def test_adopting_an_img2dataset_output_checks_and_rewrites_bad_samples(
     copied = tmp_path / "out" / "00001.tar"
     assert copied.read_bytes() == (source / "00001.tar").read_bytes()
     assert copied.stat().st_ino != (source / "00001.tar").stat().st_ino
+
+
+def test_an_adopted_output_with_nan_in_its_json_is_written_with_null(
+    jpeg_bytes: bytes, tmp_path: Path
+) -> None:
+    """img2dataset itself writes NaN/Infinity from a float column into <key>.json: the check passed
+    such samples and validate refused every one; now the value is null and the sample kept."""
+    source = tmp_path / "i2d"
+    source.mkdir()
+    metas = [
+        '{"key": "000000000", "status": "success", "punsafe": NaN}',
+        '{"key": "000000001", "status": "success", "punsafe": 0.5, "similarity": -Infinity}',
+        '{"key": "000000002", "status": "success", "punsafe": 0.5}',
+    ]
+    with tarfile.open(source / "00000.tar", "w") as tar:
+        for i, meta in enumerate(metas):
+            for ext, data in (("jpg", jpeg_bytes), ("txt", f"cap {i}".encode()), ("json", meta)):
+                data = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(f"00000000{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (source / "00000_stats.json").write_text('{"count": 3, "successes": 3}')
+    out = tmp_path / "out"
+    stats = convert_laion(None, str(out), LaionOptions(), from_img2dataset=str(source)).to_json()
+    assert stats["counts"]["samples"] == {"in": 3, "written": 3, "non_finite_to_null": 2}
+    assert stats["counts"]["shards"] == {"rewritten": 1, "written": 1}
+    assert validate_shards(str(out), deep=True).ok
+    with tarfile.open(out / "00000.tar") as tar:
+        got = [json.loads(tar.extractfile(f"00000000{i}.json").read()) for i in range(3)]
+    assert [(m["punsafe"], m.get("similarity")) for m in got] == [
+        (None, None),
+        (0.5, None),
+        (0.5, None),
+    ]
+    nan = {"jpg": jpeg_bytes, "txt": b"c", "json": metas[0].encode()}
+    assert check_sample(nan, max_pixels=10_000) == "bad_json"  # as validate says
 
 
 def test_sample_check_reasons(jpeg_bytes: bytes) -> None:
