@@ -30,6 +30,9 @@ from flamingo_data.specs import SpecError, expand_specs
 
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
 LOADER_IMAGE_SIZE = 224  # LoaderConfig.image_size: --deep decodes as the loader's workers do
+# open_flamingo's MMC4 path skips an image when len(bytes) // 1000 <= 10, then a document left with
+# none; our loader keeps both (min_image_bytes=0), so this is a count for upstream's users, not a failure.
+OPEN_FLAMINGO_MIN_IMAGE_BYTES = 11_000
 
 
 @dataclass
@@ -50,6 +53,8 @@ class ValidationReport:
     images: int = 0
     failures: list[Failure] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)
+    # what open_flamingo's own loader would drop from interleaved records that pass (see above)
+    open_flamingo_skips: Counter = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -68,6 +73,10 @@ class ValidationReport:
             "failures_by_reason": dict(self.reasons()),
             "failures": [f.__dict__ for f in self.failures],
             "sizes": self.sizes,
+            "open_flamingo_skips": {
+                "images_under_11000_bytes": self.open_flamingo_skips["images"],
+                "documents_left_without_images": self.open_flamingo_skips["documents"],
+            },
         }
 
 
@@ -227,19 +236,32 @@ def _check_interleaved(
     if len(matrix) != n_images or any(len(row) != n_sentences for row in matrix):
         shape = f"{len(matrix)}x{len(matrix[0]) if matrix else 0}"
         problems.append(("bad_matrix_shape", f"{shape}, want {n_images}x{n_sentences}"))
-    with_bytes = 0
+    with_bytes = []
     for i, info in enumerate(record["image_info"]):
         if info["matched_text_index"] >= n_sentences:
             problems.append(
                 ("index_out_of_range", f"image {i}: {info['matched_text_index']} >= {n_sentences}")
             )
         if "image_base64" in info:
-            with_bytes += 1
+            with_bytes.append(info["image_base64"])
             if (problem := _check_image_b64(info["image_base64"], options, report)) is not None:
                 problems.append((problem[0], f"image {i}: {problem[1]}"))
-    if with_bytes == 0:
+    if not with_bytes:
         problems.append(("no_images", "no image_info entry has image_base64"))
+    if not problems:
+        _count_open_flamingo_skips(with_bytes, report)
     return problems
+
+
+def _count_open_flamingo_skips(images_base64: list[str], report: ValidationReport) -> None:
+    small = sum(_base64_size(text) < OPEN_FLAMINGO_MIN_IMAGE_BYTES for text in images_base64)
+    report.open_flamingo_skips["images"] += small
+    report.open_flamingo_skips["documents"] += small == len(images_base64)
+
+
+def _base64_size(text: str) -> int:
+    """Decoded length of strict (already checked) base64, without decoding it again."""
+    return len(text) // 4 * 3 - (len(text) - len(text.rstrip("=")))
 
 
 def _check_gpt(record: dict, sample: Sample, options: ValidateOptions, report: ValidationReport):

@@ -36,6 +36,7 @@ import webdataset as wds
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
+from flamingo_data.cli import main as cli
 from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
 from flamingo_data.converters.laion import LaionOptions, convert_laion
@@ -203,6 +204,41 @@ def test_open_flamingo_skips_images_under_11000_bytes(tmp_path: Path) -> None:
     assert drops == {"ValueError: No images in sample": 10}
     assert all(our_plan(r) is None for r in written.values())
     assert all(plan_interleaved(r, LoaderConfig()).placements for r in written.values())
+
+
+def test_validate_counts_what_open_flamingo_would_skip(tmp_path: Path, capsys) -> None:
+    """validate tells upstream's users what its byte rule will cost them: the images under 11,000
+    bytes and the documents left with none (which upstream's own steps drop), as a note."""
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=12, missing_rate=0.2)
+    for seed, path in enumerate(sorted(Path(sample["images"]).rglob("*.jpg"))):
+        if seed % 3 == 0:  # the rest stay the sample's small JPEGs
+            path.write_bytes(photo_like(seed, 200, 160))
+    out = convert_sample(tmp_path, sample["images"], sample["docs"])
+    sizes = [
+        [len(base64.b64decode(i["image_base64"])) for i in r["image_info"] if "image_base64" in i]
+        for r in records(out).values()
+    ]
+    small = sum(n < UPSTREAM_MIN_BYTES for doc in sizes for n in doc)
+    left_without = [doc for doc in sizes if all(n < UPSTREAM_MIN_BYTES for n in doc)]
+    assert 0 < len(left_without) < len(sizes) and small > len(left_without)
+    for info in records(out).values():  # upstream's own steps drop exactly those documents
+        kept = [i for i in info["image_info"] if "image_base64" in i]
+        if all(len(base64.b64decode(i["image_base64"])) < UPSTREAM_MIN_BYTES for i in kept):
+            with pytest.raises(ValueError, match="No images in sample"):
+                open_flamingo_mmc4(info)
+    report = validate_shards(str(out))
+    assert report.ok and report.open_flamingo_skips == {
+        "images": small,
+        "documents": len(left_without),
+    }
+    assert report.to_json()["open_flamingo_skips"] == {
+        "images_under_11000_bytes": small,
+        "documents_left_without_images": len(left_without),
+    }
+    assert cli(["validate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"would skip {small} interleaved images" in printed
+    assert f"and {len(left_without)} documents left without one" in printed
 
 
 def test_demo_shards_read_by_open_flamingo_steps(tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ def print_summary(report: ValidationReport, limit: int) -> None:
     print(
         f"{report.shards} shards, {report.samples} samples ({kinds}), {report.images} images checked"
     )
+    _print_open_flamingo_skips(report)
     if report.ok:
         print("OK: fit for training")
         return
@@ -82,6 +83,17 @@ def print_summary(report: ValidationReport, limit: int) -> None:
         print(printable(line.rstrip()))
     if len(report.failures) > limit:
         print(f"  ... {len(report.failures) - limit} more (use --json for all)")
+
+
+def _print_open_flamingo_skips(report: ValidationReport) -> None:
+    """A note, not a failure: resized shards hold small images, which our loader keeps."""
+    skips = report.open_flamingo_skips
+    if skips["images"]:
+        print(
+            f"note: open_flamingo's own loader would skip {skips['images']} interleaved images"
+            f" (under 11,000 bytes) and {skips['documents']} documents left without one;"
+            " flamingo-data's loader keeps them"
+        )
 
 
 def printable(text: str) -> str:
