@@ -148,10 +148,14 @@ def main(argv: list[str] | None = None) -> None:
                 "--short-side 256 --resize-filter bilinear",
                 ImagePolicy(short_side=256, resize_filter="bilinear"),
             ),
-            ("--short-side 256 -q 75", ImagePolicy(short_side=256, quality=75)),
+            ("--short-side 256 -q 70", ImagePolicy(short_side=256, quality=70)),
             (
-                "--short-side 256 -q 75 --resize-filter bilinear",
-                ImagePolicy(short_side=256, quality=75, resize_filter="bilinear"),
+                "--short-side 256 -q 90 --jpeg-tables annex-k",
+                ImagePolicy(short_side=256, jpeg_tables="annex-k"),
+            ),
+            (
+                "--short-side 256 -q 75 --jpeg-tables annex-k",
+                ImagePolicy(short_side=256, quality=75, jpeg_tables="annex-k"),
             ),
             *jpegli_rows(),
         ):

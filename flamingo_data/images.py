@@ -17,7 +17,12 @@ import simplejpeg
 from PIL import Image, ImageOps
 
 from flamingo_data.image_end import image_end
-from flamingo_data.jpeg_encoders import DEFAULT_ENCODER, check_encoder, encode_jpeg
+from flamingo_data.jpeg_encoders import (
+    DEFAULT_ENCODER,
+    DEFAULT_TABLES,
+    check_encoder,
+    encode_jpeg,
+)
 from flamingo_data.resize import RESIZE_FILTERS, resize_pixels
 
 KEEPABLE = {"jpeg": {"RGB", "L"}, "png": {"RGB", "L", "RGBA", "LA", "P"}, "webp": {"RGB", "RGBA"}}
@@ -55,6 +60,7 @@ class ImagePolicy:
     encoder: str = (
         DEFAULT_ENCODER  # JPEG encoder for re-encodes; see flamingo_data/jpeg_encoders.py
     )
+    jpeg_tables: str = DEFAULT_TABLES  # libjpeg-turbo's quantisation tables (jpegli has its own)
 
     def as_settings(self) -> dict[str, Any]:
         """The JSON form unit markers record. ``max_bytes`` only when changed: runs written
@@ -62,6 +68,8 @@ class ImagePolicy:
         settings = asdict(self)
         if self.max_bytes == DEFAULT_MAX_BYTES:
             del settings["max_bytes"]
+        if self.jpeg_tables == "annex-k" or self.encoder != "libjpeg-turbo":
+            del settings["jpeg_tables"]  # what every run made before the tables existed used
         return settings
 
     def __post_init__(self) -> None:
@@ -69,7 +77,7 @@ class ImagePolicy:
             raise ValueError(f"resize_filter must be one of {sorted(RESIZE_FILTERS)}")
         if not 1 <= self.quality <= 100:
             raise ValueError("quality must be 1..100")
-        check_encoder(self.encoder)
+        check_encoder(self.encoder, self.jpeg_tables)
         if self.max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
 
@@ -354,7 +362,7 @@ def _converted(
 
 
 def _encoded(outcome: str, rgb: Image.Image, policy: ImagePolicy, reason: str) -> ImageResult:
-    data = encode_jpeg(rgb, policy.quality, policy.encoder)
+    data = encode_jpeg(rgb, policy.quality, policy.encoder, policy.jpeg_tables)
     return ImageResult(outcome, data, "jpeg", rgb.width, rgb.height, reason=reason)
 
 

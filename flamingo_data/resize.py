@@ -4,7 +4,7 @@ A plain JPEG is decoded by libjpeg-turbo at the smallest 1/2, 1/4 or 1/8 scale t
 the target, so the resize left over is a small one (factor < 2; 1.45 median on the benchmark's web
 photos). There OpenCV's bicubic kernel is ~9x faster than PIL's antialiased one: 40.9 dB PSNR
 against a full decode + Lanczos, where PIL's gives 43.1 (benchmarks/bench_decode_scales.py), both
-far above the JPEG re-encode's own error (35.9 dB end to end at quality 90;
+far above the JPEG re-encode's own error (36.3 dB end to end at quality 90;
 benchmarks/bench_resize_filters.py). Larger factors, and
 the filters where OpenCV is not faster, keep PIL's antialiased resize, which widens with the factor.
 """

@@ -283,11 +283,22 @@ def record_settings(out_dir: Path, settings: dict[str, Any], resume: bool) -> No
 
 def _refuse_other_settings(out_dir: str | Path, earlier: Any, settings: dict[str, Any]) -> None:
     if isinstance(earlier, dict) and earlier != settings:
-        changed = sorted(k for k in {*earlier, *settings} if earlier.get(k) != settings.get(k))
         raise OutputExistsError(
-            f"{out_dir} was written with other options ({', '.join(changed)} differ): "
-            "resume with the same options, or pass --overwrite"
+            f"{out_dir} was written with other options ({', '.join(_changed(earlier, settings))}"
+            " differ): resume with the same options, or pass --overwrite"
         )
+
+
+def _changed(earlier: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of what differs (``policy.quality``), so the user knows which option to pass."""
+    names = []
+    for key in sorted({*earlier, *now}):
+        old, new = earlier.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += _changed(old, new, f"{prefix}{key}.")
+        elif old != new:
+            names.append(f"{prefix}{key}")
+    return names
 
 
 def prepare_out_dir(

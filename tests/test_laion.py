@@ -282,7 +282,9 @@ def test_resume_after_a_killed_run(server, tmp_path: Path) -> None:
     assert again.returncode == 2 and "--resume" in again.stderr  # never mixed up silently
     other = [*command, "--resume", "--image-size", "64"]  # would mix two image sizes
     refused = subprocess.run(other, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "other options (download differ)" in refused.stderr
+    assert (
+        refused.returncode == 2 and "other options (download.image_size differ)" in refused.stderr
+    )
     resume = [*command, "--resume", "--threads", "2"]  # parallelism may change
     subprocess.run(resume, check=True, capture_output=True, timeout=180)
     assert set(read_pairs(tmp_path / "out")) == set(served)

@@ -459,7 +459,7 @@ def test_resume_refuses_other_options_and_names_them(sample: dict, tmp_path: Pat
     resumed = [*base, "--images", sample["images"], "--resume", "--short-side", "48"]
     assert cli(resumed) == 2
     err = capsys.readouterr().err
-    assert "other options (policy differ)" in err and len(err.strip().splitlines()) == 1
+    assert "other options (policy.short_side differ)" in err and len(err.strip().splitlines()) == 1
     assert tar_bytes(tmp_path / "out") == before
     moved = tmp_path / "moved"
     Path(sample["images"]).rename(moved)  # same options, images moved: resumes
