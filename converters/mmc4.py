@@ -43,6 +43,8 @@ LAYOUTS = ("auto", "indexed", "flat")
 # A document line longer than this is counted line_too_long and never held whole: MMC4 lines are
 # kilobytes (a few MB at most), while a zip bomb's one line took 4x its size to read and parse.
 MAX_LINE_BYTES = 64 * 2**20
+# How many zips, evenly spaced in the --docs list, auto-detection samples image names from.
+SAMPLE_UNITS = 20
 # What reading a bad zip raises; RuntimeError: an encrypted member, NotImplementedError (a
 # RuntimeError too): an unsupported compression method.
 ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError)
@@ -339,16 +341,28 @@ def _layout_message(options: Mmc4Options, rates: dict[str, float], checked: int)
 
 
 def _sample_image_names(units: list[Unit], limit: int) -> list[tuple[Unit, str]]:
+    """About ``limit`` image names, an equal share from each of up to ``SAMPLE_UNITS`` zips evenly
+    spaced in the list: an MMC4 zip holds thousands of images, so the first zip alone would decide,
+    and one shard whose images are absent would stop a run that has most of them."""
+    step = max(1, math.ceil(len(units) / SAMPLE_UNITS))
+    picked = units[::step]
+    share = math.ceil(limit / len(picked))
     names: list[tuple[Unit, str]] = []
-    for unit in units:
-        try:
-            for _member, _number, line in iter_lines(unit.source):
-                names.extend((unit, i["image_name"]) for i in _image_infos(line))
-                if len(names) >= limit:
-                    return names
-        except ZIP_READ_ERRORS:
-            continue
+    for unit in picked:
+        names += _unit_image_names(unit, share)
     return names
+
+
+def _unit_image_names(unit: Unit, limit: int) -> list[tuple[Unit, str]]:
+    names: list[tuple[Unit, str]] = []
+    try:
+        for _member, _number, line in iter_lines(unit.source):
+            names.extend((unit, i["image_name"]) for i in _image_infos(line))
+            if len(names) >= limit:
+                break
+    except ZIP_READ_ERRORS:
+        pass
+    return names[:limit]
 
 
 def _image_infos(line: bytes | None) -> list[dict[str, Any]]:

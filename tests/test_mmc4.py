@@ -133,6 +133,27 @@ def test_wrong_layout_or_folder_fails_loudly(sample: dict, tmp_path: Path, capsy
     assert not list((tmp_path / "o").glob("*.tar"))
 
 
+def test_auto_detection_samples_every_zip_not_just_the_first(tmp_path: Path) -> None:
+    """The first zip alone holds over 200 images; its folder is absent, the other two are there.
+    Two thirds of the images are found, so the run goes on instead of stopping as if all were."""
+    sample = write_mmc4_sample(
+        tmp_path / "src", n_shards=3, docs_per_shard=150, missing_rate=0.0, image_size=(16, 16)
+    )
+    assert sum(len(d["image_info"]) for d in sample["documents"][0]) > 200
+    for path in (Path(sample["images"]) / "0").iterdir():
+        path.unlink()
+    stats = convert(sample, tmp_path / "out")
+    expected = {
+        f"shard_{shard}-{line:07d}"
+        for shard, docs in enumerate(sample["documents"])
+        for line, doc in enumerate(docs, start=1)
+        if shard > 0 and doc["image_info"]
+    }
+    assert set(read_records(tmp_path / "out")) == expected
+    assert stats["counts"]["units"]["layout_indexed"] == 1
+    assert stats["reasons"]["documents"] == {"no_images": 150}
+
+
 def _zip(path: Path, members: dict[str, bytes]) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in members.items():
