@@ -393,7 +393,7 @@ def convert_mmc4(
     """Convert MMC4 zips into interleaved shards in ``run.out_dir``; returns the merged stats."""
     if options.layout not in LAYOUTS:
         raise ValueError(f"--image-layout must be one of {', '.join(LAYOUTS)}")
-    sources = expand_specs(docs, folder_suffix=".zip", keep_missing=True)
+    sources = expand_specs(docs, folder_suffix=".zip", keep_missing=True, ignore_case=True)
     units = [u for u in unit_names(sources, unit_stem) if remote.isfile(u.source)]
     if not units:
         raise SpecError(f"no MMC4 zip matches {docs!r}")

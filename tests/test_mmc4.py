@@ -154,6 +154,16 @@ def test_auto_detection_samples_every_zip_not_just_the_first(tmp_path: Path) -> 
     assert stats["reasons"]["documents"] == {"no_images": 150}
 
 
+def test_a_docs_folder_finds_zips_whatever_the_case_of_their_suffix(tmp_path: Path) -> None:
+    """A zip saved on another system as SHARD_0.ZIP is an MMC4 zip too; it was skipped unsaid."""
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=2, docs_per_shard=4, missing_rate=0.0)
+    docs_dir = Path(sample["docs"]).parent
+    (docs_dir / "shard_0.zip").rename(docs_dir / "shard_0.ZIP")
+    stats = convert({**sample, "docs": str(docs_dir)}, tmp_path / "out")
+    assert stats["counts"]["units"]["done"] == 2
+    assert stats["counts"]["documents"] == {"in": 8, "written": 8}
+
+
 def _zip(path: Path, members: dict[str, bytes]) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in members.items():
