@@ -253,6 +253,55 @@ def test_keep_and_drop_options(sample: dict, tmp_path: Path) -> None:
     assert strict["written"] < default["written"] < keep["written"]
 
 
+@pytest.mark.parametrize(
+    ("options", "written", "reasons"),
+    [
+        ({}, "ABC", {"no_images": 2}),
+        ({"keep_docs_without_images": True}, "ABCDE", {}),
+        ({"drop_docs_with_missing_images": True}, "A", {"missing_images": 2, "no_images": 2}),
+        (
+            {"keep_docs_without_images": True, "drop_docs_with_missing_images": True},
+            "AE",
+            {"missing_images": 3},
+        ),
+    ],
+)
+def test_keep_and_drop_options_decide_each_document_as_documented(
+    tmp_path: Path, options: dict, written: str, reasons: dict
+) -> None:
+    """A: every image found, B: one missing, C: one undecodable, D: none found, E: no image listed.
+    A rejected image counts as missing for --drop-docs-with-missing-images."""
+
+    def lines(good: dict) -> list[bytes]:
+        info, row = good["image_info"][0], good["similarity_matrix"][0]
+
+        def doc(*names: str) -> bytes:
+            infos = [{**info, "image_name": n} for n in names]
+            return json.dumps(
+                {**good, "image_info": infos, "similarity_matrix": [row] * len(names)}
+            ).encode()
+
+        found = info["image_name"]
+        return [doc(found, "gone.jpg"), doc(found, "corrupt.jpg"), doc("gone.jpg"), doc()]
+
+    sample = _sample_with_lines(tmp_path, lines)
+    (Path(sample["images"]) / "0" / "corrupt.jpg").write_bytes(make_image(1)[:300])
+    stats = convert(sample, tmp_path / "out", **options)
+    keys = {f"shard_0-{line:07d}": name for line, name in enumerate("ABCDE", start=1)}
+    assert sorted(keys[k] for k in read_records(tmp_path / "out")) == list(written)
+    assert stats["counts"]["documents"]["in"] == 5
+    assert stats["counts"]["documents"].get("rejected", 0) == 5 - len(written)
+    assert stats["reasons"].get("documents", {}) == reasons
+    n_a = len(sample["documents"][0][0]["image_info"])  # A: the sample's own document
+    assert stats["counts"]["images"] == {
+        "in": n_a + 5,
+        "found": n_a + 2,
+        "kept": n_a + 2,
+        "missing": 2,
+        "rejected": 1,
+    }
+
+
 def test_bad_command_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     assert (
         cli(
