@@ -100,16 +100,27 @@ def image_folder(images: str, unit: Unit, layout: str) -> str:
 
 def iter_lines(path: str) -> Iterator[tuple[str, int, bytes | None]]:
     """(member, line number, raw line) for every .jsonl member of the zip (any case: a zip made
-    on another system may say .JSONL), members in name order. A line over ``MAX_LINE_BYTES`` is
+    on another system may say .JSONL; macOS's ``__MACOSX/._*`` copies left out), members in name order. A line over ``MAX_LINE_BYTES`` is
     None: it is skipped unread, so one huge line (a zip bomb) never has to fit in memory."""
     with remote.open_binary(path) as handle, zipfile.ZipFile(handle) as zf:
-        members = sorted(n for n in zf.namelist() if n.lower().endswith(".jsonl"))
+        members = sorted(n for n in zf.namelist() if _is_jsonl_member(n))
         if not members:
             raise zipfile.BadZipFile("no .jsonl member")
         for member in members:
             with zf.open(member) as handle:
                 for number, line in enumerate(_capped_lines(io.BufferedReader(handle)), start=1):
                     yield member, number, line
+
+
+def _is_jsonl_member(name: str) -> bool:
+    """A .jsonl file, not the AppleDouble copy (``__MACOSX/._x.jsonl``, binary) that a zip made by
+    macOS holds beside each file: its bytes would be counted as bad_json documents."""
+    parts = name.split("/")
+    return (
+        name.lower().endswith(".jsonl")
+        and "__MACOSX" not in parts
+        and not parts[-1].startswith("._")
+    )
 
 
 def _capped_lines(reader: io.BufferedReader) -> Iterator[bytes | None]:

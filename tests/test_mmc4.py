@@ -524,7 +524,10 @@ def test_jsonl_members_are_found_whatever_the_case_of_their_suffix(tmp_path: Pat
     sample = _sample_with_lines(tmp_path, lambda good: [])
     docs_dir = Path(sample["docs"]).parent
     line = zipfile.ZipFile(docs_dir / "shard_0.zip").read("shard_0.jsonl")
-    _zip(docs_dir / "shard_0.zip", {"a.jsonl": line, "B.JSONL": line, "notes.txt": b"not data"})
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \n\x00\x02\xff\n"
+    members = {"a.jsonl": line, "B.JSONL": line, "notes.txt": b"not data"}
+    members |= {"__MACOSX/._a.jsonl": apple_double, "__MACOSX/._B.JSONL": apple_double}
+    _zip(docs_dir / "shard_0.zip", members)
     stats = convert(sample, tmp_path / "out")
     assert stats["counts"]["documents"] == {"in": 2, "written": 2}
 
