@@ -43,6 +43,8 @@ LAYOUTS = ("auto", "indexed", "flat")
 # A document line longer than this is counted line_too_long and never held whole: MMC4 lines are
 # kilobytes (a few MB at most), while a zip bomb's one line took 4x its size to read and parse.
 MAX_LINE_BYTES = 64 * 2**20
+# How many zips, evenly spaced in the --docs list, auto-detection samples image names from.
+SAMPLE_UNITS = 20
 # What reading a bad zip raises; RuntimeError: an encrypted member, NotImplementedError (a
 # RuntimeError too): an unsupported compression method.
 ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError)
@@ -98,16 +100,27 @@ def image_folder(images: str, unit: Unit, layout: str) -> str:
 
 def iter_lines(path: str) -> Iterator[tuple[str, int, bytes | None]]:
     """(member, line number, raw line) for every .jsonl member of the zip (any case: a zip made
-    on another system may say .JSONL), members in name order. A line over ``MAX_LINE_BYTES`` is
+    on another system may say .JSONL; macOS's ``__MACOSX/._*`` copies left out), members in name order. A line over ``MAX_LINE_BYTES`` is
     None: it is skipped unread, so one huge line (a zip bomb) never has to fit in memory."""
     with remote.open_binary(path) as handle, zipfile.ZipFile(handle) as zf:
-        members = sorted(n for n in zf.namelist() if n.lower().endswith(".jsonl"))
+        members = sorted(n for n in zf.namelist() if _is_jsonl_member(n))
         if not members:
             raise zipfile.BadZipFile("no .jsonl member")
         for member in members:
             with zf.open(member) as handle:
                 for number, line in enumerate(_capped_lines(io.BufferedReader(handle)), start=1):
                     yield member, number, line
+
+
+def _is_jsonl_member(name: str) -> bool:
+    """A .jsonl file, not the AppleDouble copy (``__MACOSX/._x.jsonl``, binary) that a zip made by
+    macOS holds beside each file: its bytes would be counted as bad_json documents."""
+    parts = name.split("/")
+    return (
+        name.lower().endswith(".jsonl")
+        and "__MACOSX" not in parts
+        and not parts[-1].startswith("._")
+    )
 
 
 def _capped_lines(reader: io.BufferedReader) -> Iterator[bytes | None]:
@@ -339,16 +352,28 @@ def _layout_message(options: Mmc4Options, rates: dict[str, float], checked: int)
 
 
 def _sample_image_names(units: list[Unit], limit: int) -> list[tuple[Unit, str]]:
+    """About ``limit`` image names, an equal share from each of up to ``SAMPLE_UNITS`` zips evenly
+    spaced in the list: an MMC4 zip holds thousands of images, so the first zip alone would decide,
+    and one shard whose images are absent would stop a run that has most of them."""
+    step = max(1, math.ceil(len(units) / SAMPLE_UNITS))
+    picked = units[::step]
+    share = math.ceil(limit / len(picked))
     names: list[tuple[Unit, str]] = []
-    for unit in units:
-        try:
-            for _member, _number, line in iter_lines(unit.source):
-                names.extend((unit, i["image_name"]) for i in _image_infos(line))
-                if len(names) >= limit:
-                    return names
-        except ZIP_READ_ERRORS:
-            continue
+    for unit in picked:
+        names += _unit_image_names(unit, share)
     return names
+
+
+def _unit_image_names(unit: Unit, limit: int) -> list[tuple[Unit, str]]:
+    names: list[tuple[Unit, str]] = []
+    try:
+        for _member, _number, line in iter_lines(unit.source):
+            names.extend((unit, i["image_name"]) for i in _image_infos(line))
+            if len(names) >= limit:
+                break
+    except ZIP_READ_ERRORS:
+        pass
+    return names[:limit]
 
 
 def _image_infos(line: bytes | None) -> list[dict[str, Any]]:
@@ -379,7 +404,7 @@ def convert_mmc4(
     """Convert MMC4 zips into interleaved shards in ``run.out_dir``; returns the merged stats."""
     if options.layout not in LAYOUTS:
         raise ValueError(f"--image-layout must be one of {', '.join(LAYOUTS)}")
-    sources = expand_specs(docs, folder_suffix=".zip", keep_missing=True)
+    sources = expand_specs(docs, folder_suffix=".zip", keep_missing=True, ignore_case=True)
     units = [u for u in unit_names(sources, unit_stem) if remote.isfile(u.source)]
     if not units:
         raise SpecError(f"no MMC4 zip matches {docs!r}")

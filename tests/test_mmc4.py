@@ -133,6 +133,37 @@ def test_wrong_layout_or_folder_fails_loudly(sample: dict, tmp_path: Path, capsy
     assert not list((tmp_path / "o").glob("*.tar"))
 
 
+def test_auto_detection_samples_every_zip_not_just_the_first(tmp_path: Path) -> None:
+    """The first zip alone holds over 200 images; its folder is absent, the other two are there.
+    Two thirds of the images are found, so the run goes on instead of stopping as if all were."""
+    sample = write_mmc4_sample(
+        tmp_path / "src", n_shards=3, docs_per_shard=150, missing_rate=0.0, image_size=(16, 16)
+    )
+    assert sum(len(d["image_info"]) for d in sample["documents"][0]) > 200
+    for path in (Path(sample["images"]) / "0").iterdir():
+        path.unlink()
+    stats = convert(sample, tmp_path / "out")
+    expected = {
+        f"shard_{shard}-{line:07d}"
+        for shard, docs in enumerate(sample["documents"])
+        for line, doc in enumerate(docs, start=1)
+        if shard > 0 and doc["image_info"]
+    }
+    assert set(read_records(tmp_path / "out")) == expected
+    assert stats["counts"]["units"]["layout_indexed"] == 1
+    assert stats["reasons"]["documents"] == {"no_images": 150}
+
+
+def test_a_docs_folder_finds_zips_whatever_the_case_of_their_suffix(tmp_path: Path) -> None:
+    """A zip saved on another system as SHARD_0.ZIP is an MMC4 zip too; it was skipped unsaid."""
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=2, docs_per_shard=4, missing_rate=0.0)
+    docs_dir = Path(sample["docs"]).parent
+    (docs_dir / "shard_0.zip").rename(docs_dir / "shard_0.ZIP")
+    stats = convert({**sample, "docs": str(docs_dir)}, tmp_path / "out")
+    assert stats["counts"]["units"]["done"] == 2
+    assert stats["counts"]["documents"] == {"in": 8, "written": 8}
+
+
 def _zip(path: Path, members: dict[str, bytes]) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in members.items():
@@ -220,6 +251,55 @@ def test_keep_and_drop_options(sample: dict, tmp_path: Path) -> None:
     ]
     assert keep["written"] == keep["in"] and keep.get("rejected", 0) == 0
     assert strict["written"] < default["written"] < keep["written"]
+
+
+@pytest.mark.parametrize(
+    ("options", "written", "reasons"),
+    [
+        ({}, "ABC", {"no_images": 2}),
+        ({"keep_docs_without_images": True}, "ABCDE", {}),
+        ({"drop_docs_with_missing_images": True}, "A", {"missing_images": 2, "no_images": 2}),
+        (
+            {"keep_docs_without_images": True, "drop_docs_with_missing_images": True},
+            "AE",
+            {"missing_images": 3},
+        ),
+    ],
+)
+def test_keep_and_drop_options_decide_each_document_as_documented(
+    tmp_path: Path, options: dict, written: str, reasons: dict
+) -> None:
+    """A: every image found, B: one missing, C: one undecodable, D: none found, E: no image listed.
+    A rejected image counts as missing for --drop-docs-with-missing-images."""
+
+    def lines(good: dict) -> list[bytes]:
+        info, row = good["image_info"][0], good["similarity_matrix"][0]
+
+        def doc(*names: str) -> bytes:
+            infos = [{**info, "image_name": n} for n in names]
+            return json.dumps(
+                {**good, "image_info": infos, "similarity_matrix": [row] * len(names)}
+            ).encode()
+
+        found = info["image_name"]
+        return [doc(found, "gone.jpg"), doc(found, "corrupt.jpg"), doc("gone.jpg"), doc()]
+
+    sample = _sample_with_lines(tmp_path, lines)
+    (Path(sample["images"]) / "0" / "corrupt.jpg").write_bytes(make_image(1)[:300])
+    stats = convert(sample, tmp_path / "out", **options)
+    keys = {f"shard_0-{line:07d}": name for line, name in enumerate("ABCDE", start=1)}
+    assert sorted(keys[k] for k in read_records(tmp_path / "out")) == list(written)
+    assert stats["counts"]["documents"]["in"] == 5
+    assert stats["counts"]["documents"].get("rejected", 0) == 5 - len(written)
+    assert stats["reasons"].get("documents", {}) == reasons
+    n_a = len(sample["documents"][0][0]["image_info"])  # A: the sample's own document
+    assert stats["counts"]["images"] == {
+        "in": n_a + 5,
+        "found": n_a + 2,
+        "kept": n_a + 2,
+        "missing": 2,
+        "rejected": 1,
+    }
 
 
 def test_bad_command_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
@@ -444,7 +524,10 @@ def test_jsonl_members_are_found_whatever_the_case_of_their_suffix(tmp_path: Pat
     sample = _sample_with_lines(tmp_path, lambda good: [])
     docs_dir = Path(sample["docs"]).parent
     line = zipfile.ZipFile(docs_dir / "shard_0.zip").read("shard_0.jsonl")
-    _zip(docs_dir / "shard_0.zip", {"a.jsonl": line, "B.JSONL": line, "notes.txt": b"not data"})
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \n\x00\x02\xff\n"
+    members = {"a.jsonl": line, "B.JSONL": line, "notes.txt": b"not data"}
+    members |= {"__MACOSX/._a.jsonl": apple_double, "__MACOSX/._B.JSONL": apple_double}
+    _zip(docs_dir / "shard_0.zip", members)
     stats = convert(sample, tmp_path / "out")
     assert stats["counts"]["documents"] == {"in": 2, "written": 2}
 
