@@ -138,7 +138,8 @@ def _count_doc(
     texts = [as_text(t, specials)[0] for t in doc.texts]  # as the loader: literal tokens stay text
     ids = tokenizer.encode(_training_text(doc, texts, text, config))
     report.tokens.append(len(ids))
-    reason = doc.rejected or _truncation_reject(ids[: config.max_tokens], tokenizer, config)
+    limit = config.pair_max_tokens if doc.kind == "pair" else config.max_tokens
+    reason = doc.rejected or _truncation_reject(ids[:limit], tokenizer, config)
     if reason:
         report.rejected_by_loader[reason] += 1
     else:
@@ -171,8 +172,8 @@ def _training_text(
             Placement(i.index, i.where, i.similarity or 0.0) for i in doc.images if i.kept
         ]
         return interleaved_text(plan, tokenizer.eos_token)
-    if doc.kind == "pair":
-        return f"{IMAGE_TOKEN}{texts[0]}"
+    if doc.kind == "pair":  # the loader's pair string: the count lacked the two end tokens
+        return f"{IMAGE_TOKEN}{texts[0]}{EOC_TOKEN}{tokenizer.eos_token}"
     kept = {i.where for i in doc.images if i.kept}
     return "".join((IMAGE_TOKEN if n in kept else "") + t for n, t in enumerate(texts))
 

@@ -245,3 +245,63 @@ def test_a_spec_that_names_no_shard_is_named_in_the_error(tmp_path: Path, capsys
     spec = str(tmp_path / "{00000..00001}.tar")
     assert cli(["inspect", spec]) == 2
     assert f"no shard matches [{spec!r}]" in capsys.readouterr().err
+
+
+def test_samples_the_loader_refuses_by_kind_or_caption_get_the_loaders_reasons(
+    tmp_path: Path,
+) -> None:
+    """A pair without a caption or with a caption that is not UTF-8, a sample with neither json
+    nor image, a record neither GPT nor interleaved and an image whose base64 is broken all read
+    as kept (or as bad_json / bad_record); a null matched_text_index, which the loader never
+    reads, made a kept document bad_record. Inspect must name what the loader names."""
+    from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+
+    image = solid_jpeg((1, 2, 3))
+    null_match = interleaved_record(["A", "B"], [[0.3, 0.1], [0.1, 0.1]], [image, image])
+    null_match["image_info"][1]["matched_text_index"] = None
+    bad_b64 = interleaved_record(["A", "B"], [[0.3, 0.1]], [image])
+    bad_b64["image_info"][0]["image_base64"] = "!!not base64!!"
+    gpt_bad_b64 = {
+        "is_gpt": True,
+        "example": "_!_IMAGE1_!_ hi",
+        "image_map": {"_!_IMAGE1_!_": {"base64_image": "@@@@"}},
+    }
+    writer = ShardWriter(tmp_path, "odd")
+    good = interleaved_record(["A", "B"], [[0.3, 0.1]], [image])
+    writer.write("good", {"json": json.dumps(good).encode()})
+    writer.write("null_match", {"json": json.dumps(null_match).encode()})
+    writer.write("pair_no_caption", {"jpg": image})
+    writer.write("pair_bad_caption", {"jpg": image, "txt": b"\xff\xfe caption"})
+    writer.write("only_txt", {"txt": b"hello"})
+    writer.write("no_kind", {"json": b'{"url": "u"}'})
+    writer.write("bad_b64", {"json": json.dumps(bad_b64).encode()})
+    writer.write("gpt_bad_b64", {"json": json.dumps(gpt_bad_b64).encode()})
+    writer.close()
+    report = inspect_shards(str(tmp_path))
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path))], make_tokenizer(None), LoaderConfig(image_size=16)
+    )
+    kept = sorted(key for batch in loader for key in batch["keys"])
+    assert kept == ["good", "null_match"] and report.survive == 2
+    expected = {
+        "missing_caption": 1,
+        "bad_caption": 1,
+        "missing_json": 1,
+        "unknown_record_kind": 1,
+        "bad_base64": 2,
+    }
+    assert dict(report.rejected_by_loader) == loader.rejections() == expected
+
+
+def test_a_pairs_token_count_is_the_string_the_loader_tokenizes(tmp_path: Path) -> None:
+    """The loader tokenizes ``<image>`` + stripped caption + ``<|endofchunk|>`` + eos (the
+    built-in tokenizer: one id per byte, one per special token); inspect left out both end
+    tokens and the strip, so a pair's count was 2 short (plus its spaces)."""
+    captions = ["  a caption  ", "x" * 40, "café"]
+    writer = ShardWriter(tmp_path, "p")
+    for n, caption in enumerate(captions):
+        writer.write(f"p{n}", {"jpg": make_image(n, 64, 64), "txt": caption.encode()})
+    writer.close()
+    report = inspect_shards(str(tmp_path))
+    assert report.tokens == [3 + len(c.strip().encode()) for c in captions]  # [12, 43, 8]
+    assert report.survive == 3
