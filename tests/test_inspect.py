@@ -305,3 +305,21 @@ def test_a_pairs_token_count_is_the_string_the_loader_tokenizes(tmp_path: Path) 
     report = inspect_shards(str(tmp_path))
     assert report.tokens == [3 + len(c.strip().encode()) for c in captions]  # [12, 43, 8]
     assert report.survive == 3
+
+
+def test_token_percentiles_are_nearest_rank(tmp_path: Path) -> None:
+    """p90 of ten documents was the longest one and p50 of two the longer: int(q * n) is one
+    rank too high. Checked against numpy's nearest-rank (inverted CDF) percentile."""
+    import numpy as np
+
+    lengths = [10, 20, 30, 40, 50, 60, 70, 80, 90, 400]
+    records = {
+        f"d{n}": interleaved_record(["x" * (k - 10)], [[0.3]], [solid_jpeg((1, 2, 3))])
+        for n, k in enumerate(lengths)
+    }
+    write_json_shard(tmp_path, "a", records)
+    report = inspect_shards(str(tmp_path))
+    tokens = report.to_json()["tokens"]
+    for name, q in (("p50", 50), ("p90", 90)):
+        assert tokens[name] == int(np.percentile(report.tokens, q, method="inverted_cdf"))
+    assert tokens["p90"] < tokens["max"] == max(report.tokens)
