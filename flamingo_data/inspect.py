@@ -263,5 +263,11 @@ def plot_report(report: InspectReport, out: str) -> None:
     axes[3].hist(report.tokens, bins=30, color="#2d2a32")
     axes[3].set_title("tokens per document")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        # always a PNG, at ``out`` exactly: by extension, 'hist' was written to hist.png and
+        # 'hist.txt' stopped with a traceback
+        fig.savefig(out, dpi=100, format="png")
+    except OSError as exc:  # was exit 1 with advice to rerun with --resume
+        raise RuntimeError(f"cannot write --plot {out}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)

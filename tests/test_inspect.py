@@ -323,3 +323,21 @@ def test_token_percentiles_are_nearest_rank(tmp_path: Path) -> None:
     for name, q in (("p50", 50), ("p90", 90)):
         assert tokens[name] == int(np.percentile(report.tokens, q, method="inverted_cdf"))
     assert tokens["p90"] < tokens["max"] == max(report.tokens)
+
+
+def test_plot_is_a_png_at_the_path_given_and_an_unwritable_one_is_exit_2(
+    shards: Path, tmp_path: Path, capsys
+) -> None:
+    """matplotlib chose the format by extension: '--plot hist' wrote hist.png while saying
+    'written to hist', '--plot h.txt' stopped with a traceback, and a folder or a path under a
+    file was exit 1 with advice to rerun with --resume."""
+    pytest.importorskip("matplotlib")
+    for name in ("hist", "h.txt"):
+        assert cli(["inspect", str(shards), "--plot", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "hist.png").exists()
+    capsys.readouterr()
+    for bad in (tmp_path, tmp_path / "hist" / "h.png"):
+        assert cli(["inspect", str(shards), "--plot", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write --plot {bad}" in err and "--resume" not in err

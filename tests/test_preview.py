@@ -126,3 +126,21 @@ def test_gpt_images_show_the_loaders_reason_by_position(tmp_path: Path) -> None:
         ("img dropped", "placeholder_without_image"),
         ("img dropped", "placeholder_without_image"),
     ]
+
+
+def test_an_unwritable_out_is_one_line_exit_2_and_a_url_out_is_written_there(
+    shards: Path, tmp_path: Path, capsys
+) -> None:
+    """A folder or a path under a file was an OSError: exit 1 with advice to rerun with
+    --resume; a url became a local file named 'memory:/...'."""
+    import fsspec
+
+    for bad in (tmp_path, tmp_path / "shards" / "s-00000.tar" / "p.html"):
+        assert cli(["preview", str(shards), "--out", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write {bad}" in err and "--resume" not in err
+    url = "memory://preview-out/p.html"
+    assert cli(["preview", str(shards), "--out", url]) == 0
+    with fsspec.open(url, "rb") as handle:
+        assert b"data-key='doc1'" in handle.read()
+    assert not list(tmp_path.glob("memory*")) and not Path("memory:").exists()
