@@ -150,12 +150,15 @@ def _count_doc(
 
 
 def _count_image(report: InspectReport, data: bytes) -> None:
-    report.image_formats[sniff_format(data) or "unknown"] += 1
+    """One format per image: an unreadable one was counted twice (its sniffed format and
+    ``unreadable``), so the format mix added up to more images than there were."""
     try:
         width, height = open_capped(data, DEFAULT_MAX_PIXELS).size
-        report.image_short_side[size_bucket(min(width, height))] += 1
     except Exception:  # header unreadable or a bomb: counted as a format problem, not a crash
         report.image_formats["unreadable"] += 1
+        return
+    report.image_formats[sniff_format(data) or "unknown"] += 1
+    report.image_short_side[size_bucket(min(width, height))] += 1
 
 
 def _training_text(

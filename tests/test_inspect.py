@@ -341,3 +341,15 @@ def test_plot_is_a_png_at_the_path_given_and_an_unwritable_one_is_exit_2(
         assert cli(["inspect", str(shards), "--plot", str(bad)]) == 2
         err = capsys.readouterr().err
         assert f"cannot write --plot {bad}" in err and "--resume" not in err
+
+
+def test_each_image_has_one_format_so_the_mix_adds_up_to_the_images(tmp_path: Path) -> None:
+    """An image whose header does not read was counted as its sniffed format and again as
+    'unreadable': 2 images gave a format mix of 3."""
+    truncated = solid_jpeg((1, 2, 3))[:12]  # sniffs as JPEG, no readable header
+    record = interleaved_record(["A", "B"], [[0.3, 0.1], [0.1, 0.3]], [truncated, make_image(1)])
+    write_json_shard(tmp_path, "a", {"d": record})
+    report = inspect_shards(str(tmp_path)).to_json()
+    assert report["images"] == sum(report["image_formats"].values()) == 2
+    assert report["image_formats"] == {"unreadable": 1, "jpeg": 1}
+    assert sum(report["image_short_side"].values()) == 1
