@@ -353,3 +353,20 @@ def test_each_image_has_one_format_so_the_mix_adds_up_to_the_images(tmp_path: Pa
     assert report["images"] == sum(report["image_formats"].values()) == 2
     assert report["image_formats"] == {"unreadable": 1, "jpeg": 1}
     assert sum(report["image_short_side"].values()) == 1
+
+
+@pytest.mark.parametrize("command", ["inspect", "preview", "validate"])
+def test_a_url_this_machine_cannot_open_is_one_line_exit_2(
+    command: str, tmp_path: Path, capsys
+) -> None:
+    """An unknown protocol (fsspec's ValueError) or one whose package is not installed (its
+    ImportError, e.g. s3:// without s3fs) was a traceback."""
+    import importlib.util
+
+    urls = ["nosuchproto://bucket/a-00000.tar"]
+    if importlib.util.find_spec("dropboxdrivefs") is None:
+        urls.append("dropbox://folder/a-00000.tar")
+    extra = ["--out", str(tmp_path / "p.html")] if command == "preview" else []
+    for url in urls:
+        assert cli([command, url, *extra]) == 2
+        assert f"error: cannot use {url}" in capsys.readouterr().err
