@@ -56,26 +56,43 @@ def iter_docs(
 
 
 def view_sample(sample: Sample, config: LoaderConfig) -> DocView:
+    """The loader's dispatch and reasons (``preprocess``): a sample without json or image is
+    ``missing_json``, a record neither GPT nor interleaved ``unknown_record_kind``, a pair without
+    a UTF-8 caption ``missing_caption`` / ``bad_caption``. They all read as kept, or as bad_json /
+    bad_record, before."""
     image_ext = next((ext for ext in IMAGE_EXTS if ext in sample.members), None)
-    if image_ext is not None:
-        caption = sample.members.get("txt", b"").decode("utf-8", errors="replace")
+    if "json" in sample.members and image_ext is None:
+        try:
+            record = parse_json(sample.members["json"])  # the loader's parser: same bad_json
+        except Reject:
+            return DocView(sample.key, sample.shard, "unknown", rejected="bad_json")
+        try:
+            if record.get("is_gpt"):
+                return _gpt_view(sample, record, config)
+            if "text_list" in record:
+                return _interleaved_view(sample, record, config)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return DocView(
+                sample.key, sample.shard, "unknown", rejected="bad_record", record=record
+            )
         return DocView(
-            sample.key,
-            sample.shard,
-            "pair",
-            [caption],
-            [ImageView(0, sample.members[image_ext], True, 0)],
+            sample.key, sample.shard, "unknown", rejected="unknown_record_kind", record=record
         )
+    if image_ext is not None:
+        return _pair_view(sample, image_ext)
+    return DocView(sample.key, sample.shard, "unknown", rejected="missing_json")
+
+
+def _pair_view(sample: Sample, image_ext: str) -> DocView:
+    raw, rejected = sample.members.get("txt"), None
+    if raw is None:
+        raw, rejected = b"", "missing_caption"
     try:
-        record = parse_json(sample.members["json"])  # the loader's parser: same bad_json
-    except (KeyError, Reject):
-        return DocView(sample.key, sample.shard, "unknown", rejected="bad_json")
-    try:
-        if record.get("is_gpt"):
-            return _gpt_view(sample, record, config)
-        return _interleaved_view(sample, record, config)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return DocView(sample.key, sample.shard, "unknown", rejected="bad_record", record=record)
+        caption = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        caption, rejected = raw.decode("utf-8", errors="replace").strip(), "bad_caption"
+    image = ImageView(0, sample.members[image_ext], rejected is None, 0, reason=rejected)
+    return DocView(sample.key, sample.shard, "pair", [caption], [image], rejected)
 
 
 def _bytes(b64: str | None) -> bytes | None:
@@ -118,7 +135,7 @@ def _interleaved_view(sample: Sample, record: dict[str, Any], config: LoaderConf
     for d in plan.dropped:
         info = infos[d.image_index]
         sims = record["similarity_matrix"][d.image_index]
-        where = min(max(int(info.get("matched_text_index", 0)), 0), len(plan.sentences) - 1)
+        where = _matched_sentence(info, len(plan.sentences))
         view.images.append(
             ImageView(
                 d.image_index,
@@ -131,7 +148,18 @@ def _interleaved_view(sample: Sample, record: dict[str, Any], config: LoaderConf
             )
         )
     view.images.sort(key=lambda i: (i.where if i.where is not None else 0, not i.kept, i.index))
+    if view.rejected is None and any(i.kept and i.data is None for i in view.images):
+        view.rejected = "bad_base64"  # placed_image_bytes refuses the whole document
     return view
+
+
+def _matched_sentence(info: dict[str, Any], n_sentences: int) -> int:
+    """Where a dropped image is shown: its source's matched sentence, which the loader never
+    reads, so a null or text there is no reason to call the record bad (it did: bad_record)."""
+    try:
+        return min(max(int(info.get("matched_text_index", 0)), 0), n_sentences - 1)
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _gpt_view(sample: Sample, record: dict[str, Any], config: LoaderConfig) -> DocView:
@@ -140,18 +168,17 @@ def _gpt_view(sample: Sample, record: dict[str, Any], config: LoaderConfig) -> D
     view = DocView(
         sample.key, sample.shard, "gpt", pieces[0::2], rejected=plan.rejected_reason, record=record
     )
-    kept = set(plan.image_names)
     for position, number in enumerate(pieces[1::2]):
         name = f"_!_IMAGE{number}_!_"
         entry = record["image_map"].get(name) or {}
+        # kept by position, not by name: a placeholder repeated past max_images showed as kept,
+        # and every image of a rejected sequence was greyed as over_max_images
+        kept = position < len(plan.image_names)
+        reason = None if kept else plan.rejected_reason or "over_max_images"
+        data = _bytes(entry.get("base64_image"))
         view.images.append(
-            ImageView(
-                int(number),
-                _bytes(entry.get("base64_image")),
-                name in kept,
-                position + 1,
-                reason=None if name in kept else "over_max_images",
-                name=name,
-            )
+            ImageView(int(number), data, kept, position + 1, reason=reason, name=name)
         )
+    if view.rejected is None and any(i.kept and i.data is None for i in view.images):
+        view.rejected = "bad_base64"  # gpt_image_bytes refuses the whole sequence
     return view

@@ -10,6 +10,7 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
+from flamingo_data import remote
 from flamingo_data.docview import DocView, ImageView, iter_docs
 from flamingo_data.images import sniff_format
 from flamingo_data.loader.config import LoaderConfig
@@ -67,9 +68,22 @@ def write_preview(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>"
         f"</head><body><header><h1>{_e(title)}</h1><p>{_e(intro)}</p></header><main>{body}</main></body></html>"
     )
-    Path(out).write_text(page, encoding="utf-8")
+    write_page(out, page)
     shown = sum(1 for d in docs for i in d.images if i.data)
     return PreviewResult(out, len(docs), shown)
+
+
+def write_page(out: str, page: str) -> None:
+    """To a local path or a url (a url became a local file named ``s3:/...``). An unwritable
+    ``out`` is the caller's input error (RuntimeError: one line, exit 2); it was an OSError, exit
+    1 with advice to rerun with --resume, which preview does not have."""
+    try:
+        if remote.is_remote(out):
+            remote.write_bytes(out, page.encode("utf-8"))
+        else:
+            Path(out).write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise RuntimeError(f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
 def _e(text: object) -> str:

@@ -18,8 +18,19 @@ def is_remote(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
+class RemoteUnavailable(RuntimeError):
+    """A url whose protocol fsspec does not know, or whose filesystem package is not installed
+    (``s3://`` without s3fs): input the user can fix, one line and exit 2 from the CLI. Both
+    stopped inspect, preview and validate with a traceback."""
+
+
 def _fs(path: str):
-    return fsspec.core.url_to_fs(path)
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as exc:
+        raise RemoteUnavailable(f"cannot use {path}: {exc}") from exc
+    except ValueError as exc:  # fsspec: "Protocol not known: foo"
+        raise RemoteUnavailable(f"cannot use {path}: {exc}") from exc
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:

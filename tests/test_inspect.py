@@ -245,3 +245,128 @@ def test_a_spec_that_names_no_shard_is_named_in_the_error(tmp_path: Path, capsys
     spec = str(tmp_path / "{00000..00001}.tar")
     assert cli(["inspect", spec]) == 2
     assert f"no shard matches [{spec!r}]" in capsys.readouterr().err
+
+
+def test_samples_the_loader_refuses_by_kind_or_caption_get_the_loaders_reasons(
+    tmp_path: Path,
+) -> None:
+    """A pair without a caption or with a caption that is not UTF-8, a sample with neither json
+    nor image, a record neither GPT nor interleaved and an image whose base64 is broken all read
+    as kept (or as bad_json / bad_record); a null matched_text_index, which the loader never
+    reads, made a kept document bad_record. Inspect must name what the loader names."""
+    from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+
+    image = solid_jpeg((1, 2, 3))
+    null_match = interleaved_record(["A", "B"], [[0.3, 0.1], [0.1, 0.1]], [image, image])
+    null_match["image_info"][1]["matched_text_index"] = None
+    bad_b64 = interleaved_record(["A", "B"], [[0.3, 0.1]], [image])
+    bad_b64["image_info"][0]["image_base64"] = "!!not base64!!"
+    gpt_bad_b64 = {
+        "is_gpt": True,
+        "example": "_!_IMAGE1_!_ hi",
+        "image_map": {"_!_IMAGE1_!_": {"base64_image": "@@@@"}},
+    }
+    writer = ShardWriter(tmp_path, "odd")
+    good = interleaved_record(["A", "B"], [[0.3, 0.1]], [image])
+    writer.write("good", {"json": json.dumps(good).encode()})
+    writer.write("null_match", {"json": json.dumps(null_match).encode()})
+    writer.write("pair_no_caption", {"jpg": image})
+    writer.write("pair_bad_caption", {"jpg": image, "txt": b"\xff\xfe caption"})
+    writer.write("only_txt", {"txt": b"hello"})
+    writer.write("no_kind", {"json": b'{"url": "u"}'})
+    writer.write("bad_b64", {"json": json.dumps(bad_b64).encode()})
+    writer.write("gpt_bad_b64", {"json": json.dumps(gpt_bad_b64).encode()})
+    writer.close()
+    report = inspect_shards(str(tmp_path))
+    loader = build_loader(
+        [DatasetSpec("d", str(tmp_path))], make_tokenizer(None), LoaderConfig(image_size=16)
+    )
+    kept = sorted(key for batch in loader for key in batch["keys"])
+    assert kept == ["good", "null_match"] and report.survive == 2
+    expected = {
+        "missing_caption": 1,
+        "bad_caption": 1,
+        "missing_json": 1,
+        "unknown_record_kind": 1,
+        "bad_base64": 2,
+    }
+    assert dict(report.rejected_by_loader) == loader.rejections() == expected
+
+
+def test_a_pairs_token_count_is_the_string_the_loader_tokenizes(tmp_path: Path) -> None:
+    """The loader tokenizes ``<image>`` + stripped caption + ``<|endofchunk|>`` + eos (the
+    built-in tokenizer: one id per byte, one per special token); inspect left out both end
+    tokens and the strip, so a pair's count was 2 short (plus its spaces)."""
+    captions = ["  a caption  ", "x" * 40, "café"]
+    writer = ShardWriter(tmp_path, "p")
+    for n, caption in enumerate(captions):
+        writer.write(f"p{n}", {"jpg": make_image(n, 64, 64), "txt": caption.encode()})
+    writer.close()
+    report = inspect_shards(str(tmp_path))
+    assert report.tokens == [3 + len(c.strip().encode()) for c in captions]  # [12, 43, 8]
+    assert report.survive == 3
+
+
+def test_token_percentiles_are_nearest_rank(tmp_path: Path) -> None:
+    """p90 of ten documents was the longest one and p50 of two the longer: int(q * n) is one
+    rank too high. Checked against numpy's nearest-rank (inverted CDF) percentile."""
+    import numpy as np
+
+    lengths = [10, 20, 30, 40, 50, 60, 70, 80, 90, 400]
+    records = {
+        f"d{n}": interleaved_record(["x" * (k - 10)], [[0.3]], [solid_jpeg((1, 2, 3))])
+        for n, k in enumerate(lengths)
+    }
+    write_json_shard(tmp_path, "a", records)
+    report = inspect_shards(str(tmp_path))
+    tokens = report.to_json()["tokens"]
+    for name, q in (("p50", 50), ("p90", 90)):
+        assert tokens[name] == int(np.percentile(report.tokens, q, method="inverted_cdf"))
+    assert tokens["p90"] < tokens["max"] == max(report.tokens)
+
+
+def test_plot_is_a_png_at_the_path_given_and_an_unwritable_one_is_exit_2(
+    shards: Path, tmp_path: Path, capsys
+) -> None:
+    """matplotlib chose the format by extension: '--plot hist' wrote hist.png while saying
+    'written to hist', '--plot h.txt' stopped with a traceback, and a folder or a path under a
+    file was exit 1 with advice to rerun with --resume."""
+    pytest.importorskip("matplotlib")
+    for name in ("hist", "h.txt"):
+        assert cli(["inspect", str(shards), "--plot", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "hist.png").exists()
+    capsys.readouterr()
+    for bad in (tmp_path, tmp_path / "hist" / "h.png"):
+        assert cli(["inspect", str(shards), "--plot", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write --plot {bad}" in err and "--resume" not in err
+
+
+def test_each_image_has_one_format_so_the_mix_adds_up_to_the_images(tmp_path: Path) -> None:
+    """An image whose header does not read was counted as its sniffed format and again as
+    'unreadable': 2 images gave a format mix of 3."""
+    truncated = solid_jpeg((1, 2, 3))[:12]  # sniffs as JPEG, no readable header
+    record = interleaved_record(["A", "B"], [[0.3, 0.1], [0.1, 0.3]], [truncated, make_image(1)])
+    write_json_shard(tmp_path, "a", {"d": record})
+    report = inspect_shards(str(tmp_path)).to_json()
+    assert report["images"] == sum(report["image_formats"].values()) == 2
+    assert report["image_formats"] == {"unreadable": 1, "jpeg": 1}
+    assert sum(report["image_short_side"].values()) == 1
+
+
+@pytest.mark.parametrize("command", ["inspect", "preview", "validate"])
+def test_a_url_this_machine_cannot_open_is_one_line_exit_2(
+    command: str, tmp_path: Path, capsys
+) -> None:
+    """An unknown protocol (fsspec's ValueError) or one whose package is not installed (its
+    ImportError, e.g. s3:// without s3fs) was a traceback."""
+    import importlib.util
+
+    urls = ["nosuchproto://bucket/a-00000.tar"]
+    if importlib.util.find_spec("dropboxdrivefs") is None:
+        urls.append("dropbox://folder/a-00000.tar")
+    extra = ["--out", str(tmp_path / "p.html")] if command == "preview" else []
+    for url in urls:
+        assert cli([command, url, *extra]) == 2
+        assert f"error: cannot use {url}" in capsys.readouterr().err

@@ -91,3 +91,56 @@ def test_an_image_name_in_a_caption_is_escaped_once() -> None:
 
     html = render_image(ImageView(0, None, False, 0, None, "no_image_bytes", "a&b <x>.jpg"))
     assert "<figcaption>a&amp;b &lt;x&gt;.jpg · no_image_bytes</figcaption>" in html
+
+
+def test_gpt_images_show_the_loaders_reason_by_position(tmp_path: Path) -> None:
+    """Kept was decided by placeholder name: a placeholder repeated past --max-images showed as
+    kept, and every image of a sequence the loader rejects was greyed as over_max_images."""
+    from flamingo_data.loader.config import LoaderConfig
+
+    image = {"base64_image": encode_base64(solid_jpeg(RED))}
+    records = {
+        "repeat": {
+            "is_gpt": True,
+            "example": "_!_IMAGE1_!_ a _!_IMAGE2_!_ b _!_IMAGE1_!_ c",
+            "image_map": {"_!_IMAGE1_!_": image, "_!_IMAGE2_!_": image},
+        },
+        "missing": {
+            "is_gpt": True,
+            "example": "_!_IMAGE1_!_ a _!_IMAGE2_!_ b",
+            "image_map": {"_!_IMAGE1_!_": image},
+        },
+    }
+    write_json_shard(tmp_path, "g", records)
+    page = tmp_path / "p.html"
+    write_preview(str(tmp_path), str(page), config=LoaderConfig(max_images=2))
+    html = page.read_text()
+    repeat = Elements(html[html.index("data-key='repeat'") : html.index("data-key='missing'")])
+    missing = Elements(html[html.index("data-key='missing'") :])
+    assert [(f["class"], f["data-reason"]) for f in repeat.find("figure")] == [
+        ("img kept", ""),
+        ("img kept", ""),
+        ("img dropped", "over_max_images"),
+    ]
+    assert [(f["class"], f["data-reason"]) for f in missing.find("figure")] == [
+        ("img dropped", "placeholder_without_image"),
+        ("img dropped", "placeholder_without_image"),
+    ]
+
+
+def test_an_unwritable_out_is_one_line_exit_2_and_a_url_out_is_written_there(
+    shards: Path, tmp_path: Path, capsys
+) -> None:
+    """A folder or a path under a file was an OSError: exit 1 with advice to rerun with
+    --resume; a url became a local file named 'memory:/...'."""
+    import fsspec
+
+    for bad in (tmp_path, tmp_path / "shards" / "s-00000.tar" / "p.html"):
+        assert cli(["preview", str(shards), "--out", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write {bad}" in err and "--resume" not in err
+    url = "memory://preview-out/p.html"
+    assert cli(["preview", str(shards), "--out", url]) == 0
+    with fsspec.open(url, "rb") as handle:
+        assert b"data-key='doc1'" in handle.read()
+    assert not list(tmp_path.glob("memory*")) and not Path("memory:").exists()
