@@ -58,6 +58,9 @@ def write_preview(
         docs.append(doc)
         if len(docs) >= n:
             break
+    missing = sorted(set(keys or ()) - {doc.key for doc in docs})
+    if missing and len(docs) < n:  # every shard was read: a mistyped key, not a page cut at n
+        raise RuntimeError(f"no sample has the key {', '.join(missing)} in {specs}")
     body = "\n".join(render_doc(doc) for doc in docs)
     title = f"flamingo-data preview: {len(docs)} documents"
     intro = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -121,6 +122,7 @@ AT_LEAST_ONE = (
     "image_size",
 )
 AT_LEAST_ZERO = ("steps", "warmup_steps", "workers")
+FINITE = ("lr", "weight_decay", "max_grad_norm", "sim_threshold")
 
 
 class StartError(ValueError):
@@ -167,6 +169,9 @@ def check(config: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative")
     if config.stop_after is not None and config.stop_after < 1:
         raise ValueError("--stop-after must be at least 1")
+    for name in FINITE:  # nan passed every comparison above and trained on NaN from step 1
+        if not math.isfinite(getattr(config, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
     if config.lm.startswith("hf:") and config.tokenizer is None:
         raise ValueError(
             f"--lm {config.lm} needs --tokenizer (that LM's own): the built-in tokenizer's byte ids"
@@ -199,4 +204,6 @@ def _weights(text: str) -> dict[str, float]:
             weights[name.strip()] = float(value)
         except ValueError:
             raise ValueError(f"--loss-weights wants NAME=NUMBER,..., got {part!r}") from None
+        if not (math.isfinite(weights[name.strip()]) and weights[name.strip()] >= 0):
+            raise ValueError(f"--loss-weights wants finite weights of 0 or more, got {part!r}")
     return weights

@@ -84,6 +84,25 @@ def test_cli_preview_and_bad_spec(shards: Path, tmp_path: Path, capsys) -> None:
     assert cli(["preview", str(tmp_path / "missing_{1..2}.tar"), "--out", str(out)]) == 2
 
 
+def test_a_key_no_sample_has_or_a_nan_threshold_is_one_line_exit_2(
+    shards: Path, tmp_path: Path, capsys
+) -> None:
+    """A mistyped --key wrote an empty page, exit 0; --threshold nan passed every comparison."""
+    out = tmp_path / "p.html"
+    base = ["preview", str(shards), "--out", str(out)]
+    assert cli([*base, "--key", "doc1", "--key", "dco2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no sample has the key dco2" in err[0] and not out.exists()
+    assert cli([*base, "--key", "doc1", "--key", "doc2"]) == 0
+    assert "wrote 2 documents" in capsys.readouterr().out
+    assert cli([*base, "--key", "doc2", "--key", "doc3", "--n", "1"]) == 0  # cut at n: not missing
+    for command in ("preview", "inspect"):
+        with pytest.raises(SystemExit) as refused:
+            cli([command, str(shards), "--threshold", "nan"])
+        assert refused.value.code == 2
+        assert "must be a finite number" in capsys.readouterr().err
+
+
 def test_an_image_name_in_a_caption_is_escaped_once() -> None:
     """The caption of an image without a similarity was escaped twice: 'a&b' showed as 'a&amp;b'."""
     from flamingo_data.docview import ImageView

@@ -127,6 +127,12 @@ def test_parse_args_builds_datasets_and_weights() -> None:
         (["--dataset", "x=interleavd:b/"], "KIND must be one of"),
         (["--dataset", "x=b/"], "--dataset wants NAME=KIND:SPEC"),
         (["--lm", "hf:gpt2"], "--lm hf:gpt2 needs --tokenizer"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--max-grad-norm", "inf"], "--max-grad-norm must be a finite number"),
+        (["--sim-threshold", "nan"], "--sim-threshold must be a finite number"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+        (["--loss-weights", "mmc4=nan"], "--loss-weights wants finite weights of 0 or more"),
+        (["--loss-weights", "mmc4=-1"], "--loss-weights wants finite weights of 0 or more"),
     ],
 )
 def test_bad_options_are_usage_errors(extra: list[str], message: str, capsys) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flamingo_data.commands.common import UsageError, positive, usage_errors
+from flamingo_data.commands.common import UsageError, finite, positive, usage_errors
 from flamingo_data.inspect import format_report, inspect_shards, plot_report
 from flamingo_data.loader.tokenizer import make_tokenizer
 
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", default=None, help="local Hugging Face tokenizer path (default: built-in)"
     )
     parser.add_argument(
-        "--threshold", type=float, default=0.24, help="similarity threshold the loader will use"
+        "--threshold", type=finite, default=0.24, help="similarity threshold the loader will use"
     )
     parser.add_argument("--max-images", type=positive, default=6)
     parser.add_argument("--max-tokens", type=positive, default=256)

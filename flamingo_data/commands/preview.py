@@ -6,7 +6,7 @@ import argparse
 import webbrowser
 from pathlib import Path
 
-from flamingo_data.commands.common import positive, usage_errors
+from flamingo_data.commands.common import finite, positive, usage_errors
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.preview import write_preview
 
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--key", action="append", default=None, help="render only these keys (repeatable)"
     )
     parser.add_argument("--out", default="preview.html")
-    parser.add_argument("--threshold", type=float, default=0.24)
+    parser.add_argument("--threshold", type=finite, default=0.24)
     parser.add_argument("--max-images", type=positive, default=6)
     parser.add_argument("--open", action="store_true", help="open the page in a browser")
 
