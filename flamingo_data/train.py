@@ -329,6 +329,16 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
             f"checkpoint {path} is at step {saved['step']}, past --steps {config.steps}:"
             f" pass --steps {saved['step']} or more, or use a new --run-dir"
         )
+    # Loader positions fit only the layout and streams that wrote them (--workers, the datasets'
+    # order, which seeds each one's stream): refused here, before the weights load, as one line.
+    for name, loader in loaders.items():
+        try:
+            loader.load_state_dict(saved["loaders"][name])
+        except ValueError as exc:
+            raise StartError(
+                f"checkpoint {path} does not fit dataset {name!r}: {exc} (here: the --workers,"
+                " shards and order of the datasets it was written with, or a new --run-dir)"
+            ) from None
     # The checkpoint brings back the optimizer's moments and the step; the rate and the weight
     # decay stay this run's options (they came back from the checkpoint, ignoring a new --lr).
     options = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in optimizer.param_groups]
@@ -343,8 +353,6 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
     scheduler.last_epoch -= 1
     scheduler.step()
     torch.set_rng_state(state["rng"])
-    for name, loader in loaders.items():
-        loader.load_state_dict(state["loaders"][name])
     return int(state["step"])
 
 

@@ -489,3 +489,31 @@ def test_a_huge_member_the_loader_never_decodes_costs_no_memory(tmp_path: Path) 
     (small_peak, small_out), (big_peak, big_out) = map(_loader_peak_kib, (small, big))
     assert small_out == big_out == "['k'] [('unexpected_member', 1)]"
     assert big_peak - small_peak < 64 << 10, (small_peak, big_peak)
+
+
+def test_resume_refuses_a_state_of_another_stream(shards: Path) -> None:
+    """Positions count samples of one stream: restored onto another seed (the trainer seeds each
+    dataset's loader by its place in the command line), other weights or another shard list,
+    the resumed epoch silently repeated some samples and skipped others."""
+    spec, tokenizer = [DatasetSpec("d", str(shards))], make_tokenizer(None)
+    first = build_loader(spec, tokenizer, config())
+    iterator = iter(first)
+    seen = next(iterator)["keys"] + next(iterator)["keys"]
+    state = json.loads(json.dumps(first.state_dict()))
+    del iterator
+    fewer_shards = [DatasetSpec("d", [str(p) for p in sorted(shards.glob("*.tar"))[:3]])]
+    for specs, cfg, message in (
+        (spec, config(seed=8), "seed: 7 then, 8 now"),
+        ([DatasetSpec("d", str(shards), weight=2.0)], config(), "datasets:"),
+        (fewer_shards, config(), "datasets:"),
+        (spec, config(shuffle_buffer=4), "shuffle_buffer: 8 then, 4 now"),
+    ):
+        other = build_loader(specs, tokenizer, cfg)
+        with pytest.raises(ValueError, match=f"another stream.*{message}"):
+            other.load_state_dict(state)
+    same = build_loader(spec, tokenizer, config())
+    same.load_state_dict(state)
+    assert sorted(seen + epoch_keys(same)) == sorted(simple_docs(24))
+    older = build_loader(spec, tokenizer, config())
+    older.load_state_dict({k: v for k, v in state.items() if k != "stream"})  # not checked
+    assert sorted(seen + epoch_keys(older)) == sorted(simple_docs(24))

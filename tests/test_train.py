@@ -332,6 +332,37 @@ def test_a_refusal_at_start_is_one_line_and_exit_2_from_the_command_line(
     ]
 
 
+def test_resume_with_other_workers_or_dataset_order_is_refused_in_one_line(
+    shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another --workers was a ValueError traceback (exit 1) after the weights had loaded; the
+    datasets in another order resumed silently, each loader on the other's seed, so the resumed
+    epoch repeated some samples and skipped others."""
+    from flamingo_data.cli import main as cli
+
+    def train(*datasets: str, extra: tuple[str, ...] = ()) -> int:
+        args = ["train", "--run-dir", str(tmp_path), "--batch-size", "2", "--max-tokens", "160"]
+        for name in datasets:
+            args += ["--dataset", f"{name}=interleaved:{shards}"]
+        return cli([*args, "--checkpoint-every", "1", *extra])
+
+    assert train("a", "b", extra=("--steps", "1")) == 0
+    capsys.readouterr()
+    for datasets, extra, message in (
+        (("a", "b"), ("--workers", "2"), "saved with 1 worker slots"),
+        (
+            ("b", "a"),
+            (),
+            "dataset 'b': loader state was saved for another stream (seed: 1 then, 0 now)",
+        ),
+    ):
+        assert train(*datasets, extra=("--steps", "2", "--resume", *extra)) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("flamingo-data: error: checkpoint"), err
+        assert message in err[0]
+    assert train("a", "b", extra=("--steps", "2", "--resume")) == 0
+
+
 def test_an_image_size_the_vision_encoder_does_not_take_is_refused_before_training(
     shards: Path, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -292,8 +293,23 @@ class FlamingoLoader:
             "ended": sorted(self._ended),
             "next_worker": self._next_worker,
             "slots": self.slots,
+            "stream": self._stream(),
             "rejections": dict(self._rejections),
             "text_changes": dict(self._text_changes),
+        }
+
+    def _stream(self) -> dict[str, Any]:
+        """What decides each worker's stream, besides the layout: the saved positions count samples
+        of this stream only (another seed or shard list silently replayed other samples)."""
+        return {
+            "seed": self.config.seed,
+            "datasets": [
+                [ds.spec.name, ds.spec.weight, [os.path.basename(p) for p in ds.paths]]
+                for ds in self.datasets
+            ],
+            "shuffle_shards": self.config.shuffle_shards,
+            "shuffle_buffer": self.config.shuffle_buffer,
+            "resample": self.config.resample,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -301,6 +317,18 @@ class FlamingoLoader:
             raise ValueError(
                 f"loader state was saved with {state['slots']} worker slots (world size x workers); "
                 f"this loader has {self.slots}: resume with the same world size and num_workers"
+            )
+        saved = state.get("stream")  # states from before it was kept are not checked
+        if saved is not None and saved != self._stream():
+            now = self._stream()
+            changed = ", ".join(
+                f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now"
+                for k in sorted({*saved, *now})
+                if saved.get(k) != now.get(k)
+            )
+            raise ValueError(
+                f"loader state was saved for another stream ({changed}): its positions would"
+                " replay other samples; resume with the same datasets, shards, seed and shuffling"
             )
         self.epoch = int(state["epoch"])
         self._positions = {int(k): int(v) for k, v in state["positions"].items()}
