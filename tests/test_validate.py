@@ -218,6 +218,25 @@ def test_each_broken_shard_is_reported_by_key_and_reason(
     assert cli(["validate", str(shard), "--deep"]) == 1
 
 
+@pytest.mark.parametrize(
+    ("example", "numbers", "reason"),
+    [
+        ("_!_IMAGE" + "1" * 5000 + "_!_", ["1" * 5000], "placeholder_numbering"),
+        ("_!_IMAGE1_!_ _!_IMAGE" + "1" * 5000 + "_!_", ["1"], "placeholder_mismatch"),
+    ],
+)
+def test_a_placeholder_number_past_python_int_limit_is_a_failure_not_a_crash(
+    tmp_path: Path, example: str, numbers: list[str], reason: str
+) -> None:
+    """A 5000-digit placeholder number (the schema's pattern allows any length) stopped validate
+    with a traceback: int() refuses over 4300 digits. Placeholders are compared as text."""
+    shard = write_tar(
+        tmp_path / "g.tar", {"k.json": json.dumps(gpt_record(example, numbers)).encode()}
+    )
+    report = validate_shards(str(shard))
+    assert [(f.key, f.reason) for f in report.failures] == [("k", reason)]
+
+
 def test_bomb_is_caught_only_by_deep(good: Path, tmp_path: Path) -> None:
     members, _, _ = broken_cases(good)["deep_bomb"]
     shard = write_tar(tmp_path / "bomb.tar", members)
