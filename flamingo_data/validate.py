@@ -405,7 +405,7 @@ def _compare_sizes(
     except (ValueError, RecursionError) as exc:
         report.failures.append(Failure(name, "", "bad_sizes_json", str(exc)[:200]))
         return
-    if errors := schema_errors("sizes", sizes):
+    if errors := schema_errors("sizes", sizes) or _not_integers(sizes):
         report.failures.append(Failure(name, "", "sizes_schema", "; ".join(errors)))
         return
     for name, count in here.items():
@@ -417,6 +417,16 @@ def _compare_sizes(
                     name, "", "count_mismatch", f"sizes.json says {sizes[name]}, shard has {count}"
                 )
             )
+
+
+def _not_integers(sizes: dict[str, Any]) -> list[str]:
+    """JSON Schema's integer includes 6.0; the loader takes only a JSON integer as a count and
+    leaves the epoch length unknown otherwise (resampling then refuses to start)."""
+    return [
+        f"{shard}: {count!r} is not a JSON integer"
+        for shard, count in sizes.items()
+        if not isinstance(count, int)
+    ][:3]
 
 
 def _check_stats(paths: list[str], report: ValidationReport) -> None:
