@@ -266,27 +266,34 @@ def _base64_size(text: str) -> int:
 
 def _check_gpt(record: dict, sample: Sample, options: ValidateOptions, report: ValidationReport):
     problems = []
-    # compared as text, as the loader looks them up: _!_IMAGE01_!_ is not _!_IMAGE1_!_
+    # compared as text, as the loader looks them up: _!_IMAGE01_!_ is not _!_IMAGE1_!_ (and
+    # int() refuses a number over 4300 digits, which the schema's pattern allows)
     placed = [m.group(0) for m in PLACEHOLDER.finditer(record["example"])]
-    numbers = [int(n) for n in PLACEHOLDER.findall(record["example"])]
     names = set(record["image_map"])
     if set(placed) != names:
         problems.append(
             (
                 "placeholder_mismatch",
-                f"text has {sorted(set(placed))}, image_map has {sorted(names)}",
+                _clip(f"text has {sorted(set(placed))}, image_map has {sorted(names)}"),
             )
         )
-    elif sorted(set(numbers)) != list(range(1, len(names) + 1)):
-        problems.append(("placeholder_numbering", f"{sorted(set(numbers))} is not 1..{len(names)}"))
-    if len(numbers) != len(set(numbers)):
-        problems.append(("placeholder_repeated", str(sorted(numbers))))
+    elif names != {f"_!_IMAGE{n}_!_" for n in range(1, len(names) + 1)}:
+        numbers = sorted(
+            (PLACEHOLDER.fullmatch(n).group(1) for n in names), key=lambda d: (len(d), d)
+        )
+        problems.append(("placeholder_numbering", _clip(f"{numbers} is not 1..{len(names)}")))
+    if len(placed) != len(set(placed)):
+        problems.append(("placeholder_repeated", _clip(str(sorted(placed)))))
     for name in sorted(names):
         if (
             problem := _check_image_b64(record["image_map"][name]["base64_image"], options, report)
         ) is not None:
             problems.append((problem[0], f"{name}: {problem[1]}"))
     return problems
+
+
+def _clip(detail: str, limit: int = 200) -> str:
+    return detail if len(detail) <= limit else detail[: limit - 1] + "…"
 
 
 def _check_pair(record: dict, sample: Sample, options: ValidateOptions, report: ValidationReport):
@@ -398,7 +405,7 @@ def _compare_sizes(
     except (ValueError, RecursionError) as exc:
         report.failures.append(Failure(name, "", "bad_sizes_json", str(exc)[:200]))
         return
-    if errors := schema_errors("sizes", sizes):
+    if errors := schema_errors("sizes", sizes) or _not_integers(sizes):
         report.failures.append(Failure(name, "", "sizes_schema", "; ".join(errors)))
         return
     for name, count in here.items():
@@ -410,6 +417,16 @@ def _compare_sizes(
                     name, "", "count_mismatch", f"sizes.json says {sizes[name]}, shard has {count}"
                 )
             )
+
+
+def _not_integers(sizes: dict[str, Any]) -> list[str]:
+    """JSON Schema's integer includes 6.0; the loader takes only a JSON integer as a count and
+    leaves the epoch length unknown otherwise (resampling then refuses to start)."""
+    return [
+        f"{shard}: {count!r} is not a JSON integer"
+        for shard, count in sizes.items()
+        if not isinstance(count, int)
+    ][:3]
 
 
 def _check_stats(paths: list[str], report: ValidationReport) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from flamingo_data.cli import main as cli
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
+from flamingo_data.loader.stream import sizes_total
 from flamingo_data.records import encode_base64
 from flamingo_data.samples import make_image, write_mmc4_sample
 from flamingo_data.shardread import iter_samples
@@ -218,6 +219,25 @@ def test_each_broken_shard_is_reported_by_key_and_reason(
     assert cli(["validate", str(shard), "--deep"]) == 1
 
 
+@pytest.mark.parametrize(
+    ("example", "numbers", "reason"),
+    [
+        ("_!_IMAGE" + "1" * 5000 + "_!_", ["1" * 5000], "placeholder_numbering"),
+        ("_!_IMAGE1_!_ _!_IMAGE" + "1" * 5000 + "_!_", ["1"], "placeholder_mismatch"),
+    ],
+)
+def test_a_placeholder_number_past_python_int_limit_is_a_failure_not_a_crash(
+    tmp_path: Path, example: str, numbers: list[str], reason: str
+) -> None:
+    """A 5000-digit placeholder number (the schema's pattern allows any length) stopped validate
+    with a traceback: int() refuses over 4300 digits. Placeholders are compared as text."""
+    shard = write_tar(
+        tmp_path / "g.tar", {"k.json": json.dumps(gpt_record(example, numbers)).encode()}
+    )
+    report = validate_shards(str(shard))
+    assert [(f.key, f.reason) for f in report.failures] == [("k", reason)]
+
+
 def test_bomb_is_caught_only_by_deep(good: Path, tmp_path: Path) -> None:
     members, _, _ = broken_cases(good)["deep_bomb"]
     shard = write_tar(tmp_path / "bomb.tar", members)
@@ -339,6 +359,22 @@ def test_shard_level_breakage(good: Path, tmp_path: Path) -> None:
         ("nothing.tar", "empty_tar"),
         ("text.tar", "not_a_tar"),
     } <= reasons
+
+
+def test_a_sizes_count_written_as_a_float_fails_as_the_loader_ignores_it(
+    good: Path, tmp_path: Path
+) -> None:
+    """JSON Schema's integer includes 6.0, so validate passed it; the loader reads no epoch length
+    from such a sizes.json (and a resampled run refuses to start)."""
+    shard = next(good.glob("*.tar"))
+    (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    count = json.loads((good / "sizes.json").read_text())[shard.name]
+    (tmp_path / "sizes.json").write_text(json.dumps({shard.name: float(count)}))
+    assert sizes_total([str(tmp_path / shard.name)]) is None
+    assert validate_shards(str(tmp_path)).reasons() == {"sizes_schema": 1}
+    (tmp_path / "sizes.json").write_text(json.dumps({shard.name: count}))
+    assert sizes_total([str(tmp_path / shard.name)]) == count
+    assert validate_shards(str(tmp_path)).ok
 
 
 def test_duplicate_keys_across_shards_and_sizes_mismatch(good: Path, tmp_path: Path) -> None:
