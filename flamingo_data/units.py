@@ -28,6 +28,7 @@ from flamingo_data.stats import Stats
 
 MARKER_DIR = "_done"
 REJECTS_DIR = "_rejects"
+FINAL_FILES = ("sizes.json", "stats.json", "rejects.jsonl")  # written by finalize at the end
 SETTINGS_FILE = "_settings.json"  # converters without unit markers: the options of the run
 
 
@@ -322,7 +323,9 @@ def prepare_out_dir(
     stale = _glob(out, f"*{TMP_SUFFIX}")
     if overwrite:
         stale += [*earlier, *_glob(out, "*.tar"), *_glob(out, f"{REJECTS_DIR}/*")]
-        stale += _glob(out, "rejects.jsonl")  # a run without --rejects writes none to replace it
+        # a run without --rejects writes no rejects.jsonl to replace it, and a killed run no
+        # sizes.json: the earlier run's would give the loader counts of deleted shards
+        stale += [p for name in FINAL_FILES for p in _glob(out, name)]
     for path in stale:
         _remove(path)
     return out if remote.is_remote(out) else Path(out)
