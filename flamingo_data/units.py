@@ -132,6 +132,20 @@ def run_unit(unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
     return marker
 
 
+def check_markers_visible(out_dir: str | Path, markers: list[dict[str, Any]]) -> None:
+    """Every unit a worker finished has its marker where the driver reads: a worker writing to
+    another filesystem (``memory://`` lives in one process; a cluster without a shared --out)
+    would otherwise end in an empty sizes.json and exit 0."""
+    out = str(out_dir)
+    lost = [m["unit"] for m in markers if not remote.exists(_marker_url(out, m["unit"]))]
+    if lost:
+        raise RunIncomplete(
+            f"{len(lost)} of {len(markers)} finished units left no marker in {out} that this "
+            f"process can see (first: {lost[0]}): the workers wrote to another filesystem; "
+            "memory:// lives in one process (use --processes 1), a cluster needs a shared --out"
+        )
+
+
 def stage_dir(out_dir: str, unit_name: str) -> Path:
     """Local staging folder of one unit of a remote run: a fixed name, so a retry after a kill
     finds and clears the old one."""

@@ -203,3 +203,14 @@ def test_validate_inspect_and_loader_read_remote_shards(sample, tmp_path, memory
         return [k for batch in loader for k in batch["keys"]]
 
     assert keys(memory_out) == keys(str(tmp_path / "local")) and keys(memory_out)
+
+
+def test_memory_out_with_worker_processes_is_an_error_not_an_empty_dataset(sample) -> None:
+    """memory:// lives in one process: forked workers wrote their units into their own copies,
+    and the driver merged no marker into an empty sizes.json, exit 0. Now the run stops."""
+    from flamingo_data.units import RunIncomplete
+
+    url = "memory://out-bucket/forked"
+    with pytest.raises(RunIncomplete, match="3 of 3 finished units"):
+        convert(sample, url, processes=2)
+    assert not fsspec.filesystem("memory").exists("/out-bucket/forked/sizes.json")
