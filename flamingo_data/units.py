@@ -67,6 +67,9 @@ class RunOptions:
     # so that --resume refuses to finish a run with other options (see output_settings)
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", remote.local_form(self.out_dir))
+
 
 @dataclass
 class UnitContext:

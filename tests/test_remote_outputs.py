@@ -214,3 +214,16 @@ def test_memory_out_with_worker_processes_is_an_error_not_an_empty_dataset(sampl
     with pytest.raises(RunIncomplete, match="3 of 3 finished units"):
         convert(sample, url, processes=2)
     assert not fsspec.filesystem("memory").exists("/out-bucket/forked/sizes.json")
+
+
+def test_cli_file_url_out_writes_the_local_folder_it_names(sample, tmp_path, monkeypatch) -> None:
+    """``--out file:///abs/out`` wrote into ``./file:/abs/out`` under the working folder."""
+    from flamingo_data.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    args = ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+    args += ["--processes", "2", "--no-progress", "--rejects"]
+    assert cli([*args, "--out", f"file://{tmp_path / 'viaurl'}"]) == 0
+    assert cli([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "file:").exists()
+    assert files(str(tmp_path / "viaurl")) == files(str(tmp_path / "plain"))
