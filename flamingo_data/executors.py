@@ -11,7 +11,14 @@ from typing import Any
 from tqdm import tqdm
 
 from flamingo_data.procpool import map_in_processes
-from flamingo_data.units import RunIncomplete, RunOptions, Unit, UnitFn, run_unit
+from flamingo_data.units import (
+    RunIncomplete,
+    RunOptions,
+    Unit,
+    UnitFn,
+    check_markers_visible,
+    run_unit,
+)
 
 
 def default_processes() -> int:
@@ -144,7 +151,10 @@ def run_units(
             f"unknown executor {executor!r}; available: {', '.join(sorted(EXECUTORS))}"
         )
     if executor == "local":
-        return run_local(units, fn, options, processes=processes, progress=progress)
-    return EXECUTORS[executor](
-        units, fn, options, processes=processes, progress=progress, master=master
-    )
+        markers = run_local(units, fn, options, processes=processes, progress=progress)
+    else:
+        markers = EXECUTORS[executor](
+            units, fn, options, processes=processes, progress=progress, master=master
+        )
+    check_markers_visible(options.out_dir, markers)
+    return markers

@@ -18,6 +18,13 @@ def is_remote(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
+def local_form(path: str) -> str:
+    """A ``file://`` url as the local path it names (``file:///data/out`` -> ``/data/out``);
+    anything else unchanged. Taken as a plain path, ``--out file:///data/out`` was written
+    into ``./file:/data/out`` under the working folder."""
+    return path.removeprefix("file://") if isinstance(path, str) else path
+
+
 class RemoteUnavailable(RuntimeError):
     """A url whose protocol fsspec does not know, or whose filesystem package is not installed
     (``s3://`` without s3fs): input the user can fix, one line and exit 2 from the CLI. Both

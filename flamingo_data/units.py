@@ -28,6 +28,7 @@ from flamingo_data.stats import Stats
 
 MARKER_DIR = "_done"
 REJECTS_DIR = "_rejects"
+FINAL_FILES = ("sizes.json", "stats.json", "rejects.jsonl")  # written by finalize at the end
 SETTINGS_FILE = "_settings.json"  # converters without unit markers: the options of the run
 
 
@@ -65,6 +66,9 @@ class RunOptions:
     # what decides the output (image policy, what is kept, shard sizes); recorded in each marker
     # so that --resume refuses to finish a run with other options (see output_settings)
     settings: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out_dir", remote.local_form(self.out_dir))
 
 
 @dataclass
@@ -129,6 +133,20 @@ def run_unit(unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return marker
+
+
+def check_markers_visible(out_dir: str | Path, markers: list[dict[str, Any]]) -> None:
+    """Every unit a worker finished has its marker where the driver reads: a worker writing to
+    another filesystem (``memory://`` lives in one process; a cluster without a shared --out)
+    would otherwise end in an empty sizes.json and exit 0."""
+    out = str(out_dir)
+    lost = [m["unit"] for m in markers if not remote.exists(_marker_url(out, m["unit"]))]
+    if lost:
+        raise RunIncomplete(
+            f"{len(lost)} of {len(markers)} finished units left no marker in {out} that this "
+            f"process can see (first: {lost[0]}): the workers wrote to another filesystem; "
+            "memory:// lives in one process (use --processes 1), a cluster needs a shared --out"
+        )
 
 
 def stage_dir(out_dir: str, unit_name: str) -> Path:
@@ -322,7 +340,9 @@ def prepare_out_dir(
     stale = _glob(out, f"*{TMP_SUFFIX}")
     if overwrite:
         stale += [*earlier, *_glob(out, "*.tar"), *_glob(out, f"{REJECTS_DIR}/*")]
-        stale += _glob(out, "rejects.jsonl")  # a run without --rejects writes none to replace it
+        # a run without --rejects writes no rejects.jsonl to replace it, and a killed run no
+        # sizes.json: the earlier run's would give the loader counts of deleted shards
+        stale += [p for name in FINAL_FILES for p in _glob(out, name)]
     for path in stale:
         _remove(path)
     return out if remote.is_remote(out) else Path(out)

@@ -203,3 +203,27 @@ def test_validate_inspect_and_loader_read_remote_shards(sample, tmp_path, memory
         return [k for batch in loader for k in batch["keys"]]
 
     assert keys(memory_out) == keys(str(tmp_path / "local")) and keys(memory_out)
+
+
+def test_memory_out_with_worker_processes_is_an_error_not_an_empty_dataset(sample) -> None:
+    """memory:// lives in one process: forked workers wrote their units into their own copies,
+    and the driver merged no marker into an empty sizes.json, exit 0. Now the run stops."""
+    from flamingo_data.units import RunIncomplete
+
+    url = "memory://out-bucket/forked"
+    with pytest.raises(RunIncomplete, match="3 of 3 finished units"):
+        convert(sample, url, processes=2)
+    assert not fsspec.filesystem("memory").exists("/out-bucket/forked/sizes.json")
+
+
+def test_cli_file_url_out_writes_the_local_folder_it_names(sample, tmp_path, monkeypatch) -> None:
+    """``--out file:///abs/out`` wrote into ``./file:/abs/out`` under the working folder."""
+    from flamingo_data.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    args = ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+    args += ["--processes", "2", "--no-progress", "--rejects"]
+    assert cli([*args, "--out", f"file://{tmp_path / 'viaurl'}"]) == 0
+    assert cli([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "file:").exists()
+    assert files(str(tmp_path / "viaurl")) == files(str(tmp_path / "plain"))

@@ -183,3 +183,15 @@ def test_shards_stay_within_max_bytes(
     for name, count in sizes.items():
         assert (tmp_path / name).stat().st_size <= max_bytes or count == 1
     assert max(sizes.values()) > 1 or max_bytes < 10240  # still filled, not one sample each
+
+
+def test_overwrite_removes_the_earlier_sizes_and_stats(tmp_path: Path) -> None:
+    """A killed --overwrite run left the earlier run's sizes.json beside the new shards: the
+    loader read counts of shards that were deleted or rewritten with other sizes."""
+    prepare_out_dir(tmp_path, resume=False, overwrite=False)
+    options = RunOptions(out_dir=str(tmp_path), converter="t")
+    run_units([Unit("u", "s", 0)], _unit_fn, options, processes=1, progress=False)
+    finalize(tmp_path, "t")
+    assert (tmp_path / "sizes.json").exists() and (tmp_path / "stats.json").exists()
+    prepare_out_dir(tmp_path, resume=False, overwrite=True)
+    assert not (tmp_path / "sizes.json").exists() and not (tmp_path / "stats.json").exists()

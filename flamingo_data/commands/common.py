@@ -22,7 +22,10 @@ class UsageError(Exception):
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options every converter shares: output, parallelism, resume, rejects, shard size."""
     parser.add_argument(
-        "--out", required=True, help="output folder for shards, sizes.json, stats.json"
+        "--out",
+        required=True,
+        type=remote.local_form,
+        help="output folder for shards, sizes.json, stats.json",
     )
     parser.add_argument(
         "--processes",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from flamingo_data import remote
 from flamingo_data.commands.common import (
     add_image_options,
     add_unit_options,
@@ -21,7 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sequences", required=True, nargs="+", help="JSON array / JSONL files (patterns, folders)"
     )
-    parser.add_argument("--out", required=True, help="output folder: shards + sidecar files")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=remote.local_form,
+        help="output folder: shards + sidecar files",
+    )
     parser.add_argument(
         "--url-key", default="auto", help="image_map key holding the url (auto: url, raw_url, ...)"
     )

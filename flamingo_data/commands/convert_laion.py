@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from flamingo_data import remote
 from flamingo_data.commands.common import check_writable, positive, usage_errors
 from flamingo_data.download import DownloadOptions
 from flamingo_data.images import DEFAULT_MAX_PIXELS
@@ -40,7 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--from-img2dataset", help="adopt an existing img2dataset webdataset output"
     )
-    parser.add_argument("--out", required=True, help="output folder: shards + sidecar files")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=remote.local_form,
+        help="output folder: shards + sidecar files",
+    )
     parser.add_argument(
         "--url-col", default=None, help="default: detect (URL, url, image_url, ...)"
     )
