@@ -140,7 +140,10 @@ def check_markers_visible(out_dir: str | Path, markers: list[dict[str, Any]]) ->
     another filesystem (``memory://`` lives in one process; a cluster without a shared --out)
     would otherwise end in an empty sizes.json and exit 0."""
     out = str(out_dir)
-    lost = [m["unit"] for m in markers if not remote.exists(_marker_url(out, m["unit"]))]
+    listed = {
+        posixpath.basename(path) for path in list_markers(out)
+    }  # one listing, not a stat each
+    lost = [m["unit"] for m in markers if f"{m['unit']}.json" not in listed]
     if lost:
         raise RunIncomplete(
             f"{len(lost)} of {len(markers)} finished units left no marker in {out} that this "
