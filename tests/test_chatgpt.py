@@ -539,3 +539,16 @@ def test_placeholders_are_renumbered_in_text_order(setup, tmp_path: Path) -> Non
     assert records["s-0000000"]["example"] == "B _!_IMAGE1_!_ then A _!_IMAGE2_!_."
     assert records["s-0000001"]["example"] == "_!_IMAGE1_!_ x y _!_IMAGE2_!_"
     assert validate_shards(str(tmp_path / "out")).ok
+
+
+def test_negative_retries_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    """``--retries -1`` made img2dataset try no url at all and fail every shard on an unbound
+    variable: a traceback in its log and exit 1, "did not finish shard(s) 00000"."""
+    from flamingo_data.cli import main as cli
+
+    (tmp_path / "s.json").write_text("[]")
+    args = ["convert", "chatgpt", "--sequences", str(tmp_path / "s.json"), "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        cli([*args, "--out", str(tmp_path / "out"), "--retries", "-1"])
+    assert exc.value.code == 2 and "--retries: must not be negative" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
