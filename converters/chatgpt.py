@@ -136,8 +136,9 @@ def build_record(
     ctx: UnitContext,
     key: str,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Embed every image; drop or strip missing ones; raises SequenceError. Returns the record and
-    its images' outcomes in the image stage (counted only once the record is written)."""
+    """Embed every image; drop or strip missing ones; number the rest 1..n in text order; raises
+    SequenceError. Returns the record and its images' outcomes in the image stage (counted only
+    once the record is written)."""
     found: dict[int, tuple[dict[str, Any], ImageResult]] = {}
     for n in numbers:
         entry = sequence["image_map"][f"_!_IMAGE{n}_!_"]
@@ -154,12 +155,16 @@ def build_record(
         found[n] = (entry, result)
     if not found:
         raise SequenceError("no_images")
-    renumbered = {old: new for new, old in enumerate(sorted(found), start=1)}
+    # numbered in text order: open_flamingo binds image k to the k-th placeholder of the text, so
+    # "_!_IMAGE2_!_ ... _!_IMAGE1_!_" gave each of them the other's image
+    in_text = [int(m.group(1)) for m in PLACEHOLDER.finditer(sequence["example"])]
+    renumbered = {old: new for new, old in enumerate((n for n in in_text if n in found), start=1)}
     image_map = {
         f"_!_IMAGE{renumbered[n]}_!_": GptImage(
-            image_bytes=result.data, extra={k: v for k, v in entry.items() if k != "base64_image"}
+            image_bytes=found[n][1].data,
+            extra={k: v for k, v in found[n][0].items() if k != "base64_image"},
         )
-        for n, (entry, result) in sorted(found.items())
+        for n in renumbered
     }
     example = renumber(sequence["example"], renumbered)
     extra = {k: v for k, v in sequence.items() if k not in ("example", "image_map", "is_gpt")}

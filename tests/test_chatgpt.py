@@ -482,3 +482,73 @@ def test_images_from_reads_no_more_of_an_image_than_the_byte_cap(setup, monkeypa
     cap = size // 4
     assert chatgpt._image(store, url, ImagePolicy(max_bytes=cap)) == ("too_many_bytes", None)
     assert handed == [cap + 1]
+
+
+def test_placeholders_are_renumbered_in_text_order(setup, tmp_path: Path) -> None:
+    """open_flamingo binds image k to the k-th placeholder of the text (it reads image_map by
+    number 1..n, the text's placeholders in order): "_!_IMAGE2_!_ ... _!_IMAGE1_!_" was written as
+    is, so each placeholder got the other's image. Checked by colour, as that loader binds them."""
+    import io
+    import re
+
+    from PIL import Image
+
+    _, _, _, server = setup
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "gold": (255, 200, 0)}
+    for name, rgb in colours.items():
+        body = io.BytesIO()
+        Image.new("RGB", (32, 24), rgb).save(body, "PNG")
+        server.routes[f"/{name}.png"] = Route(body.getvalue(), "image/png")
+    sequences = [  # (text, {number: colour or None for a dead url})
+        ("B _!_IMAGE2_!_ then A _!_IMAGE1_!_.", {1: "red", 2: "green"}),
+        ("_!_IMAGE3_!_ x _!_IMAGE2_!_ y _!_IMAGE1_!_", {1: "blue", 2: None, 3: "gold"}),
+        ("in order _!_IMAGE1_!_ _!_IMAGE2_!_", {1: "gold", 2: "red"}),
+    ]
+    source = [
+        {
+            "example": text,
+            "image_map": {
+                f"_!_IMAGE{n}_!_": {"url": server.url(f"{c or 'dead'}.png")} for n, c in m.items()
+            },
+        }
+        for text, m in sequences
+    ]
+    (tmp_path / "s.json").write_text(json.dumps(source))
+    convert_chatgpt(
+        str(tmp_path / "s.json"),
+        ChatGptOptions(download=FAST, missing="strip"),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    )
+    records = read_records(tmp_path / "out")
+    placeholder = re.compile(r"_!_IMAGE(\d+)_!_")
+    for index, (text, numbers) in enumerate(sequences):
+        record = records[f"s-{index:07d}"]
+        wanted = [numbers[int(n)] for n in placeholder.findall(text) if numbers[int(n)]]
+        # open_flamingo: the k-th placeholder of the text gets image_map["_!_IMAGE{k}_!_"]
+        bound = [
+            Image.open(io.BytesIO(image(record, k))).convert("RGB").getpixel((0, 0))
+            for k in range(1, len(record["image_map"]) + 1)
+        ]
+        assert bound == [colours[c] for c in wanted]
+        assert placeholder.findall(record["example"]) == [str(k) for k in range(1, len(wanted) + 1)]
+        assert [
+            record["image_map"][f"_!_IMAGE{k}_!_"]["url"] for k in range(1, len(wanted) + 1)
+        ] == [server.url(f"{c}.png") for c in wanted]
+    assert records["s-0000000"]["example"] == "B _!_IMAGE1_!_ then A _!_IMAGE2_!_."
+    assert records["s-0000001"]["example"] == "_!_IMAGE1_!_ x y _!_IMAGE2_!_"
+    assert validate_shards(str(tmp_path / "out")).ok
+
+
+def test_negative_retries_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    """``--retries -1`` made img2dataset try no url at all and fail every shard on an unbound
+    variable: a traceback in its log and exit 1, "did not finish shard(s) 00000"."""
+    from flamingo_data.cli import main as cli
+
+    (tmp_path / "s.json").write_text("[]")
+    args = ["convert", "chatgpt", "--sequences", str(tmp_path / "s.json"), "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        cli([*args, "--out", str(tmp_path / "out"), "--retries", "-1"])
+    assert exc.value.code == 2 and "--retries: must not be negative" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

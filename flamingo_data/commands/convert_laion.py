@@ -6,7 +6,7 @@ import argparse
 import json
 
 from flamingo_data import remote
-from flamingo_data.commands.common import check_writable, positive, usage_errors
+from flamingo_data.commands.common import check_writable, non_negative, positive, usage_errors
 from flamingo_data.download import DownloadOptions
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 
@@ -19,7 +19,9 @@ def add_download_options(parser: argparse.ArgumentParser, max_pixels: bool = Tru
         "--threads", type=positive, default=16, help="img2dataset threads per process"
     )
     parser.add_argument("--timeout", type=positive, default=10, help="seconds per download")
-    parser.add_argument("--retries", type=int, default=1, help="extra tries per url (default 1)")
+    parser.add_argument(
+        "--retries", type=non_negative, default=1, help="extra tries per url (default 1)"
+    )
     parser.add_argument(
         "--resume", action="store_true", help="reuse img2dataset's incremental mode"
     )
