@@ -37,10 +37,10 @@ SIZE = 224
 OPEN_FLAMINGO_MIN_BYTES = 11_000  # its MMC4 path skips an image when len // 1000 <= 10
 ANNEX_K = {"jpeg_tables": "annex-k"}  # libjpeg's own tables: the default before Robidoux's
 SETTINGS = [
-    ("--short-side 256 (quality 90, default)", ImagePolicy(short_side=256)),
+    ("--short-side 256 (quality 70, default)", ImagePolicy(short_side=256)),
     *(
         (f"--short-side 256 -q {q}", ImagePolicy(short_side=256, quality=q))
-        for q in (85, 80, 75, 70, 65)
+        for q in (90, 85, 80, 75, 65)
     ),
     *(
         (
@@ -49,7 +49,8 @@ SETTINGS = [
         )
         for q in (90, 75, 70, 60)
     ),
-    ("--short-side 320", ImagePolicy(short_side=320)),
+    ("--short-side 320 (quality 70)", ImagePolicy(short_side=320)),
+    ("--short-side 320 -q 90", ImagePolicy(short_side=320, quality=90)),
     ("--short-side 320 -q 95", ImagePolicy(short_side=320, quality=95)),
 ]
 JPEGLI_SETTINGS = [  # the optional encoder (pip install 'flamingo-data[jpegli]')

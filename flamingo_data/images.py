@@ -30,6 +30,11 @@ DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; a decompression bomb is far abov
 # An image file is read no further than this: 2 bytes a pixel at the pixel cap (a losslessly
 # compressed photo fits), while a multi-GB file would have been read whole into each worker.
 DEFAULT_MAX_BYTES = 128 * 2**20
+# JPEG quality of re-encodes when none is given. With --short-side the shards are the compact form
+# for a model's input size and 70 gives ~1/4 of the baseline converter's bytes (0.24x; 90 gives
+# 0.44x, 3 dB more at 224 px): see the README's quality table and benchmarks/bench_quality_at_224.py.
+DEFAULT_QUALITY = 90
+SHORT_SIDE_QUALITY = 70
 
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
@@ -53,7 +58,7 @@ class ImagePolicy:
     max_bytes: int = DEFAULT_MAX_BYTES  # a bigger file is too_many_bytes, read no further
     max_side: int | None = None
     short_side: int | None = None
-    quality: int = 90
+    quality: int | None = None  # None: SHORT_SIDE_QUALITY with short_side, else DEFAULT_QUALITY
     min_side: int = 1
     verify: str = "structure"  # "structure": header + end-of-stream markers; "decode": decode every kept image
     resize_filter: str = "bicubic"  # a RESIZE_FILTERS name; see flamingo_data/resize.py
@@ -73,6 +78,9 @@ class ImagePolicy:
         return settings
 
     def __post_init__(self) -> None:
+        if self.quality is None:
+            default = SHORT_SIDE_QUALITY if self.short_side else DEFAULT_QUALITY
+            object.__setattr__(self, "quality", default)  # frozen: settled once, here
         if self.resize_filter not in RESIZE_FILTERS:
             raise ValueError(f"resize_filter must be one of {sorted(RESIZE_FILTERS)}")
         if not 1 <= self.quality <= 100:

@@ -305,21 +305,33 @@ def record_settings(out_dir: Path, settings: dict[str, Any], resume: bool) -> No
 def _refuse_other_settings(out_dir: str | Path, earlier: Any, settings: dict[str, Any]) -> None:
     if isinstance(earlier, dict) and earlier != settings:
         raise OutputExistsError(
-            f"{out_dir} was written with other options ({', '.join(_changed(earlier, settings))}"
-            " differ): resume with the same options, or pass --overwrite"
+            f"{out_dir} was written with other options ({'; '.join(_changed(earlier, settings))}):"
+            " resume with the same options, or pass --overwrite"
         )
 
 
 def _changed(earlier: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of what differs (``policy.quality``), so the user knows which option to pass."""
+    """What differs, by dotted name and value (``policy.quality: 90 in the run, 70 now``), so the
+    user knows which option to pass and with what: a default that changed between versions
+    otherwise reads as a mystery."""
     names = []
     for key in sorted({*earlier, *now}):
         old, new = earlier.get(key), now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             names += _changed(old, new, f"{prefix}{key}.")
         elif old != new:
-            names.append(f"{prefix}{key}")
+            names.append(
+                f"{prefix}{key}: {_shown(old, key in earlier)} in the run, {_shown(new, key in now)} now"
+            )
     return names
+
+
+def _shown(value: Any, present: bool) -> str:
+    """A setting's value as JSON, cut short: some are lists of input names."""
+    if not present:
+        return "unset"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def prepare_out_dir(

@@ -283,7 +283,9 @@ def test_resume_after_a_killed_run(server, tmp_path: Path) -> None:
     other = [*command, "--resume", "--image-size", "64"]  # would mix two image sizes
     refused = subprocess.run(other, capture_output=True, text=True, timeout=60)
     assert (
-        refused.returncode == 2 and "other options (download.image_size differ)" in refused.stderr
+        refused.returncode == 2
+        and "other options (download.image_size: " in refused.stderr
+        and ", 64 now)" in refused.stderr
     )
     resume = [*command, "--resume", "--threads", "2"]  # parallelism may change
     subprocess.run(resume, check=True, capture_output=True, timeout=180)

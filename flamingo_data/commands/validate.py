@@ -92,7 +92,7 @@ def _print_open_flamingo_skips(report: ValidationReport) -> None:
         print(
             f"note: open_flamingo's own loader would skip {skips['images']} interleaved images"
             f" (under 11,000 bytes) and {skips['documents']} documents left without one;"
-            " flamingo-data's loader keeps them"
+            " flamingo-data's loader keeps them (README: \"Shards for open_flamingo's loader\")"
         )
 
 
