@@ -36,6 +36,14 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
+def run_ok(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run to completion; on failure the assertion shows the processes' own error output, which
+    check=True would have hidden behind a bare CalledProcessError."""
+    run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, f"exit {run.returncode}:\n{run.stderr[-4000:]}"
+    return run
+
+
 def torchrun_command(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -405,12 +413,7 @@ def test_resume_with_more_processes_is_refused_by_every_rank(shards: Path, tmp_p
     """Rank 1 found no trainer_rank1.pt (FileNotFoundError) while rank 0 went on into dcp.load."""
     options = torchrun_command(shards, tmp_path, "--steps", "1")
     options = options[options.index("flamingo_data.train") + 1 :]  # the same run, one process
-    subprocess.run(
-        [sys.executable, "-m", "flamingo_data.train", *options],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    run_ok([sys.executable, "-m", "flamingo_data.train", *options], timeout=120)
     resumed = subprocess.run(
         torchrun_command(shards, tmp_path, "--steps", "2", "--resume"),
         capture_output=True,
@@ -425,10 +428,8 @@ def test_resume_with_more_processes_is_refused_by_every_rank(shards: Path, tmp_p
 
 @pytest.mark.slow
 def test_torchrun_fsdp_loss_goes_down_on_a_fixed_batch(shards: Path, tmp_path: Path) -> None:
-    subprocess.run(
+    run_ok(
         torchrun_command(shards, tmp_path, "--steps", "16", "--checkpoint-every", "100"),
-        check=True,
-        capture_output=True,
         timeout=240,
     )
     summary = log_entries(tmp_path)[-1]["summary"]
@@ -439,9 +440,7 @@ def test_torchrun_fsdp_loss_goes_down_on_a_fixed_batch(shards: Path, tmp_path: P
 def test_sigkill_then_resume_continues_the_exact_stream(shards: Path, tmp_path: Path) -> None:
     steps = ["--steps", "12", "--checkpoint-every", "3"]
     whole = tmp_path / "whole"
-    subprocess.run(
-        torchrun_command(shards, whole, *steps), check=True, capture_output=True, timeout=240
-    )
+    run_ok(torchrun_command(shards, whole, *steps), timeout=240)
     expected = {e["step"]: e for e in log_entries(whole) if "loss" in e}
 
     killed = tmp_path / "killed"
