@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from flamingo_data import remote
 from flamingo_data.executors import run_units
@@ -48,6 +48,10 @@ SAMPLE_UNITS = 20
 # What reading a bad zip raises; RuntimeError: an encrypted member, NotImplementedError (a
 # RuntimeError too): an unsupported compression method.
 ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError)
+
+
+class CutOffZipError(zipfile.BadZipFile):
+    """The file starts as a zip does but its end (the central directory) is missing."""
 
 
 class LayoutError(RuntimeError):
@@ -102,7 +106,7 @@ def iter_lines(path: str) -> Iterator[tuple[str, int, bytes | None]]:
     """(member, line number, raw line) for every .jsonl member of the zip (any case: a zip made
     on another system may say .JSONL; macOS's ``__MACOSX/._*`` copies left out), members in name order. A line over ``MAX_LINE_BYTES`` is
     None: it is skipped unread, so one huge line (a zip bomb) never has to fit in memory."""
-    with remote.open_binary(path) as handle, zipfile.ZipFile(handle) as zf:
+    with remote.open_binary(path) as handle, _open_zip(handle) as zf:
         members = sorted(n for n in zf.namelist() if _is_jsonl_member(n))
         if not members:
             raise zipfile.BadZipFile("no .jsonl member")
@@ -110,6 +114,22 @@ def iter_lines(path: str) -> Iterator[tuple[str, int, bytes | None]]:
             with zf.open(member) as handle:
                 for number, line in enumerate(_capped_lines(io.BufferedReader(handle)), start=1):
                     yield member, number, line
+
+
+def _open_zip(handle: IO[bytes]) -> zipfile.ZipFile:
+    """The zip, or CutOffZipError for one that starts with a zip entry but has lost its end: a
+    cut-off download reads as "File is not a zip file" otherwise, which sends users looking for
+    a wrong format instead of a download to redo."""
+    try:
+        return zipfile.ZipFile(handle)
+    except zipfile.BadZipFile:
+        handle.seek(0)
+        if handle.read(4) == b"PK\x03\x04":
+            raise CutOffZipError(
+                "starts as a zip does but its end (the central directory) is missing:"
+                " a cut-off download or copy"
+            ) from None
+        raise
 
 
 def _is_jsonl_member(name: str) -> bool:
@@ -310,7 +330,8 @@ def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[int, bytes | Non
         except StopIteration:
             return
         except ZIP_READ_ERRORS as exc:
-            reason = "unreadable_zip" if read == 0 else "truncated_zip"
+            cut_off = read > 0 or isinstance(exc, CutOffZipError)
+            reason = "truncated_zip" if cut_off else "unreadable_zip"
             ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
             return
         read += 1

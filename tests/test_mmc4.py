@@ -233,7 +233,7 @@ def test_every_bad_input_is_a_counted_reasoned_skip(tmp_path: Path) -> None:
     }
     assert stats["counts"]["images"]["missing"] == 1
     assert (
-        stats["reasons"]["units"] == {"unreadable_zip": 1}
+        stats["reasons"]["units"] == {"truncated_zip": 1}  # starts as a zip, no end
         and stats["counts"]["units"]["missing_input"] == 1
     )
     rejects = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
@@ -480,6 +480,27 @@ def test_encrypted_or_unsupported_zips_are_counted_unit_rejects(tmp_path: Path) 
     stats = convert(sample, tmp_path / "out")
     assert stats["reasons"]["units"] == {"unreadable_zip": 2}
     assert stats["counts"]["documents"] == {"in": 2, "written": 2}
+
+
+def test_a_cut_off_zip_is_truncated_and_a_non_zip_unreadable(tmp_path: Path) -> None:
+    """A download cut in half has lost the central directory; zipfile calls it "not a zip file",
+    which would send the user looking for a wrong format instead of redoing the download."""
+    sample = write_mmc4_sample(
+        tmp_path / "src", n_shards=3, docs_per_shard=2, missing_rate=0.0, seed=4
+    )
+    docs_dir = Path(sample["docs"]).parent
+    whole = (docs_dir / "shard_0.zip").read_bytes()
+    (docs_dir / "shard_0.zip").write_bytes(whole[: len(whole) // 2])
+    (docs_dir / "shard_2.zip").write_bytes(b"<html>404 not found</html>")
+    stats = convert(sample, tmp_path / "out")
+    assert stats["reasons"]["units"] == {"truncated_zip": 1, "unreadable_zip": 1}
+    assert stats["counts"]["documents"] == {"in": 2, "written": 2}  # shard_1 whole
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").open()]
+    by_unit = {r["unit"]: r for r in rejects if r["kind"] == "units"}
+    assert by_unit["shard_0"]["reason"] == "truncated_zip"
+    assert "central directory) is missing: a cut-off download" in by_unit["shard_0"]["detail"]
+    assert by_unit["shard_2"]["reason"] == "unreadable_zip"
+    assert "not a zip file" in by_unit["shard_2"]["detail"]
 
 
 def test_keys_name_the_source_line_when_blank_lines_are_skipped(tmp_path: Path) -> None:
