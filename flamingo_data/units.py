@@ -117,7 +117,8 @@ def load_marker(out_dir: str | Path, unit_name: str) -> dict[str, Any] | None:
 
 def run_unit(unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
     """Run one unit to completion (or reuse its marker under resume); returns its marker."""
-    if options.resume and (marker := load_marker(options.out_dir, unit.name)) is not None:
+    marker = load_marker(options.out_dir, unit.name) if options.resume else None
+    if marker is not None and not input_was_unreadable(marker):
         marker["resumed"] = True
         return marker
     discard_partial(options.out_dir, unit.name)
@@ -133,6 +134,12 @@ def run_unit(unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return marker
+
+
+def input_was_unreadable(marker: dict[str, Any]) -> bool:
+    """The unit's input could not be read whole (a cut-off zip, a sequence file that is not JSON):
+    resume redoes it, so a download repaired since is converted rather than skipped for good."""
+    return marker["stats"].get("counts", {}).get("units", {}).get("rejected", 0) > 0
 
 
 def check_markers_visible(out_dir: str | Path, markers: list[dict[str, Any]]) -> None:

@@ -503,6 +503,40 @@ def test_a_cut_off_zip_is_truncated_and_a_non_zip_unreadable(tmp_path: Path) -> 
     assert "not a zip file" in by_unit["shard_2"]["detail"]
 
 
+def test_resume_redoes_a_zip_that_could_not_be_read(tmp_path: Path) -> None:
+    """A finished unit is skipped on resume, but one whose zip was cut off is not finished: after
+    the download is redone, --resume converts it, and the output equals a run on good input."""
+    sample = write_mmc4_sample(
+        tmp_path / "src", n_shards=2, docs_per_shard=3, missing_rate=0.0, seed=5
+    )
+    zip_path = Path(sample["docs"]).parent / "shard_1.zip"
+    whole = zip_path.read_bytes()
+
+    def run(out: Path, resume: bool) -> dict:
+        return convert_mmc4(
+            sample["docs"],
+            Mmc4Options(images=sample["images"]),
+            RunOptions(out_dir=str(out), converter="mmc4", write_rejects=True, resume=resume),
+            processes=1,
+            progress=False,
+        ).to_json()
+
+    zip_path.write_bytes(whole[: len(whole) // 2])
+    run(tmp_path / "out", resume=False)
+    still_cut = run(tmp_path / "out", resume=True)  # not repaired yet: counted again, not lost
+    assert still_cut["reasons"]["units"] == {"truncated_zip": 1}
+    assert still_cut["counts"]["documents"] == {"in": 3, "written": 3}
+
+    zip_path.write_bytes(whole)  # the download, redone
+    repaired = run(tmp_path / "out", resume=True)
+    assert repaired["counts"]["documents"] == {"in": 6, "written": 6}
+    assert "units" not in repaired["reasons"]
+    assert not (tmp_path / "out" / "rejects.jsonl").read_text()
+    run(tmp_path / "clean", resume=False)
+    for name in ("shard_0-00000.tar", "shard_1-00000.tar", "sizes.json", "stats.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
 def test_keys_name_the_source_line_when_blank_lines_are_skipped(tmp_path: Path) -> None:
     sample = _sample_with_lines(
         tmp_path, lambda good: [b"", b"  ", b"{bad", json.dumps(good).encode()]
