@@ -6,6 +6,7 @@ Unknown source fields are kept in ``extra`` so a round trip loses nothing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,19 +35,68 @@ class RecordEncodingError(ValueError):
     """A record JSON cannot carry; ``args[0]`` is the reject reason, ``args[1]`` the detail."""
 
 
-def encode_record(record: dict[str, Any]) -> bytes:
-    """Compact UTF-8 JSON for a shard member.
+# The stats key (category ``values``) counting non-finite numbers written as null.
+NON_FINITE_AS_NULL = "non_finite_as_null"
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedRecord:
+    """A shard member's bytes and how many values in it were written as null because JSON
+    cannot hold them (NaN, ±Infinity, however the source spelled them): the writer counts them."""
+
+    data: bytes
+    non_finite_as_null: int = 0
+
+
+def encode_record(record: dict[str, Any]) -> EncodedRecord:
+    """Compact UTF-8 JSON for a shard member, with the count of its non-finite numbers.
 
     orjson: records are mostly base64 text, which the standard encoder escapes-scans slowly
-    (about 10x slower). Text that UTF-8 cannot hold (a lone surrogate from a ``\\ud800`` escape)
+    (about 10x slower); it writes NaN and ±Infinity as null, so they are counted here, where every
+    converter passes. Text that UTF-8 cannot hold (a lone surrogate from a ``\\ud800`` escape)
     and integers beyond 64 bits are refused with a reason instead of being written.
     """
     try:
-        return orjson.dumps(record)
+        data = orjson.dumps(record)
     except orjson.JSONEncodeError as exc:
         message = str(exc)
         reason = "invalid_unicode" if "UTF-8" in message else "unencodable_value"
         raise RecordEncodingError(reason, message) from exc
+    non_finite = count_non_finite(record) if b"null" in data else 0
+    return EncodedRecord(data, non_finite)
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
+def count_non_finite(value: Any) -> int:
+    """How many NaN/±Infinity floats ``value`` holds at any depth (dict values, list items);
+    iterative, so nesting depth is no limit. ``x - x != 0`` holds exactly for NaN and ±inf."""
+    if not isinstance(value, _CONTAINERS):
+        return int(isinstance(value, float) and not math.isfinite(value))
+    count, pending = 0, [value]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif node and isinstance(node[0], float) and _all_finite_numbers(node):
+            continue
+        for item in node:
+            if isinstance(item, float):
+                count += item - item != 0.0
+            elif isinstance(item, _CONTAINERS):
+                pending.append(item)
+    return count
+
+
+def _all_finite_numbers(items: list | tuple) -> bool:
+    """True for a list of numbers only, all finite (a similarity-matrix row), summed in C: NaN
+    or ±inf anywhere makes the sum non-finite. False is no verdict: the caller walks the items."""
+    try:
+        total = sum(items)
+    except (TypeError, OverflowError):  # not only numbers; an int beyond a float's range
+        return False
+    return isinstance(total, int | float) and total - total == 0
 
 
 def decode_base64(text: str) -> bytes:
