@@ -21,6 +21,18 @@ _IMAGE_INFO_FIELDS = (
     "face_detections",
 )
 _DOC_FIELDS = ("url", "text_list", "image_info", "similarity_matrix", "could_have_url_duplicate")
+# Fields a source may lack: a record read from JSON writes them back only when the source had them,
+# so no value (a matched_sim of 0.0, an empty url) appears that the source never held.
+_OPTIONAL_INFO_FIELDS = ("raw_url", "matched_sim", "face_detections")
+_OPTIONAL_DOC_FIELDS = ("url", "could_have_url_duplicate")
+
+
+def _absent(obj: dict[str, Any], names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(name for name in names if name not in obj)
+
+
+def _without(out: dict[str, Any], absent: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in out.items() if k not in absent} if absent else out
 
 
 def encode_base64(data: bytes) -> str:
@@ -116,6 +128,7 @@ class ImageInfo:
     face_detections: Any = None
     image_bytes: bytes | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    absent: frozenset[str] = frozenset()  # fields the source lacked: not written
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -125,6 +138,7 @@ class ImageInfo:
             "matched_sim": self.matched_sim,
             "face_detections": self.face_detections,
         }
+        out = _without(out, self.absent)
         out.update(self.extra)
         if self.image_bytes is not None:
             out["image_base64"] = encode_base64(self.image_bytes)
@@ -144,6 +158,7 @@ class ImageInfo:
             face_detections=obj.get("face_detections"),
             image_bytes=decode_base64(b64) if b64 is not None else None,
             extra=extra,
+            absent=_absent(obj, _OPTIONAL_INFO_FIELDS),
         )
 
 
@@ -157,6 +172,7 @@ class InterleavedDoc:
     url: str = ""
     could_have_url_duplicate: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    absent: frozenset[str] = frozenset()  # fields the source lacked: not written
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -166,6 +182,7 @@ class InterleavedDoc:
             "similarity_matrix": self.similarity_matrix,
             "could_have_url_duplicate": self.could_have_url_duplicate,
         }
+        out = _without(out, self.absent)
         out.update(self.extra)
         return out
 
@@ -178,6 +195,7 @@ class InterleavedDoc:
             similarity_matrix=obj["similarity_matrix"],
             could_have_url_duplicate=obj.get("could_have_url_duplicate", 0),
             extra={k: v for k, v in obj.items() if k not in _DOC_FIELDS},
+            absent=_absent(obj, _OPTIONAL_DOC_FIELDS),
         )
 
 

@@ -223,6 +223,39 @@ def test_mmc4_a_non_finite_value_a_later_duplicate_key_replaces_is_not_counted(
     assert stats["counts"]["values"] == {"non_finite_as_null": 1}
 
 
+def _drop(doc: dict, doc_fields: tuple[str, ...], info_fields: tuple[str, ...]) -> dict:
+    doc = {k: v for k, v in copy.deepcopy(doc).items() if k not in doc_fields}
+    doc["image_info"] = [
+        {k: v for k, v in info.items() if k not in info_fields} for info in doc["image_info"]
+    ]
+    return doc
+
+
+OPTIONAL_DROPS = [
+    ((), ()),
+    (("url",), ()),
+    (("could_have_url_duplicate",), ()),
+    ((), ("raw_url",)),
+    ((), ("matched_sim",)),
+    ((), ("face_detections",)),
+    (("url", "could_have_url_duplicate"), ("raw_url", "matched_sim", "face_detections")),
+]
+
+
+def test_mmc4_fields_a_document_lacks_are_not_invented(mmc4_sample: dict, tmp_path: Path) -> None:
+    """A document without ``matched_sim`` (or ``url``, ``raw_url``, ...) is written without it, not
+    with a 0.0 or "" that the source never held; every other value comes back as it was."""
+    good = mmc4_sample["documents"][0][0]
+    docs = [_drop(good, doc_fields, info_fields) for doc_fields, info_fields in OPTIONAL_DROPS]
+    _write_mmc4_lines(mmc4_sample, [json.dumps(doc) for doc in docs])
+    stats = _convert_mmc4(mmc4_sample, tmp_path / "out")
+    records = tar_records(tmp_path / "out")
+    assert stats["counts"]["documents"] == {"in": len(docs), "written": len(docs)}
+    for line, doc in enumerate(docs, start=1):
+        record = _without_images(records[f"shard_0-{line:07d}.json"])
+        assert same(record, doc), OPTIONAL_DROPS[line - 1]
+
+
 # ---------------------------------------------------------------- ChatGPT sequences
 
 
