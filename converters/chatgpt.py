@@ -219,11 +219,11 @@ def convert_sequence(
         record, outcomes = build_record(item, check_placeholders(item), store, options, ctx, key)
         if errors := schema_errors("gpt", record):
             raise SequenceError("schema", "; ".join(errors))
-        data = encode_record(record)
+        encoded = encode_record(record)
     except (SequenceError, RecordEncodingError) as exc:
         ctx.reject("documents", key, exc.args[0])
         return
-    ctx.write(key, {"json": data})
+    ctx.write_record(key, encoded)
     ctx.stats.add("documents", "written")
     ctx.stats.add("images", "embedded", len(record["image_map"]))  # only images that were written
     for outcome in outcomes:  # kept, trimmed, converted or resized

@@ -30,6 +30,7 @@ from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.executors import run_units
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.records import (
+    EncodedRecord,
     GptImage,
     GptSequence,
     ImageInfo,
@@ -177,7 +178,7 @@ _DRIVE = re.compile(r"^[A-Za-z]:")  # C:\x is a folder here, but another drive j
 
 
 def interleaved_record(
-    turns: list[Segments], names: list[str], blobs: list[bytes], item_id: str
+    turns: list[Segments], names: list[str], blobs: list[bytes], provenance: dict[str, Any]
 ) -> dict[str, Any]:
     """A turn's text before its first tag is one sentence; each tag starts the next image's sentence."""
     sentences: list[str] = []
@@ -197,13 +198,13 @@ def interleaved_record(
         text_list=sentences,
         image_info=infos,
         similarity_matrix=matrix,
-        extra={"conversation_id": item_id},
+        extra=provenance,
     )
     return doc.to_json()
 
 
 def gpt_record(
-    turns: list[Segments], names: list[str], blobs: list[bytes], item_id: str
+    turns: list[Segments], names: list[str], blobs: list[bytes], provenance: dict[str, Any]
 ) -> dict[str, Any]:
     """The conversation as one text, turns joined by newlines, ``_!_IMAGEk_!_`` at the k-th tag."""
     example = gpt_example(turns)
@@ -211,9 +212,7 @@ def gpt_record(
         f"_!_IMAGE{k}_!_": GptImage(image_bytes=blob, extra={"image_name": name})
         for k, (name, blob) in enumerate(zip(names, blobs, strict=True), start=1)
     }
-    return GptSequence(
-        example=example, image_map=image_map, extra={"conversation_id": item_id}
-    ).to_json()
+    return GptSequence(example=example, image_map=image_map, extra=provenance).to_json()
 
 
 def gpt_example(turns: list[Segments]) -> str:
@@ -244,13 +243,19 @@ def convert_item(item: Any, options: ConversationOptions) -> tuple[dict[str, Any
         raise ItemError("placeholder_in_text")  # the loader would bind an image to it
     images = [load_image(options.images, name, options.policy) for name in names]
     build = gpt_record if options.as_ == "gpt" else interleaved_record
-    record = build(turns, names, [image.data for image in images], str(item.get("id", "")))
+    record = build(turns, names, [image.data for image in images], provenance(item))
     if errors := schema_errors(options.as_, record):
         raise ItemError("schema", "; ".join(errors))
     return record, [image.outcome for image in images]
 
 
-def encode_item(record: dict[str, Any]) -> bytes:
+def provenance(item: dict[str, Any]) -> dict[str, Any]:
+    """``{"conversation_id": <the item's id, as it was>}``, or nothing when it has no id: an id
+    is kept whatever its JSON type (a number stays a number; NaN is counted as written null)."""
+    return {"conversation_id": item["id"]} if "id" in item else {}
+
+
+def encode_item(record: dict[str, Any]) -> EncodedRecord:
     """UTF-8 JSON; text that cannot be UTF-8 (a lone surrogate from a ``\\ud800`` escape) is refused."""
     try:
         return encode_record(record)
@@ -275,7 +280,7 @@ def convert_entry(entry: dict[str, Any], ctx: UnitContext, options: Conversation
     except ItemError as exc:
         ctx.reject("documents", key, exc.args[0], " ".join(map(str, exc.args[1:])))
         return
-    ctx.write(key, {"json": payload})
+    ctx.write_record(key, payload)
     ctx.stats.add("documents", "written")
     ctx.stats.add("images", "written", len(outcomes))
     for outcome in outcomes:  # kept, trimmed, converted or resized

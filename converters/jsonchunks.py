@@ -25,7 +25,8 @@ CHUNK_DIR = "_chunks"
 CHUNKING_FILE = "_chunking.json"  # kept beside the shards so a resume can check it
 DEFAULT_CHUNK_SIZE = 10_000
 MAX_DEPTH = 100  # real items nest a few levels; the JSON parser gives up near 1000
-SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")  # webdataset splits keys at the first dot
+# the whole id (fullmatch): webdataset splits keys at the first dot, and a newline is no key
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
 
 def read_items(path: str) -> Iterator[tuple[int, Any, list[str] | None]]:
@@ -94,7 +95,7 @@ def item_key(stem: str, index: int, item: Any, used: set[str]) -> tuple[str, str
     """``<stem>-<id>`` when the id is safe and unused, else ``<stem>-<index>``; plus why it was derived."""
     item_id = item.get("id") if isinstance(item, dict) else None
     safe = isinstance(item_id, str | int) and not isinstance(item_id, bool)
-    key = f"{stem}-{item_id}" if safe and SAFE_ID.match(str(item_id)) else None
+    key = f"{stem}-{item_id}" if safe and SAFE_ID.fullmatch(str(item_id)) else None
     note = None
     if key is None or key in used:
         note = "duplicate_id" if key else "derived"

@@ -156,18 +156,12 @@ def _capped_lines(reader: io.BufferedReader) -> Iterator[bytes | None]:
         yield None
 
 
-def parse_document(line: bytes) -> tuple[dict[str, Any], int]:
-    """Decode and structurally check one MMC4 line; raises DocumentError(reason). Also returns how
-    many NaN/Infinity values it holds: JSON has none, so a written record has null in their place,
-    and that change is counted rather than silent (in the similarity matrix they are a reject)."""
-    constants: list[str] = []
-
-    def non_finite(name: str) -> float:
-        constants.append(name)
-        return float(name)
-
+def parse_document(line: bytes) -> dict[str, Any]:
+    """Decode and structurally check one MMC4 line; raises DocumentError(reason). NaN, ±Infinity
+    and numbers beyond a double's range (``1e400``) parse as non-finite floats: a reject in the
+    similarity matrix, elsewhere written as null and counted by ``encode_record``."""
     try:
-        doc = json.loads(line, parse_constant=non_finite)
+        doc = json.loads(line)
     except (ValueError, RecursionError) as exc:  # also a >4300-digit integer, deep nesting
         raise DocumentError("bad_json") from exc
     if not isinstance(doc, dict):
@@ -189,7 +183,7 @@ def parse_document(line: bytes) -> tuple[dict[str, Any], int]:
         raise DocumentError("bad_matrix_shape")
     if not _optional_fields_ok(doc, image_info):
         raise DocumentError("schema")
-    return doc, len(constants)
+    return doc
 
 
 def _optional_fields_ok(doc: dict[str, Any], image_info: list[dict[str, Any]]) -> bool:
@@ -281,8 +275,7 @@ def convert_line(
         ctx.reject("documents", key, "line_too_long", f"over {MAX_LINE_BYTES} bytes")
         return
     try:
-        parsed, non_finite = parse_document(line)
-        doc = InterleavedDoc.from_json(parsed)
+        doc = InterleavedDoc.from_json(parse_document(line))
     except DocumentError as exc:
         ctx.reject("documents", key, exc.args[0])
         return
@@ -300,14 +293,12 @@ def convert_line(
         ctx.reject("documents", key, "schema", "; ".join(errors))
         return
     try:
-        data = encode_record(record)
+        encoded = encode_record(record)
     except RecordEncodingError as exc:
         ctx.reject("documents", key, exc.args[0], exc.args[1])
         return
-    ctx.write(key, {"json": data})
+    ctx.write_record(key, encoded)
     ctx.stats.add("documents", "written")
-    if non_finite:  # NaN/Infinity outside the matrix (e.g. face_detections): written as null
-        ctx.stats.add("values", "non_finite_as_null", non_finite)
 
 
 def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str) -> None:

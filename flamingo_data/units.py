@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flamingo_data import remote
+from flamingo_data.records import NON_FINITE_AS_NULL, EncodedRecord
 from flamingo_data.shards import TMP_SUFFIX, ShardWriter, write_atomic
 from flamingo_data.stats import Stats
 
@@ -82,6 +83,13 @@ class UnitContext:
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         self.writer.write(key, members)
+
+    def write_record(self, key: str, record: EncodedRecord) -> None:
+        """Write ``<key>.json`` and count its values written as null (``values.non_finite_as_null``):
+        a value JSON cannot hold is changed, so the change is counted, never silent."""
+        self.writer.write(key, {"json": record.data})
+        if record.non_finite_as_null:
+            self.stats.add("values", NON_FINITE_AS_NULL, record.non_finite_as_null)
 
     def reject(self, category: str, key: str, reason: str, detail: str = "") -> None:
         """Count a rejected item and keep its reason for ``rejects.jsonl``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import math
 import os
 import posixpath
 import re
@@ -187,11 +188,41 @@ def check_sample(
 
 
 def parse_record(raw: bytes) -> Any:
-    """orjson (the loader's parser), then ``json.loads`` (upstream's): NaN/Infinity (the image
-    matching raises on them) and lone surrogates (the tokenizer raises) are refused, as the shard
-    writer refuses them, instead of passing here and stopping a training run."""
+    """The record as ``json.loads`` (upstream's parser) reads it, refused (ValueError) where it
+    and orjson (the loader's) disagree or either fails: NaN/Infinity (the image matching raises
+    on them), numbers beyond a double (``1e400``: infinity here, an error there), integers beyond
+    64 bits (a float there, a changed value) and lone surrogates (the tokenizer raises), as the
+    shard writer refuses or counts them, instead of passing here and stopping a training run."""
+    record = json.loads(
+        raw, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_int_64
+    )
     orjson.loads(raw)
-    return json.loads(raw)
+    return record
+
+
+# the integers orjson reads as integers (and writes); beyond them it reads a float
+INT_RANGE = range(-(2**63), 2**64)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {_clip(text, 40)} is beyond a double's range (infinity)")
+    return value
+
+
+def _int_64(text: str) -> int:
+    """The integer, when orjson reads the same one; digits are counted first, since ``int``
+    refuses over 4300 of them."""
+    if len(text.lstrip("-")) > 20 or (value := int(text)) not in INT_RANGE:
+        raise ValueError(
+            f"integer {_clip(text, 40)} is beyond 64 bits (the loader would read a float)"
+        )
+    return value
 
 
 def _member_problems(sample: Sample, kind: str) -> list[tuple[str, str]]:

@@ -191,10 +191,11 @@ def test_fuzz_conversation_items(conv_folder: Path, data, as_: str) -> None:
         record, _outcomes = conversations.convert_item(
             item, conversations.ConversationOptions(images=str(conv_folder), as_=as_)
         )
+        encoded = conversations.encode_item(record)  # as convert_entry writes it
     except conversations.ItemError as exc:
         ctx.reject("documents", "u-1", exc.args[0])
     else:
-        ctx.write("u-1", {"json": json.dumps(record).encode()})
+        ctx.write_record("u-1", encoded)
         ctx.stats.add("documents", "written")
     assert_accounted(ctx, as_)
 
