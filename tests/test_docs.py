@@ -455,7 +455,7 @@ def test_the_reason_table_has_one_meaning_per_row() -> None:
 DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
 HISTORY = re.compile(
     r"\bused to\b|\bwas previously\b|\bno longer\b|\bsince 20\d\d|\bbefore 20\d\d|\buntil 20\d\d"
-    r"|\(was |\bit was \b|\bbefore, |\bformerly\b|\buntil recently\b|\bthe old (?:code|behaviour)\b"
+    r"|\(was |\bit was \b|(?:^|[.;:(]\s*)before, |\bformerly\b|\buntil recently\b|\bthe old (?:code|behaviour)\b"
     r"|\bthe default before\b|\bmade before\b|\bfrom before\b|\btoday\b"
     r"|\bcrashed\b|\bhung\b|\bwas silently\b|\bwere silently\b|\bwas exit\b|\bwere lost\b",
     re.I,
