@@ -274,8 +274,7 @@ def convert_chatgpt(
     if options.missing not in ("drop", "strip"):
         raise ValueError("--missing must be drop or strip")
     unmatched: list[str] = []
-    # a folder gives its .json and .jsonl files: the README takes JSONL input, and a folder of
-    # .jsonl sequence files used to be "no sequence file matches", exit 2
+    # a folder gives its .json and .jsonl files: sequence files may be JSON or JSONL
     sources = expand_specs(specs, folder_suffix=(".json", ".jsonl"), unmatched=unmatched)
     if not sources:
         raise SpecError(f"no sequence file matches {specs!r}")

@@ -92,7 +92,7 @@ def jsonl_lines(text: str) -> list[str]:
 
 
 def item_key(stem: str, index: int, item: Any, used: set[str]) -> tuple[str, str | None]:
-    """``<stem>-<id>`` when the id is safe and unused, else ``<stem>-<index>``; plus why it was derived."""
+    """``<stem>-<id>`` when the id is safe and unused, else ``<stem>-<index>``; plus why the key is derived."""
     item_id = item.get("id") if isinstance(item, dict) else None
     safe = isinstance(item_id, str | int) and not isinstance(item_id, bool)
     key = f"{stem}-{item_id}" if safe and SAFE_ID.fullmatch(str(item_id)) else None
@@ -186,7 +186,7 @@ def read_chunk(path: str) -> Iterator[dict[str, Any]]:
 
 
 def remove_chunks(out_dir: str | Path) -> None:
-    """Chunks are scratch: once every unit is committed they are no longer needed."""
+    """Chunks are scratch: once every unit is committed they are removed."""
     chunk_dir = remote.join(str(out_dir), CHUNK_DIR)
     if remote.is_remote(chunk_dir):
         remote.remove_tree(chunk_dir)

@@ -80,7 +80,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 # What torch.distributed.checkpoint's ``.metadata`` pickle names: its own records, sizes, dtypes,
-# layouts and the path it was saved to. dcp.load unpickles the file with plain ``pickle.load``.
+# layouts and the path of the save. dcp.load unpickles the file with plain ``pickle.load``.
 METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name)
     for name in (

@@ -104,8 +104,8 @@ def _bytes(b64: str | None) -> bytes | None:
 
 def _interleaved_view(sample: Sample, record: dict[str, Any], config: LoaderConfig) -> DocView:
     """The loader's checks in the loader's order: shape, plan, then sentences that are not text
-    (its join fails). A wrong-shaped matrix or a number among the sentences crashed inspect and
-    preview with a traceback; the loader counts them."""
+    (its join fails). A wrong-shaped matrix or a number among the sentences is counted with the
+    loader's reason, never a traceback."""
     if (problem := shape_problem(record)) is not None:
         return DocView(sample.key, sample.shard, "unknown", rejected=problem, record=record)
     plan = plan_interleaved(record, config)

@@ -189,7 +189,7 @@ class ImageStore:
 
     def get(self, url: str, limit: int | None = None) -> tuple[bytes | None, str]:
         """(bytes, "") or (None, reason); at most ``limit`` bytes are read (an output from
-        elsewhere may hold a member of any size, and it was read whole only to be refused)."""
+        elsewhere may hold a member of any size; a bigger one is refused unread)."""
         where = self.found.get(url)
         if where is None:
             return None, self.failed.get(url, "not_downloaded")

@@ -31,8 +31,8 @@ DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; a decompression bomb is far abov
 # compressed photo fits), while a multi-GB file would have been read whole into each worker.
 DEFAULT_MAX_BYTES = 128 * 2**20
 # JPEG quality of re-encodes when none is given. With --short-side the shards are the compact form
-# for a model's input size and 70 gives ~1/4 of the baseline converter's bytes (0.24x; 90 gives
-# 0.44x, 3 dB more at 224 px): see the README's quality table and benchmarks/bench_quality_at_224.py.
+# for a model's input size, and 70 gives about a quarter of the baseline converter's bytes: see
+# docs/benchmarks.md and benchmarks/bench_quality_at_224.py.
 DEFAULT_QUALITY = 90
 SHORT_SIDE_QUALITY = 70
 
@@ -74,7 +74,7 @@ class ImagePolicy:
         if self.max_bytes == DEFAULT_MAX_BYTES:
             del settings["max_bytes"]
         if self.jpeg_tables == "annex-k" or self.encoder != "libjpeg-turbo":
-            del settings["jpeg_tables"]  # what every run made before the tables existed used
+            del settings["jpeg_tables"]  # a marker without the setting means annex-k
         return settings
 
     def __post_init__(self) -> None:

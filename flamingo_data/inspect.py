@@ -191,7 +191,7 @@ def _truncation_reject(ids: list[int], tokenizer, config: LoaderConfig) -> str |
 
 def merged_stats(paths: list[str], issues: Counter | None = None) -> dict[str, Any]:
     """stats.json files beside the shards, merged per converter; a malformed one is left out and
-    counted in ``issues`` as ``bad_stats_json`` (it used to stop inspect with a traceback)."""
+    counted in ``issues`` as ``bad_stats_json``, never a traceback."""
     merged: dict[str, Stats] = {}
     for folder in sorted({os.path.dirname(p) or "." for p in paths}):
         raw = remote.read_if_exists(remote.join(folder, "stats.json"))
@@ -267,10 +267,9 @@ def plot_report(report: InspectReport, out: str) -> None:
     axes[3].set_title("tokens per document")
     fig.tight_layout()
     try:
-        # always a PNG, at ``out`` exactly: by extension, 'hist' was written to hist.png and
-        # 'hist.txt' stopped with a traceback
+        # always a PNG, at ``out`` exactly, whatever its extension
         fig.savefig(out, dpi=100, format="png")
-    except OSError as exc:  # was exit 1 with advice to rerun with --resume
+    except OSError as exc:  # the caller's input error: one line, exit 2
         raise RuntimeError(f"cannot write --plot {out}: {exc.strerror or exc}") from exc
     finally:
         plt.close(fig)

@@ -6,7 +6,7 @@ coarser in the highest, they give the same PSNR and SSIM at 224 px in ~20% fewer
 benchmark's web photos, and as good or better on text, scanned pages and greyscale pictures
 (benchmarks/bench_quality_at_224.py). They are scaled by ``quality`` with libjpeg's own rule and
 capped at 255, so the files stay plain baseline 4:2:0 JPEGs that every decoder reads at its usual speed.
-``--jpeg-tables annex-k`` gives libjpeg's own tables (the bytes of runs made before the change).
+``--jpeg-tables annex-k`` gives libjpeg's own tables (what a marker without the setting means).
 
 jpegli writes ordinary baseline 4:2:0 JPEGs with its own adaptive quantisation (the tables do not
 apply to it). It is an optional extra (``pip install 'flamingo-data[jpegli]'``), chosen explicitly with

@@ -77,9 +77,8 @@ def write_preview(
 
 
 def write_page(out: str, page: str) -> None:
-    """To a local path or a url (a url became a local file named ``s3:/...``). An unwritable
-    ``out`` is the caller's input error (RuntimeError: one line, exit 2); it was an OSError, exit
-    1 with advice to rerun with --resume, which preview does not have."""
+    """To a local path or a url (never a local file named ``s3:/...``). An unwritable ``out`` is
+    the caller's input error (RuntimeError: one line, exit 2); preview has no --resume to advise."""
     try:
         if remote.is_remote(out):
             remote.write_bytes(out, page.encode("utf-8"))

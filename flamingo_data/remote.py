@@ -70,7 +70,7 @@ def isdir(path: str) -> bool:
 def read_bytes(path: str, limit: int | None = None) -> bytes:
     """The file's bytes, at most ``limit`` of them; FileNotFoundError when absent, like a local
     read. Only regular local files are opened: opening a FIFO blocks until something writes to it
-    (a converter hung forever on one among its images)."""
+    (a converter would wait forever on one among its images)."""
     if not is_remote(path):
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):

@@ -140,8 +140,8 @@ def _require_end_marker(path: str, offset: int) -> int | None:
     that died, an interrupted copy) would read as complete: demand the zero block that ends a tar.
 
     Returns where non-zero bytes follow that block, if they do: every reader stops at the end
-    block, so the samples of a second tar appended with ``cat`` were lost without a word (and
-    validate counted only the first tar's). The rest is normally a few KiB of zero padding."""
+    block, so the samples of a second tar appended with ``cat`` would be lost without a word. The
+    rest is normally a few KiB of zero padding."""
     with remote.open_binary(path) as handle:
         handle.seek(offset)
         if handle.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:

@@ -289,7 +289,7 @@ def run_settings(config: TrainConfig) -> dict[str, Any]:
     seed, not the checkpoint), the tokenizer, and the data streams the loader positions refer to."""
     settings: dict[str, Any] = {name: getattr(config, name) for name in RESUME_SETTINGS}
     settings["datasets"] = sorted(ds.name for ds in config.datasets)
-    if config.cross_attn_every_n_layers > 1:  # checkpoints from before it moved hold other blocks
+    if config.cross_attn_every_n_layers > 1:  # a checkpoint without it placed other blocks
         settings["cross_attn_placement"] = CROSS_ATTN_PLACEMENT
     return settings
 

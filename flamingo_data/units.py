@@ -265,7 +265,7 @@ def work_dir(out_dir: str | Path) -> Path:
 
 
 def drop_work_dir(out_dir: str | Path) -> None:
-    """After a successful remote run its local scratch folder is no longer needed."""
+    """After a successful remote run its local scratch folder is removed."""
     if remote.is_remote(str(out_dir)):
         shutil.rmtree(work_dir(out_dir), ignore_errors=True)
 
@@ -284,9 +284,8 @@ def list_markers(out_dir: str | Path) -> list[str]:
 def output_settings(run: RunOptions, **settings: Any) -> RunOptions:
     """``run`` carrying the options that decide a unit's bytes, in their JSON form (as markers hold
     them), plus the shard size limits; paths are left out, so moved inputs still resume.
-    ``rejects`` too (only when on, so markers from before it was recorded still match): a finished
-    unit keeps the rejects part it was or was not written with, so a change would leave
-    rejects.jsonl missing some units' rejects."""
+    ``rejects`` too (only when on, so markers without it still match): a finished unit keeps its
+    rejects part as written, so a change would leave rejects.jsonl missing some units' rejects."""
     every = {**settings, "max_samples": run.max_samples, "max_bytes": run.max_bytes}
     if run.write_rejects:
         every["rejects"] = True
@@ -301,7 +300,7 @@ def _plain(value: Any) -> Any:
 
 def check_resume_settings(out_dir: str | Path, settings: dict[str, Any]) -> None:
     """Finishing a run with other options would mix two kinds of shard in one dataset: refuse,
-    naming what differs. Markers from before settings were recorded are not compared."""
+    naming what differs. Markers that carry no settings are not compared."""
     for path in list_markers(out_dir):
         _refuse_other_settings(
             out_dir, json.loads(remote.read_bytes(path)).get("settings"), settings

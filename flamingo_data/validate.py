@@ -84,7 +84,7 @@ class ValidationReport:
 def _named_shards(specs: str | list[str]) -> tuple[list[str], list[str]]:
     """(shards that exist, named shards that do not). A path, glob, folder or brace alternative
     that names no shard is a failure: a dataset with holes is not the dataset the user meant to
-    train on (a glob or an empty folder beside other specs used to be skipped without a word).
+    train on (a glob or an empty folder beside other specs is never skipped without a word).
     Only specs that name nothing at all are a usage error."""
     unmatched: list[str] = []
     named = expand_specs(specs, folder_suffix=".tar", keep_missing=True, unmatched=unmatched)
@@ -348,8 +348,7 @@ def _check_pair(record: dict, sample: Sample, options: ValidateOptions, report: 
 
 class SizesFileError(SpecError):
     """``--sizes`` names no file, or a sizes.json cannot be written: found before any shard is
-    read (it was found after an hour of validation, as a traceback-free exit 1 that printed no
-    report and advised ``--resume``)."""
+    read, so a long validation never ends in this error."""
 
 
 def _sizes_target(folder: str, sizes_path: str | None) -> str:

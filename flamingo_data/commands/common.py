@@ -126,7 +126,7 @@ def _quality(text: str) -> int:
 
 
 def positive(text: str) -> int:
-    """A size or pixel count: 0 was silently ignored and a negative one shrank every image to 1 x 1."""
+    """A size or pixel count, at least 1: 0 would be ignored and a negative one shrink images to 1 x 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")

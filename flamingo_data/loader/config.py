@@ -46,8 +46,8 @@ class DatasetSpec:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        """A weight of 0, below 0, NaN or infinite made the mix's probabilities NaN: the worker
-        crashed mid-epoch (or a 0-weight dataset was silently drawn once the others ran out)."""
+        """A weight must be a finite number above 0: any other makes the mix's probabilities
+        meaningless (NaN, or a 0-weight dataset drawn once the others run out)."""
         if not (math.isfinite(self.weight) and self.weight > 0):
             raise ValueError(
                 f"dataset {self.name!r}: weight must be a finite number above 0, got {self.weight!r}"

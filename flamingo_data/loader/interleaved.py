@@ -52,7 +52,7 @@ def approx_b64_bytes(text: str) -> int:
 def shape_problem(record: dict[str, Any]) -> str | None:
     """Why the loader refuses a record before planning it (``bad_record``: a field missing or not
     a list; ``bad_matrix_shape``: not images x sentences, or no sentence), or None. Shared by the
-    loader and by inspect/preview, which crashed on what the loader counts here."""
+    loader and by inspect/preview, so all three count the same records the same way."""
     try:
         n_images, n_sentences = len(record["image_info"]), len(record["text_list"])
         matrix = record["similarity_matrix"]

@@ -318,7 +318,7 @@ class FlamingoLoader:
                 f"loader state was saved with {state['slots']} worker slots (world size x workers); "
                 f"this loader has {self.slots}: resume with the same world size and num_workers"
             )
-        saved = state.get("stream")  # states from before it was kept are not checked
+        saved = state.get("stream")  # a state saved without its stream is not checked
         if saved is not None and saved != self._stream():
             now = self._stream()
             changed = ", ".join(

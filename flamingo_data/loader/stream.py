@@ -40,7 +40,7 @@ _WARNED: set[tuple[str, tuple[str, ...]]] = set()
 
 def resolve(spec: DatasetSpec, index: int) -> Dataset:
     """The dataset's shards. A named shard that does not exist is skipped with a warning and kept
-    in ``missing``: a hole in a brace list used to shrink the dataset without a word."""
+    in ``missing``, so a hole in a brace list never shrinks the dataset without a word."""
     shards = [spec.shards] if isinstance(spec.shards, str) else list(spec.shards)
     named = expand_specs(shards, folder_suffix=".tar", keep_missing=True)
     present = {p for p in set(named) if remote.exists(p)}
