@@ -366,7 +366,7 @@ READ_IN_CHILD = (
 )
 
 
-@pytest.mark.parametrize("blank", ["\t \n", "  \r\n", "\n \n\t\n"])
+@pytest.mark.parametrize("blank", ["\t \n", "  \r\n", "   \n"])
 def test_json_inputs_skip_blank_lines_without_holding_them(tmp_path: Path, blank: str) -> None:
     """48 MiB of blank lines in a JSONL file (the input of conversations and chatgpt): no items,
     and memory near the file's own size, not a string per line."""
