@@ -26,8 +26,9 @@ def expand_specs(
     unmatched: list[str] | None = None,
     ignore_case: bool = False,
     duplicates: list[str] | None = None,
+    unique: bool = True,
 ) -> list[str]:
-    """Paths named by ``specs`` in the order given, each file once.
+    """Paths named by ``specs`` in the order given, each file once (unless not ``unique``).
 
     A folder expands to its files ending in ``folder_suffix`` (one suffix or a tuple of them;
     sorted), a glob to its sorted matches, a brace pattern to each alternative. Paths that do not exist are dropped unless
@@ -36,7 +37,8 @@ def expand_specs(
     ``ignore_case``: a folder's files match ``folder_suffix`` in any case (``SHARD_0.ZIP``).
     A file named again (a glob and its path, ``./x`` and ``x``, a symlink to it) is kept where it
     first appears and its later names go to ``duplicates``: read twice, its records would be
-    written twice under two keys.
+    written twice under two keys. ``unique=False`` keeps every name (validate checks a dataset as
+    named, where a shard named twice is a real duplicate).
     """
     if ignore_case:
         folder_suffix = tuple(s.lower() for s in _as_tuple(folder_suffix))
@@ -49,7 +51,7 @@ def expand_specs(
             if not found and unmatched is not None:
                 unmatched.append(item)
             paths.extend(found)
-    return _first_of_each(paths, duplicates)
+    return _first_of_each(paths, duplicates) if unique else paths
 
 
 def _first_of_each(paths: list[str], duplicates: list[str] | None) -> list[str]:
