@@ -1,8 +1,8 @@
 """MMC4 zips + downloaded images -> interleaved (MMC4-form) shards with embedded base64 images.
 
 One unit per input zip. Each jsonl line becomes one record keyed ``<unit>-<line>`` or a counted,
-reasoned reject. Image layouts: ``indexed`` (``<images>/<position in the shard list>/<name>``)
-and ``flat`` (``<images>/<shard>_images/<name>``); ``auto`` picks the one where images are found
+reasoned reject. Image layouts: ``indexed`` (``<images>/<shard number in the zip's name>/<name>``,
+or the zip's position in a brace pattern when its name has none) and ``flat`` (``<images>/<shard>_images/<name>``); ``auto`` picks the one where images are found
 and fails loudly when nearly every image is missing under both.
 """
 
@@ -180,7 +180,7 @@ def inflation_problem(members: list[zipfile.ZipInfo]) -> str | None:
 def crc_is_bad(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
     """True when the member reads to its end and its bytes fail their CRC-32. Read once ahead of
     converting, because the check only happens at the member's end. Other read errors are left to
-    the conversion pass, which counts them as today (truncated_zip / unreadable_zip)."""
+    the conversion pass, which counts them (truncated_zip / unreadable_zip)."""
     try:
         with zf.open(info) as member:
             while member.read(READ_BLOCK):
@@ -497,7 +497,9 @@ def _reject_damaged(
     ctx.reject("units", name, "bad_crc", detail)
     count = LineCount()
     with zf.open(info) as member:
-        member._expected_crc = None  # read once more to key its lines; their text is not used
+        # zipfile raises at the end and drops the last block read: turn its check off (a private
+        # attribute, CPython 3.6+) to count and key every line; their text is not used
+        member._expected_crc = None
         for number, _line in _numbered_lines(member, count):
             ctx.stats.add("documents", "in")
             ctx.reject("documents", f"{name}-{before + number:07d}", "bad_crc")
@@ -544,8 +546,8 @@ def _no_number_message(units: list[Unit]) -> str:
     unnumbered = next(u.source for u in units if shard_number(u.source) is None)
     return (
         f"{unnumbered} has no shard number in its name, so its --image-layout indexed folder is "
-        "unknown: give --docs as a brace pattern (e.g. 'docs/shard_{0..99}.zip', in the order the "
-        "images were downloaded in) or use --image-layout flat"
+        "unknown: give --docs as a brace pattern listing the zips in the order their images were "
+        "downloaded in (e.g. 'docs/{a,b,c}.zip') or use --image-layout flat"
     )
 
 
