@@ -464,3 +464,28 @@ def test_unnumbered_zips_listed_one_by_one_keep_their_positions(tmp_path: Path) 
         (folder / f"shard_{shard}.zip").rename(folder / name)
     stats = convert(str(folder / "{first,second}.zip"), sample["images"], tmp_path / "out")
     assert stats["counts"]["documents"] == {"in": 4, "written": 4}
+
+
+def test_resume_redoes_a_zip_whose_member_failed_its_crc(tmp_path: Path) -> None:
+    """Once the damaged download is redone, --resume converts it: the output equals a clean run."""
+    sample, lines = sample_lines(tmp_path, n_shards=2, docs=3)
+    path = Path(sample["docs"]).parent / "shard_1.zip"
+    write_zip(path, [("shard_1.jsonl", b"\n".join(lines[3:]) + b"\n")], zipfile.ZIP_STORED)
+    whole = path.read_bytes()
+    damage_stored(path, json.loads(lines[4])["url"].encode())
+
+    def run(out: Path, resume: bool) -> dict:
+        return convert_mmc4(
+            sample["docs"],
+            Mmc4Options(images=sample["images"]),
+            RunOptions(out_dir=str(out), converter="mmc4", resume=resume),
+            processes=1,
+            progress=False,
+        ).to_json()
+
+    assert run(tmp_path / "out", resume=False)["reasons"]["documents"] == {"bad_crc": 3}
+    path.write_bytes(whole)
+    assert run(tmp_path / "out", resume=True)["counts"]["documents"] == {"in": 6, "written": 6}
+    run(tmp_path / "clean", resume=False)
+    for name in ("shard_0-00000.tar", "shard_1-00000.tar", "sizes.json", "stats.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
