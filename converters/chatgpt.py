@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from flamingo_data import remote
-from flamingo_data.converters.jsonchunks import jsonl_lines, one_object
+from flamingo_data.converters.jsonchunks import nonblank_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.executors import run_units
@@ -36,6 +36,7 @@ from flamingo_data.units import (
     Unit,
     UnitContext,
     drop_work_dir,
+    duplicate_inputs,
     finalize,
     output_settings,
     prepare_out_dir,
@@ -74,7 +75,7 @@ def read_sequences(path: str) -> list[Any]:
     if (whole := one_object(text)) is not None:
         return [whole]
     items: list[Any] = []
-    for line in filter(str.strip, jsonl_lines(text)):
+    for line in nonblank_lines(text):
         try:
             items.append(json.loads(line))
         except (ValueError, RecursionError):  # also a >4300-digit integer, deep nesting
@@ -274,8 +275,11 @@ def convert_chatgpt(
     if options.missing not in ("drop", "strip"):
         raise ValueError("--missing must be drop or strip")
     unmatched: list[str] = []
+    duplicates: list[str] = []
     # a folder gives its .json and .jsonl files: sequence files may be JSON or JSONL
-    sources = expand_specs(specs, folder_suffix=(".json", ".jsonl"), unmatched=unmatched)
+    sources = expand_specs(
+        specs, folder_suffix=(".json", ".jsonl"), unmatched=unmatched, duplicates=duplicates
+    )
     if not sources:
         raise SpecError(f"no sequence file matches {specs!r}")
     if unmatched:  # beside files that exist: a mistyped one is not skipped without a word
@@ -307,6 +311,6 @@ def convert_chatgpt(
         progress=progress,
         master=master,
     )
-    stats = finalize(run.out_dir, "chatgpt")
+    stats = finalize(run.out_dir, "chatgpt", duplicate_inputs(duplicates, "chatgpt"))
     drop_work_dir(run.out_dir)
     return stats

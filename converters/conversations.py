@@ -45,6 +45,7 @@ from flamingo_data.units import (
     RunOptions,
     Unit,
     UnitContext,
+    duplicate_inputs,
     finalize,
     list_markers,
     output_settings,
@@ -292,17 +293,18 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: ConversationOptions) -> 
         convert_entry(entry, ctx, options)
 
 
-def conversation_sources(specs: str | list[str]) -> list[str]:
-    """Files named by specs (globs, brace patterns, folders of .json and .jsonl files), sorted, each once.
-    A spec that names no file beside others that do is an error too: a mistyped split is not skipped."""
-    no_json: list[str] = []
-    no_jsonl: list[str] = []
-    found = expand_specs(specs, folder_suffix=".json", unmatched=no_json)
-    found += expand_specs(specs, folder_suffix=".jsonl", unmatched=no_jsonl)
-    sources = sorted({path for path in found if remote.isfile(path)})
+def conversation_sources(specs: str | list[str], duplicates: list[str] | None = None) -> list[str]:
+    """Files named by specs (globs, brace patterns, folders of .json and .jsonl files), sorted, each
+    once (later names of a file go to ``duplicates``, see ``expand_specs``). A spec that names no
+    file beside others that do is an error too: a mistyped split is not skipped."""
+    nothing: list[str] = []
+    found = expand_specs(
+        specs, folder_suffix=(".json", ".jsonl"), unmatched=nothing, duplicates=duplicates
+    )
+    sources = sorted(path for path in found if remote.isfile(path))
     if not sources:
         raise SpecError(f"no conversation file matches {specs!r}")
-    if nothing := [spec for spec in no_json if spec in no_jsonl]:
+    if nothing:
         raise SpecError(f"{nothing[0]} names no conversation file (.json or .jsonl)")
     return sources
 
@@ -330,7 +332,8 @@ def convert_conversations(
     progress: bool = True,
 ) -> Stats:
     """Convert conversation files, ``chunk_size`` items per unit, into shards in ``run.out_dir``."""
-    sources = conversation_sources(json_specs)
+    duplicates: list[str] = []
+    sources = conversation_sources(json_specs, duplicates)
     if not remote.isdir(options.images):
         raise SpecError(f"image folder {options.images} does not exist")
     system = {} if options.system_template is None else {"system_template": options.system_template}
@@ -354,6 +357,6 @@ def convert_conversations(
         progress=progress,
         master=master,
     )
-    stats = finalize(run.out_dir, "conversations")
+    stats = finalize(run.out_dir, "conversations", duplicate_inputs(duplicates, "conversations"))
     remove_chunks(run.out_dir)
     return stats

@@ -1,22 +1,22 @@
 """MMC4 zips + downloaded images -> interleaved (MMC4-form) shards with embedded base64 images.
 
 One unit per input zip. Each jsonl line becomes one record keyed ``<unit>-<line>`` or a counted,
-reasoned reject. Image layouts: ``indexed`` (``<images>/<position in the shard list>/<name>``)
-and ``flat`` (``<images>/<shard>_images/<name>``); ``auto`` picks the one where images are found
+reasoned reject. Image layouts: ``indexed`` (``<images>/<shard number in the zip's name>/<name>``,
+or the zip's position in a brace pattern when its name has none) and ``flat`` (``<images>/<shard>_images/<name>``); ``auto`` picks the one where images are found
 and fails loudly when nearly every image is missing under both.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import posixpath
+import re
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
@@ -27,7 +27,7 @@ from flamingo_data.images import ImagePolicy, process_image
 from flamingo_data.records import InterleavedDoc, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
 from flamingo_data.shards import safe_stem
-from flamingo_data.specs import SpecError, expand_specs
+from flamingo_data.specs import SpecError, expand_specs, lists_folder_or_glob
 from flamingo_data.stats import Stats
 from flamingo_data.units import (
     RunOptions,
@@ -43,6 +43,14 @@ LAYOUTS = ("auto", "indexed", "flat")
 # A document line longer than this is counted line_too_long and never held whole: MMC4 lines are
 # kilobytes (a few MB at most), while a zip bomb's one line took 4x its size to read and parse.
 MAX_LINE_BYTES = 64 * 2**20
+# A zip whose jsonl members inflate past BOMB_MIN_BYTES at over MAX_INFLATION times their compressed
+# size is refused unread (compression_bomb): MMC4 jsonl deflates a few times, a bomb of blank or
+# tiny lines about a thousand times.
+BOMB_MIN_BYTES = 8 * 2**20
+MAX_INFLATION = 100
+READ_BLOCK = 2**20  # members are read in blocks of this size
+SPACE_BYTES = b" \t\n\r\x0b\x0c"  # what bytes.strip() removes
+_NON_SPACE = re.compile(rb"[^ \t\n\r\x0b\x0c]")
 # How many zips, evenly spaced in the --docs list, auto-detection samples image names from.
 SAMPLE_UNITS = 20
 # What reading a bad zip raises; RuntimeError: an encrypted member, NotImplementedError (a
@@ -94,8 +102,36 @@ def flat_folder_candidates(images: str, unit: Unit) -> list[str]:
     return [remote.join(images, f"{stem}_images") for stem in dict.fromkeys(stems)]
 
 
+SHARD_NUMBER = re.compile(r"shard_?(\d+)", re.IGNORECASE)
+
+
+def shard_number(path: str) -> int | None:
+    """The shard number in a zip's name: the digits after ``shard`` (``docs_shard_12_v2.jsonl.zip``
+    is 12), else the name's one run of digits; None when it has none, or several and no ``shard``."""
+    stem = posixpath.basename(path).split(".")[0]
+    if (found := SHARD_NUMBER.search(stem)) is not None:
+        return int(found.group(1))
+    runs = re.findall(r"\d+", stem)
+    return int(runs[0]) if len(runs) == 1 else None
+
+
+def indexed_units(units: list[Unit], listed: bool) -> list[Unit] | None:
+    """The units with ``index`` set to their folder under the indexed layout: the shard number in
+    the zip's name, or its position in the list when the name has none and the list was given
+    file by file (``listed``: a brace pattern keeps missing shards in place). None when a name has
+    no number and the list came from a folder or glob, where positions skip the gaps."""
+    numbered = []
+    for unit in units:
+        number = shard_number(unit.source)
+        if number is None and not listed:
+            return None
+        numbered.append(replace(unit, index=unit.index if number is None else number))
+    return numbered
+
+
 def image_folder(images: str, unit: Unit, layout: str) -> str:
-    """Where this unit's images live under ``layout`` (indexed or flat)."""
+    """Where this unit's images live under ``layout`` (indexed: ``<images>/<unit.index>``, which
+    ``indexed_units`` sets; or flat)."""
     if layout == "indexed":
         return remote.join(images, str(unit.index))
     candidates = flat_folder_candidates(images, unit)
@@ -103,17 +139,57 @@ def image_folder(images: str, unit: Unit, layout: str) -> str:
 
 
 def iter_lines(path: str) -> Iterator[tuple[str, int, bytes | None]]:
-    """(member, line number, raw line) for every .jsonl member of the zip (any case: a zip made
-    on another system may say .JSONL; macOS's ``__MACOSX/._*`` copies left out), members in name order. A line over ``MAX_LINE_BYTES`` is
-    None: it is skipped unread, so one huge line (a zip bomb) never has to fit in memory."""
+    """(member, line number, raw line) for every non-blank line of every .jsonl member of the zip
+    (see ``jsonl_members``). A line over ``MAX_LINE_BYTES`` is None: it is skipped unread, so one
+    huge line (a zip bomb) never has to fit in memory; BadZipFile for a compression bomb (see
+    ``inflation_problem``). Members are not CRC-checked here."""
     with remote.open_binary(path) as handle, _open_zip(handle) as zf:
-        members = sorted(n for n in zf.namelist() if _is_jsonl_member(n))
-        if not members:
-            raise zipfile.BadZipFile("no .jsonl member")
-        for member in members:
-            with zf.open(member) as handle:
-                for number, line in enumerate(_capped_lines(io.BufferedReader(handle)), start=1):
-                    yield member, number, line
+        members = jsonl_members(zf)
+        if (problem := inflation_problem(members)) is not None:
+            raise zipfile.BadZipFile(f"a compression bomb: {problem}")
+        for info in members:
+            with zf.open(info) as member:
+                for number, line in _numbered_lines(member):
+                    yield info.filename, number, line
+
+
+def jsonl_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """The zip's .jsonl members (any case: a zip made on another system may say .JSONL; macOS's
+    ``__MACOSX/._*`` copies left out) in name order, each entry once: two members of one name are
+    two members (opening by name would read the last one twice). BadZipFile when there is none."""
+    members = sorted(
+        (info for info in zf.infolist() if _is_jsonl_member(info.filename)),
+        key=lambda info: info.filename,
+    )
+    if not members:
+        raise zipfile.BadZipFile("no .jsonl member")
+    return members
+
+
+def inflation_problem(members: list[zipfile.ZipInfo]) -> str | None:
+    """Why the members are refused unread, or None: a zip whose jsonl inflates past
+    ``BOMB_MIN_BYTES`` at over ``MAX_INFLATION`` times its compressed size is a bomb (JSON text
+    compresses a few times), and reading it would cost that many times the download."""
+    inflated = sum(info.file_size for info in members)
+    compressed = sum(info.compress_size for info in members)
+    if inflated > BOMB_MIN_BYTES and inflated > MAX_INFLATION * max(compressed, 1):
+        return f"{inflated} bytes of jsonl from {compressed} compressed (over {MAX_INFLATION}x)"
+    return None
+
+
+def crc_is_bad(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
+    """True when the member reads to its end and its bytes fail their CRC-32. Read once ahead of
+    converting, because the check only happens at the member's end. Other read errors are left to
+    the conversion pass, which counts them (truncated_zip / unreadable_zip)."""
+    try:
+        with zf.open(info) as member:
+            while member.read(READ_BLOCK):
+                pass
+    except zipfile.BadZipFile as exc:
+        return str(exc).startswith("Bad CRC-32")
+    except ZIP_READ_ERRORS:
+        return False
+    return False
 
 
 def _open_zip(handle: IO[bytes]) -> zipfile.ZipFile:
@@ -143,17 +219,81 @@ def _is_jsonl_member(name: str) -> bool:
     )
 
 
-def _capped_lines(reader: io.BufferedReader) -> Iterator[bytes | None]:
-    """The reader's lines, each None when longer than ``MAX_LINE_BYTES`` (newline included); the
-    rest of such a line is read in pieces of that size and dropped."""
-    limit = MAX_LINE_BYTES
-    while line := reader.readline(limit + 1):
-        if len(line) <= limit:
-            yield line
+@dataclass(slots=True)
+class LineCount:
+    """Lines of a member read so far, blank ones included (keys number source lines)."""
+
+    lines: int = 0
+
+
+def _numbered_lines(
+    reader: IO[bytes], count: LineCount | None = None
+) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line without its newline) for each line holding more than whitespace; None
+    for a line over ``MAX_LINE_BYTES`` (newline included), whose bytes are dropped as they come.
+    ``count`` follows the lines read. Blank lines, however long, are skipped a block at a time by
+    the regex engine, so a member of blank lines costs its inflation only."""
+    count = count if count is not None else LineCount()
+    pending = _Pending()
+    while block := reader.read(READ_BLOCK):
+        cut = block.find(b"\n")
+        if cut < 0:
+            pending.add(block)
             continue
-        while line and not line.endswith(b"\n"):
-            line = reader.readline(limit)
-        yield None
+        count.lines += 1
+        pending.add(block[:cut])
+        if pending.has_text:
+            yield count.lines, pending.line()
+        last = block.rfind(b"\n")
+        first = count.lines
+        for offset, line in _block_lines(block, cut + 1, last):
+            count.lines = first + offset
+            yield count.lines, line
+        count.lines = first + block.count(b"\n", cut + 1, last + 1)
+        pending = _Pending()
+        pending.add(block[last + 1 :])
+    if pending.size:
+        count.lines += 1
+        if pending.has_text:
+            yield count.lines, pending.line()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """The line not yet ended: its pieces while under the cap (None past it), its size, and
+    whether it holds more than whitespace."""
+
+    pieces: list[bytes] | None = field(default_factory=list)
+    size: int = 0
+    has_text: bool = False
+
+    def add(self, piece: bytes) -> None:
+        self.size += len(piece)
+        self.has_text = self.has_text or _NON_SPACE.search(piece) is not None
+        if self.pieces is not None and self.size + 1 <= MAX_LINE_BYTES:
+            self.pieces.append(piece)
+        else:
+            self.pieces = None
+
+    def line(self) -> bytes | None:
+        """The line, or None when it is over the cap (newline included)."""
+        return None if self.pieces is None else b"".join(self.pieces)
+
+
+def _block_lines(block: bytes, start: int, stop: int) -> Iterator[tuple[int, bytes | None]]:
+    """(lines before it in ``block[start:stop]``, plus one; line) for each non-blank line there,
+    every line of which ends with a newline; whitespace is skipped by the regex engine."""
+    if not block[start:stop].translate(None, SPACE_BYTES):  # a block of blank lines, at C speed
+        return
+    offset, pos = 0, start
+    while (found := _NON_SPACE.search(block, pos, stop)) is not None:
+        begin = max(block.rfind(b"\n", pos, found.start()) + 1, pos)
+        end = block.find(b"\n", found.start(), stop + 1)
+        offset += block.count(b"\n", pos, begin)
+        line = block[begin:end]
+        yield offset + 1, (line if len(line) + 1 <= MAX_LINE_BYTES else None)
+        offset += 1
+        pos = end + 1
 
 
 def parse_document(line: bytes) -> dict[str, Any]:
@@ -307,37 +447,66 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str
     Only errors from *reading* the zip are caught: a write error (full disk) must stop the run.
     """
     folder = image_folder(options.images, unit, layout)
-    for count, line in _safe_lines(unit, ctx):
-        convert_line(line, f"{unit.name}-{count:07d}", folder, ctx, options)
+    for key, line in _unit_lines(unit, ctx):
+        convert_line(line, key, folder, ctx, options)
 
 
-def _safe_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[int, bytes | None]]:
-    """(line number across the zip's members, line) for each non-blank line: blank lines still
-    count, so a key names its source line."""
-    lines, read = iter_lines(unit.source), 0
-    while True:
-        try:
-            _member, _number, line = next(lines)
-        except StopIteration:
-            return
-        except ZIP_READ_ERRORS as exc:
-            cut_off = read > 0 or isinstance(exc, CutOffZipError)
-            reason = "truncated_zip" if cut_off else "unreadable_zip"
-            ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
-            return
-        read += 1
-        if line is None or line.strip():
-            yield read, line
+def _unit_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[str, bytes | None]]:
+    """(key, line) for each non-blank line of the zip's members whose CRC holds; keys number
+    lines across the members, blank lines included, so a key names its source line. A member
+    that fails its CRC gives no line: its documents are counted bad_crc. A zip that cannot be
+    read (or breaks off) is a unit reject; the lines read before a break are kept."""
+    before = 0  # lines of the members already read
+    count = LineCount()
+    try:
+        with remote.open_binary(unit.source) as handle, _open_zip(handle) as zf:
+            members = jsonl_members(zf)
+            if (problem := inflation_problem(members)) is not None:
+                ctx.reject("units", unit.name, "compression_bomb", problem)
+                return
+            for info in members:
+                before, count = before + count.lines, LineCount()
+                if crc_is_bad(zf, info):
+                    count = _reject_damaged(zf, info, ctx, before)
+                    continue
+                with zf.open(info) as member:
+                    for number, line in _numbered_lines(member, count):
+                        yield f"{unit.name}-{before + number:07d}", line
+    except ZIP_READ_ERRORS as exc:
+        cut_off = before + count.lines > 0 or isinstance(exc, CutOffZipError)
+        reason = "truncated_zip" if cut_off else "unreadable_zip"
+        ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
+
+
+def _reject_damaged(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, ctx: UnitContext, before: int
+) -> LineCount:
+    """Count every document of a member whose bytes fail their CRC-32 as bad_crc (its text may be
+    damaged, so none is written), plus a unit reject so that --resume redoes the zip."""
+    name = ctx.unit.name
+    detail = f"{info.filename}: its bytes fail their CRC-32 (a damaged download or copy)"
+    ctx.reject("units", name, "bad_crc", detail)
+    count = LineCount()
+    with zf.open(info) as member:
+        # zipfile raises at the end and drops the last block read: turn its check off (a private
+        # attribute, CPython 3.6+) to count and key every line; their text is not used
+        member._expected_crc = None
+        for number, _line in _numbered_lines(member, count):
+            ctx.stats.add("documents", "in")
+            ctx.reject("documents", f"{name}-{before + number:07d}", "bad_crc")
+    return count
 
 
 def detect_layout(
-    units: list[Unit], options: Mmc4Options, sample_docs: int = 200
+    units: list[Unit], options: Mmc4Options, sample_docs: int = 200, indexed_ok: bool = True
 ) -> tuple[str, dict[str, float]]:
     """Found-rate of images under each layout on a sample of documents; the best one wins.
+    ``indexed_ok``: False when the units have no indexed folder (see ``indexed_units``).
 
     Raises LayoutError when even the best layout finds under ``min_found_rate`` of the images.
     """
     layouts = ("indexed", "flat") if options.layout == "auto" else (options.layout,)
+    layouts = layouts if indexed_ok else tuple(x for x in layouts if x != "indexed")
     names = _sample_image_names(units, sample_docs)
     if not names:
         return (layouts[0], {})
@@ -358,8 +527,18 @@ def _layout_message(options: Mmc4Options, rates: dict[str, float], checked: int)
     found = ", ".join(f"{layout}: {rate:.0%}" for layout, rate in rates.items())
     return (
         f"nearly every image is missing under --images {options.images} ({found} of {checked} sampled "
-        f"images found). Check the folder and --image-layout: indexed = <images>/<position of the zip in "
-        f"the --docs list>/<image_name>, flat = <images>/<shard>_images/<image_name>"
+        f"images found). Check the folder and --image-layout: indexed = <images>/<shard number in the "
+        f"zip's name, or its position in a brace pattern when the name has none>/<image_name>, "
+        f"flat = <images>/<shard>_images/<image_name>"
+    )
+
+
+def _no_number_message(units: list[Unit]) -> str:
+    unnumbered = next(u.source for u in units if shard_number(u.source) is None)
+    return (
+        f"{unnumbered} has no shard number in its name, so its --image-layout indexed folder is "
+        "unknown: give --docs as a brace pattern listing the zips in the order their images were "
+        "downloaded in (e.g. 'docs/{a,b,c}.zip') or use --image-layout flat"
     )
 
 
@@ -416,13 +595,25 @@ def convert_mmc4(
     """Convert MMC4 zips into interleaved shards in ``run.out_dir``; returns the merged stats."""
     if options.layout not in LAYOUTS:
         raise ValueError(f"--image-layout must be one of {', '.join(LAYOUTS)}")
-    sources = expand_specs(docs, folder_suffix=".zip", keep_missing=True, ignore_case=True)
+    duplicates: list[str] = []
+    sources = expand_specs(
+        docs, folder_suffix=".zip", keep_missing=True, ignore_case=True, duplicates=duplicates
+    )
     units = [u for u in unit_names(sources, unit_stem) if remote.isfile(u.source)]
     if not units:
         raise SpecError(f"no MMC4 zip matches {docs!r}")
     if not remote.isdir(options.images):
         raise SpecError(f"image folder {options.images} does not exist")
-    layout, _rates = detect_layout(units, options)
+    numbered = indexed_units(units, listed=not lists_folder_or_glob(docs))
+    if numbered is None and options.layout == "indexed":
+        raise SpecError(_no_number_message(units))
+    try:
+        layout, _rates = detect_layout(numbered or units, options, indexed_ok=numbered is not None)
+    except LayoutError as exc:
+        if numbered is None:  # the indexed layout could not be tried: say how to make it work
+            raise LayoutError(f"{exc}. {_no_number_message(units)}") from exc
+        raise
+    units = numbered or units
     run = output_settings(
         run,
         layout=layout,
@@ -437,5 +628,7 @@ def convert_mmc4(
     )
     missing = Stats(converter="mmc4")
     missing.add("units", "missing_input", len(sources) - len(units))
+    if duplicates:
+        missing.add("units", "duplicate_input", len(duplicates))
     missing.add("units", f"layout_{layout}")
     return finalize(run.out_dir, "mmc4", missing)

@@ -46,7 +46,7 @@ def iter_docs(
     specs: str | list[str], config: LoaderConfig, issues: list[ReadIssue] | None = None
 ) -> Iterator[DocView]:
     """DocViews for every sample of the shards, in order."""
-    paths = expand_specs(specs, folder_suffix=".tar")
+    paths = expand_specs(specs, folder_suffix=".tar", unique=False)
     if not paths:
         raise SpecError(f"no shard matches {specs!r}")
     sink = issues.append if issues is not None else (lambda issue: None)

@@ -109,7 +109,7 @@ def inspect_shards(
             "min_images": min_images,
         }
     )
-    named = expand_specs(specs, folder_suffix=".tar", keep_missing=True)
+    named = expand_specs(specs, folder_suffix=".tar", keep_missing=True, unique=False)
     paths = [p for p in named if remote.exists(p)]  # the loader skips the others, with a warning
     if not paths:  # named here: the paths (none) made the message "no shard matches []"
         raise SpecError(f"no shard matches {specs!r}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 from collections.abc import Iterable
+from urllib.parse import urlsplit, urlunsplit
 
 from braceexpand import braceexpand
 
@@ -23,14 +25,20 @@ def expand_specs(
     keep_missing: bool = False,
     unmatched: list[str] | None = None,
     ignore_case: bool = False,
+    duplicates: list[str] | None = None,
+    unique: bool = True,
 ) -> list[str]:
-    """Paths named by ``specs`` in the order given.
+    """Paths named by ``specs`` in the order given, each file once (unless not ``unique``).
 
     A folder expands to its files ending in ``folder_suffix`` (one suffix or a tuple of them;
     sorted), a glob to its sorted matches, a brace pattern to each alternative. Paths that do not exist are dropped unless
     ``keep_missing`` (MMC4's shard list has gaps, and positions in it still matter).
     ``unmatched`` collects the alternatives (globs, folders, missing paths) that name nothing.
     ``ignore_case``: a folder's files match ``folder_suffix`` in any case (``SHARD_0.ZIP``).
+    A file named again (a glob and its path, ``./x`` and ``x``, a symlink to it) is kept where it
+    first appears and its later names go to ``duplicates``: read twice, its records would be
+    written twice under two keys. ``unique=False`` keeps every name (validate checks a dataset as
+    named, where a shard named twice is a real duplicate).
     """
     if ignore_case:
         folder_suffix = tuple(s.lower() for s in _as_tuple(folder_suffix))
@@ -43,7 +51,42 @@ def expand_specs(
             if not found and unmatched is not None:
                 unmatched.append(item)
             paths.extend(found)
-    return paths
+    return _first_of_each(paths, duplicates) if unique else paths
+
+
+def _first_of_each(paths: list[str], duplicates: list[str] | None) -> list[str]:
+    """``paths`` without the later names of a file already listed (see ``file_identity``)."""
+    kept: dict[str, str] = {}
+    for path in paths:
+        identity = file_identity(path)
+        if identity not in kept:
+            kept[identity] = path
+        elif duplicates is not None:
+            duplicates.append(path)
+    return list(kept.values())
+
+
+def file_identity(path: str) -> str:
+    """What two names of one file share: the resolved real path of a local file (symlinks, ``.``
+    and ``..`` followed); for a remote one the url with its path normalised and its scheme (and
+    an http host, which is case-blind) in lower case."""
+    if not remote.is_remote(path):
+        return os.path.realpath(remote.local_form(path))
+    parts = urlsplit(path)
+    scheme = parts.scheme.lower()
+    host = parts.netloc.lower() if scheme in ("http", "https") else parts.netloc
+    clean = posixpath.normpath(parts.path) if parts.path else ""
+    return urlunsplit((scheme, host, clean, parts.query, ""))
+
+
+def lists_folder_or_glob(specs: str | Iterable[str]) -> bool:
+    """True when some alternative of ``specs`` is a folder or a glob: the files it finds are
+    sorted matches, so their positions in the list say nothing of which files exist."""
+    for spec in [specs] if isinstance(specs, str) else specs:
+        for item in braceexpand(spec):
+            if _GLOB_CHARS & set(item) or remote.isdir(item):
+                return True
+    return False
 
 
 def _as_tuple(suffix: str | tuple[str, ...]) -> tuple[str, ...]:

@@ -398,6 +398,16 @@ def finalize(out_dir: str | Path, converter: str, extra_stats: Stats | None = No
     return total
 
 
+def duplicate_inputs(names: list[str], converter: str) -> Stats | None:
+    """Stats counting input files named more than once (``units.duplicate_input``; see
+    ``expand_specs``), or None when there is none, so that other runs' stats stay as they are."""
+    if not names:
+        return None
+    stats = Stats(converter=converter)
+    stats.add("units", "duplicate_input", len(names))
+    return stats
+
+
 def unit_names(sources: Iterable[str], stem: Callable[[str], str]) -> list[Unit]:
     """Units for ``sources`` with unique names (a clash gets the list position appended)."""
     units, seen = [], set()

@@ -87,7 +87,9 @@ def _named_shards(specs: str | list[str]) -> tuple[list[str], list[str]]:
     train on (a glob or an empty folder beside other specs is never skipped without a word).
     Only specs that name nothing at all are a usage error."""
     unmatched: list[str] = []
-    named = expand_specs(specs, folder_suffix=".tar", keep_missing=True, unmatched=unmatched)
+    named = expand_specs(
+        specs, folder_suffix=".tar", keep_missing=True, unmatched=unmatched, unique=False
+    )
     exists = [remote.exists(p) if remote.is_remote(p) else os.path.exists(p) for p in named]
     present = [p for p, ok in zip(named, exists, strict=True) if ok]
     if not present:
