@@ -391,3 +391,22 @@ def test_tarfile_extended_headers_still_read(tmp_path: Path, tar_format: int) ->
     report = validate_shards(str(tmp_path / "t.tar"))
     assert report.sizes == {"t.tar": 3} and not _shard_reasons(report, "t.tar")
     assert set(member_offsets(tmp_path / "t.tar")) == set(keys)
+
+
+@pytest.mark.parametrize("keyword", ["comment", "path"])
+def test_valid_pax_records_near_the_cap_read_in_linear_time(tmp_path: Path, keyword: str) -> None:
+    """A well-formed record of 65,000 digits: Python 3.11.7's tarfile spent over 30 s on each
+    such header (its hdrcharset search is quadratic on digit runs); eight of them must read whole
+    inside the test timeout."""
+    docs = list(simple_docs(8).values())
+    shard = b""
+    for index, record in enumerate(docs):
+        key = f"{index}" + "1" * 65_000 if keyword == "path" else f"h{index}"
+        body = _record(keyword, f"{key}.json" if keyword == "path" else "1" * 65_000)
+        shard += _entry("p", tarfile.XHDTYPE, body)
+        shard += _entry(f"h{index}.json", tarfile.REGTYPE, json.dumps(record).encode())
+    (tmp_path / "long.tar").write_bytes(shard + END)
+    report = validate_shards(str(tmp_path / "long.tar"))
+    assert report.sizes == {"long.tar": 8} and not _shard_reasons(report, "long.tar")
+    keys, rejections = _loader_keys_and_rejections(tmp_path)
+    assert len(keys) == 8 and rejections == {}
