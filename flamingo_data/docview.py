@@ -49,6 +49,14 @@ def iter_docs(
     paths = expand_specs(specs, folder_suffix=".tar", unique=False)
     if not paths:
         raise SpecError(f"no shard matches {specs!r}")
+    return iter_path_docs(paths, config, issues)
+
+
+def iter_path_docs(
+    paths: list[str], config: LoaderConfig, issues: list[ReadIssue] | None = None
+) -> Iterator[DocView]:
+    """DocViews for every sample of already-expanded shard paths: expanding them again would
+    take a folder named ``x.tar`` among them for a folder of shards and drop it unreported."""
     sink = issues.append if issues is not None else (lambda issue: None)
     for path in paths:
         for sample in iter_samples(path, sink, read=DECODED_EXTS):

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import math
 import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from flamingo_data import remote
 from flamingo_data.shardread import IMAGE_EXTS, split_key, unsafe_member_name
 from flamingo_data.stats import Stats
+from flamingo_data.tarsafe import open_tar
 from flamingo_data.units import RunIncomplete
 
 DROPPED = "dropped_by_img2dataset"  # a row in no output file: see _dropped_rows
@@ -152,7 +153,7 @@ def member_offsets(tar_path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     """``{key: {ext: (offset, size)}}`` for the safe regular members of an uncompressed tar; a
     sparse member's bytes are not where its header says (its holes are not stored), so none."""
     index: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(tar_path, mode="r:") as tar:
+    with remote.open_binary(str(tar_path)) as handle, open_tar(handle, "r:") as tar:
         for member in tar:
             if member.isfile() and not member.issparse() and not unsafe_member_name(member.name):
                 key, ext = split_key(member.name)
@@ -194,6 +195,6 @@ class ImageStore:
         if where is None:
             return None, self.failed.get(url, "not_downloaded")
         tar, offset, size = where
-        with open(tar, "rb") as handle:
+        with remote.open_binary(str(tar)) as handle:
             handle.seek(offset)
             return handle.read(size if limit is None else min(size, limit)), ""

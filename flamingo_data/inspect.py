@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flamingo_data import remote
-from flamingo_data.docview import DocView, iter_docs
+from flamingo_data.docview import DocView, iter_path_docs
 from flamingo_data.images import DEFAULT_MAX_PIXELS, open_capped, sniff_format
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.gpt import plan_gpt
@@ -118,7 +118,7 @@ def inspect_shards(
         report.read_issues["missing_shard"] = len(named) - len(paths)
     issues: list[ReadIssue] = []
     specials = literal_specials(tokenizer)
-    for doc in iter_docs(paths, config, issues):
+    for doc in iter_path_docs(paths, config, issues):
         _count_doc(report, doc, (tokenizer, specials), config)
     report.read_issues.update(issue.reason for issue in issues)
     report.source_stats = merged_stats(paths, report.read_issues)

@@ -7,7 +7,7 @@ every string is HTML-escaped, and only bytes that sniff as JPEG/PNG/WebP become 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flamingo_data import remote
@@ -15,6 +15,7 @@ from flamingo_data.docview import DocView, ImageView, iter_docs
 from flamingo_data.images import sniff_format
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.records import encode_base64
+from flamingo_data.shardread import ReadIssue
 
 MIME = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 CSS = """
@@ -39,6 +40,9 @@ class PreviewResult:
     path: str
     documents: int
     images_shown: int
+    # shard-level read problems (a shard that is not a regular file, a refused header): the
+    # page cannot show them, the command prints them
+    shard_issues: list[ReadIssue] = field(default_factory=list)
 
 
 def write_preview(
@@ -52,12 +56,17 @@ def write_preview(
     """Render the first ``n`` documents (or those with ``keys``) of the shards into ``out``."""
     config = config or LoaderConfig()
     docs = []
-    for doc in iter_docs(specs, config):
+    issues: list[ReadIssue] = []
+    for doc in iter_docs(specs, config, issues):
         if keys and doc.key not in keys:
             continue
         docs.append(doc)
         if len(docs) >= n:
             break
+    shard_issues = [issue for issue in issues if not issue.key]
+    if not docs and shard_issues:  # a page of nothing would read as an empty dataset
+        first = shard_issues[0]
+        raise RuntimeError(f"no document to preview: {first.shard}: {first.reason} {first.detail}")
     missing = sorted(set(keys or ()) - {doc.key for doc in docs})
     if missing and len(docs) < n:  # every shard was read: a mistyped key, not a page cut at n
         raise RuntimeError(f"no sample has the key {', '.join(missing)} in {specs}")
@@ -73,7 +82,7 @@ def write_preview(
     )
     write_page(out, page)
     shown = sum(1 for d in docs for i in d.images if i.data)
-    return PreviewResult(out, len(docs), shown)
+    return PreviewResult(out, len(docs), shown, shard_issues)
 
 
 def write_page(out: str, page: str) -> None:

@@ -83,8 +83,49 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
     return fs.cat_file(inner) if limit is None else fs.cat_file(inner, start=0, end=limit)
 
 
+class NotRegularFile(OSError):
+    """A local path (after following links) that is a FIFO, device, socket or directory: opening
+    or reading one can block forever (a FIFO) or never end (``/dev/zero``)."""
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` names, in words ("a FIFO (named pipe)"); "a regular file" for one."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((words for test, words in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def _refuse_unless_regular(path: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = file_kind(mode)
+        raise NotRegularFile(errno.EINVAL, f"is {kind}, not a regular file", path)
+
+
 def open_binary(path: str) -> IO[bytes]:
-    return open(path, "rb") if not is_remote(path) else fsspec.open(path, "rb").open()
+    """A binary reader of ``path``. A local path must be a regular file once links are followed
+    (else :class:`NotRegularFile`); it is checked before opening and again on the open descriptor,
+    which is opened non-blocking so a FIFO swapped in between cannot block the open."""
+    if is_remote(path):
+        return fsspec.open(path, "rb").open()
+    _refuse_unless_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _refuse_unless_regular(path, os.fstat(fd).st_mode)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def listdir(path: str) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from flamingo_data import remote
+from flamingo_data.tarsafe import UnsafeTar, open_tar
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DECODED_EXTS = frozenset(("json", "txt", *IMAGE_EXTS))
@@ -74,11 +75,14 @@ def iter_samples(
     with empty bytes and are skipped unread, so a 1 GiB video in a shard costs no memory
     (validate held 2.4 GB for one only to report it as unexpected). A cut-off skipped member
     still makes the tar ``truncated_tar``: the next header or the end block is then missing.
+    A local path that is not a regular file once links are followed is ``not_a_file``, refused
+    before it is opened; header problems are ``oversized_header`` / ``bad_header`` (see
+    :mod:`flamingo_data.tarsafe`).
     """
     current: Sample | None = None
     read_any = False
     try:
-        with remote.open_binary(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        with remote.open_binary(path) as handle, open_tar(handle, "r|") as tar:
             for member in tar:
                 read_any = True
                 sample = _accept(path, tar, member, on_issue, read)
@@ -95,6 +99,10 @@ def iter_samples(
             if (at := _require_end_marker(path, tar.offset)) is not None:
                 detail = f"non-zero bytes at {at}, after the end-of-archive block (tars joined with cat?)"
                 on_issue(ReadIssue(path, "", "trailing_data", detail))
+    except remote.NotRegularFile as exc:
+        on_issue(ReadIssue(path, "", "not_a_file", exc.strerror))
+    except UnsafeTar as exc:
+        on_issue(ReadIssue(path, "", exc.reason, str(exc)))
     except (tarfile.TarError, EOFError, OSError) as exc:
         on_issue(
             ReadIssue(path, "", _tar_error_reason(path, read_any), f"{type(exc).__name__}: {exc}")

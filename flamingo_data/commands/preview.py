@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import webbrowser
 from pathlib import Path
 
 from flamingo_data.commands.common import finite, positive, usage_errors
+from flamingo_data.commands.validate import printable
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.preview import write_preview
 
@@ -27,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = LoaderConfig(sim_threshold=args.threshold, max_images=args.max_images)
     result = write_preview(args.shards, args.out, n=args.n, keys=args.key, config=config)
+    for issue in result.shard_issues:
+        line = f"flamingo-data: warning: {issue.shard}: {issue.reason} {issue.detail}".rstrip()
+        print(printable(line), file=sys.stderr)
     print(f"wrote {result.documents} documents ({result.images_shown} images) to {result.path}")
     if args.open:
         webbrowser.open(Path(result.path).resolve().as_uri())
