@@ -9,12 +9,14 @@ the first shard it is given, so nothing changes in any process that is not an im
 from __future__ import annotations
 
 import io
+import os
 from functools import partial
 from typing import Any
 
 from img2dataset import downloader as i2d
 
 from flamingo_data.download import USER_AGENT, fetch
+from flamingo_data.procpool import die_with_parent
 
 
 class BoundedDownloader(i2d.Downloader):
@@ -23,8 +25,10 @@ class BoundedDownloader(i2d.Downloader):
     def __init__(self, *args: Any, max_bytes: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_bytes = max_bytes
+        self.parent_pid = os.getpid()  # built in our main process; called in img2dataset's workers
 
     def __call__(self, row: Any) -> Any:
+        die_with_parent(self.parent_pid)  # an orphaned worker would otherwise live on
         i2d.download_image = partial(download_image, max_bytes=self.max_bytes)
         return super().__call__(row)
 
