@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 from img2dataset import downloader as i2d
+from img2dataset.logger import LoggerProcess
 
 from flamingo_data.download import USER_AGENT, fetch
 from flamingo_data.procpool import die_with_parent
@@ -25,12 +26,23 @@ class BoundedDownloader(i2d.Downloader):
     def __init__(self, *args: Any, max_bytes: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_bytes = max_bytes
-        self.parent_pid = os.getpid()  # built in our main process; called in img2dataset's workers
 
     def __call__(self, row: Any) -> Any:
-        die_with_parent(self.parent_pid)  # an orphaned worker would otherwise live on
         i2d.download_image = partial(download_image, max_bytes=self.max_bytes)
         return super().__call__(row)
+
+
+class OrphanSafeLogger(LoggerProcess):
+    """img2dataset's progress process, which polls its stats files forever unless told to stop:
+    it ends with the process that started it (see ``die_with_parent``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parent_pid = os.getpid()
+
+    def run(self) -> None:
+        die_with_parent(self.parent_pid)
+        super().run()
 
 
 def download_image(
