@@ -410,7 +410,9 @@ def prepare_out_dir(
 
 
 def finalize(out_dir: str | Path, converter: str, extra_stats: Stats | None = None) -> Stats:
-    """Merge every unit marker in the folder into sizes.json, stats.json and rejects.jsonl."""
+    """Merge every unit marker in the folder into sizes.json, stats.json and rejects.jsonl. A
+    damaged marker left here (its unit was redone, unless it is not in this run's input) is
+    counted as ``units: damaged_marker``, not merged."""
     out = str(out_dir)
     read = [read_marker(p) for p in _glob(out, f"{MARKER_DIR}/*.json")]
     markers = [m for m in read if m is not None]
