@@ -57,10 +57,19 @@ def _report_run_warnings() -> None:
     """A run's warnings (too many records rejected) as one ``flamingo-data: warning:`` line each."""
     log = logging.getLogger("flamingo_data.run")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("flamingo-data: warning: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment, as ``print`` does (main may run many times in
+    one process, each with its own stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def _train_handler():
