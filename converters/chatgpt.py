@@ -26,6 +26,7 @@ from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.executors import run_units
 from flamingo_data.i2doutput import ImageStore, check_finished, finished_shards
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
+from flamingo_data.outcome import check_output
 from flamingo_data.records import GptImage, GptSequence, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
 from flamingo_data.specs import SpecError, expand_specs
@@ -312,5 +313,6 @@ def convert_chatgpt(
         master=master,
     )
     stats = finalize(run.out_dir, "chatgpt", duplicate_inputs(duplicates, "chatgpt"))
+    check_output(stats, run.max_reject_share)  # a failed run keeps its downloads for --resume
     drop_work_dir(run.out_dir)
     return stats

@@ -29,6 +29,7 @@ from flamingo_data.converters.jsonchunks import (
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.executors import run_units
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
+from flamingo_data.outcome import check_output
 from flamingo_data.records import (
     EncodedRecord,
     GptImage,
@@ -359,4 +360,4 @@ def convert_conversations(
     )
     stats = finalize(run.out_dir, "conversations", duplicate_inputs(duplicates, "conversations"))
     remove_chunks(run.out_dir)
-    return stats
+    return check_output(stats, run.max_reject_share)

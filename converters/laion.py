@@ -28,6 +28,7 @@ from flamingo_data import remote
 from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.i2doutput import check_finished, finished_shards, row_results
 from flamingo_data.images import DEFAULT_MAX_PIXELS
+from flamingo_data.outcome import DEFAULT_MAX_REJECT_SHARE, check_output, check_reject_share
 from flamingo_data.paircheck import ShardResult, place_shard
 from flamingo_data.procpool import map_in_processes
 from flamingo_data.shards import write_atomic
@@ -143,8 +144,11 @@ def convert_laion(
     resume: bool = False,
     overwrite: bool = False,
     write_rejects: bool = False,
+    max_reject_share: float = DEFAULT_MAX_REJECT_SHARE,
 ) -> Stats:
-    """Download (or adopt) then check every sample; returns the stats also written to stats.json."""
+    """Download (or adopt) then check every sample; returns the stats also written to stats.json.
+    Raises ``NothingWritten`` when no sample was written (see ``flamingo_data.outcome``)."""
+    check_reject_share(max_reject_share)
     _check_remote_out(out, resume, overwrite)
     root = _prepare(str(work_dir(out)), resume, overwrite)  # a remote --out is filled at the end
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
@@ -169,7 +173,7 @@ def convert_laion(
     if remote.is_remote(out):
         upload_files(root, out, _published(root, sizes))
         drop_work_dir(out)
-    return stats
+    return check_output(stats, max_reject_share, records="samples", read_from="rows")
 
 
 def _check_remote_out(out: str, resume: bool, overwrite: bool) -> None:

@@ -24,6 +24,7 @@ from typing import IO, Any
 from flamingo_data import remote
 from flamingo_data.executors import run_units
 from flamingo_data.images import ImagePolicy, process_image
+from flamingo_data.outcome import check_output
 from flamingo_data.records import InterleavedDoc, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
 from flamingo_data.shards import safe_stem
@@ -631,4 +632,4 @@ def convert_mmc4(
     if duplicates:
         missing.add("units", "duplicate_input", len(duplicates))
     missing.add("units", f"layout_{layout}")
-    return finalize(run.out_dir, "mmc4", missing)
+    return check_output(finalize(run.out_dir, "mmc4", missing), run.max_reject_share)

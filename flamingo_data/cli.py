@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
 from flamingo_data.commands.common import UsageError
+from flamingo_data.outcome import NothingWritten
 from flamingo_data.procpool import WorkerDied
 from flamingo_data.units import RunIncomplete
 
@@ -51,6 +53,25 @@ def _add(sub: argparse._SubParsersAction, name: str, help_text: str, module_name
     parser.set_defaults(handler=module.run)
 
 
+def _report_run_warnings() -> None:
+    """A run's warnings (too many records rejected) as one ``flamingo-data: warning:`` line each."""
+    log = logging.getLogger("flamingo_data.run")
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("flamingo-data: warning: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment, as ``print`` does (main may run many times in
+    one process, each with its own stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _train_handler():
     from flamingo_data.commands.train import run
 
@@ -65,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(handler=_train_handler(), train_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
+    _report_run_warnings()
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:
@@ -77,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "with --resume",
             file=sys.stderr,
         )
+        return 1
+    except NothingWritten as exc:  # stats.json says why; --resume would find nothing to redo
+        print(f"flamingo-data: error: {exc}", file=sys.stderr)
         return 1
     except (WorkerDied, RunIncomplete) as exc:
         print(

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from flamingo_data.images import DEFAULT_MAX_PIXELS
+from flamingo_data.procpool import die_with_parent
 
 # Directives with which a site asks that its images not be used for AI training or indexing.
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
@@ -214,7 +215,7 @@ def run_img2dataset(
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download
 
-    with _bounded_fetch(options.max_bytes):
+    with _bounded_fetch(options.max_bytes), _workers_die_with_parent():
         download(
             url_list=url_list,
             input_format=input_format,
@@ -240,6 +241,40 @@ def run_img2dataset(
             distributor="multiprocessing",
             user_agent_token="img2dataset" if options.respect_opt_out else None,
             disallowed_header_directives=OPT_OUT_DIRECTIVES if options.respect_opt_out else None,
+        )
+
+
+@contextlib.contextmanager
+def _workers_die_with_parent() -> Iterator[None]:
+    """img2dataset's processes end with ours while the download runs: its pool (built by
+    ``get_context`` in its ``distributor``) starts each worker with ``die_with_parent``, and its
+    progress process is ours (``OrphanSafeLogger``). A killed main process would otherwise leave
+    them waiting on their queues for good."""
+    from flamingo_data.i2dfetch import OrphanSafeLogger
+
+    distributor = importlib.import_module("img2dataset.distributor")
+    i2d_main = importlib.import_module("img2dataset.main")
+    get_context, logger = distributor.get_context, i2d_main.LoggerProcess
+    distributor.get_context = lambda method=None: _OrphanSafeContext(get_context(method))
+    i2d_main.LoggerProcess = OrphanSafeLogger
+    try:
+        yield
+    finally:
+        distributor.get_context, i2d_main.LoggerProcess = get_context, logger
+
+
+class _OrphanSafeContext:
+    """A multiprocessing context whose pools run ``die_with_parent`` in every worker they start."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def Pool(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+        return self._context.Pool(
+            *args, initializer=die_with_parent, initargs=(os.getpid(),), **kwargs
         )
 
 

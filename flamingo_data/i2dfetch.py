@@ -9,12 +9,15 @@ the first shard it is given, so nothing changes in any process that is not an im
 from __future__ import annotations
 
 import io
+import os
 from functools import partial
 from typing import Any
 
 from img2dataset import downloader as i2d
+from img2dataset.logger import LoggerProcess
 
 from flamingo_data.download import USER_AGENT, fetch
+from flamingo_data.procpool import die_with_parent
 
 
 class BoundedDownloader(i2d.Downloader):
@@ -27,6 +30,19 @@ class BoundedDownloader(i2d.Downloader):
     def __call__(self, row: Any) -> Any:
         i2d.download_image = partial(download_image, max_bytes=self.max_bytes)
         return super().__call__(row)
+
+
+class OrphanSafeLogger(LoggerProcess):
+    """img2dataset's progress process, which polls its stats files forever unless told to stop:
+    it ends with the process that started it (see ``die_with_parent``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parent_pid = os.getpid()
+
+    def run(self) -> None:
+        die_with_parent(self.parent_pid)
+        super().run()
 
 
 def download_image(

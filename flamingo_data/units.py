@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flamingo_data import remote
+from flamingo_data.outcome import DEFAULT_MAX_REJECT_SHARE, check_reject_share
 from flamingo_data.records import NON_FINITE_AS_NULL, EncodedRecord
 from flamingo_data.shards import TMP_SUFFIX, ShardWriter, write_atomic
 from flamingo_data.stats import Stats
@@ -67,9 +68,12 @@ class RunOptions:
     # what decides the output (image policy, what is kept, shard sizes); recorded in each marker
     # so that --resume refuses to finish a run with other options (see output_settings)
     settings: dict[str, Any] = field(default_factory=dict)
+    # share of records not written above which the run ends with a warning (see outcome.py)
+    max_reject_share: float = DEFAULT_MAX_REJECT_SHARE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", remote.local_form(self.out_dir))
+        check_reject_share(self.max_reject_share)
 
 
 @dataclass
@@ -112,15 +116,51 @@ def _marker_url(out_dir: str, unit_name: str) -> str:
 
 
 def load_marker(out_dir: str | Path, unit_name: str) -> dict[str, Any] | None:
-    """The unit's marker if it is complete and every shard it lists exists, else None."""
+    """The unit's marker if it is readable and every shard it lists exists, else None: the unit
+    is then unfinished and is redone."""
     out = str(out_dir)
     path = _marker_url(out, unit_name)
     if not remote.exists(path):
         return None
-    marker = json.loads(remote.read_bytes(path))
-    if all(remote.exists(remote.join(out, name)) for name in marker["shards"]):
+    marker = read_marker(path)
+    if marker is not None and all(remote.exists(remote.join(out, n)) for n in marker["shards"]):
         return marker
     return None
+
+
+def read_marker(path: str) -> dict[str, Any] | None:
+    """The marker at ``path``, or None when it is not a whole marker (empty, cut short, not UTF-8,
+    not a JSON object, fields missing or of the wrong type): what a power loss under --no-fsync
+    can leave, so every reader treats it as an unfinished unit rather than failing on it."""
+    try:
+        marker = json.loads(remote.read_bytes(path).decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+        return None
+    return marker if _is_marker(marker) else None
+
+
+def _is_marker(marker: Any) -> bool:
+    """The fields the readers rely on, with their types: unit name, shards by name with their
+    sample counts, stats with counts and reasons by category."""
+    if not isinstance(marker, dict) or not isinstance(marker.get("unit"), str):
+        return False
+    shards, stats = marker.get("shards"), marker.get("stats")
+    if not isinstance(shards, dict) or not isinstance(stats, dict):
+        return False
+    if not all(isinstance(k, str) and _is_count(v) for k, v in shards.items()):
+        return False
+    return all(_is_table(stats.get(part, {})) for part in ("counts", "reasons"))
+
+
+def _is_table(table: Any) -> bool:
+    """``{category: {name: count}}`` as Stats writes it."""
+    return isinstance(table, dict) and all(
+        isinstance(row, dict) and all(_is_count(n) for n in row.values()) for row in table.values()
+    )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def run_unit(unit: Unit, fn: UnitFn, options: RunOptions) -> dict[str, Any]:
@@ -302,9 +342,8 @@ def check_resume_settings(out_dir: str | Path, settings: dict[str, Any]) -> None
     """Finishing a run with other options would mix two kinds of shard in one dataset: refuse,
     naming what differs. Markers that carry no settings are not compared."""
     for path in list_markers(out_dir):
-        _refuse_other_settings(
-            out_dir, json.loads(remote.read_bytes(path)).get("settings"), settings
-        )
+        marker = read_marker(path)  # a damaged marker's unit is redone, so it compares nothing
+        _refuse_other_settings(out_dir, marker and marker.get("settings"), settings)
 
 
 def record_settings(out_dir: Path, settings: dict[str, Any], resume: bool) -> None:
@@ -378,11 +417,16 @@ def prepare_out_dir(
 
 
 def finalize(out_dir: str | Path, converter: str, extra_stats: Stats | None = None) -> Stats:
-    """Merge every unit marker in the folder into sizes.json, stats.json and rejects.jsonl."""
+    """Merge every unit marker in the folder into sizes.json, stats.json and rejects.jsonl. A
+    damaged marker left here (its unit was redone, unless it is not in this run's input) is
+    counted as ``units: damaged_marker``, not merged."""
     out = str(out_dir)
-    markers = [json.loads(remote.read_bytes(p)) for p in _glob(out, f"{MARKER_DIR}/*.json")]
+    read = [read_marker(p) for p in _glob(out, f"{MARKER_DIR}/*.json")]
+    markers = [m for m in read if m is not None]
     sizes: dict[str, int] = {}
     total = Stats(converter=converter)
+    if damaged := len(read) - len(markers):  # left by a unit that is not in this run's input
+        total.add("units", "damaged_marker", damaged)
     for marker in markers:
         sizes.update(marker["shards"])
         total.merge(Stats.from_json(marker["stats"]))

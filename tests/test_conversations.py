@@ -420,13 +420,16 @@ def test_openflamingo_guide_shape_needs_no_change(tmp_path: Path) -> None:
     assert [i["matched_text_index"] for i in second["image_info"]] == [1, 2]
 
 
-def convert_file(tmp_path: Path, name: str, text: str, *extra: str) -> tuple[dict, dict, list]:
-    """Convert one input file through the CLI; (stats, records by key, rejects)."""
+def convert_file(
+    tmp_path: Path, name: str, text: str, *extra: str, code: int = 0
+) -> tuple[dict, dict, list]:
+    """Convert one input file through the CLI (exit ``code``: 1 when it writes nothing);
+    (stats, records by key, rejects)."""
     write_images(tmp_path / "images")
     (tmp_path / name).write_text(text, encoding="utf-8")
     out = tmp_path / "out"
     args = ["--json", str(tmp_path / name), "--images", str(tmp_path / "images"), *extra]
-    assert run_cli(*args, "--out", str(out), "--processes", "1") == 0
+    assert run_cli(*args, "--out", str(out), "--processes", "1") == code
     assert cli(["validate", str(out), "--deep"]) == 0 or not list(out.glob("*.tar"))
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     stats = json.loads((out / "stats.json").read_text())
@@ -577,7 +580,7 @@ def test_a_tag_formed_by_template_and_text_is_refused(tmp_path: Path) -> None:
     """Template ``User: <{value}`` + text ``image> hi`` would put a bare ``<image>`` in the text."""
     items = [{"id": "t", "image": "a.jpg", "conversations": [turn(H, "image> hi")]}]
     template = ["--template", "User: <{value}", "Assistant: {value}"]
-    _, records, rejects = convert_file(tmp_path, "t.json", json.dumps(items), *template)
+    _, records, rejects = convert_file(tmp_path, "t.json", json.dumps(items), *template, code=1)
     assert records == {}
     assert [r["reason"] for r in rejects] == ["special_token_in_text"]
 

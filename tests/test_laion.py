@@ -30,6 +30,7 @@ from flamingo_data.converters.laion import (
     input_columns,
 )
 from flamingo_data.download import DownloadOptions
+from flamingo_data.outcome import NothingWritten
 from flamingo_data.paircheck import check_sample
 from flamingo_data.samples import make_image
 from flamingo_data.specs import SpecError
@@ -395,9 +396,14 @@ def test_date_columns_are_kept_as_text_and_rows_img2dataset_drops_are_counted(
     table = pa.table({"url": urls, "caption": ["a", "b"], "days": [[date(2020, 1, 2)]] * 2})
     pq.write_table(table, tmp_path / "nested.parquet")  # a list of dates still cannot be written
     out = tmp_path / "nested"
-    stats = convert_laion(
-        str(tmp_path / "nested.parquet"), str(out), LaionOptions(download=FAST), write_rejects=True
-    ).to_json()
+    with pytest.raises(NothingWritten, match="0 of 2 samples written"):  # stats.json says why
+        convert_laion(
+            str(tmp_path / "nested.parquet"),
+            str(out),
+            LaionOptions(download=FAST),
+            write_rejects=True,
+        )
+    stats = json.loads((out / "stats.json").read_text())
     assert stats["counts"]["rows"] == {"in": 2, "downloaded": 0, "rejected": 2}
     assert stats["reasons"]["rows"] == {"dropped_by_img2dataset": 1, "http_404": 1}
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]

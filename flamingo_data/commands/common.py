@@ -11,6 +11,7 @@ from flamingo_data import remote
 from flamingo_data.executors import default_processes
 from flamingo_data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, RESIZE_FILTERS, ImagePolicy
 from flamingo_data.jpeg_encoders import DEFAULT_ENCODER, DEFAULT_TABLES, ENCODERS, JPEG_TABLES
+from flamingo_data.outcome import DEFAULT_MAX_REJECT_SHARE
 from flamingo_data.specs import SpecError
 from flamingo_data.units import OutputExistsError, RunOptions
 
@@ -40,8 +41,28 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="delete an earlier run's output first"
     )
     parser.add_argument("--rejects", action="store_true", help="write rejects.jsonl (key + reason)")
+    add_reject_share_option(parser)
     add_unit_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_reject_share_option(parser: argparse.ArgumentParser) -> None:
+    """Every converter: above this share of records not written, the run ends with a warning."""
+    parser.add_argument(
+        "--max-reject-share",
+        type=share,
+        default=DEFAULT_MAX_REJECT_SHARE,
+        help="warn (one line, top reasons) when more than this share of the records is not "
+        "written (default 0.5; 1 never warns). A run that writes nothing always fails (exit 1)",
+    )
+
+
+def share(text: str) -> float:
+    """A share of the records, 0..1."""
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text}")
+    return value
 
 
 def add_unit_options(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +196,7 @@ def run_options(args: argparse.Namespace, converter: str) -> RunOptions:
         write_rejects=args.rejects,
         resume=args.resume,
         fsync=not args.no_fsync,
+        max_reject_share=args.max_reject_share,
     )
 
 

@@ -8,6 +8,7 @@ import json
 from flamingo_data import remote
 from flamingo_data.commands.common import (
     add_image_options,
+    add_reject_share_option,
     add_unit_options,
     check_writable,
     image_policy,
@@ -47,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_image_options(parser)
     add_download_options(parser, max_pixels=False)
     add_unit_options(parser)
+    add_reject_share_option(parser)
 
 
 @usage_errors
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         write_rejects=args.rejects,
         resume=args.resume,
         fsync=not args.no_fsync,
+        max_reject_share=args.max_reject_share,
     )
     stats = convert_chatgpt(
         args.sequences,

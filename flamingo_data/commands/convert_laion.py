@@ -6,7 +6,13 @@ import argparse
 import json
 
 from flamingo_data import remote
-from flamingo_data.commands.common import check_writable, non_negative, positive, usage_errors
+from flamingo_data.commands.common import (
+    add_reject_share_option,
+    check_writable,
+    non_negative,
+    positive,
+    usage_errors,
+)
 from flamingo_data.download import DownloadOptions
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 
@@ -76,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--from-img2dataset: hard-link good shards instead of copying them",
     )
     add_download_options(parser)
+    add_reject_share_option(parser)
 
 
 @usage_errors
@@ -109,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         write_rejects=args.rejects,
+        max_reject_share=args.max_reject_share,
     )
     print(json.dumps(stats.to_json(), indent=1))
     return 0
