@@ -1,6 +1,7 @@
 """Paths that may be remote: ``s3://``, ``gs://``, ``hdfs://``, ``memory://`` ... through fsspec.
 
-Plain local paths take the fast path (os/open) so local conversions pay nothing for this.
+Plain local paths take the fast path (os/open) so local conversions pay nothing for this: fsspec
+is imported only when a remote path is used.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import os
 import posixpath
 import stat
 from typing import IO
-
-import fsspec
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -32,6 +31,8 @@ class RemoteUnavailable(RuntimeError):
 
 
 def _fs(path: str):
+    import fsspec
+
     try:
         return fsspec.core.url_to_fs(path)
     except ImportError as exc:
@@ -84,7 +85,11 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
 
 
 def open_binary(path: str) -> IO[bytes]:
-    return open(path, "rb") if not is_remote(path) else fsspec.open(path, "rb").open()
+    if not is_remote(path):
+        return open(path, "rb")
+    import fsspec
+
+    return fsspec.open(path, "rb").open()
 
 
 def listdir(path: str) -> list[str]:
