@@ -24,6 +24,7 @@ from flamingo_data.converters.jsonchunks import nonblank_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.executors import run_units
+from flamingo_data.extras import require_extra
 from flamingo_data.i2doutput import ImageStore, check_finished, finished_shards
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.outcome import check_output
@@ -272,9 +273,13 @@ def convert_chatgpt(
     master: str | None = None,
     progress: bool = True,
 ) -> Stats:
-    """Download (or join) every image, then one unit per sequence file; returns the merged stats."""
+    """Download (or join) every image, then one unit per sequence file; returns the merged stats.
+    Downloading (no ``options.images_from``) needs the [download] extra: without it MissingExtra
+    is raised before anything is written."""
     if options.missing not in ("drop", "strip"):
         raise ValueError("--missing must be drop or strip")
+    if options.images_from is None:
+        require_extra("download", "convert_chatgpt without options.images_from")
     unmatched: list[str] = []
     duplicates: list[str] = []
     # a folder gives its .json and .jsonl files: sequence files may be JSON or JSONL

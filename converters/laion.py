@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from flamingo_data import remote
 from flamingo_data.download import DownloadOptions, run_img2dataset
+from flamingo_data.extras import require_extra
 from flamingo_data.i2doutput import check_finished, finished_shards, row_results
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.outcome import DEFAULT_MAX_REJECT_SHARE, check_output, check_reject_share
@@ -147,8 +148,12 @@ def convert_laion(
     max_reject_share: float = DEFAULT_MAX_REJECT_SHARE,
 ) -> Stats:
     """Download (or adopt) then check every sample; returns the stats also written to stats.json.
-    Raises ``NothingWritten`` when no sample was written (see ``flamingo_data.outcome``)."""
+    Raises ``NothingWritten`` when no sample was written (see ``flamingo_data.outcome``).
+    Downloading (no ``from_img2dataset``) needs the [download] extra: without it MissingExtra is
+    raised before anything is written."""
     check_reject_share(max_reject_share)
+    if from_img2dataset is None:
+        require_extra("download", "convert_laion without from_img2dataset")
     _check_remote_out(out, resume, overwrite)
     root = _prepare(str(work_dir(out)), resume, overwrite)  # a remote --out is filled at the end
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"

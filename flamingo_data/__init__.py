@@ -1,3 +1,34 @@
-"""flamingo-data: multimodal web data -> WebDataset shards -> Flamingo batches."""
+"""flamingo-data: multimodal web data -> WebDataset shards -> Flamingo batches.
+
+The public API below is exported lazily (PEP 562): ``import flamingo_data`` imports none of it, and
+each name imports its module on first use, so the command line and workers start fast and a core
+install (no extras) can use every name whose feature needs no extra.
+"""
+
+from __future__ import annotations
+
+from flamingo_data.extras import lazy_exports as _lazy_exports
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "convert_mmc4": "flamingo_data.converters.mmc4",
+    "convert_laion": "flamingo_data.converters.laion",
+    "convert_chatgpt": "flamingo_data.converters.chatgpt",
+    "convert_conversations": "flamingo_data.converters.conversations",
+    "validate_shards": "flamingo_data.validate",
+    "inspect_shards": "flamingo_data.inspect",
+    "write_preview": "flamingo_data.preview",
+    "build_loader": "flamingo_data.loader.pipeline",
+    "LoaderConfig": "flamingo_data.loader.config",
+    "DatasetSpec": "flamingo_data.loader.config",
+    "build_flamingo": "flamingo_data.model.build",
+    "FlamingoConfig": "flamingo_data.model.flamingo",
+    "run_demo": "flamingo_data.demo",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())

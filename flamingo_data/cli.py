@@ -1,7 +1,10 @@
 """The ``flamingo-data`` console script: a thin shell over the library.
 
-Each subcommand lives in ``flamingo_data.commands.<name>`` with ``add_arguments(parser)`` and
-``run(args) -> int``; the module builds a config and calls the library function of the same name.
+Each subcommand lives in ``flamingo_data.commands.<name>`` with ``add_arguments(parser)``,
+``run(args) -> int`` and optionally ``required_extras(args) -> [(extra, needed by)]``; the module
+builds a config and calls the library function of the same name. A command module imports only
+the core install's light packages at import time; anything heavy or optional is imported by
+``run``, and a missing extra is refused (one line, exit 2) before ``run`` starts.
 """
 
 from __future__ import annotations
@@ -11,11 +14,10 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from flamingo_data.commands.common import UsageError
-from flamingo_data.outcome import NothingWritten
-from flamingo_data.procpool import WorkerDied
-from flamingo_data.units import RunIncomplete
+from flamingo_data import __version__
+from flamingo_data.extras import MissingExtra, require_extra
 
 COMMANDS = {
     "validate": "Check shards are fit for training; write sizes.json",
@@ -30,27 +32,49 @@ CONVERTERS = {
     "chatgpt": "ChatGPT-generated sequences -> GPT shards with embedded images",
     "conversations": "LLaVA-style conversation JSON + image folder -> interleaved or GPT shards",
 }
+# an option shared by several commands whose value needs an extra: (option, value) -> extra
+OPTION_EXTRAS = {
+    ("executor", "spark"): "spark",
+    ("executor", "ray"): "ray",
+    ("encoder", "jpegli"): "jpegli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Only the subcommand ``argv`` names gets its options, so only
+    that command's module is imported (``--help`` imports none); ``argv`` None: every subcommand."""
     parser = argparse.ArgumentParser(prog="flamingo-data", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"flamingo-data {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="Convert a source format into WebDataset shards")
     convert_sub = convert.add_subparsers(dest="source", required=True)
     for name, help_text in CONVERTERS.items():
-        _add(convert_sub, name, help_text, f"flamingo_data.commands.convert_{name}")
+        wanted = argv is None or list(argv[:2]) == ["convert", name]
+        _add(convert_sub, name, help_text, f"flamingo_data.commands.convert_{name}", wanted)
     for name, help_text in COMMANDS.items():
-        _add(sub, name, help_text, f"flamingo_data.commands.{name}")
+        wanted = argv is None or list(argv[:1]) == [name]
+        _add(sub, name, help_text, f"flamingo_data.commands.{name}", wanted)
     return parser
 
 
-def _add(sub: argparse._SubParsersAction, name: str, help_text: str, module_name: str) -> None:
-    if importlib.util.find_spec(module_name) is None:
-        return
-    module = importlib.import_module(module_name)
+def _add(
+    sub: argparse._SubParsersAction, name: str, help_text: str, module_name: str, wanted: bool
+) -> None:
+    """A subcommand; its options (and its module's imports) only when ``wanted``."""
     parser = sub.add_parser(name, help=help_text, description=help_text)
+    if wanted:
+        _bind(parser, importlib.import_module(module_name))
+
+
+def _bind(parser: argparse.ArgumentParser, module: Any) -> None:
     module.add_arguments(parser)
-    parser.set_defaults(handler=module.run)
+    parser.set_defaults(
+        handler=module.run, required_extras=getattr(module, "required_extras", _no_extras)
+    )
+
+
+def _no_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return []
 
 
 def _report_run_warnings() -> None:
@@ -72,23 +96,52 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def _train_handler():
-    from flamingo_data.commands.train import run
+def check_extras(args: argparse.Namespace) -> None:
+    """Raise MissingExtra for the first extra the parsed command needs and lacks, before it runs
+    (so before it writes anything): its own (``required_extras(args)`` -> [(extra, needed by)])
+    and those of shared options such as ``--executor spark``."""
+    needed = list(args.required_extras(args))
+    for (option, value), extra in OPTION_EXTRAS.items():
+        if getattr(args, option, None) == value:
+            needed.append((extra, f"--{option} {value}"))
+    for extra, needed_by in needed:
+        require_extra(extra, needed_by)
 
-    return run
+
+def _train_args(argv: list[str]) -> argparse.Namespace:
+    """The trainer parses its own options (flamingo_data.trainconfig, -h included): this parser
+    would refuse them as unrecognized arguments before the trainer saw them."""
+    module = importlib.import_module("flamingo_data.commands.train")
+    return argparse.Namespace(
+        command="train",
+        train_args=argv,
+        handler=module.run,
+        required_extras=module.required_extras,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
-        # The trainer parses its own options (flamingo_data.trainconfig, -h included): this
-        # parser would refuse them as unrecognized arguments before the trainer saw them.
-        args = argparse.Namespace(handler=_train_handler(), train_args=argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
+        return run_command(_train_args(argv[1:]))
+    return run_command(build_parser(argv).parse_args(argv))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command; every failure is one line on stderr and an exit code."""
+    # imported here, not at the top: ``--help`` and ``--version`` need none of them
+    from flamingo_data.commands.common import UsageError
+    from flamingo_data.outcome import NothingWritten
+    from flamingo_data.procpool import WorkerDied
+    from flamingo_data.units import RunIncomplete
+
     _report_run_warnings()
     try:
+        check_extras(args)
         return int(args.handler(args) or 0)
+    except MissingExtra as exc:
+        print(f"flamingo-data: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except UsageError as exc:
         print(f"flamingo-data: error: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from flamingo_data.extras import require_extra
 from flamingo_data.samples import make_document
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
@@ -87,7 +88,10 @@ def _photo_document(folder: Path, doc_id: str, rng: np.random.Generator) -> dict
 
 
 def run_demo(out: str | Path, steps: int = 12, seed: int = 0, train: bool = True) -> DemoResult:
-    """Every step of the product on the bundled sample; each artifact's path goes into the result."""
+    """Every step of the product on the bundled sample; each artifact's path goes into the result.
+    ``train`` needs the [train] extra: without it MissingExtra is raised before anything is written."""
+    if train:
+        require_extra("train", "run_demo(train=True)")
     from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
     from flamingo_data.units import RunOptions
     from flamingo_data.validate import validate_shards
@@ -118,12 +122,10 @@ def run_demo(out: str | Path, steps: int = 12, seed: int = 0, train: bool = True
 
 
 def _demo_views(shards: Path, root: Path, result: DemoResult) -> None:
-    """inspect + preview, when those commands are installed."""
-    try:
-        from flamingo_data.inspect import inspect_shards
-        from flamingo_data.preview import write_preview
-    except ImportError:
-        return
+    """inspect + preview (the core install has both)."""
+    from flamingo_data.inspect import inspect_shards
+    from flamingo_data.preview import write_preview
+
     report = inspect_shards(str(shards))
     (root / "inspect.json").write_text(json.dumps(report.to_json(), indent=1))
     result.artifacts["inspect"] = str(root / "inspect.json")

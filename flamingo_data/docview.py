@@ -10,7 +10,7 @@ from typing import Any
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.gpt import PLACEHOLDER, plan_gpt
 from flamingo_data.loader.interleaved import Reject, plan_interleaved, shape_problem
-from flamingo_data.loader.sample import parse_json
+from flamingo_data.loader.record import parse_json
 from flamingo_data.records import decode_base64
 from flamingo_data.shardread import DECODED_EXTS, IMAGE_EXTS, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import SpecError, expand_specs

@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
+from flamingo_data.extras import require_extra
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.procpool import die_with_parent
 
@@ -210,7 +211,9 @@ def run_img2dataset(
     extra_columns: list[str] | None = None,
     input_format: str = "parquet",
 ) -> None:
-    """Download into ``output`` (webdataset jpg/txt/json); finished shards are skipped on a rerun."""
+    """Download into ``output`` (webdataset jpg/txt/json); finished shards are skipped on a rerun.
+    Without the [download] extra raises MissingExtra."""
+    require_extra("download", "run_img2dataset")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download

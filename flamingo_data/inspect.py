@@ -13,6 +13,7 @@ from typing import Any
 
 from flamingo_data import remote
 from flamingo_data.docview import DocView, iter_path_docs
+from flamingo_data.extras import require_extra
 from flamingo_data.images import DEFAULT_MAX_PIXELS, open_capped, sniff_format
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.gpt import plan_gpt
@@ -242,14 +243,13 @@ def _inline(mapping: dict) -> str:
 
 
 def plot_report(report: InspectReport, out: str) -> None:
-    """Histograms as a PNG (matplotlib, the ``plot`` extra)."""
-    try:
-        import matplotlib
+    """Histograms as a PNG; needs the [plot] extra (else MissingExtra)."""
+    require_extra("plot", "plot_report")
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'flamingo-data[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     for ax, (title, counter) in zip(
         axes,

@@ -1,6 +1,7 @@
 """Paths that may be remote: ``s3://``, ``gs://``, ``hdfs://``, ``memory://`` ... through fsspec.
 
-Plain local paths take the fast path (os/open) so local conversions pay nothing for this.
+Plain local paths take the fast path (os/open) so local conversions pay nothing for this: fsspec
+is imported only when a remote path is used.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import os
 import posixpath
 import stat
 from typing import IO
-
-import fsspec
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -32,6 +31,8 @@ class RemoteUnavailable(RuntimeError):
 
 
 def _fs(path: str):
+    import fsspec
+
     try:
         return fsspec.core.url_to_fs(path)
     except ImportError as exc:
@@ -115,6 +116,8 @@ def open_binary(path: str) -> IO[bytes]:
     (else :class:`NotRegularFile`); it is checked before opening and again on the open descriptor,
     which is opened non-blocking so a FIFO swapped in between cannot block the open."""
     if is_remote(path):
+        import fsspec
+
         return fsspec.open(path, "rb").open()
     _refuse_unless_regular(path, os.stat(path).st_mode)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))

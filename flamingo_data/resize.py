@@ -11,7 +11,9 @@ the filters where OpenCV is not faster, keep PIL's antialiased resize, which wid
 
 from __future__ import annotations
 
-import cv2
+from functools import cache
+from types import ModuleType
+
 import numpy as np
 from PIL import Image
 
@@ -24,11 +26,19 @@ RESIZE_FILTERS = {
 
 # Only where OpenCV is the faster one: routed to OpenCV, lanczos and area (non-integer factors) made
 # bench_resize_filters.py slower than PIL's did (5.5 vs 4.1 and 3.2 vs 2.5 ms per image).
-_CV2_FILTERS = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR}
+_CV2_FILTERS = {"bicubic": "INTER_CUBIC", "bilinear": "INTER_LINEAR"}
 
-# One thread: converters run a process per core already, and OpenCV's pool does not survive a
-# fork (a forked worker that touches it can hang), so it is never started.
-cv2.setNumThreads(1)
+
+@cache
+def _opencv() -> ModuleType:
+    """OpenCV, imported by the first resize that uses it (validate, inspect and preview never do),
+    set to one thread before any use: converters run a process per core already, and OpenCV's
+    pool does not survive a fork (a forked worker that touches it can hang), so it is never started."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return cv2
+
 
 MAX_FIXED_KERNEL_FACTOR = 2.0  # beyond this a fixed-width kernel would skip source pixels
 
@@ -39,4 +49,7 @@ def resize_pixels(pixels: np.ndarray, target: tuple[int, int], name: str) -> Ima
     factor = max(width / target[0], height / target[1])
     if factor > MAX_FIXED_KERNEL_FACTOR or name not in _CV2_FILTERS:
         return Image.fromarray(pixels).resize(target, RESIZE_FILTERS[name])
-    return Image.fromarray(cv2.resize(pixels, target, interpolation=_CV2_FILTERS[name]))
+    cv2 = _opencv()
+    return Image.fromarray(
+        cv2.resize(pixels, target, interpolation=getattr(cv2, _CV2_FILTERS[name]))
+    )

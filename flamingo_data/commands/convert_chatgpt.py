@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_reject_share_option(parser)
 
 
+def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Images are downloaded with img2dataset unless --images-from names a finished download."""
+    return [] if args.images_from else [("download", "convert chatgpt without --images-from")]
+
+
 @usage_errors
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt

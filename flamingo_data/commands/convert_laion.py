@@ -85,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_reject_share_option(parser)
 
 
+def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--parquet downloads with img2dataset; --from-img2dataset only reads its output."""
+    return [] if args.from_img2dataset else [("download", "convert laion --parquet")]
+
+
 @usage_errors
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.laion import LaionOptions, convert_laion

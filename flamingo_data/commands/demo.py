@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from flamingo_data.commands.common import check_writable, positive
-from flamingo_data.demo import run_demo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [] if args.no_train else [("train", "demo's training step (--no-train skips it)")]
+
+
 def run(args: argparse.Namespace) -> int:
+    from flamingo_data.demo import run_demo
+
     check_writable(args.out)  # one line and exit 2, not advice to --resume a run that never began
     result = run_demo(args.out, steps=args.steps, seed=args.seed, train=not args.no_train)
     print("\nflamingo-data demo finished. Artifacts:")

@@ -6,8 +6,6 @@ import argparse
 import json
 
 from flamingo_data.commands.common import UsageError, finite, positive, usage_errors
-from flamingo_data.inspect import format_report, inspect_shards, plot_report
-from flamingo_data.loader.tokenizer import make_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--plot draws with matplotlib; --tokenizer loads with transformers."""
+    needed = [("plot", "inspect --plot")] if args.plot else []
+    return needed + ([("hf", "inspect --tokenizer")] if args.tokenizer else [])
+
+
 @usage_errors
 def run(args: argparse.Namespace) -> int:
+    from flamingo_data.inspect import format_report, inspect_shards, plot_report
+
     report = inspect_shards(
         args.shards,
         tokenizer=_tokenizer(args.tokenizer),
@@ -50,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _tokenizer(path: str | None):
     """A --tokenizer that is not a local tokenizer is bad input (exit 2), not a traceback."""
+    from flamingo_data.loader.tokenizer import make_tokenizer
+
     try:
         return make_tokenizer(path)
     except ImportError as exc:

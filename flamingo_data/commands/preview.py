@@ -8,9 +8,6 @@ import webbrowser
 from pathlib import Path
 
 from flamingo_data.commands.common import finite, positive, usage_errors
-from flamingo_data.commands.validate import printable
-from flamingo_data.loader.config import LoaderConfig
-from flamingo_data.preview import write_preview
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @usage_errors
 def run(args: argparse.Namespace) -> int:
+    from flamingo_data.commands.validate import printable
+    from flamingo_data.loader.config import LoaderConfig
+    from flamingo_data.preview import write_preview
+
     config = LoaderConfig(sim_threshold=args.threshold, max_images=args.max_images)
     result = write_preview(args.shards, args.out, n=args.n, keys=args.key, config=config)
     for issue in result.shard_issues:

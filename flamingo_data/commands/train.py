@@ -16,14 +16,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "For several processes run: torchrun --nproc_per_node=N -m flamingo_data.train <same options>"
 
 
-def run(args: argparse.Namespace) -> int:
-    from flamingo_data.train import cli_main
+def _wants_help(args: argparse.Namespace) -> bool:
+    return not args.train_args or args.train_args[0] in ("-h", "--help")
 
-    if not args.train_args or args.train_args[0] in ("-h", "--help"):
+
+def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Training needs torch; the option list (--help) does not."""
+    return [] if _wants_help(args) else [("train", "flamingo-data train")]
+
+
+def run(args: argparse.Namespace) -> int:
+    if _wants_help(args):
         from flamingo_data.trainconfig import build_parser
 
         build_parser().print_help()
         return 0
+    from flamingo_data.train import cli_main
+
     return cli_main(args.train_args)
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from flamingo_data.commands.common import UsageError, non_negative, positive, usage_errors
 from flamingo_data.images import DEFAULT_MAX_PIXELS
-from flamingo_data.validate import ValidationReport, validate_shards
+
+if TYPE_CHECKING:
+    from flamingo_data.validate import ValidationReport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @usage_errors
 def run(args: argparse.Namespace) -> int:
+    from flamingo_data.validate import validate_shards
+
     report_file = _open_report(args.json_out)
     report = validate_shards(
         args.shards,

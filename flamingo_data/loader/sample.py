@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 import torch
 
 from flamingo_data.loader.config import LoaderConfig
@@ -26,6 +25,7 @@ from flamingo_data.loader.interleaved import (
     shape_problem,
 )
 from flamingo_data.loader.labels import IGNORE, make_labels
+from flamingo_data.loader.record import parse_json
 from flamingo_data.loader.tokenizer import (
     EOC_TOKEN,
     IMAGE_TOKEN,
@@ -103,21 +103,6 @@ def _record_as_text(record: dict[str, Any], text: TextContext) -> tuple[dict[str
         return record, 0
     pairs = [as_text(sentence, text.specials) for sentence in sentences]
     return {**record, "text_list": [s for s, _ in pairs]}, sum(n for _, n in pairs)
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """orjson, which validate's ``parse_record`` runs first, so a record it passes parses here
-    (inspect and preview parse with this too, so they count what the loader counts).
-    json.loads let NaN/Infinity, 1e400 and lone surrogates through to crash the image matching or
-    the tokenizer, and raised uncaught errors on deep nesting and 5000-digit integers; orjson
-    refuses all of them (nesting over 1024) and is ~4x faster on base64-heavy records."""
-    try:
-        record = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise Reject("bad_json") from exc
-    if not isinstance(record, dict):
-        raise Reject("bad_json")
-    return record
 
 
 def _tokenize(text: TextContext, string: str, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,16 +1,18 @@
 """Tokenizers with Flamingo's special tokens added once (never per sample).
 
 ``ByteTokenizer`` is the built-in one for tests and demos: UTF-8 bytes plus special tokens, no files,
-deterministic, with the slice of the Hugging Face API the loader and trainer use.
+deterministic, with the slice of the Hugging Face API the loader and trainer use. Only calling a
+tokenizer for tensors needs torch: encoding, decoding and the special ids (inspect, preview) do not.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
@@ -81,6 +83,8 @@ class ByteTokenizer:
         return_tensors: str = "pt",
         **_: Any,
     ) -> dict[str, torch.Tensor]:
+        import torch
+
         texts = [texts] if isinstance(texts, str) else texts
         rows = [self.encode(t)[:max_length] if truncation else self.encode(t) for t in texts]
         width = max_length if padding == "max_length" else max(len(r) for r in rows)

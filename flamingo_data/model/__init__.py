@@ -1,6 +1,22 @@
-"""The packaged Flamingo model: Perceiver resampler + gated cross-attention over pluggable encoders."""
+"""The packaged Flamingo model: Perceiver resampler + gated cross-attention over pluggable encoders.
 
-from flamingo_data.model.build import build_flamingo
-from flamingo_data.model.flamingo import Flamingo, FlamingoConfig, FlamingoOutput
+Names are exported lazily (PEP 562), so importing the package needs no torch; using them needs the
+[train] extra.
+"""
 
-__all__ = ["Flamingo", "FlamingoConfig", "FlamingoOutput", "build_flamingo"]
+from __future__ import annotations
+
+from flamingo_data.extras import lazy_exports as _lazy_exports
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "Flamingo": "flamingo_data.model.flamingo",
+    "FlamingoConfig": "flamingo_data.model.flamingo",
+    "FlamingoOutput": "flamingo_data.model.flamingo",
+    "build_flamingo": "flamingo_data.model.build",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS, globals())
