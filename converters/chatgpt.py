@@ -23,6 +23,7 @@ from flamingo_data import remote
 from flamingo_data.converters.jsonchunks import jsonl_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
+from flamingo_data.errors import InputError
 from flamingo_data.executors import run_units
 from flamingo_data.i2doutput import ImageStore, check_finished, finished_shards
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
@@ -272,7 +273,7 @@ def convert_chatgpt(
 ) -> Stats:
     """Download (or join) every image, then one unit per sequence file; returns the merged stats."""
     if options.missing not in ("drop", "strip"):
-        raise ValueError("--missing must be drop or strip")
+        raise InputError(f"missing must be drop or strip, not {options.missing!r}")
     unmatched: list[str] = []
     # a folder gives its .json and .jsonl files: the README takes JSONL input, and a folder of
     # .jsonl sequence files used to be "no sequence file matches", exit 2

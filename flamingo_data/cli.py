@@ -11,9 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from flamingo_data.commands.common import UsageError
-from flamingo_data.procpool import WorkerDied
-from flamingo_data.units import RunIncomplete
+from flamingo_data.errors import FlamingoDataError, RunError
 
 COMMANDS = {
     "validate": "Check shards are fit for training; write sizes.json",
@@ -57,7 +55,20 @@ def _train_handler():
     return run
 
 
+# What survives a run that stopped, by the command that ran it; checks (validate, inspect,
+# preview) and the demo leave nothing to resume.
+RESUME_ADVICE = {
+    "convert": "committed units are kept, rerun with --resume",
+    "train": "checkpoints already saved are kept, rerun with --resume to continue from the latest",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; the only place that turns errors into exit codes.
+
+    A ``FlamingoDataError`` is one line and its class's exit code (2 bad input, 1 a run that could
+    not complete); an ``OSError`` mid-run (a full disk) is one line and 1; Ctrl-C is 130. Any other
+    exception is a bug: its traceback is shown and Python exits 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         # The trainer parses its own options (flamingo_data.trainconfig, -h included): this
@@ -65,31 +76,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(handler=_train_handler(), train_args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
+    advice = RESUME_ADVICE.get(argv[0], "") if argv else ""
     try:
         return int(args.handler(args) or 0)
-    except UsageError as exc:
-        print(f"flamingo-data: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk or unwritable output mid-run: committed units stay valid
+    except FlamingoDataError as exc:
+        _error(str(exc), advice if isinstance(exc, RunError) else "")
+        return exc.exit_code
+    except OSError as exc:  # a full disk or unwritable output mid-run
         where = f" ({exc.filename})" if exc.filename else ""
-        print(
-            f"flamingo-data: error: {exc.strerror or exc}{where}; committed units are kept, fix it and rerun "
-            "with --resume",
-            file=sys.stderr,
-        )
-        return 1
-    except (WorkerDied, RunIncomplete) as exc:
-        print(
-            f"flamingo-data: error: {exc}; committed units are kept, rerun with --resume",
-            file=sys.stderr,
-        )
+        _error(f"{exc.strerror or exc}{where}", advice and f"fix it; {advice}")
         return 1
     except KeyboardInterrupt:
-        print(
-            "flamingo-data: interrupted; committed units are kept, rerun with --resume",
-            file=sys.stderr,
-        )
+        print(f"flamingo-data: interrupted{advice and '; ' + advice}", file=sys.stderr)
         return 130
+
+
+def _error(message: str, advice: str) -> None:
+    """One line on stderr: ``flamingo-data: error: <message>[; <advice>]``."""
+    line = " ".join(message.split()) or "(no message)"
+    print(f"flamingo-data: error: {line}{advice and '; ' + advice}", file=sys.stderr)
 
 
 if __name__ == "__main__":

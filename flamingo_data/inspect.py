@@ -13,6 +13,7 @@ from typing import Any
 
 from flamingo_data import remote
 from flamingo_data.docview import DocView, iter_docs
+from flamingo_data.errors import InputError, MissingExtra
 from flamingo_data.images import DEFAULT_MAX_PIXELS, open_capped, sniff_format
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.gpt import plan_gpt
@@ -249,7 +250,7 @@ def plot_report(report: InspectReport, out: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise RuntimeError("--plot needs matplotlib: pip install 'flamingo-data[plot]'") from exc
+        raise MissingExtra("plotting histograms", "matplotlib", "plot") from exc
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
     for ax, (title, counter) in zip(
         axes,
@@ -270,7 +271,7 @@ def plot_report(report: InspectReport, out: str) -> None:
         # always a PNG, at ``out`` exactly: by extension, 'hist' was written to hist.png and
         # 'hist.txt' stopped with a traceback
         fig.savefig(out, dpi=100, format="png")
-    except OSError as exc:  # was exit 1 with advice to rerun with --resume
-        raise RuntimeError(f"cannot write --plot {out}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # the output path the caller chose: input, not a failed run
+        raise InputError(f"cannot write the plot to {out}: {exc.strerror or exc}") from exc
     finally:
         plt.close(fig)

@@ -9,12 +9,9 @@ from collections.abc import Iterable
 from braceexpand import braceexpand
 
 from flamingo_data import remote
+from flamingo_data.errors import SpecError  # noqa: F401 -- importable from here too
 
 _GLOB_CHARS = set("*?[")
-
-
-class SpecError(ValueError):
-    """A spec that names nothing usable; the CLI turns it into a one-line error and exit 2."""
 
 
 def expand_specs(

@@ -12,7 +12,6 @@ from flamingo_data.commands.common import (
     check_writable,
     image_policy,
     positive,
-    usage_errors,
 )
 from flamingo_data.commands.convert_laion import add_download_options
 from flamingo_data.download import DownloadOptions
@@ -49,7 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_unit_options(parser)
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
     from flamingo_data.units import RunOptions

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from flamingo_data import remote
-from flamingo_data.commands.common import check_writable, non_negative, positive, usage_errors
+from flamingo_data.commands.common import check_writable, non_negative, positive
 from flamingo_data.download import DownloadOptions
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 
@@ -78,7 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_download_options(parser)
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.laion import LaionOptions, convert_laion
 

@@ -6,7 +6,7 @@ import argparse
 import webbrowser
 from pathlib import Path
 
-from flamingo_data.commands.common import finite, positive, usage_errors
+from flamingo_data.commands.common import finite, positive
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.preview import write_preview
 
@@ -23,7 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--open", action="store_true", help="open the page in a browser")
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     config = LoaderConfig(sim_threshold=args.threshold, max_images=args.max_images)
     result = write_preview(args.shards, args.out, n=args.n, keys=args.key, config=config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,15 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flamingo_data.train import cli_main
+    from flamingo_data.train import main
 
     if not args.train_args or args.train_args[0] in ("-h", "--help"):
         from flamingo_data.trainconfig import build_parser
 
         build_parser().print_help()
         return 0
-    return cli_main(args.train_args)
-
-
-if __name__ == "__main__":
-    sys.exit(run(argparse.Namespace(train_args=sys.argv[1:])))
+    main(args.train_args)
+    return 0

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TextIO
 
-from flamingo_data.commands.common import UsageError, non_negative, positive, usage_errors
+from flamingo_data.commands.common import UsageError, non_negative, positive
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.validate import ValidationReport, validate_shards
 
@@ -33,7 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-failures-shown", type=non_negative, default=20)
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     report_file = _open_report(args.json_out)
     report = validate_shards(
