@@ -55,11 +55,11 @@ def _train_handler():
     return run
 
 
-# What survives a run that stopped, by the command that ran it; checks (validate, inspect,
-# preview) and the demo leave nothing to resume.
+# What survives a run that stopped, by the command that ran it ({} takes "fix it and " after an
+# OSError); checks (validate, inspect, preview) and the demo leave nothing to resume.
 RESUME_ADVICE = {
-    "convert": "committed units are kept, rerun with --resume",
-    "train": "checkpoints already saved are kept, rerun with --resume to continue from the latest",
+    "convert": "committed units are kept, {}rerun with --resume",
+    "train": "checkpoints already saved are kept, {}rerun with --resume to continue from the latest",
 }
 
 
@@ -80,14 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except FlamingoDataError as exc:
-        _error(str(exc), advice if isinstance(exc, RunError) else "")
+        _error(str(exc), advice.format("") if isinstance(exc, RunError) else "")
         return exc.exit_code
     except OSError as exc:  # a full disk or unwritable output mid-run
         where = f" ({exc.filename})" if exc.filename else ""
-        _error(f"{exc.strerror or exc}{where}", advice and f"fix it; {advice}")
+        _error(f"{exc.strerror or exc}{where}", advice.format("fix it and "))
         return 1
     except KeyboardInterrupt:
-        print(f"flamingo-data: interrupted{advice and '; ' + advice}", file=sys.stderr)
+        print(f"flamingo-data: interrupted{advice and '; ' + advice.format('')}", file=sys.stderr)
         return 130
 
 
