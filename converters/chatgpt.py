@@ -23,6 +23,7 @@ from flamingo_data import remote
 from flamingo_data.converters.jsonchunks import nonblank_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
+from flamingo_data.errors import InputError
 from flamingo_data.executors import run_units
 from flamingo_data.extras import require_extra
 from flamingo_data.i2doutput import ImageStore, check_finished, finished_shards
@@ -277,7 +278,7 @@ def convert_chatgpt(
     Downloading (no ``options.images_from``) needs the [download] extra: without it MissingExtra
     is raised before anything is written."""
     if options.missing not in ("drop", "strip"):
-        raise ValueError("--missing must be drop or strip")
+        raise InputError(f"missing must be drop or strip, not {options.missing!r}")
     if options.images_from is None:
         require_extra("download", "convert_chatgpt without options.images_from")
     unmatched: list[str] = []

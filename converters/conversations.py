@@ -27,6 +27,7 @@ from flamingo_data.converters.jsonchunks import (
     remove_chunks,
 )
 from flamingo_data.converters.mmc4 import unit_stem
+from flamingo_data.errors import InputError
 from flamingo_data.executors import run_units
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.outcome import check_output
@@ -69,9 +70,9 @@ class ItemError(ValueError):
 def split_template(template: str) -> tuple[str, str]:
     """(prefix, suffix) around ``{value}``; a template that would drop or duplicate text is refused."""
     if template.count("{value}") != 1:
-        raise ValueError(f"template {template!r} must contain {{value}} exactly once")
+        raise InputError(f"template {template!r} must contain {{value}} exactly once")
     if any(token in template for token in (TAG, *SPECIAL_TOKENS)):
-        raise ValueError(f"template {template!r} must not contain <image> or special tokens")
+        raise InputError(f"template {template!r} must not contain <image> or special tokens")
     prefix, suffix = template.split("{value}")
     return prefix, suffix
 
@@ -86,7 +87,7 @@ class ConversationOptions:
 
     def __post_init__(self) -> None:
         if self.as_ not in ("interleaved", "gpt"):
-            raise ValueError("--as must be interleaved or gpt")
+            raise InputError(f"as_ must be interleaved or gpt, not {self.as_!r}")
         for template in self.role_templates():
             split_template(template)
 
@@ -342,10 +343,7 @@ def convert_conversations(
         run, as_=options.as_, template=options.template, policy=options.policy, **system
     )
     prepare_out_dir(run.out_dir, run.resume, overwrite, run.settings)
-    try:
-        record_chunk_size(run.out_dir, chunk_size, run.resume)
-    except ValueError as exc:
-        raise SpecError(str(exc)) from exc
+    record_chunk_size(run.out_dir, chunk_size, run.resume)
     units = chunk_units(sources, run.out_dir, chunk_size, unit_stem)
     if run.resume:
         check_resume_units(run.out_dir, units)

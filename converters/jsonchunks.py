@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flamingo_data import remote
+from flamingo_data.errors import InputError, SettingsMismatch
 from flamingo_data.shards import write_atomic
 from flamingo_data.units import Unit, unit_names
 
@@ -153,7 +154,7 @@ def chunk_units(
 ) -> list[Unit]:
     """Units for every chunk of every source, in input order; stale chunk files are removed first."""
     if chunk_size < 1:
-        raise ValueError("chunk size must be at least 1")
+        raise InputError("chunk_size must be at least 1")
     chunk_dir = remote.join(str(out_dir), CHUNK_DIR)
     remove_chunks(out_dir)
     if not remote.is_remote(chunk_dir):
@@ -174,7 +175,7 @@ def record_chunk_size(out_dir: str | Path, chunk_size: int, resume: bool) -> Non
     if resume and remote.exists(path):
         earlier = json.loads(remote.read_bytes(path)).get("chunk_size")
         if earlier != chunk_size:
-            raise ValueError(
+            raise SettingsMismatch(
                 f"{out_dir} was written with chunk size {earlier}, not {chunk_size}: resume with "
                 "the same one, or pass --overwrite"
             )

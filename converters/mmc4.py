@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from flamingo_data import remote
+from flamingo_data.errors import (
+    InputError,
+    LayoutError,  # noqa: F401 -- importable from here too
+)
 from flamingo_data.executors import run_units
 from flamingo_data.images import ImagePolicy, process_image
 from flamingo_data.outcome import check_output
@@ -61,10 +65,6 @@ ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeErr
 
 class CutOffZipError(zipfile.BadZipFile):
     """The file starts as a zip does but its end (the central directory) is missing."""
-
-
-class LayoutError(RuntimeError):
-    """Images were looked for and nearly none were found: wrong layout or wrong folder."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,7 +595,7 @@ def convert_mmc4(
 ) -> Stats:
     """Convert MMC4 zips into interleaved shards in ``run.out_dir``; returns the merged stats."""
     if options.layout not in LAYOUTS:
-        raise ValueError(f"--image-layout must be one of {', '.join(LAYOUTS)}")
+        raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, not {options.layout!r}")
     duplicates: list[str] = []
     sources = expand_specs(
         docs, folder_suffix=".zip", keep_missing=True, ignore_case=True, duplicates=duplicates

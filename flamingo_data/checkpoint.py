@@ -72,7 +72,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     path = pointer.parent / pointer.read_text().strip()
     if not path.is_dir():
         # resuming from step 0 here would silently throw the run's progress away
-        raise FileNotFoundError(
+        raise StartError(
             f"{pointer} names {path.name}, which is not there: restore that folder, or delete "
             "the pointer to start the run over"
         )

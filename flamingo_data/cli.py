@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from flamingo_data import __version__
-from flamingo_data.extras import MissingExtra, require_extra
+from flamingo_data.errors import FlamingoDataError, RunError
+from flamingo_data.extras import require_extra
 
 COMMANDS = {
     "validate": "Check shards are fit for training; write sizes.json",
@@ -120,7 +121,16 @@ def _train_args(argv: list[str]) -> argparse.Namespace:
     )
 
 
+# What survives a run that stopped, by the command that ran it ({} takes "fix it and " after an
+# OSError); checks (validate, inspect, preview) and the demo leave nothing to resume.
+RESUME_ADVICE = {
+    "convert": "committed units are kept, {}rerun with --resume",
+    "train": "checkpoints already saved are kept, {}rerun with --resume to continue from the latest",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments) and run its subcommand: see ``run_command``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         return run_command(_train_args(argv[1:]))
@@ -128,46 +138,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run a parsed command; every failure is one line on stderr and an exit code."""
-    # imported here, not at the top: ``--help`` and ``--version`` need none of them
-    from flamingo_data.commands.common import UsageError
-    from flamingo_data.outcome import NothingWritten
-    from flamingo_data.procpool import WorkerDied
-    from flamingo_data.units import RunIncomplete
+    """Run a parsed command; the only place that turns errors into exit codes.
 
+    A ``FlamingoDataError`` is one line and its class's exit code (2 bad input, 1 a run that could
+    not complete); an ``OSError`` mid-run (a full disk) is one line and 1; Ctrl-C is 130. Any other
+    exception is a bug: its traceback is shown and Python exits 1."""
+    advice = RESUME_ADVICE.get(args.command, "")
     _report_run_warnings()
     try:
         check_extras(args)
         return int(args.handler(args) or 0)
-    except MissingExtra as exc:
-        print(f"flamingo-data: error: {exc}", file=sys.stderr)
+    except FlamingoDataError as exc:
+        _error(str(exc), advice.format("") if isinstance(exc, RunError) else "")
         return exc.exit_code
-    except UsageError as exc:
-        print(f"flamingo-data: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk or unwritable output mid-run: committed units stay valid
+    except OSError as exc:  # a full disk or unwritable output mid-run
         where = f" ({exc.filename})" if exc.filename else ""
-        print(
-            f"flamingo-data: error: {exc.strerror or exc}{where}; committed units are kept, fix it and rerun "
-            "with --resume",
-            file=sys.stderr,
-        )
-        return 1
-    except NothingWritten as exc:  # stats.json says why; --resume would find nothing to redo
-        print(f"flamingo-data: error: {exc}", file=sys.stderr)
-        return 1
-    except (WorkerDied, RunIncomplete) as exc:
-        print(
-            f"flamingo-data: error: {exc}; committed units are kept, rerun with --resume",
-            file=sys.stderr,
-        )
+        _error(f"{exc.strerror or exc}{where}", advice.format("fix it and "))
         return 1
     except KeyboardInterrupt:
-        print(
-            "flamingo-data: interrupted; committed units are kept, rerun with --resume",
-            file=sys.stderr,
-        )
+        print(f"flamingo-data: interrupted{advice and '; ' + advice.format('')}", file=sys.stderr)
         return 130
+
+
+def _error(message: str, advice: str) -> None:
+    """One line on stderr: ``flamingo-data: error: <message>[; <advice>]``."""
+    line = " ".join(message.split()) or "(no message)"
+    print(f"flamingo-data: error: {line}{advice and '; ' + advice}", file=sys.stderr)
 
 
 if __name__ == "__main__":

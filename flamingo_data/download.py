@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
+from flamingo_data.errors import MissingExtra
 from flamingo_data.extras import require_extra
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.procpool import die_with_parent
@@ -292,9 +293,10 @@ def _bounded_fetch(max_bytes: int) -> Iterator[None]:
     if not all(
         hasattr(m, n) for m, n in ((i2d_main, "Downloader"), (i2d_downloader, "download_image"))
     ):
-        raise RuntimeError(  # an img2dataset outside the tested range: never fetch unbounded silently
-            "this img2dataset has no img2dataset.main.Downloader / downloader.download_image to "
-            "bound its fetches; install the tested version: pip install 'img2dataset>=1.47,<1.48'"
+        raise MissingExtra(  # an img2dataset outside the tested range: never fetch unbounded silently
+            "a bounded download (img2dataset.main.Downloader, downloader.download_image)",
+            "img2dataset>=1.47,<1.48",
+            "download",
         )
     upstream = i2d_main.Downloader
     i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes)

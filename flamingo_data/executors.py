@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from flamingo_data.errors import InputError, MissingExtra
 from flamingo_data.procpool import map_in_processes
 from flamingo_data.units import (
     RunIncomplete,
@@ -69,9 +70,7 @@ def run_spark(
     try:
         from pyspark.sql import SparkSession
     except ImportError as exc:
-        raise RuntimeError(
-            "--executor spark needs PySpark: pip install 'flamingo-data[spark]'"
-        ) from exc
+        raise MissingExtra("executor 'spark'", "PySpark", "spark") from exc
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     master = master or f"local[{processes or default_processes()}]"
     builder = SparkSession.builder.appName(f"flamingo-data {options.converter}").master(master)
@@ -118,7 +117,7 @@ def run_ray(
     try:
         import ray
     except ImportError as exc:
-        raise RuntimeError("--executor ray needs Ray: pip install 'flamingo-data[ray]'") from exc
+        raise MissingExtra("executor 'ray'", "Ray", "ray") from exc
     ray.init(address=master or "auto", ignore_reinit_error=True)
     task = ray.remote(run_unit)
     return _in_unit_order(ray.get([task.remote(unit, fn, options) for unit in units]), units)
@@ -147,7 +146,7 @@ def run_units(
 ) -> list[dict[str, Any]]:
     """Run every unit on the chosen executor; each writes its own shards and marker."""
     if executor not in EXECUTORS:
-        raise ValueError(
+        raise InputError(
             f"unknown executor {executor!r}; available: {', '.join(sorted(EXECUTORS))}"
         )
     if executor == "local":

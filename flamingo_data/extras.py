@@ -11,6 +11,8 @@ import importlib.util
 from collections.abc import Callable
 from typing import Any
 
+from flamingo_data.errors import MissingExtra
+
 # extra name -> the top-level module whose presence means the extra is installed
 EXTRA_MODULES: dict[str, str] = {
     "download": "img2dataset",
@@ -22,22 +24,6 @@ EXTRA_MODULES: dict[str, str] = {
     "spark": "pyspark",
     "ray": "ray",
 }
-
-
-class MissingExtra(ImportError):
-    """What was asked for needs an optional extra that is not installed (CLI: one line, exit 2)."""
-
-    exit_code = 2
-
-    def __init__(self, extra: str, needed_by: str, hint: str = "") -> None:
-        self.extra = extra
-        self.needed_by = needed_by
-        module = EXTRA_MODULES[extra]
-        message = (
-            f"{needed_by} needs the [{extra}] extra ({module}): "
-            f"pip install 'flamingo-data[{extra}]'{hint}"
-        )
-        super().__init__(message, name=module)
 
 
 def is_installed(extra: str) -> bool:
@@ -53,7 +39,7 @@ def require_extra(extra: str, needed_by: str, hint: str = "") -> None:
     if extra not in EXTRA_MODULES:
         raise ValueError(f"extra must be one of {sorted(EXTRA_MODULES)}, not {extra!r}")
     if not is_installed(extra):
-        raise MissingExtra(extra, needed_by, hint)
+        raise MissingExtra(needed_by, EXTRA_MODULES[extra], extra, hint)
 
 
 def import_feature(module_name: str, needed_by: str):
@@ -65,7 +51,7 @@ def import_feature(module_name: str, needed_by: str):
         extra = _extra_of(exc.name or "")
         if extra is None:
             raise
-        raise MissingExtra(extra, needed_by) from exc
+        raise MissingExtra(needed_by, EXTRA_MODULES[extra], extra) from exc
 
 
 def _extra_of(module_name: str) -> str | None:

@@ -16,6 +16,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps
 
+from flamingo_data.errors import InputError
 from flamingo_data.image_end import image_end
 from flamingo_data.jpeg_encoders import (
     DEFAULT_ENCODER,
@@ -82,12 +83,12 @@ class ImagePolicy:
             default = SHORT_SIDE_QUALITY if self.short_side else DEFAULT_QUALITY
             object.__setattr__(self, "quality", default)  # frozen: settled once, here
         if self.resize_filter not in RESIZE_FILTERS:
-            raise ValueError(f"resize_filter must be one of {sorted(RESIZE_FILTERS)}")
+            raise InputError(f"resize_filter must be one of {sorted(RESIZE_FILTERS)}")
         if not 1 <= self.quality <= 100:
-            raise ValueError("quality must be 1..100")
+            raise InputError("quality must be 1..100")
         check_encoder(self.encoder, self.jpeg_tables)
         if self.max_bytes < 1:
-            raise ValueError("max_bytes must be at least 1")
+            raise InputError("max_bytes must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)

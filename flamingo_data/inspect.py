@@ -13,6 +13,7 @@ from typing import Any
 
 from flamingo_data import remote
 from flamingo_data.docview import DocView, iter_path_docs
+from flamingo_data.errors import InputError
 from flamingo_data.extras import require_extra
 from flamingo_data.images import DEFAULT_MAX_PIXELS, open_capped, sniff_format
 from flamingo_data.loader.config import LoaderConfig
@@ -269,7 +270,7 @@ def plot_report(report: InspectReport, out: str) -> None:
     try:
         # always a PNG, at ``out`` exactly, whatever its extension
         fig.savefig(out, dpi=100, format="png")
-    except OSError as exc:  # the caller's input error: one line, exit 2
-        raise RuntimeError(f"cannot write --plot {out}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # the output path the caller chose: input, not a failed run
+        raise InputError(f"cannot write the plot to {out}: {exc.strerror or exc}") from exc
     finally:
         plt.close(fig)

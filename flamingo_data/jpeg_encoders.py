@@ -22,12 +22,12 @@ import io
 import numpy as np
 from PIL import Image
 
+from flamingo_data.errors import InputError, MissingExtra
+
 ENCODERS = ("libjpeg-turbo", "jpegli")
 DEFAULT_ENCODER = "libjpeg-turbo"
 JPEG_TABLES = ("robidoux", "annex-k")
 DEFAULT_TABLES = "robidoux"
-_INSTALL_HINT = "--encoder jpegli needs the optional extra: pip install 'flamingo-data[jpegli]'"
-
 # Robidoux's table in row-major order (as Pillow takes it); the same table serves luma and chroma.
 _ROBIDOUX = (
     (16, 16, 16, 18, 25, 37, 56, 85),
@@ -44,9 +44,9 @@ _ROBIDOUX = (
 def check_encoder(name: str, tables: str = DEFAULT_TABLES) -> None:
     """Fail at configuration time, with the fix, rather than on the first image in a worker."""
     if name not in ENCODERS:
-        raise ValueError(f"encoder must be one of {list(ENCODERS)}, not {name!r}")
+        raise InputError(f"encoder must be one of {list(ENCODERS)}, not {name!r}")
     if tables not in JPEG_TABLES:
-        raise ValueError(f"JPEG tables must be one of {list(JPEG_TABLES)}, not {tables!r}")
+        raise InputError(f"jpeg_tables must be one of {list(JPEG_TABLES)}, not {tables!r}")
     if name == "jpegli":
         _jpegli()
 
@@ -81,4 +81,4 @@ def _jpegli():
     try:
         return importlib.import_module("pyjpegli")
     except ImportError as exc:
-        raise ValueError(_INSTALL_HINT) from exc
+        raise MissingExtra("encoder 'jpegli'", "pyjpegli", "jpegli") from exc

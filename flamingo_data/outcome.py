@@ -11,16 +11,13 @@ from __future__ import annotations
 import logging
 import math
 
+from flamingo_data.errors import NothingWritten  # noqa: F401 -- importable from here too
 from flamingo_data.stats import Stats
 
 DEFAULT_MAX_REJECT_SHARE = 0.5
 TOP_REASONS = 3
 
 log = logging.getLogger("flamingo_data.run")
-
-
-class NothingWritten(Exception):
-    """The run read its input and wrote no record: the output is unusable (CLI exit 1)."""
 
 
 def check_reject_share(value: float) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flamingo_data import remote
 from flamingo_data.docview import DocView, ImageView, iter_docs
+from flamingo_data.errors import InputError
 from flamingo_data.images import sniff_format
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.records import encode_base64
@@ -69,7 +70,7 @@ def write_preview(
         raise RuntimeError(f"no document to preview: {first.shard}: {first.reason} {first.detail}")
     missing = sorted(set(keys or ()) - {doc.key for doc in docs})
     if missing and len(docs) < n:  # every shard was read: a mistyped key, not a page cut at n
-        raise RuntimeError(f"no sample has the key {', '.join(missing)} in {specs}")
+        raise InputError(f"keys: no sample has the key {', '.join(missing)} in {specs}")
     body = "\n".join(render_doc(doc) for doc in docs)
     title = f"flamingo-data preview: {len(docs)} documents"
     intro = (
@@ -94,7 +95,7 @@ def write_page(out: str, page: str) -> None:
         else:
             Path(out).write_text(page, encoding="utf-8")
     except OSError as exc:
-        raise RuntimeError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
 def _e(text: object) -> str:

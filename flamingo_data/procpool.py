@@ -23,11 +23,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from flamingo_data.errors import WorkerDied  # noqa: F401 -- importable from here too
+
 Item = TypeVar("Item")
-
-
-class WorkerDied(Exception):
-    """A worker process ended without returning its result (killed by a signal, often for memory)."""
 
 
 def map_in_processes(

@@ -12,6 +12,8 @@ import posixpath
 import stat
 from typing import IO
 
+from flamingo_data.errors import RemoteUnavailable  # noqa: F401 -- importable from here too
+
 
 def is_remote(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
@@ -22,12 +24,6 @@ def local_form(path: str) -> str:
     anything else unchanged. Taken as a plain path, ``--out file:///data/out`` was written
     into ``./file:/data/out`` under the working folder."""
     return path.removeprefix("file://") if isinstance(path, str) else path
-
-
-class RemoteUnavailable(RuntimeError):
-    """A url whose protocol fsspec does not know, or whose filesystem package is not installed
-    (``s3://`` without s3fs): input the user can fix, one line and exit 2 from the CLI. Both
-    stopped inspect, preview and validate with a traceback."""
 
 
 def _fs(path: str):

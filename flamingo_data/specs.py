@@ -11,12 +11,9 @@ from urllib.parse import urlsplit, urlunsplit
 from braceexpand import braceexpand
 
 from flamingo_data import remote
+from flamingo_data.errors import SpecError  # noqa: F401 -- importable from here too
 
 _GLOB_CHARS = set("*?[")
-
-
-class SpecError(ValueError):
-    """A spec that names nothing usable; the CLI turns it into a one-line error and exit 2."""
 
 
 def expand_specs(

@@ -26,6 +26,7 @@ from flamingo_data.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
+from flamingo_data.errors import EmptyDataset
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
 from flamingo_data.model import FlamingoConfig, build_flamingo
 from flamingo_data.trainconfig import StartError, TrainConfig, parse_args
@@ -170,7 +171,7 @@ class BatchStream:
             except StopIteration:
                 self._iter = None
                 self.loader.set_epoch(self.loader.epoch + 1)
-        raise RuntimeError(
+        raise EmptyDataset(
             f"dataset yields no usable sample: rejections {self.loader.rejections()}"
         )
 
@@ -269,7 +270,7 @@ def fixed_batch_loss(model, config: TrainConfig, tokenizer, device, rank: int, w
     loader = make_loaders(config, tokenizer, rank, world)[config.datasets[0].name]
     batch = next(iter(loader), None)
     if batch is None:
-        raise RuntimeError(
+        raise EmptyDataset(
             f"rank {rank}: dataset {config.datasets[0].name!r} yields no usable sample:"
             f" rejections {loader.rejections()}"
         )
@@ -440,13 +441,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    """``main`` for the command line and torchrun: a StartError is one line and exit 2."""
-    try:
-        main(argv)
-    except StartError as exc:
-        print(f"flamingo-data: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """``flamingo-data train <argv>`` for torchrun: errors map to exit codes as for every command."""
+    from flamingo_data.cli import main as flamingo_data_main  # the command line sits above
+
+    return flamingo_data_main(["train", *argv])
 
 
 if __name__ == "__main__":

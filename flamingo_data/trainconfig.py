@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from flamingo_data.errors import StartError  # noqa: F401 -- importable from here too
+
 
 @dataclass
 class DatasetArg:
@@ -125,12 +127,6 @@ AT_LEAST_ZERO = ("steps", "warmup_steps", "workers")
 FINITE = ("lr", "weight_decay", "max_grad_norm", "sim_threshold")
 
 
-class StartError(ValueError):
-    """Options that cannot work with this model, data or checkpoint, found as the run starts (a
-    --max-tokens beyond the LM's positions, --resume with other settings): a usage error, one line
-    and exit 2 from the command line, like a bad option."""
-
-
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Options -> TrainConfig; a bad value is a usage error (exit 2), not a crash mid-run."""
     parser = build_parser()
@@ -147,7 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         ]
         datasets += [_dataset_arg(text) for text in args.dataset]
         if not datasets:
-            raise ValueError(
+            raise StartError(
                 "give at least one of --mmc4-shards, --laion-shards, --gpt-shards, --dataset"
             )
         values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
@@ -163,25 +159,25 @@ def check(config: TrainConfig) -> None:
     """Refuse values that would crash a run after its first step, or silently train nothing."""
     for name in AT_LEAST_ONE:
         if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise StartError(f"--{name.replace('_', '-')} must be at least 1")
     for name in AT_LEAST_ZERO:
         if getattr(config, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+            raise StartError(f"--{name.replace('_', '-')} must not be negative")
     if config.stop_after is not None and config.stop_after < 1:
-        raise ValueError("--stop-after must be at least 1")
+        raise StartError("--stop-after must be at least 1")
     for name in FINITE:  # nan passed every comparison above and trained on NaN from step 1
         if not math.isfinite(getattr(config, name)):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number")
+            raise StartError(f"--{name.replace('_', '-')} must be a finite number")
     if config.lm.startswith("hf:") and config.tokenizer is None:
-        raise ValueError(
+        raise StartError(
             f"--lm {config.lm} needs --tokenizer (that LM's own): the built-in tokenizer's byte ids"
             " are other tokens to it"
         )
     names = [d.name for d in config.datasets]
     if duplicates := sorted({n for n in names if names.count(n) > 1}):
-        raise ValueError(f"dataset name given twice: {', '.join(duplicates)}")
+        raise StartError(f"dataset name given twice: {', '.join(duplicates)}")
     if unknown := sorted(set(config.loss_weights) - set(names)):
-        raise ValueError(
+        raise StartError(
             f"--loss-weights names no dataset: {', '.join(unknown)} (datasets: {', '.join(names)})"
         )
 
@@ -190,9 +186,9 @@ def _dataset_arg(text: str) -> DatasetArg:
     name, _, rest = text.partition("=")
     kind, _, spec = rest.partition(":")
     if not (name and kind and spec):
-        raise ValueError(f"--dataset wants NAME=KIND:SPEC, got {text!r}")
+        raise StartError(f"--dataset wants NAME=KIND:SPEC, got {text!r}")
     if kind not in KINDS:
-        raise ValueError(f"--dataset {text!r}: KIND must be one of {', '.join(KINDS)}")
+        raise StartError(f"--dataset {text!r}: KIND must be one of {', '.join(KINDS)}")
     return DatasetArg(name, kind, spec)
 
 
@@ -203,7 +199,7 @@ def _weights(text: str) -> dict[str, float]:
         try:
             weights[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"--loss-weights wants NAME=NUMBER,..., got {part!r}") from None
+            raise StartError(f"--loss-weights wants NAME=NUMBER,..., got {part!r}") from None
         if not (math.isfinite(weights[name.strip()]) and weights[name.strip()] >= 0):
-            raise ValueError(f"--loss-weights wants finite weights of 0 or more, got {part!r}")
+            raise StartError(f"--loss-weights wants finite weights of 0 or more, got {part!r}")
     return weights

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flamingo_data import remote
+from flamingo_data.errors import OutputExistsError, RunIncomplete, SettingsMismatch  # noqa: F401 -- importable from here too
 from flamingo_data.outcome import DEFAULT_MAX_REJECT_SHARE, check_reject_share
 from flamingo_data.records import NON_FINITE_AS_NULL, EncodedRecord
 from flamingo_data.shards import TMP_SUFFIX, ShardWriter, write_atomic
@@ -32,15 +33,6 @@ MARKER_DIR = "_done"
 REJECTS_DIR = "_rejects"
 FINAL_FILES = ("sizes.json", "stats.json", "rejects.jsonl")  # written by finalize at the end
 SETTINGS_FILE = "_settings.json"  # converters without unit markers: the options of the run
-
-
-class OutputExistsError(RuntimeError):
-    """The output folder holds an earlier run and neither resume nor overwrite was asked for."""
-
-
-class RunIncomplete(Exception):
-    """Part of the run did not finish (e.g. img2dataset gave up on a shard): what was committed is
-    kept, and --resume finishes the rest. Not a RuntimeError, which the CLI reports as bad input."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +349,7 @@ def record_settings(out_dir: Path, settings: dict[str, Any], resume: bool) -> No
 
 def _refuse_other_settings(out_dir: str | Path, earlier: Any, settings: dict[str, Any]) -> None:
     if isinstance(earlier, dict) and earlier != settings:
-        raise OutputExistsError(
+        raise SettingsMismatch(
             f"{out_dir} was written with other options ({'; '.join(_changed(earlier, settings))}):"
             " resume with the same options, or pass --overwrite"
         )

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from flamingo_data import remote
+from flamingo_data.errors import SizesFileError  # noqa: F401 -- importable from here too
 from flamingo_data.images import DEFAULT_MAX_PIXELS, decode_at_least, sniff_format
 from flamingo_data.keyindex import KeyIndex
 from flamingo_data.records import decode_base64
@@ -346,11 +347,6 @@ def _check_pair(record: dict, sample: Sample, options: ValidateOptions, report: 
         except UnicodeDecodeError as exc:
             problems.append(("caption_not_utf8", str(exc)[:100]))
     return problems
-
-
-class SizesFileError(SpecError):
-    """``--sizes`` names no file, or a sizes.json cannot be written: found before any shard is
-    read, so a long validation never ends in this error."""
 
 
 def _sizes_target(folder: str, sizes_path: str | None) -> str:

@@ -15,6 +15,7 @@ import pytest
 from flamingo_data import cli
 from flamingo_data.converters import mmc4
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
+from flamingo_data.errors import MissingExtra
 from flamingo_data.executors import run_units
 from flamingo_data.procpool import WorkerDied
 from flamingo_data.samples import write_mmc4_sample
@@ -76,7 +77,7 @@ def test_unknown_and_missing_executors_are_clear_errors(tmp_path: Path) -> None:
             [], lambda u, c: None, RunOptions(out_dir=str(tmp_path), converter="t"), executor="dask"
         )
     if importlib.util.find_spec("ray") is None:
-        with pytest.raises(RuntimeError, match="needs Ray"):
+        with pytest.raises(MissingExtra, match=r"needs the \[ray\] extra"):
             run_units(
                 [],
                 lambda u, c: None,

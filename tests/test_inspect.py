@@ -340,7 +340,7 @@ def test_plot_is_a_png_at_the_path_given_and_an_unwritable_one_is_exit_2(
     for bad in (tmp_path, tmp_path / "hist" / "h.png"):
         assert cli(["inspect", str(shards), "--plot", str(bad)]) == 2
         err = capsys.readouterr().err
-        assert f"cannot write --plot {bad}" in err and "--resume" not in err
+        assert f"--plot: cannot write the plot to {bad}" in err and "--resume" not in err
 
 
 def test_each_image_has_one_format_so_the_mix_adds_up_to_the_images(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flamingo_data.errors import EmptyDataset
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
 from flamingo_data.records import encode_base64
 from tests.loader_data import interleaved_record, simple_docs, solid_jpeg, write_json_shard
@@ -440,7 +441,7 @@ def test_resampling_shards_whose_every_sample_is_rejected_stops_with_a_clear_err
         make_tokenizer(None),
         config(resample=True, samples_per_epoch=8),
     )
-    with pytest.raises(RuntimeError, match=r"50 samples in a row rejected.*no_images"):
+    with pytest.raises(EmptyDataset, match=r"50 samples in a row rejected.*no_images"):
         epoch_keys(loader)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.samples import write_mmc4_sample
-from flamingo_data.trainconfig import parse_args
+from flamingo_data.trainconfig import StartError, parse_args
 from flamingo_data.units import RunOptions
 
 
@@ -404,7 +404,7 @@ def test_resume_with_a_dangling_latest_pointer_is_an_error_not_a_fresh_start(
     assert latest_checkpoint(tmp_path) is None  # no checkpoint yet: start at step 0
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step_0000040")
-    with pytest.raises(FileNotFoundError, match="names step_0000040, which is not there"):
+    with pytest.raises(StartError, match="names step_0000040, which is not there"):
         latest_checkpoint(tmp_path)
 
 

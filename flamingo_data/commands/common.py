@@ -8,16 +8,12 @@ import os
 from pathlib import Path
 
 from flamingo_data import remote
+from flamingo_data.errors import UsageError
 from flamingo_data.executors import default_processes
 from flamingo_data.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, RESIZE_FILTERS, ImagePolicy
 from flamingo_data.jpeg_encoders import DEFAULT_ENCODER, DEFAULT_TABLES, ENCODERS, JPEG_TABLES
 from flamingo_data.outcome import DEFAULT_MAX_REJECT_SHARE
-from flamingo_data.specs import SpecError
-from flamingo_data.units import OutputExistsError, RunOptions
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit code 2."""
+from flamingo_data.units import RunOptions
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -171,20 +167,17 @@ def non_negative(text: str) -> int:
 
 
 def image_policy(args: argparse.Namespace) -> ImagePolicy:
-    try:
-        return ImagePolicy(
-            max_pixels=args.max_pixels,
-            max_bytes=args.max_image_bytes,
-            max_side=args.max_side,
-            short_side=args.short_side,
-            quality=args.quality,
-            verify=args.verify_images,
-            resize_filter=args.resize_filter,
-            encoder=args.encoder,
-            jpeg_tables=args.jpeg_tables,
-        )
-    except ValueError as exc:  # e.g. --encoder jpegli without its extra installed
-        raise UsageError(str(exc)) from exc
+    return ImagePolicy(
+        max_pixels=args.max_pixels,
+        max_bytes=args.max_image_bytes,
+        max_side=args.max_side,
+        short_side=args.short_side,
+        quality=args.quality,
+        verify=args.verify_images,
+        resize_filter=args.resize_filter,
+        encoder=args.encoder,
+        jpeg_tables=args.jpeg_tables,
+    )
 
 
 def run_options(args: argparse.Namespace, converter: str) -> RunOptions:
@@ -211,15 +204,3 @@ def check_writable(out_dir: str) -> None:
         raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
     if not os.access(path, os.W_OK):
         raise UsageError(f"output folder {out_dir} is not writable")
-
-
-def usage_errors(fn):
-    """Turn the library's input errors into UsageError (one line, exit 2)."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (SpecError, OutputExistsError, FileNotFoundError, RuntimeError) as exc:
-            raise UsageError(str(exc)) from exc
-
-    return wrapper

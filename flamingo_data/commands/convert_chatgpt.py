@@ -13,7 +13,6 @@ from flamingo_data.commands.common import (
     check_writable,
     image_policy,
     positive,
-    usage_errors,
 )
 from flamingo_data.commands.convert_laion import add_download_options
 from flamingo_data.download import DownloadOptions
@@ -56,7 +55,6 @@ def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
     return [] if args.images_from else [("download", "convert chatgpt without --images-from")]
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
     from flamingo_data.units import RunOptions

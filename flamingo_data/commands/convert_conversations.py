@@ -11,7 +11,6 @@ from flamingo_data.commands.common import (
     check_writable,
     image_policy,
     run_options,
-    usage_errors,
 )
 from flamingo_data.converters.conversations import (
     DEFAULT_TEMPLATE,
@@ -78,7 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_options(parser)
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     options = ConversationOptions(

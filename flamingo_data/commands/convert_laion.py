@@ -11,7 +11,6 @@ from flamingo_data.commands.common import (
     check_writable,
     non_negative,
     positive,
-    usage_errors,
 )
 from flamingo_data.download import DownloadOptions
 from flamingo_data.images import DEFAULT_MAX_PIXELS
@@ -90,7 +89,6 @@ def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
     return [] if args.from_img2dataset else [("download", "convert laion --parquet")]
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.laion import LaionOptions, convert_laion
 

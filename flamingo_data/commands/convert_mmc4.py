@@ -6,15 +6,13 @@ import argparse
 import json
 
 from flamingo_data.commands.common import (
-    UsageError,
     add_image_options,
     add_run_options,
     check_writable,
     image_policy,
     run_options,
-    usage_errors,
 )
-from flamingo_data.converters.mmc4 import LAYOUTS, LayoutError, Mmc4Options, convert_mmc4
+from flamingo_data.converters.mmc4 import LAYOUTS, Mmc4Options, convert_mmc4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_options(parser)
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     options = Mmc4Options(
@@ -59,19 +56,16 @@ def run(args: argparse.Namespace) -> int:
         policy=image_policy(args),
         schema_check=args.schema_check,
     )
-    try:
-        stats = convert_mmc4(
-            args.docs,
-            options,
-            run_options(args, "mmc4"),
-            overwrite=args.overwrite,
-            processes=args.processes,
-            executor=args.executor,
-            master=args.executor_master,
-            progress=not args.no_progress,
-        )
-    except LayoutError as exc:
-        raise UsageError(str(exc)) from exc
+    stats = convert_mmc4(
+        args.docs,
+        options,
+        run_options(args, "mmc4"),
+        overwrite=args.overwrite,
+        processes=args.processes,
+        executor=args.executor,
+        master=args.executor_master,
+        progress=not args.no_progress,
+    )
     print(json.dumps(stats.to_json()["counts"], indent=1))
     print(
         f"wrote {stats.get('documents', 'written')} documents into {stats.get('shards', 'written')} shards "

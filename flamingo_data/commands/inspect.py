@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from flamingo_data.commands.common import UsageError, finite, positive, usage_errors
+from flamingo_data.commands.common import UsageError, finite, positive
+from flamingo_data.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +34,6 @@ def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
     return needed + ([("hf", "inspect --tokenizer")] if args.tokenizer else [])
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.inspect import format_report, inspect_shards, plot_report
 
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         try:
             plot_report(report, args.plot)
-        except RuntimeError as exc:
-            raise UsageError(str(exc)) from exc
+        except InputError as exc:
+            raise UsageError(f"--plot: {exc}") from exc
         print(f"histograms written to {args.plot}")
     return 0
 
@@ -60,8 +60,8 @@ def _tokenizer(path: str | None):
 
     try:
         return make_tokenizer(path)
-    except ImportError as exc:
-        raise UsageError(f"--tokenizer needs the [hf] extra (transformers): {exc}") from exc
+    except InputError:
+        raise  # the [hf] extra is not installed: its own message
     except (OSError, ValueError) as exc:  # no such folder, or no tokenizer files in it
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load --tokenizer {path}: {first_line}") from exc

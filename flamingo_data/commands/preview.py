@@ -7,7 +7,7 @@ import sys
 import webbrowser
 from pathlib import Path
 
-from flamingo_data.commands.common import finite, positive, usage_errors
+from flamingo_data.commands.common import finite, positive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--open", action="store_true", help="open the page in a browser")
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.commands.validate import printable
     from flamingo_data.loader.config import LoaderConfig

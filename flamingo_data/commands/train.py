@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
         build_parser().print_help()
         return 0
-    from flamingo_data.train import cli_main
+    from flamingo_data.train import main
 
-    return cli_main(args.train_args)
-
-
-if __name__ == "__main__":
-    sys.exit(run(argparse.Namespace(train_args=sys.argv[1:])))
+    main(args.train_args)
+    return 0

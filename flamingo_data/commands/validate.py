@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from flamingo_data.commands.common import UsageError, non_negative, positive, usage_errors
+from flamingo_data.commands.common import UsageError, non_negative, positive
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-failures-shown", type=non_negative, default=20)
 
 
-@usage_errors
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.validate import validate_shards
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from flamingo_data.errors import InputError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -49,7 +51,7 @@ class DatasetSpec:
         """A weight must be a finite number above 0: any other makes the mix's probabilities
         meaningless (NaN, or a 0-weight dataset drawn once the others run out)."""
         if not (math.isfinite(self.weight) and self.weight > 0):
-            raise ValueError(
+            raise InputError(
                 f"dataset {self.name!r}: weight must be a finite number above 0, got {self.weight!r}"
                 " (to leave a dataset out, do not list it)"
             )

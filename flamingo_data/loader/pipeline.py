@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from flamingo_data.errors import EmptyDataset, InputError
 from flamingo_data.loader.config import DatasetSpec, LoaderConfig
 from flamingo_data.loader.imageproc import vision_batch
 from flamingo_data.loader.interleaved import Reject
@@ -127,7 +128,7 @@ def _check_refused(refused: int, rejections: Counter) -> None:
     """Resampling never runs out of samples: without this, shards whose every sample is rejected
     would keep a worker reading forever without delivering a batch."""
     if refused >= MAX_REFUSED_IN_A_ROW:
-        raise RuntimeError(
+        raise EmptyDataset(
             f"{refused} samples in a row rejected while resampling (latest reasons: "
             f"{dict(rejections.most_common(5))}): these shards hold no usable sample"
         )
@@ -265,7 +266,7 @@ class FlamingoLoader:
     def _slot_limit(self) -> int:
         """Samples each worker slot delivers per resampled epoch."""
         if self.samples_per_epoch is None:
-            raise ValueError("resampling needs samples_per_epoch (or sizes.json beside the shards)")
+            raise InputError("resampling needs samples_per_epoch (or sizes.json beside the shards)")
         return math.ceil(self.samples_per_epoch / self.slots)
 
     def set_epoch(self, epoch: int) -> None:
@@ -314,7 +315,7 @@ class FlamingoLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["slots"] != self.slots:
-            raise ValueError(
+            raise InputError(
                 f"loader state was saved with {state['slots']} worker slots (world size x workers); "
                 f"this loader has {self.slots}: resume with the same world size and num_workers"
             )
@@ -326,7 +327,7 @@ class FlamingoLoader:
                 for k in sorted({*saved, *now})
                 if saved.get(k) != now.get(k)
             )
-            raise ValueError(
+            raise InputError(
                 f"loader state was saved for another stream ({changed}): its positions would"
                 " replay other samples; resume with the same datasets, shards, seed and shuffling"
             )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flamingo_data import remote
+from flamingo_data.errors import SpecError
 from flamingo_data.loader.config import DatasetSpec, LoaderConfig
 from flamingo_data.shardread import DECODED_EXTS, IssueSink, ReadIssue, Sample, iter_samples
 from flamingo_data.specs import expand_specs
@@ -47,7 +48,7 @@ def resolve(spec: DatasetSpec, index: int) -> Dataset:
     paths = [p for p in named if p in present]
     missing = tuple(p for p in named if p not in present)
     if not paths:
-        raise FileNotFoundError(f"dataset {spec.name!r}: no shard matches {spec.shards!r}")
+        raise SpecError(f"dataset {spec.name!r}: no shard matches {spec.shards!r}")
     if missing and (spec.name, missing) not in _WARNED:  # the trainer builds several loaders
         _WARNED.add((spec.name, missing))
         log.warning(

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from flamingo_data.errors import import_extra
+
 IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
@@ -100,9 +102,8 @@ def make_tokenizer(name_or_path: str | None = None):
     """The built-in tokenizer (None) or a local Hugging Face tokenizer with Flamingo's tokens added once."""
     if name_or_path is None:
         return ByteTokenizer()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    transformers = import_extra("transformers", f"tokenizer {name_or_path!r}", "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     return add_flamingo_tokens(tokenizer)
 
 

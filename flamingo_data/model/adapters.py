@@ -7,6 +7,8 @@ import inspect
 import torch
 from torch import nn
 
+from flamingo_data.errors import InputError, import_extra
+
 _LAYER_PATHS = (
     "transformer.h",
     "model.layers",
@@ -33,9 +35,10 @@ class HFCausalLM(nn.Module):
     def __init__(self, source) -> None:
         super().__init__()
         if isinstance(source, str):
-            from transformers import AutoModelForCausalLM
-
-            source = AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
+            transformers = import_extra("transformers", f"language model {source!r}", "hf")
+            source = transformers.AutoModelForCausalLM.from_pretrained(
+                source, local_files_only=True
+            )
         self.model = source
         self.dim = (
             source.config.hidden_size
@@ -51,7 +54,7 @@ class HFCausalLM(nn.Module):
                 self.layers = layers
                 break
         else:
-            raise ValueError(f"cannot find the decoder layers of {type(source).__name__}")
+            raise InputError(f"cannot find the decoder layers of {type(source).__name__}")
         self.takes_positions = "position_ids" in inspect.signature(source.forward).parameters
 
     def input_embeddings(self) -> nn.Embedding:
@@ -79,9 +82,8 @@ class HFVisionEncoder(nn.Module):
     def __init__(self, source) -> None:
         super().__init__()
         if isinstance(source, str):
-            from transformers import CLIPVisionModel
-
-            source = CLIPVisionModel.from_pretrained(source, local_files_only=True)
+            transformers = import_extra("transformers", f"vision encoder {source!r}", "hf")
+            source = transformers.CLIPVisionModel.from_pretrained(source, local_files_only=True)
         self.model = source
         self.dim = source.config.hidden_size
         self.image_size = source.config.image_size  # its position embeddings fit this size only
@@ -95,8 +97,7 @@ class OpenClipVisionEncoder(nn.Module):
 
     def __init__(self, arch: str, weights: str) -> None:
         super().__init__()
-        import open_clip
-
+        open_clip = import_extra("open_clip", f"vision encoder open_clip:{arch}", "openclip")
         model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=weights)
         self.visual = model.visual
         self.visual.output_tokens = True

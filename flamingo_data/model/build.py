@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from flamingo_data.errors import InputError
 from flamingo_data.loader.tokenizer import EOC_TOKEN, IMAGE_TOKEN
 from flamingo_data.model.flamingo import Flamingo, FlamingoConfig
 from flamingo_data.model.tiny import TinyCausalLM, TinyVisionEncoder
@@ -42,7 +43,7 @@ def build_vision(config: FlamingoConfig) -> nn.Module:
 
         _, arch, weights = config.vision.split(":", 2)
         return OpenClipVisionEncoder(arch, weights)
-    raise ValueError(
+    raise InputError(
         f"unknown vision encoder {config.vision!r}: use tiny, hf:<path> or open_clip:<arch>:<weights>"
     )
 
@@ -59,4 +60,4 @@ def build_lm(config: FlamingoConfig, tokenizer) -> nn.Module:
         from flamingo_data.model.adapters import HFCausalLM
 
         return HFCausalLM(config.lm[3:])
-    raise ValueError(f"unknown language model {config.lm!r}: use tiny or hf:<path>")
+    raise InputError(f"unknown language model {config.lm!r}: use tiny or hf:<path>")

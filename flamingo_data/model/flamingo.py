@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from flamingo_data.errors import InputError
 from flamingo_data.model.blocks import GatedCrossAttentionBlock, PerceiverResampler
 
 
@@ -80,7 +81,7 @@ class AddedTokens(nn.Module):
     def __init__(self, base: nn.Embedding, base_size: int, n_new: int) -> None:
         super().__init__()
         if not 0 < base_size <= base.num_embeddings or n_new < 0:
-            raise ValueError(
+            raise InputError(
                 f"vocabulary of {base_size} + {n_new} new tokens does not fit an LM embedding"
                 f" of {base.num_embeddings} rows"
             )
