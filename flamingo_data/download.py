@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import importlib
 import os
+import signal
 import socket
 import threading
 import urllib.error
@@ -36,10 +37,25 @@ URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
-def is_web_url(url: str) -> bool:
-    """Only http(s) is fetched: img2dataset's urllib would also read ``file://`` urls, so a crafted
-    dataset could copy the converting machine's own files into shards."""
-    return url[:8].lower().startswith(("http://", "https://"))
+WEB_SCHEMES = ("http", "https")
+
+
+def is_web_url(url: Any) -> bool:
+    """Only http(s) is fetched: urllib would also read ``file://``, ``ftp://`` and ``data:`` urls,
+    so a crafted dataset could copy the converting machine's own files into shards. Anything but a
+    text starting with ``http://`` or ``https://`` (any case, nothing before it) is refused."""
+    return isinstance(url, str) and url[:8].lower().startswith(("http://", "https://"))
+
+
+class RefusedUrl(ValueError):
+    """A url that is not http(s): never requested. Its text names the reason ``bad_url`` maps from."""
+
+
+def require_web_url(url: Any) -> None:
+    """Raise ``RefusedUrl`` unless ``url`` is an http(s) url (``is_web_url``)."""
+    if not is_web_url(url):
+        shown = repr(url)[:200]
+        raise RefusedUrl(f"refused a non-http(s) url {shown}: only http and https are fetched")
 
 
 def request_url(url: str) -> str:
@@ -135,7 +151,8 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 
 
 class _WebOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib follows a redirect to ``ftp://`` too: a crafted site could point it anywhere."""
+    """urllib follows a redirect to ``ftp://`` or ``file://`` too: a crafted site could point it
+    anywhere; only an http(s) target is followed."""
 
     def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001, ANN201 (urllib's hook)
         target = urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
@@ -163,10 +180,9 @@ def fetch(
     timer = threading.Timer(timeout, deadline.expire)
     timer.daemon = True
     timer.start()
-    opener = urllib.request.build_opener(
-        _HTTPHandler(deadline), _HTTPSHandler(deadline), _WebOnlyRedirects
-    )
     try:
+        require_web_url(url)
+        opener = web_only_opener(deadline)
         request = urllib.request.Request(request_url(url), headers=headers)
         with opener.open(request, timeout=timeout) as response:
             check(response)
@@ -180,6 +196,22 @@ def fetch(
     if deadline.expired:  # a read cut short by the deadline can end without an error
         raise TimeoutError(f"download timed out after {timeout} s")
     return body
+
+
+def web_only_opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """An opener with http and https handlers only: ``build_opener`` would add urllib's file, ftp
+    and data handlers, which read local files and other schemes whatever the caller checked."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        _HTTPHandler(deadline),
+        _HTTPSHandler(deadline),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _WebOnlyRedirects(),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.UnknownHandler(),  # any other scheme: URLError "unknown url type"
+    ):
+        opener.add_handler(handler)
+    return opener
 
 
 def _read_capped(response: Any, max_bytes: int) -> bytes:
@@ -214,7 +246,7 @@ def run_img2dataset(
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download
 
-    with _bounded_fetch(options.max_bytes):
+    with _bounded_fetch(options.max_bytes), _interrupt_raises():
         download(
             url_list=url_list,
             input_format=input_format,
@@ -247,7 +279,7 @@ def run_img2dataset(
 def _bounded_fetch(max_bytes: int) -> Iterator[None]:
     """img2dataset builds its downloader by the name ``Downloader`` in its ``main``: ours while
     the download runs (its workers then fetch with ``fetch``), upstream's again afterwards."""
-    from flamingo_data.i2dfetch import BoundedDownloader
+    from flamingo_data.i2dfetch import BoundedDownloader, QuietLoggerProcess
 
     i2d_main = importlib.import_module("img2dataset.main")  # the package's ``main`` is a function
     i2d_downloader = importlib.import_module("img2dataset.downloader")
@@ -258,9 +290,47 @@ def _bounded_fetch(max_bytes: int) -> Iterator[None]:
             "this img2dataset has no img2dataset.main.Downloader / downloader.download_image to "
             "bound its fetches; install the tested version: pip install 'img2dataset>=1.47,<1.48'"
         )
-    upstream = i2d_main.Downloader
+    upstream = i2d_main.Downloader, i2d_main.LoggerProcess
     i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes)
+    i2d_main.LoggerProcess = QuietLoggerProcess
     try:
         yield
     finally:
-        i2d_main.Downloader = upstream
+        i2d_main.Downloader, i2d_main.LoggerProcess = upstream
+
+
+class _InterruptingSignals:
+    """What img2dataset's ``main`` sees as the ``signal`` module: a SIGINT handler it installs runs
+    its clean-up (temporary folder, logger process) and then raises ``KeyboardInterrupt`` where
+    upstream calls ``sys.exit(0)``, so an interrupted download is never a successful run."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signal, name)
+
+    @staticmethod
+    def signal(signum: int, handler: Any) -> Any:
+        if signum != signal.SIGINT or not callable(handler):
+            return signal.signal(signum, handler)
+
+        def clean_up_then_interrupt(number: int, frame: Any) -> None:
+            with contextlib.suppress(SystemExit):
+                handler(number, frame)
+            raise KeyboardInterrupt
+
+        return signal.signal(signum, clean_up_then_interrupt)
+
+
+@contextlib.contextmanager
+def _interrupt_raises() -> Iterator[None]:
+    """While img2dataset runs, Ctrl-C raises ``KeyboardInterrupt`` (see ``_InterruptingSignals``);
+    afterwards the caller's own SIGINT handler is back (upstream leaves its handler installed)."""
+    i2d_main = importlib.import_module("img2dataset.main")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    i2d_main.signal = _InterruptingSignals()
+    try:
+        yield
+    finally:
+        i2d_main.signal = signal
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

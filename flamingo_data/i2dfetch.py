@@ -9,10 +9,12 @@ the first shard it is given, so nothing changes in any process that is not an im
 from __future__ import annotations
 
 import io
+import signal
 from functools import partial
 from typing import Any
 
 from img2dataset import downloader as i2d
+from img2dataset.logger import LoggerProcess
 
 from flamingo_data.download import USER_AGENT, fetch
 
@@ -26,7 +28,23 @@ class BoundedDownloader(i2d.Downloader):
 
     def __call__(self, row: Any) -> Any:
         i2d.download_image = partial(download_image, max_bytes=self.max_bytes)
+        _leave_interrupts_to_the_parent()
         return super().__call__(row)
+
+
+class QuietLoggerProcess(LoggerProcess):
+    """img2dataset's progress logger, leaving Ctrl-C to the process that started it (which stops
+    it), instead of printing a traceback of its own."""
+
+    def run(self) -> None:
+        _leave_interrupts_to_the_parent()
+        super().run()
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    """Ctrl-C reaches every process of the terminal's group: a worker ignores it, and the parent
+    stops the download (raising ``KeyboardInterrupt``) and terminates the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def download_image(
