@@ -24,7 +24,7 @@ from flamingo_data.converters.jsonchunks import jsonl_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.executors import run_units
-from flamingo_data.i2doutput import ImageStore, check_finished, finished_shards
+from flamingo_data.i2doutput import ImageStore, check_finished, check_output, finished_shards
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.records import GptImage, GptSequence, RecordEncodingError, encode_record
 from flamingo_data.schema import schema_errors
@@ -286,6 +286,8 @@ def convert_chatgpt(
         raise SpecError(
             f"no finished img2dataset shard (tar + _stats.json) in --images-from {options.images_from}"
         )
+    if options.images_from is not None:
+        check_output(options.images_from)
     work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
     if (work / "_images").exists() and not (run.resume or overwrite):
         raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass --resume or --overwrite")
