@@ -279,10 +279,11 @@ def run_img2dataset(
 def _bounded_fetch(max_bytes: int) -> Iterator[None]:
     """img2dataset builds its downloader by the name ``Downloader`` in its ``main``: ours while
     the download runs (its workers then fetch with ``fetch``), upstream's again afterwards."""
-    from flamingo_data.i2dfetch import BoundedDownloader, QuietLoggerProcess
+    from flamingo_data.i2dfetch import BoundedDownloader, QuietLoggerProcess, quiet_spawn_context
 
     i2d_main = importlib.import_module("img2dataset.main")  # the package's ``main`` is a function
     i2d_downloader = importlib.import_module("img2dataset.downloader")
+    i2d_distributor = importlib.import_module("img2dataset.distributor")
     if not all(
         hasattr(m, n) for m, n in ((i2d_main, "Downloader"), (i2d_downloader, "download_image"))
     ):
@@ -290,13 +291,15 @@ def _bounded_fetch(max_bytes: int) -> Iterator[None]:
             "this img2dataset has no img2dataset.main.Downloader / downloader.download_image to "
             "bound its fetches; install the tested version: pip install 'img2dataset>=1.47,<1.48'"
         )
-    upstream = i2d_main.Downloader, i2d_main.LoggerProcess
+    upstream = i2d_main.Downloader, i2d_main.LoggerProcess, i2d_distributor.get_context
     i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes)
+    # its spawned processes leave Ctrl-C to this one (see flamingo_data.i2dfetch)
     i2d_main.LoggerProcess = QuietLoggerProcess
+    i2d_distributor.get_context = quiet_spawn_context
     try:
         yield
     finally:
-        i2d_main.Downloader, i2d_main.LoggerProcess = upstream
+        i2d_main.Downloader, i2d_main.LoggerProcess, i2d_distributor.get_context = upstream
 
 
 class _InterruptingSignals:

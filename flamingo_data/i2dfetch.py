@@ -8,9 +8,12 @@ the first shard it is given, so nothing changes in any process that is not an im
 
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
+from collections.abc import Iterator
 from functools import partial
+from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any
 
 from img2dataset import downloader as i2d
@@ -28,23 +31,48 @@ class BoundedDownloader(i2d.Downloader):
 
     def __call__(self, row: Any) -> Any:
         i2d.download_image = partial(download_image, max_bytes=self.max_bytes)
-        _leave_interrupts_to_the_parent()
         return super().__call__(row)
 
 
-class QuietLoggerProcess(LoggerProcess):
-    """img2dataset's progress logger, leaving Ctrl-C to the process that started it (which stops
-    it), instead of printing a traceback of its own."""
+@contextlib.contextmanager
+def _ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile: a process started here inherits the blocked mask
+    through exec, and a Ctrl-C that arrives meanwhile stays pending for this process."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
-    def run(self) -> None:
-        _leave_interrupts_to_the_parent()
-        super().run()
+
+class _LeavesCtrlCToItsParent:
+    """A spawned process that never receives Ctrl-C, from its first instruction: Ctrl-C reaches
+    every process of the terminal's group, and one still importing printed a traceback. Its
+    parent stops the download (``KeyboardInterrupt``) and terminates it."""
+
+    def start(self) -> None:
+        with _ctrl_c_blocked():
+            super().start()  # type: ignore[misc]
 
 
-def _leave_interrupts_to_the_parent() -> None:
-    """Ctrl-C reaches every process of the terminal's group: a worker ignores it, and the parent
-    stops the download (raising ``KeyboardInterrupt``) and terminates the workers."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+class QuietLoggerProcess(_LeavesCtrlCToItsParent, LoggerProcess):
+    """img2dataset's progress logger, leaving Ctrl-C to the process that started it."""
+
+
+class QuietSpawnProcess(_LeavesCtrlCToItsParent, SpawnProcess):
+    """img2dataset's pool workers, leaving Ctrl-C to the process that started them."""
+
+
+class QuietSpawnContext(SpawnContext):
+    """The ``spawn`` context img2dataset's multiprocessing distributor builds its pool from."""
+
+    Process = QuietSpawnProcess
+
+
+def quiet_spawn_context(method: str | None = None) -> SpawnContext:
+    """Stands in for ``multiprocessing.get_context`` in img2dataset's distributor (it asks for
+    ``spawn``, and spawned workers are what ``QuietSpawnProcess`` starts)."""
+    return QuietSpawnContext()
 
 
 def download_image(
