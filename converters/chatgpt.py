@@ -26,7 +26,7 @@ from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
 from flamingo_data.errors import InputError
 from flamingo_data.executors import run_units
 from flamingo_data.extras import require_extra
-from flamingo_data.i2doutput import ImageStore, check_finished, finished_shards
+from flamingo_data.i2doutput import ImageStore, check_finished, check_sidecars, finished_shards
 from flamingo_data.images import ImagePolicy, ImageResult, process_image
 from flamingo_data.outcome import check_output
 from flamingo_data.records import GptImage, GptSequence, RecordEncodingError, encode_record
@@ -296,6 +296,8 @@ def convert_chatgpt(
         raise SpecError(
             f"no finished img2dataset shard (tar + _stats.json) in --images-from {options.images_from}"
         )
+    if options.images_from is not None:
+        check_sidecars(options.images_from)
     work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
     if (work / "_images").exists() and not (run.resume or overwrite):
         raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass --resume or --overwrite")

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from flamingo_data import remote
 from flamingo_data.download import DownloadOptions, run_img2dataset
 from flamingo_data.extras import require_extra
-from flamingo_data.i2doutput import check_finished, finished_shards, row_results
+from flamingo_data.i2doutput import check_finished, check_sidecars, finished_shards, row_results
 from flamingo_data.images import DEFAULT_MAX_PIXELS
 from flamingo_data.outcome import DEFAULT_MAX_REJECT_SHARE, check_output, check_reject_share
 from flamingo_data.paircheck import ShardResult, place_shard
@@ -166,6 +166,8 @@ def convert_laion(
         per_shard = options.download.samples_per_shard
     elif not finished_shards(staging):
         raise SpecError(f"no finished img2dataset shard (tar + _stats.json) in {from_img2dataset}")
+    else:
+        check_sidecars(staging)
     stats = Stats(converter="laion")
     rejects = row_results(staging, stats, per_shard)
     how = "link" if from_img2dataset is None or options.link else "copy"
@@ -278,7 +280,7 @@ def web_urls_only(source: str, url_col: str, target: Path, extra: Iterable[str] 
         return source
     table = pq.read_table(source)
     if refused is not None:
-        urls = table[url_col]
+        urls = _as_text(table[url_col])
         column = pc.if_else(refused, pc.binary_join_element_wise("refused:", urls, ""), urls)
         table = table.set_column(table.schema.get_field_index(url_col), url_col, column)
     for name in text:
@@ -306,13 +308,24 @@ def _non_finite(table: pa.Table) -> dict[str, pa.ChunkedArray]:
 
 
 def _refused_urls(urls: pa.ChunkedArray) -> pa.ChunkedArray | None:
-    """Which non-empty urls are not http(s); None when there are none."""
-    if not pa.types.is_string(urls.type) and not pa.types.is_large_string(urls.type):
-        return None  # img2dataset counts a non-text url itself
-    lowered = pc.utf8_lower(urls)
+    """Which non-empty urls are not http(s) (``is_web_url``'s rule); None when there are none or
+    the column cannot be read as text (the fetch itself refuses those values)."""
+    text = _as_text(urls)
+    if text is None:
+        return None
+    lowered = pc.utf8_lower(text)
     web = pc.or_(pc.starts_with(lowered, "http://"), pc.starts_with(lowered, "https://"))
-    refused = pc.fill_null(pc.and_(pc.greater(pc.utf8_length(urls), 0), pc.invert(web)), False)
+    refused = pc.fill_null(pc.and_(pc.greater(pc.utf8_length(text), 0), pc.invert(web)), False)
     return refused if pc.any(refused).as_py() else None
+
+
+def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """``column`` as UTF-8 strings whatever its arrow type (dictionary, large_string,
+    string_view, binary, numbers), or None when it holds bytes that are not UTF-8."""
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
 
 
 def _fetch_inputs(sources: list[str], folder: Path) -> list[str]:

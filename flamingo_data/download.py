@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import importlib
 import os
+import signal
 import socket
 import threading
 import urllib.error
@@ -28,7 +29,6 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 from flamingo_data.errors import MissingExtra
 from flamingo_data.extras import require_extra
 from flamingo_data.images import DEFAULT_MAX_PIXELS
-from flamingo_data.procpool import die_with_parent
 
 # Directives with which a site asks that its images not be used for AI training or indexing.
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
@@ -39,10 +39,25 @@ URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
-def is_web_url(url: str) -> bool:
-    """Only http(s) is fetched: img2dataset's urllib would also read ``file://`` urls, so a crafted
-    dataset could copy the converting machine's own files into shards."""
-    return url[:8].lower().startswith(("http://", "https://"))
+WEB_SCHEMES = ("http", "https")
+
+
+def is_web_url(url: Any) -> bool:
+    """Only http(s) is fetched: urllib would also read ``file://``, ``ftp://`` and ``data:`` urls,
+    so a crafted dataset could copy the converting machine's own files into shards. Anything but a
+    text starting with ``http://`` or ``https://`` (any case, nothing before it) is refused."""
+    return isinstance(url, str) and url[:8].lower().startswith(("http://", "https://"))
+
+
+class RefusedUrl(ValueError):
+    """A url that is not http(s): never requested. Its text names the reason ``bad_url`` maps from."""
+
+
+def require_web_url(url: Any) -> None:
+    """Raise ``RefusedUrl`` unless ``url`` is an http(s) url (``is_web_url``)."""
+    if not is_web_url(url):
+        shown = repr(url)[:200]
+        raise RefusedUrl(f"refused a non-http(s) url {shown}: only http and https are fetched")
 
 
 def request_url(url: str) -> str:
@@ -138,7 +153,8 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 
 
 class _WebOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib follows a redirect to ``ftp://`` too: a crafted site could point it anywhere."""
+    """urllib follows a redirect to ``ftp://`` or ``file://`` too: a crafted site could point it
+    anywhere; only an http(s) target is followed."""
 
     def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001, ANN201 (urllib's hook)
         target = urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
@@ -166,10 +182,9 @@ def fetch(
     timer = threading.Timer(timeout, deadline.expire)
     timer.daemon = True
     timer.start()
-    opener = urllib.request.build_opener(
-        _HTTPHandler(deadline), _HTTPSHandler(deadline), _WebOnlyRedirects
-    )
     try:
+        require_web_url(url)
+        opener = web_only_opener(deadline)
         request = urllib.request.Request(request_url(url), headers=headers)
         with opener.open(request, timeout=timeout) as response:
             check(response)
@@ -183,6 +198,22 @@ def fetch(
     if deadline.expired:  # a read cut short by the deadline can end without an error
         raise TimeoutError(f"download timed out after {timeout} s")
     return body
+
+
+def web_only_opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """An opener with http and https handlers only: ``build_opener`` would add urllib's file, ftp
+    and data handlers, which read local files and other schemes whatever the caller checked."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        _HTTPHandler(deadline),
+        _HTTPSHandler(deadline),
+        urllib.request.HTTPDefaultErrorHandler(),
+        _WebOnlyRedirects(),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.UnknownHandler(),  # any other scheme: URLError "unknown url type"
+    ):
+        opener.add_handler(handler)
+    return opener
 
 
 def _read_capped(response: Any, max_bytes: int) -> bytes:
@@ -219,7 +250,7 @@ def run_img2dataset(
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download
 
-    with _bounded_fetch(options.max_bytes), _workers_die_with_parent():
+    with _bounded_fetch(options.max_bytes), _interrupt_raises():
         download(
             url_list=url_list,
             input_format=input_format,
@@ -249,47 +280,14 @@ def run_img2dataset(
 
 
 @contextlib.contextmanager
-def _workers_die_with_parent() -> Iterator[None]:
-    """img2dataset's processes end with ours while the download runs: its pool (built by
-    ``get_context`` in its ``distributor``) starts each worker with ``die_with_parent``, and its
-    progress process is ours (``OrphanSafeLogger``). A killed main process would otherwise leave
-    them waiting on their queues for good."""
-    from flamingo_data.i2dfetch import OrphanSafeLogger
-
-    distributor = importlib.import_module("img2dataset.distributor")
-    i2d_main = importlib.import_module("img2dataset.main")
-    get_context, logger = distributor.get_context, i2d_main.LoggerProcess
-    distributor.get_context = lambda method=None: _OrphanSafeContext(get_context(method))
-    i2d_main.LoggerProcess = OrphanSafeLogger
-    try:
-        yield
-    finally:
-        distributor.get_context, i2d_main.LoggerProcess = get_context, logger
-
-
-class _OrphanSafeContext:
-    """A multiprocessing context whose pools run ``die_with_parent`` in every worker they start."""
-
-    def __init__(self, context: Any) -> None:
-        self._context = context
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    def Pool(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 (multiprocessing's name)
-        return self._context.Pool(
-            *args, initializer=die_with_parent, initargs=(os.getpid(),), **kwargs
-        )
-
-
-@contextlib.contextmanager
 def _bounded_fetch(max_bytes: int) -> Iterator[None]:
     """img2dataset builds its downloader by the name ``Downloader`` in its ``main``: ours while
     the download runs (its workers then fetch with ``fetch``), upstream's again afterwards."""
-    from flamingo_data.i2dfetch import BoundedDownloader
+    from flamingo_data.i2dfetch import BoundedDownloader, TiedLoggerProcess, tied_spawn_context
 
     i2d_main = importlib.import_module("img2dataset.main")  # the package's ``main`` is a function
     i2d_downloader = importlib.import_module("img2dataset.downloader")
+    i2d_distributor = importlib.import_module("img2dataset.distributor")
     if not all(
         hasattr(m, n) for m, n in ((i2d_main, "Downloader"), (i2d_downloader, "download_image"))
     ):
@@ -298,9 +296,49 @@ def _bounded_fetch(max_bytes: int) -> Iterator[None]:
             "img2dataset>=1.47,<1.48",
             "download",
         )
-    upstream = i2d_main.Downloader
+    upstream = i2d_main.Downloader, i2d_main.LoggerProcess, i2d_distributor.get_context
     i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes)
+    # its spawned processes leave Ctrl-C to this one and die with it (see flamingo_data.i2dfetch)
+    i2d_main.LoggerProcess = TiedLoggerProcess
+    i2d_distributor.get_context = tied_spawn_context
     try:
         yield
     finally:
-        i2d_main.Downloader = upstream
+        i2d_main.Downloader, i2d_main.LoggerProcess, i2d_distributor.get_context = upstream
+
+
+class _InterruptingSignals:
+    """What img2dataset's ``main`` sees as the ``signal`` module: a SIGINT handler it installs runs
+    its clean-up (temporary folder, logger process) and then raises ``KeyboardInterrupt`` where
+    upstream calls ``sys.exit(0)``, so an interrupted download is never a successful run."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signal, name)
+
+    @staticmethod
+    def signal(signum: int, handler: Any) -> Any:
+        if signum != signal.SIGINT or not callable(handler):
+            return signal.signal(signum, handler)
+
+        def clean_up_then_interrupt(number: int, frame: Any) -> None:
+            with contextlib.suppress(SystemExit):
+                handler(number, frame)
+            raise KeyboardInterrupt
+
+        return signal.signal(signum, clean_up_then_interrupt)
+
+
+@contextlib.contextmanager
+def _interrupt_raises() -> Iterator[None]:
+    """While img2dataset runs, Ctrl-C raises ``KeyboardInterrupt`` (see ``_InterruptingSignals``);
+    afterwards the caller's own SIGINT handler is back (upstream leaves its handler installed)."""
+    i2d_main = importlib.import_module("img2dataset.main")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    i2d_main.signal = _InterruptingSignals()
+    try:
+        yield
+    finally:
+        i2d_main.signal = signal
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -8,9 +8,13 @@ the first shard it is given, so nothing changes in any process that is not an im
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
+from collections.abc import Iterator
 from functools import partial
+from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any
 
 from img2dataset import downloader as i2d
@@ -32,9 +36,28 @@ class BoundedDownloader(i2d.Downloader):
         return super().__call__(row)
 
 
-class OrphanSafeLogger(LoggerProcess):
-    """img2dataset's progress process, which polls its stats files forever unless told to stop:
-    it ends with the process that started it (see ``die_with_parent``)."""
+@contextlib.contextmanager
+def _ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile: a process started here inherits the blocked mask
+    through exec, and a Ctrl-C that arrives meanwhile stays pending for this process."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _TiedToItsParent:
+    """A spawned process that never receives Ctrl-C, from its first instruction (its parent stops
+    the download and terminates it), and that ends when its parent dies (``die_with_parent``)."""
+
+    def start(self) -> None:
+        with _ctrl_c_blocked():
+            super().start()  # type: ignore[misc]
+
+
+class TiedLoggerProcess(_TiedToItsParent, LoggerProcess):
+    """img2dataset's progress logger, which polls its stats files until told to stop."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -43,6 +66,26 @@ class OrphanSafeLogger(LoggerProcess):
     def run(self) -> None:
         die_with_parent(self.parent_pid)
         super().run()
+
+
+class TiedSpawnProcess(_TiedToItsParent, SpawnProcess):
+    """img2dataset's pool workers."""
+
+
+class TiedSpawnContext(SpawnContext):
+    """The ``spawn`` context img2dataset's multiprocessing distributor builds its pool from: its
+    workers are ``TiedSpawnProcess`` and run ``die_with_parent`` first."""
+
+    Process = TiedSpawnProcess
+
+    def Pool(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+        return super().Pool(*args, initializer=die_with_parent, initargs=(os.getpid(),), **kwargs)
+
+
+def tied_spawn_context(method: str | None = None) -> SpawnContext:
+    """Stands in for ``multiprocessing.get_context`` in img2dataset's distributor (it asks for
+    ``spawn``)."""
+    return TiedSpawnContext()
 
 
 def download_image(

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flamingo_data import remote
 from flamingo_data.shardread import IMAGE_EXTS, split_key, unsafe_member_name
+from flamingo_data.specs import SpecError
 from flamingo_data.stats import Stats
 from flamingo_data.tarsafe import open_tar
 from flamingo_data.units import RunIncomplete
@@ -41,15 +44,101 @@ REASON_CODES = (
     ("connection reset", "connection_closed"),
     ("unknown url type", "bad_url"),
     ("redirect to a non-http(s) url", "bad_url"),
+    ("refused a non-http(s) url", "bad_url"),
     ("over the download cap", "too_many_bytes"),
     ("no host given", "bad_url"),
 )
 
 
+# The per-row columns every reader here needs, and the arrow types they may have.
+ROW_COLUMNS = ("key", "url", "status", "error_message")
+# _stats.json fields read here, and the JSON types they must have.
+STATS_FIELDS = {"count": int, "successes": int, "status_dict": dict}
+
+
+class Img2datasetOutputError(SpecError):
+    """An img2dataset output whose sidecar (``<n>.parquet``, ``<n>_stats.json``) is missing a
+    column or field, has a wrong type, or cannot be read: bad input, one line naming the file."""
+
+
+def read_rows(parquet: Path) -> pd.DataFrame:
+    """``ROW_COLUMNS`` of one shard's parquet, each as text (or null); raises
+    ``Img2datasetOutputError`` when the file cannot be read or lacks one of them."""
+    try:
+        schema = pq.read_schema(parquet)
+    except (pa.ArrowException, OSError) as exc:
+        raise Img2datasetOutputError(f"{parquet} is not a readable parquet file: {exc}") from exc
+    if missing := [c for c in ROW_COLUMNS if c not in schema.names]:
+        raise Img2datasetOutputError(
+            f"{parquet} lacks img2dataset's column(s) {', '.join(missing)}: not an img2dataset output"
+        )
+    if bad := [c for c in ROW_COLUMNS if not _is_text_like(schema.field(c).type)]:
+        kinds = ", ".join(f"{c} is {schema.field(c).type}" for c in bad)
+        raise Img2datasetOutputError(f"{parquet}: {kinds}, img2dataset writes text")
+    try:
+        table = pq.read_table(parquet, columns=list(ROW_COLUMNS))
+    except (pa.ArrowException, OSError) as exc:
+        raise Img2datasetOutputError(f"{parquet} is not a readable parquet file: {exc}") from exc
+    frame = pd.DataFrame({c: table[c].cast(pa.string()).to_pylist() for c in ROW_COLUMNS})
+    if frame["key"].isna().any():
+        raise Img2datasetOutputError(f"{parquet}: a row has no key")
+    return frame
+
+
+def _is_text_like(kind: pa.DataType) -> bool:
+    """Text, or nothing at all (a column of nulls is written as ``null``)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
+
+
+def read_stats_file(path: Path) -> dict[str, Any]:
+    """One shard's ``_stats.json`` with ``STATS_FIELDS`` checked (absent ones default to 0 / {});
+    raises ``Img2datasetOutputError`` when it is not such a JSON object."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise Img2datasetOutputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise Img2datasetOutputError(f"{path} is not JSON (cut off?): {exc}") from exc
+    if not isinstance(data, dict):
+        raise Img2datasetOutputError(f"{path} holds {type(data).__name__}, not a JSON object")
+    for name, kind in STATS_FIELDS.items():
+        value = data.setdefault(name, kind())
+        if not isinstance(value, kind) or isinstance(value, bool) or _negative(value):
+            raise Img2datasetOutputError(
+                f"{path}: {name} is {json.dumps(value)[:80]}, not a {_JSON_NAMES[kind]}"
+            )
+    counts = data["status_dict"].values()
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise Img2datasetOutputError(f"{path}: status_dict counts must be non-negative integers")
+    return data
+
+
+_JSON_NAMES = {int: "non-negative integer", dict: "JSON object"}
+
+
+def _negative(value: Any) -> bool:
+    return isinstance(value, int) and value < 0
+
+
+def check_sidecars(folder: str | Path) -> None:
+    """Read every finished shard's sidecars once, so a broken one stops the run before any work
+    (``Img2datasetOutputError``) instead of failing halfway through."""
+    for tar in finished_shards(folder):
+        read_stats_file(tar.with_name(f"{tar.stem}_stats.json"))
+        if (parquet := tar.with_suffix(".parquet")).exists():
+            read_rows(parquet)
+
+
 def finished_shards(folder: str | Path) -> list[Path]:
-    """img2dataset's finished shards: a tar whose ``_stats.json`` exists (it is written last)."""
+    """img2dataset's finished shards: a tar file whose ``_stats.json`` exists (written last)."""
     folder = Path(folder)
-    return sorted(t for t in folder.glob("*.tar") if (folder / f"{t.stem}_stats.json").exists())
+    return sorted(
+        t
+        for t in folder.glob("*.tar")
+        if t.is_file() and (folder / f"{t.stem}_stats.json").exists()
+    )
 
 
 def check_finished(staging: Path, expected: int) -> None:
@@ -87,7 +176,7 @@ def row_results(
         if not parquet.exists():
             _rows_from_stats_file(tar.with_name(f"{tar.stem}_stats.json"), stats)
             continue
-        frame = pd.read_parquet(parquet, columns=["key", "url", "status", "error_message"])
+        frame = read_rows(parquet)
         rejects += _dropped_rows(tar, [str(k) for k in frame["key"]], stats, samples_per_shard)
         ok = frame["status"] == "success"
         stats.add("rows", "in", len(frame))
@@ -113,8 +202,7 @@ def _dropped_rows(
     """Rows img2dataset counted (``_stats.json`` ``count``) but wrote to neither tar nor parquet:
     an error while writing a sample (say, a column value json cannot encode) is only printed
     there. Counted as ``dropped_by_img2dataset``, with the row's key where it can be derived."""
-    stats_file = json.loads(tar.with_name(f"{tar.stem}_stats.json").read_text())
-    count = int(stats_file.get("count", 0))
+    count = read_stats_file(tar.with_name(f"{tar.stem}_stats.json"))["count"]
     if count <= len(keys):
         return []
     stats.add("rows", "in", count - len(keys))
@@ -141,10 +229,10 @@ def _dropped_rows(
 
 def _rows_from_stats_file(path: Path, stats: Stats) -> None:
     """Fallback for an output copied without its parquet files: img2dataset's own counts."""
-    data = json.loads(path.read_text())
-    stats.add("rows", "in", int(data.get("count", 0)))
-    stats.add("rows", "downloaded", int(data.get("successes", 0)))
-    for message, count in data.get("status_dict", {}).items():
+    data = read_stats_file(path)
+    stats.add("rows", "in", data["count"])
+    stats.add("rows", "downloaded", data["successes"])
+    for message, count in data["status_dict"].items():
         if message != "success":
             stats.reject("rows", failure_reason(message, "failed"), int(count))
 
@@ -177,7 +265,7 @@ class ImageStore:
                 self._index_shard(tar, parquet)
 
     def _index_shard(self, tar: Path, parquet: Path) -> None:
-        frame = pd.read_parquet(parquet, columns=["url", "key", "status", "error_message"])
+        frame = read_rows(parquet)
         offsets = member_offsets(tar)
         for row in frame.itertuples():
             url = str(row.url)

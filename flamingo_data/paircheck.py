@@ -19,7 +19,7 @@ import orjson
 
 from flamingo_data.images import decode_rgb, sniff_format
 from flamingo_data.schema import schema_errors
-from flamingo_data.shardread import IMAGE_EXTS, ReadIssue, Sample, iter_samples
+from flamingo_data.shardread import DECODED_EXTS, IMAGE_EXTS, ReadIssue, Sample, iter_samples
 from flamingo_data.shards import ShardWriter
 from flamingo_data.stats import Stats
 
@@ -64,6 +64,8 @@ def _check_text(members: dict[str, bytes]) -> str | None:
         return "caption_not_utf8"
     except (KeyError, ValueError):
         return "bad_json"
+    if isinstance(meta, dict) and "caption" in meta and not isinstance(meta["caption"], str):
+        return "missing_caption"  # null or NaN (img2dataset wrote "nan"), a number: no caption
     if not caption.strip():
         return "empty_caption"
     return "schema" if schema_errors("pair", meta) else None
@@ -102,8 +104,9 @@ def scan_shard(
     bad: set[str] = set()
     repaired: dict[str, bytes] = {}
     issues: list[ReadIssue] = []
-    for sample in iter_samples(str(tar), issues.append):
+    for sample in iter_samples(str(tar), issues.append, read=DECODED_EXTS):
         stats.add("samples", "in")
+        issues += _undocumented_members(sample)
         if "json" in sample.members and (fixed := finite_json(sample.members["json"])):
             sample.members["json"] = repaired[sample.key] = fixed
         if (reason := check_sample(sample.members, max_pixels)) is None:
@@ -120,6 +123,15 @@ def scan_shard(
     if count := len(repaired.keys() - bad):
         stats.add("samples", "non_finite_to_null", count)
     return bad, repaired, bool(issues)
+
+
+def _undocumented_members(sample: Sample) -> list[ReadIssue]:
+    """A member a pair sample does not have (img2dataset's ``.pickle``, anything else): never
+    read, dropped from the placed shard, so ``validate`` passes on it."""
+    return [
+        ReadIssue(sample.shard, sample.key, "unexpected_member", ext)
+        for ext in sorted(set(sample.members) - DECODED_EXTS)
+    ]
 
 
 def place_shard(tar: Path, out: Path, max_pixels: int, how: str = "copy") -> ShardResult:
@@ -162,8 +174,10 @@ def _place_unchanged(tar: Path, target: Path, how: str) -> str:
 
 def _rewrite(tar: Path, out: Path, bad: set[str], repaired: dict[str, bytes]) -> None:
     writer = ShardWriter(out, f"{tar.stem}_rewrite", max_samples=2**62, max_bytes=2**62)
-    for sample in iter_samples(str(tar), lambda issue: None):
-        if sample.key not in bad:
+    for sample in iter_samples(str(tar), lambda issue: None, read=DECODED_EXTS):
+        for ext in set(sample.members) - DECODED_EXTS:
+            del sample.members[ext]
+        if sample.key not in bad and sample.members:
             if sample.key in repaired:
                 sample.members["json"] = repaired[sample.key]
             writer.write(sample.key, sample.members)
