@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 
-from flamingo_data.errors import NothingWritten  # noqa: F401 -- importable from here too
+from flamingo_data.errors import InputError, NothingWritten
 from flamingo_data.stats import Stats
 
 DEFAULT_MAX_REJECT_SHARE = 0.5
@@ -23,7 +23,7 @@ log = logging.getLogger("flamingo_data.run")
 def check_reject_share(value: float) -> float:
     """``max_reject_share`` is a share of the records, 0..1."""
     if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
-        raise ValueError(f"max_reject_share must be a number from 0 to 1, not {value!r}")
+        raise InputError(f"max_reject_share must be a number from 0 to 1, not {value!r}")
     return float(value)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flamingo_data import remote
 from flamingo_data.docview import DocView, ImageView, iter_docs
-from flamingo_data.errors import InputError
+from flamingo_data.errors import EmptyDataset, InputError
 from flamingo_data.images import sniff_format
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.records import encode_base64
@@ -67,7 +67,7 @@ def write_preview(
     shard_issues = [issue for issue in issues if not issue.key]
     if not docs and shard_issues:  # a page of nothing would read as an empty dataset
         first = shard_issues[0]
-        raise RuntimeError(f"no document to preview: {first.shard}: {first.reason} {first.detail}")
+        raise EmptyDataset(f"no document to preview: {first.shard}: {first.reason} {first.detail}")
     missing = sorted(set(keys or ()) - {doc.key for doc in docs})
     if missing and len(docs) < n:  # every shard was read: a mistyped key, not a page cut at n
         raise InputError(f"keys: no sample has the key {', '.join(missing)} in {specs}")

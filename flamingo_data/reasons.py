@@ -88,6 +88,7 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("documents", "bad_record", "the sequence is not an object with text and image_map"),
     Reason("documents", "placeholder_mismatch", "the placeholders differ from image_map's keys"),
     Reason("documents", "placeholder_repeated", "a placeholder appears more than once"),
+    Reason("documents", "bad_crc", "its zip member fails its CRC-32: its text may be damaged"),
     # images: one image of a document, through the image stage
     Reason("images", "in", "images named by the documents read"),
     Reason("images", "found", "images whose file was found"),
@@ -108,6 +109,10 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("units", "unreadable_json", "the sequence or conversation file is not JSON"),
     Reason("units", "truncated_zip", "the zip ends before its central directory: a cut-off copy"),
     Reason("units", "unreadable_zip", "the zip cannot be read"),
+    Reason("units", "compression_bomb", "the zip inflates far beyond its size: never read"),
+    Reason("units", "bad_crc", "a zip member fails its CRC-32: redone by --resume"),
+    Reason("units", "duplicate_input", "an input named twice (a glob and its path): read once"),
+    Reason("units", "damaged_marker", "an unreadable completion marker: the unit is redone"),
     # rows: LAION parquet rows through img2dataset
     Reason("rows", "in", "parquet rows read"),
     Reason("rows", "downloaded", "rows whose image was downloaded"),
@@ -137,6 +142,10 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("members", "unreadable_tar", "the tar file cannot be opened"),
     Reason("members", "truncated_tar", "the tar ends mid-member"),
     Reason("members", "not_a_tar", "the file is not a tar"),
+    Reason("members", "oversized_header", "a tar header declares more bytes than any real one"),
+    Reason("members", "bad_header", "a tar header is malformed (a pax record's length, a chain)"),
+    Reason("members", "not_a_file", "the shard path is a FIFO, device or folder: never opened"),
+    Reason("members", "unexpected_member", "a member no sample kind has (.pickle): dropped unread"),
     # keys / values / shards: notes on written records
     Reason("keys", "derived", "the item had no id: its key comes from its file and position"),
     Reason("keys", "duplicate_id", "the item's id was taken: its key comes from its position"),

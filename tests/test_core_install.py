@@ -132,7 +132,12 @@ def test_only_the_chosen_command_module_is_imported(
     modules = imported_modules(argv, tmp_path)
     ours = {m for m in modules if m.split(".")[0] == "flamingo_data"}
     if own_module is None:  # the bare parser holds help texts only
-        assert ours == {"flamingo_data", "flamingo_data.cli", "flamingo_data.extras"}
+        assert ours == {
+            "flamingo_data",
+            "flamingo_data.cli",
+            "flamingo_data.errors",
+            "flamingo_data.extras",
+        }
         return
     commands = {m for m in ours if m.startswith("flamingo_data.commands.")}
     # the chosen command's module and the options every command shares

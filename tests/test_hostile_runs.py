@@ -23,7 +23,7 @@ from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.download import DownloadOptions
-from flamingo_data.outcome import NothingWritten
+from flamingo_data.errors import NothingWritten
 from flamingo_data.samples import make_image, write_mmc4_sample
 from flamingo_data.units import RunOptions
 from tests.conftest import Route, serve

@@ -30,7 +30,7 @@ from flamingo_data.converters.laion import (
     input_columns,
 )
 from flamingo_data.download import DownloadOptions
-from flamingo_data.outcome import NothingWritten
+from flamingo_data.errors import NothingWritten
 from flamingo_data.paircheck import check_sample
 from flamingo_data.samples import make_image
 from flamingo_data.specs import SpecError

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from flamingo_data.errors import import_extra
+from flamingo_data.errors import InputError, import_extra
 
 IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
@@ -147,7 +147,7 @@ def special_ids(tokenizer) -> dict[str, int]:
     A Hugging Face tokenizer gives its unk id for a token it lacks: without Flamingo's tokens added,
     ``<image>`` and ``<|endofchunk|>`` were both unk, so every unknown word counted as an image."""
     if getattr(tokenizer, "truncation_side", "right") != "right":
-        raise ValueError(
+        raise InputError(
             f"tokenizer truncation_side is {tokenizer.truncation_side!r}; the loader needs 'right'"
             " (add_flamingo_tokens sets it)"
         )
@@ -162,7 +162,7 @@ def special_ids(tokenizer) -> dict[str, int]:
         name for name, i in ids.items() if i is None or (name in ("image", "eoc") and i == unk)
     ]
     if missing or ids["image"] == ids["eoc"]:
-        raise ValueError(
+        raise InputError(
             f"tokenizer lacks the loader's tokens ({', '.join(missing) or 'image = eoc'});"
             " make_tokenizer / add_flamingo_tokens add <image>, <|endofchunk|> and a pad token"
         )

@@ -207,7 +207,7 @@ class Flamingo(nn.Module):
         ids = lang_x
         mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
         if not bool(mask[:, -1].all()):
-            raise ValueError(
+            raise InputError(
                 "generate needs left-padded prompts (mask 0 before each prompt, never after it):"
                 " a right-padded row would be continued after its padding"
             )
