@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import write_photo_mmc4  # noqa: E402
 
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4  # noqa: E402
-from flamingo_data.executors import default_processes  # noqa: E402
-from flamingo_data.images import ImagePolicy  # noqa: E402
-from flamingo_data.specs import expand_specs  # noqa: E402
-from flamingo_data.units import RunOptions  # noqa: E402
+from flamingo_data.images.stage import ImagePolicy  # noqa: E402
+from flamingo_data.run.executors import default_processes  # noqa: E402
+from flamingo_data.run.units import RunOptions  # noqa: E402
+from flamingo_data.storage.specs import expand_specs  # noqa: E402
 
 
 def baseline(docs: str, images: str, out: Path) -> int:

@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import load_photos, web_jpeg  # noqa: E402
 
-from flamingo_data.images import dct_scale_limit  # noqa: E402
+from flamingo_data.images.stage import dct_scale_limit  # noqa: E402
 
 SHORT_SIDE = 256
 

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import write_photo_mmc4  # noqa: E402
 
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4  # noqa: E402
-from flamingo_data.images import ImagePolicy  # noqa: E402
+from flamingo_data.images.stage import ImagePolicy  # noqa: E402
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer  # noqa: E402
 from flamingo_data.loader.config import CLIP_MEAN, CLIP_STD  # noqa: E402
-from flamingo_data.units import RunOptions  # noqa: E402
+from flamingo_data.run.units import RunOptions  # noqa: E402
 
 BATCH = 8
 

@@ -30,8 +30,8 @@ from skimage.metrics import structural_similarity
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import load_photos, web_jpeg  # noqa: E402
 
-from flamingo_data.images import ImagePolicy, process_image, turbo_decode  # noqa: E402
-from flamingo_data.resize import resize_pixels  # noqa: E402
+from flamingo_data.images.resize import resize_pixels  # noqa: E402
+from flamingo_data.images.stage import ImagePolicy, process_image, turbo_decode  # noqa: E402
 
 SIZE = 224
 OPEN_FLAMINGO_MIN_BYTES = 11_000  # its MMC4 path skips an image when len // 1000 <= 10

@@ -20,7 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photos import load_photos, web_jpeg  # noqa: E402
 
-from flamingo_data.images import RESIZE_FILTERS, ImagePolicy, process_image  # noqa: E402
+from flamingo_data.images.stage import RESIZE_FILTERS, ImagePolicy, process_image  # noqa: E402
 
 SHORT_SIDE = 256
 

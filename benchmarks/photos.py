@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flamingo_data.samples import make_document
+from flamingo_data.demo.sample_data import make_document
 
 PHOTOS = (
     "astronaut",

@@ -19,21 +19,25 @@ from typing import Any
 
 import pandas as pd
 
-from flamingo_data import remote
 from flamingo_data.converters.jsonchunks import nonblank_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
-from flamingo_data.download import DownloadOptions, is_web_url, run_img2dataset
+from flamingo_data.core.extras import require_extra
+from flamingo_data.core.records import GptImage, GptSequence, RecordEncodingError, encode_record
+from flamingo_data.core.schema import schema_errors
+from flamingo_data.core.stats import Stats
 from flamingo_data.errors import InputError
-from flamingo_data.executors import run_units
-from flamingo_data.extras import require_extra
-from flamingo_data.i2doutput import ImageStore, check_finished, check_sidecars, finished_shards
-from flamingo_data.images import ImagePolicy, ImageResult, process_image
-from flamingo_data.outcome import check_output
-from flamingo_data.records import GptImage, GptSequence, RecordEncodingError, encode_record
-from flamingo_data.schema import schema_errors
-from flamingo_data.specs import SpecError, expand_specs
-from flamingo_data.stats import Stats
-from flamingo_data.units import (
+from flamingo_data.fetch.i2d_output import (
+    ImageStore,
+    check_finished,
+    check_sidecars,
+    finished_shards,
+)
+from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
+from flamingo_data.fetch.web import is_web_url
+from flamingo_data.images.stage import ImagePolicy, ImageResult, process_image
+from flamingo_data.run.executors import run_units
+from flamingo_data.run.outcome import check_output
+from flamingo_data.run.units import (
     OutputExistsError,
     RunOptions,
     Unit,
@@ -46,6 +50,8 @@ from flamingo_data.units import (
     unit_names,
     work_dir,
 )
+from flamingo_data.storage import remote
+from flamingo_data.storage.specs import SpecError, expand_specs
 
 URL_KEYS = ("url", "raw_url", "image_url", "URL")
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")

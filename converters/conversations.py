@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from flamingo_data import remote
 from flamingo_data.converters.jsonchunks import (
     DEFAULT_CHUNK_SIZE,
     chunk_units,
@@ -27,11 +26,7 @@ from flamingo_data.converters.jsonchunks import (
     remove_chunks,
 )
 from flamingo_data.converters.mmc4 import unit_stem
-from flamingo_data.errors import InputError
-from flamingo_data.executors import run_units
-from flamingo_data.images import ImagePolicy, ImageResult, process_image
-from flamingo_data.outcome import check_output
-from flamingo_data.records import (
+from flamingo_data.core.records import (
     EncodedRecord,
     GptImage,
     GptSequence,
@@ -40,10 +35,13 @@ from flamingo_data.records import (
     RecordEncodingError,
     encode_record,
 )
-from flamingo_data.schema import schema_errors
-from flamingo_data.specs import SpecError, expand_specs
-from flamingo_data.stats import Stats
-from flamingo_data.units import (
+from flamingo_data.core.schema import schema_errors
+from flamingo_data.core.stats import Stats
+from flamingo_data.errors import InputError
+from flamingo_data.images.stage import ImagePolicy, ImageResult, process_image
+from flamingo_data.run.executors import run_units
+from flamingo_data.run.outcome import check_output
+from flamingo_data.run.units import (
     RunOptions,
     Unit,
     UnitContext,
@@ -53,6 +51,8 @@ from flamingo_data.units import (
     output_settings,
     prepare_out_dir,
 )
+from flamingo_data.storage import remote
+from flamingo_data.storage.specs import SpecError, expand_specs
 
 TAG = "<image>"
 SPECIAL_TOKENS = ("<|endofchunk|>", "<|endoftext|>")  # would be read as the loader's own tokens

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flamingo_data import remote
 from flamingo_data.errors import InputError, SettingsMismatch
-from flamingo_data.shards import write_atomic
-from flamingo_data.units import Unit, unit_names
+from flamingo_data.run.units import Unit, unit_names
+from flamingo_data.storage import remote
+from flamingo_data.storage.atomic import write_atomic
 
 CHUNK_DIR = "_chunks"
 CHUNKING_FILE = "_chunking.json"  # kept beside the shards so a resume can check it

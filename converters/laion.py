@@ -24,18 +24,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flamingo_data import remote
-from flamingo_data.download import DownloadOptions, run_img2dataset
-from flamingo_data.extras import require_extra
-from flamingo_data.i2doutput import check_finished, check_sidecars, finished_shards, row_results
-from flamingo_data.images import DEFAULT_MAX_PIXELS
-from flamingo_data.outcome import DEFAULT_MAX_REJECT_SHARE, check_output, check_reject_share
-from flamingo_data.paircheck import ShardResult, place_shard
-from flamingo_data.procpool import map_in_processes
-from flamingo_data.shards import write_atomic
-from flamingo_data.specs import SpecError, expand_specs
-from flamingo_data.stats import Stats
-from flamingo_data.units import (
+from flamingo_data.core.extras import require_extra
+from flamingo_data.core.stats import Stats
+from flamingo_data.fetch.i2d_output import (
+    check_finished,
+    check_sidecars,
+    finished_shards,
+    row_results,
+)
+from flamingo_data.fetch.i2d_pairs import ShardResult, place_shard
+from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
+from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
+from flamingo_data.run.outcome import DEFAULT_MAX_REJECT_SHARE, check_output, check_reject_share
+from flamingo_data.run.procpool import map_in_processes
+from flamingo_data.run.units import (
     SETTINGS_FILE,
     OutputExistsError,
     drop_work_dir,
@@ -44,6 +46,9 @@ from flamingo_data.units import (
     upload_files,
     work_dir,
 )
+from flamingo_data.storage import remote
+from flamingo_data.storage.atomic import write_atomic
+from flamingo_data.storage.specs import SpecError, expand_specs
 
 URL_NAMES = ("url", "image_url", "link", "img_url")
 CAPTION_NAMES = ("text", "caption", "title", "alt", "alt_text")
@@ -148,7 +153,7 @@ def convert_laion(
     max_reject_share: float = DEFAULT_MAX_REJECT_SHARE,
 ) -> Stats:
     """Download (or adopt) then check every sample; returns the stats also written to stats.json.
-    Raises ``NothingWritten`` when no sample was written (see ``flamingo_data.outcome``).
+    Raises ``NothingWritten`` when no sample was written (see ``flamingo_data.run.outcome``).
     Downloading (no ``from_img2dataset``) needs the [download] extra: without it MissingExtra is
     raised before anything is written."""
     check_reject_share(max_reject_share)

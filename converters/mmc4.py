@@ -21,20 +21,17 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from flamingo_data import remote
+from flamingo_data.core.records import InterleavedDoc, RecordEncodingError, encode_record
+from flamingo_data.core.schema import schema_errors
+from flamingo_data.core.stats import Stats
 from flamingo_data.errors import (
     InputError,
     LayoutError,  # noqa: F401 -- importable from here too
 )
-from flamingo_data.executors import run_units
-from flamingo_data.images import ImagePolicy, process_image
-from flamingo_data.outcome import check_output
-from flamingo_data.records import InterleavedDoc, RecordEncodingError, encode_record
-from flamingo_data.schema import schema_errors
-from flamingo_data.shards import safe_stem
-from flamingo_data.specs import SpecError, expand_specs, lists_folder_or_glob
-from flamingo_data.stats import Stats
-from flamingo_data.units import (
+from flamingo_data.images.stage import ImagePolicy, process_image
+from flamingo_data.run.executors import run_units
+from flamingo_data.run.outcome import check_output
+from flamingo_data.run.units import (
     RunOptions,
     Unit,
     UnitContext,
@@ -43,6 +40,9 @@ from flamingo_data.units import (
     prepare_out_dir,
     unit_names,
 )
+from flamingo_data.storage import remote
+from flamingo_data.storage.shard_writer import safe_stem
+from flamingo_data.storage.specs import SpecError, expand_specs, lists_folder_or_glob
 
 LAYOUTS = ("auto", "indexed", "flat")
 # A document line longer than this is counted line_too_long and never held whole: MMC4 lines are

@@ -7,25 +7,37 @@ install (no extras) can use every name whose feature needs no extra.
 
 from __future__ import annotations
 
-from flamingo_data.extras import lazy_exports as _lazy_exports
+from flamingo_data.core.extras import lazy_exports as _lazy_exports
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     "convert_mmc4": "flamingo_data.converters.mmc4",
+    "Mmc4Options": "flamingo_data.converters.mmc4",
     "convert_laion": "flamingo_data.converters.laion",
+    "LaionOptions": "flamingo_data.converters.laion",
     "convert_chatgpt": "flamingo_data.converters.chatgpt",
+    "ChatGptOptions": "flamingo_data.converters.chatgpt",
     "convert_conversations": "flamingo_data.converters.conversations",
-    "validate_shards": "flamingo_data.validate",
-    "inspect_shards": "flamingo_data.inspect",
-    "write_preview": "flamingo_data.preview",
+    "ConversationOptions": "flamingo_data.converters.conversations",
+    "RunOptions": "flamingo_data.run.units",
+    "DownloadOptions": "flamingo_data.fetch.i2d_run",
+    "ImagePolicy": "flamingo_data.images.stage",
+    "validate_shards": "flamingo_data.check.validate",
+    "ValidateOptions": "flamingo_data.check.validate",
+    "inspect_shards": "flamingo_data.check.inspect",
+    "write_preview": "flamingo_data.check.preview",
     "build_loader": "flamingo_data.loader.pipeline",
     "LoaderConfig": "flamingo_data.loader.config",
     "DatasetSpec": "flamingo_data.loader.config",
+    "make_tokenizer": "flamingo_data.loader.tokenizer",
     "build_flamingo": "flamingo_data.model.build",
     "FlamingoConfig": "flamingo_data.model.flamingo",
-    "run_demo": "flamingo_data.demo",
+    "run_demo": "flamingo_data.demo.run",
+    "FlamingoDataError": "flamingo_data.errors",
+    "InputError": "flamingo_data.errors",
+    "RunError": "flamingo_data.errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,5 +1,5 @@
 import sys
 
-from flamingo_data.cli import main
+from flamingo_data.cli.main import main
 
 sys.exit(main())

@@ -1,10 +1,10 @@
 """The errors the library raises for its caller: one hierarchy, each class carrying its exit code.
 
 ``InputError`` (exit 2): the input or the options cannot work; the message names the parameter.
-``RunError`` (exit 1): a run that began could not complete. ``flamingo_data.cli.main`` maps these
+``RunError`` (exit 1): a run that began could not complete. ``flamingo_data.cli.main.main`` maps these
 classes, and only these, to one line and the exit code; a built-in exception is a bug and keeps its
 traceback. Skips of single items (a bad document, image or sample) are not errors: they are counted
-with a reason registered in ``flamingo_data.reasons``.
+with a reason registered in ``flamingo_data.core.reasons``.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""JSON Schema (2020-12) files for every record kind and sidecar file; loaded by flamingo_data.schema."""
+"""JSON Schema (2020-12) files for every record kind and sidecar file; loaded by flamingo_data.core.schema."""

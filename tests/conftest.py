@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from flamingo_data.samples import make_image
+from flamingo_data.demo.sample_data import make_image
 
 
 @dataclass

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from flamingo_data.records import encode_base64
-from flamingo_data.shards import ShardWriter
+from flamingo_data.core.records import encode_base64
+from flamingo_data.storage.shard_writer import ShardWriter
 
 
 def solid_jpeg(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:

@@ -18,27 +18,39 @@ import pandas as pd
 import pytest
 
 import flamingo_data
-from flamingo_data.cli import main as cli
+from flamingo_data.cli.main import main as cli
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
-from flamingo_data.samples import make_image, write_mmc4_sample
-from flamingo_data.units import RunOptions
+from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
+from flamingo_data.run.units import RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "pandas", "pyarrow", "img2dataset", "transformers", "matplotlib")
 PUBLIC = {
     "convert_mmc4": "flamingo_data.converters.mmc4",
+    "Mmc4Options": "flamingo_data.converters.mmc4",
     "convert_laion": "flamingo_data.converters.laion",
+    "LaionOptions": "flamingo_data.converters.laion",
     "convert_chatgpt": "flamingo_data.converters.chatgpt",
+    "ChatGptOptions": "flamingo_data.converters.chatgpt",
     "convert_conversations": "flamingo_data.converters.conversations",
-    "validate_shards": "flamingo_data.validate",
-    "inspect_shards": "flamingo_data.inspect",
-    "write_preview": "flamingo_data.preview",
+    "ConversationOptions": "flamingo_data.converters.conversations",
+    "RunOptions": "flamingo_data.run.units",
+    "DownloadOptions": "flamingo_data.fetch.i2d_run",
+    "ImagePolicy": "flamingo_data.images.stage",
+    "validate_shards": "flamingo_data.check.validate",
+    "ValidateOptions": "flamingo_data.check.validate",
+    "inspect_shards": "flamingo_data.check.inspect",
+    "write_preview": "flamingo_data.check.preview",
     "build_loader": "flamingo_data.loader.pipeline",
     "LoaderConfig": "flamingo_data.loader.config",
     "DatasetSpec": "flamingo_data.loader.config",
+    "make_tokenizer": "flamingo_data.loader.tokenizer",
     "build_flamingo": "flamingo_data.model.build",
     "FlamingoConfig": "flamingo_data.model.flamingo",
-    "run_demo": "flamingo_data.demo",
+    "run_demo": "flamingo_data.demo.run",
+    "FlamingoDataError": "flamingo_data.errors",
+    "InputError": "flamingo_data.errors",
+    "RunError": "flamingo_data.errors",
 }
 
 
@@ -120,10 +132,10 @@ def test_start_up_imports_no_heavy_or_optional_package(
         (["--help"], None),
         (["--version"], None),
         (["convert", "--help"], None),
-        (["validate", "--help"], "flamingo_data.commands.validate"),
-        (["inspect", "--help"], "flamingo_data.commands.inspect"),
-        (["convert", "mmc4", "--help"], "flamingo_data.commands.convert_mmc4"),
-        (["convert", "laion", "--help"], "flamingo_data.commands.convert_laion"),
+        (["validate", "--help"], "flamingo_data.cli.validate"),
+        (["inspect", "--help"], "flamingo_data.cli.inspect"),
+        (["convert", "mmc4", "--help"], "flamingo_data.cli.convert_mmc4"),
+        (["convert", "laion", "--help"], "flamingo_data.cli.convert_laion"),
     ],
 )
 def test_only_the_chosen_command_module_is_imported(
@@ -135,13 +147,15 @@ def test_only_the_chosen_command_module_is_imported(
         assert ours == {
             "flamingo_data",
             "flamingo_data.cli",
+            "flamingo_data.cli.main",
             "flamingo_data.errors",
-            "flamingo_data.extras",
+            "flamingo_data.core",
+            "flamingo_data.core.extras",
         }
         return
-    commands = {m for m in ours if m.startswith("flamingo_data.commands.")}
+    commands = {m for m in ours if m.startswith("flamingo_data.cli.")} - {"flamingo_data.cli.main"}
     # the chosen command's module and the options every command shares
-    assert commands == {own_module, "flamingo_data.commands.common"}
+    assert commands == {own_module, "flamingo_data.cli.options"}
 
 
 def test_version_option_prints_the_installed_version(capsys: pytest.CaptureFixture) -> None:
@@ -214,7 +228,7 @@ def test_a_public_name_whose_extra_is_missing_names_the_extra(
     code = (
         "import sys; sys.modules['torch'] = None\n"
         f"import {package}\n"
-        "from flamingo_data.extras import MissingExtra\n"
+        "from flamingo_data.core.extras import MissingExtra\n"
         f"try:\n    {package}.{attr}\nexcept MissingExtra as exc:\n    print(exc)\n"
         f"print({package}.LoaderConfig.__name__ if hasattr({package}, 'LoaderConfig') else '-')\n"
     )
@@ -310,7 +324,7 @@ def test_library_download_calls_refuse_without_the_download_extra_before_writing
 ) -> None:
     from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
     from flamingo_data.converters.laion import LaionOptions, convert_laion
-    from flamingo_data.extras import MissingExtra
+    from flamingo_data.core.extras import MissingExtra
 
     monkeypatch.setitem(sys.modules, "img2dataset", None)
     parquet = tmp_path / "urls.parquet"
@@ -333,7 +347,7 @@ def test_library_download_calls_refuse_without_the_download_extra_before_writing
 def test_run_demo_with_training_refuses_without_torch_before_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flamingo_data.extras import MissingExtra
+    from flamingo_data.core.extras import MissingExtra
 
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(MissingExtra, match=r"run_demo\(train=True\) needs the \[train\] extra"):

@@ -25,9 +25,9 @@ import pytest
 from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
 from flamingo_data.converters.laion import LaionOptions, convert_laion
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
-from flamingo_data.download import DownloadOptions
-from flamingo_data.samples import make_image, write_mmc4_sample
-from flamingo_data.units import RunOptions
+from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
+from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.run.units import RunOptions
 from tests.conftest import Route, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -445,9 +445,9 @@ def test_the_reason_table_lists_every_code_the_source_emits() -> None:
 
 
 def test_every_registered_code_is_in_the_reason_table() -> None:
-    """flamingo_data.reasons and docs/reasons.md name the same codes (a row may list several,
+    """flamingo_data.core.reasons and docs/reasons.md name the same codes (a row may list several,
     and ``image_<why>`` / ``layout_<layout>`` stand for the codes built from them)."""
-    from flamingo_data.reasons import REASONS
+    from flamingo_data.core.reasons import REASONS
 
     documented = {
         code.strip() for _, cell in reason_table() for code in cell.split(",") if code.strip()

@@ -11,14 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flamingo_data import paircheck
+from flamingo_data.check.validate import ValidateOptions, ValidationReport, check_sample
 from flamingo_data.converters import chatgpt, conversations, mmc4
-from flamingo_data.images import ImagePolicy, process_image, sniff_format
-from flamingo_data.samples import make_document, make_image
-from flamingo_data.shardread import Sample
-from flamingo_data.stats import Stats
-from flamingo_data.units import Unit, UnitContext
-from flamingo_data.validate import ValidateOptions, ValidationReport, check_sample
+from flamingo_data.core.stats import Stats
+from flamingo_data.demo.sample_data import make_document, make_image
+from flamingo_data.fetch import i2d_pairs as paircheck
+from flamingo_data.images.stage import ImagePolicy, process_image, sniff_format
+from flamingo_data.run.units import Unit, UnitContext
+from flamingo_data.storage.shard_reader import Sample
 
 FUZZ = settings(
     max_examples=1000,

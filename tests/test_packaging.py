@@ -64,7 +64,7 @@ def test_regular_install_imports_and_loads_schemas(wheel: Path, tmp_path: Path) 
         capture_output=True,
     )
     code = (
-        "import flamingo_data, flamingo_data.converters.mmc4 as m; from flamingo_data.schema import validator;"
+        "import flamingo_data, flamingo_data.converters.mmc4 as m; from flamingo_data.core.schema import validator;"
         "[validator(k) for k in ('interleaved','gpt','pair','sizes','stats')];"
         "print(flamingo_data.__file__)"
     )

@@ -36,18 +36,18 @@ import webdataset as wds
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from flamingo_data.cli import main as cli
+from flamingo_data.check.validate import validate_shards
+from flamingo_data.cli.main import main as cli
 from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
 from flamingo_data.converters.laion import LaionOptions, convert_laion
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
-from flamingo_data.demo import run_demo
-from flamingo_data.images import ImagePolicy
+from flamingo_data.demo.run import run_demo
+from flamingo_data.demo.sample_data import write_mmc4_sample
+from flamingo_data.images.stage import ImagePolicy
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.interleaved import plan_interleaved
-from flamingo_data.samples import write_mmc4_sample
-from flamingo_data.units import RunOptions
-from flamingo_data.validate import validate_shards
+from flamingo_data.run.units import RunOptions
 
 THRESHOLD = 0.24  # the published recipe's --mmc4_textsim_threshold
 UPSTREAM_MIN_BYTES = 11_000  # upstream skips an image when len(bytes) // 1000 <= 10

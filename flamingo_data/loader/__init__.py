@@ -9,7 +9,7 @@ tokenizer) are importable without the [train] extra; ``build_loader`` and ``Flam
 
 from __future__ import annotations
 
-from flamingo_data.extras import lazy_exports as _lazy_exports
+from flamingo_data.core.extras import lazy_exports as _lazy_exports
 
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {

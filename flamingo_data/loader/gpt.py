@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from flamingo_data.core.records import decode_base64
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.interleaved import Reject
 from flamingo_data.loader.tokenizer import EOC_TOKEN, IMAGE_TOKEN
-from flamingo_data.records import decode_base64
 
 PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
 

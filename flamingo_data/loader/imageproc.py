@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flamingo_data.images import decode_at_least
+from flamingo_data.images.stage import decode_at_least
 from flamingo_data.loader.config import LoaderConfig
 
 # An image whose resized long side would exceed this many crop sizes (a 4:1 panorama, an 8000 x 1

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from flamingo_data.core.records import decode_base64
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.tokenizer import EOC_TOKEN, IMAGE_TOKEN
-from flamingo_data.records import decode_base64
 
 
 class Reject(Exception):

@@ -27,7 +27,7 @@ from flamingo_data.loader.interleaved import Reject
 from flamingo_data.loader.sample import TextContext, preprocess, sample_rng
 from flamingo_data.loader.stream import Dataset, mixed, resolve
 from flamingo_data.loader.tokenizer import special_ids
-from flamingo_data.shardread import DECODED_EXTS, ReadIssue
+from flamingo_data.storage.shard_reader import DECODED_EXTS, ReadIssue
 
 log = logging.getLogger("flamingo_data.loader")
 LOG_EVERY_S = 30.0

@@ -33,7 +33,7 @@ from flamingo_data.loader.tokenizer import (
     literal_specials,
     special_ids,
 )
-from flamingo_data.shardread import DECODED_EXTS, IMAGE_EXTS, Sample
+from flamingo_data.storage.shard_reader import DECODED_EXTS, IMAGE_EXTS, Sample
 
 
 @dataclass

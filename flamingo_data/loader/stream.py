@@ -15,11 +15,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flamingo_data import remote
 from flamingo_data.errors import SpecError
 from flamingo_data.loader.config import DatasetSpec, LoaderConfig
-from flamingo_data.shardread import DECODED_EXTS, IssueSink, ReadIssue, Sample, iter_samples
-from flamingo_data.specs import expand_specs
+from flamingo_data.storage import remote
+from flamingo_data.storage.shard_reader import (
+    DECODED_EXTS,
+    IssueSink,
+    ReadIssue,
+    Sample,
+    iter_samples,
+)
+from flamingo_data.storage.specs import expand_specs
 
 log = logging.getLogger("flamingo_data.loader")
 

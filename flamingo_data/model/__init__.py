@@ -6,7 +6,7 @@ Names are exported lazily (PEP 562), so importing the package needs no torch; us
 
 from __future__ import annotations
 
-from flamingo_data.extras import lazy_exports as _lazy_exports
+from flamingo_data.core.extras import lazy_exports as _lazy_exports
 
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {

@@ -1,0 +1,1 @@
+"""What reads shards to judge them: validate, inspect, preview."""

@@ -1,0 +1,98 @@
+"""``flamingo-data convert chatgpt``: sequences + images by url -> GPT shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flamingo_data.cli.convert_laion import add_download_options
+from flamingo_data.cli.options import (
+    add_image_options,
+    add_reject_share_option,
+    add_unit_options,
+    check_writable,
+    image_policy,
+    positive,
+)
+from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.storage import remote
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sequences", required=True, nargs="+", help="JSON array / JSONL files (patterns, folders)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=remote.local_form,
+        help="output folder: shards + sidecar files",
+    )
+    parser.add_argument(
+        "--url-key", default="auto", help="image_map key holding the url (auto: url, raw_url, ...)"
+    )
+    parser.add_argument(
+        "--images-from", default=None, help="join against an existing img2dataset output by url"
+    )
+    parser.add_argument(
+        "--missing",
+        choices=("drop", "strip"),
+        default="drop",
+        help="a sequence with an unavailable image: drop it, or strip that placeholder and renumber",
+    )
+    parser.add_argument(
+        "--units-processes", type=positive, default=1, help="parallel sequence files"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    add_image_options(parser)
+    add_download_options(parser, max_pixels=False)
+    add_unit_options(parser)
+    add_reject_share_option(parser)
+
+
+def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Images are downloaded with img2dataset unless --images-from names a finished download."""
+    return [] if args.images_from else [("download", "convert chatgpt without --images-from")]
+
+
+def run(args: argparse.Namespace) -> int:
+    from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
+    from flamingo_data.run.units import RunOptions
+
+    check_writable(args.out)
+    download = DownloadOptions(
+        processes=args.processes,
+        threads=args.threads,
+        timeout=args.timeout,
+        retries=args.retries,
+        keep_original_bytes=True,
+    )
+    options = ChatGptOptions(
+        url_key=args.url_key,
+        images_from=args.images_from,
+        missing=args.missing,
+        policy=image_policy(args),
+        download=download,
+    )
+    run_opts = RunOptions(
+        out_dir=args.out,
+        converter="chatgpt",
+        max_samples=args.max_samples_per_shard,
+        max_bytes=args.max_bytes_per_shard,
+        write_rejects=args.rejects,
+        resume=args.resume,
+        fsync=not args.no_fsync,
+        max_reject_share=args.max_reject_share,
+    )
+    stats = convert_chatgpt(
+        args.sequences,
+        options,
+        run_opts,
+        overwrite=args.overwrite,
+        processes=args.units_processes,
+        executor=args.executor,
+        master=args.executor_master,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(stats.to_json()["counts"], indent=1))
+    return 0

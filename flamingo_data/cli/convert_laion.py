@@ -1,0 +1,125 @@
+"""``flamingo-data convert laion``: parquet -> pair shards through img2dataset, or adopt an img2dataset output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flamingo_data.cli.options import (
+    add_reject_share_option,
+    check_writable,
+    non_negative,
+    positive,
+)
+from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
+from flamingo_data.storage import remote
+
+
+def add_download_options(parser: argparse.ArgumentParser, max_pixels: bool = True) -> None:
+    parser.add_argument(
+        "--processes", type=positive, default=1, help="img2dataset processes (and shard checkers)"
+    )
+    parser.add_argument(
+        "--threads", type=positive, default=16, help="img2dataset threads per process"
+    )
+    parser.add_argument("--timeout", type=positive, default=10, help="seconds per download")
+    parser.add_argument(
+        "--retries", type=non_negative, default=1, help="extra tries per url (default 1)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse img2dataset's incremental mode"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run (downloads included) first"
+    )
+    parser.add_argument(
+        "--rejects", action="store_true", help="write rejects.jsonl (url/key + reason)"
+    )
+    if max_pixels:
+        parser.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--parquet", nargs="+", help="parquet files: brace patterns, globs, folders"
+    )
+    source.add_argument(
+        "--from-img2dataset", help="adopt an existing img2dataset webdataset output"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=remote.local_form,
+        help="output folder: shards + sidecar files",
+    )
+    parser.add_argument(
+        "--url-col", default=None, help="default: detect (URL, url, image_url, ...)"
+    )
+    parser.add_argument("--caption-col", default=None, help="default: detect (TEXT, caption, ...)")
+    parser.add_argument(
+        "--image-size",
+        type=positive,
+        default=256,
+        help="resize target in px (only ever downscales)",
+    )
+    parser.add_argument(
+        "--resize-mode",
+        choices=("keep_ratio_largest", "keep_ratio", "center_crop", "border", "no"),
+        default="keep_ratio_largest",
+    )
+    parser.add_argument("--min-size", type=int, default=0, help="skip images smaller than this")
+    parser.add_argument(
+        "--no-extra-columns",
+        action="store_true",
+        help="do not copy the parquet's other columns (similarity, punsafe, ...) into <key>.json",
+    )
+    parser.add_argument(
+        "--link",
+        action="store_true",
+        help="--from-img2dataset: hard-link good shards instead of copying them",
+    )
+    add_download_options(parser)
+    add_reject_share_option(parser)
+
+
+def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """--parquet downloads with img2dataset; --from-img2dataset only reads its output."""
+    return [] if args.from_img2dataset else [("download", "convert laion --parquet")]
+
+
+def run(args: argparse.Namespace) -> int:
+    from flamingo_data.converters.laion import LaionOptions, convert_laion
+
+    check_writable(args.out)
+    download = DownloadOptions(
+        image_size=args.image_size,
+        resize_mode=args.resize_mode,
+        processes=args.processes,
+        threads=args.threads,
+        timeout=args.timeout,
+        retries=args.retries,
+        min_size=args.min_size,
+        max_pixels=args.max_pixels,
+    )
+    options = LaionOptions(
+        url_col=args.url_col,
+        caption_col=args.caption_col,
+        download=download,
+        max_pixels=args.max_pixels,
+        keep_columns=not args.no_extra_columns,
+        link=args.link,
+    )
+    stats = convert_laion(
+        args.parquet,
+        args.out,
+        options,
+        from_img2dataset=args.from_img2dataset,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        write_rejects=args.rejects,
+        max_reject_share=args.max_reject_share,
+    )
+    print(json.dumps(stats.to_json(), indent=1))
+    return 0

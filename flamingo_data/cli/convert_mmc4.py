@@ -1,0 +1,74 @@
+"""``flamingo-data convert mmc4``: MMC4 zips + downloaded images -> interleaved shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flamingo_data.cli.options import (
+    add_image_options,
+    add_run_options,
+    check_writable,
+    image_policy,
+    run_options,
+)
+from flamingo_data.converters.mmc4 import LAYOUTS, Mmc4Options, convert_mmc4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--docs", required=True, nargs="+", help="zips: brace pattern, glob or folder"
+    )
+    parser.add_argument("--images", required=True, help="folder of downloaded images")
+    parser.add_argument(
+        "--image-layout",
+        choices=LAYOUTS,
+        default="auto",
+        help="indexed: <images>/<position>/<name>; flat: <images>/<shard>_images/<name>",
+    )
+    parser.add_argument(
+        "--keep-docs-without-images",
+        action="store_true",
+        help="write documents none of whose images were found (default: drop)",
+    )
+    parser.add_argument(
+        "--drop-docs-with-missing-images",
+        action="store_true",
+        help="drop documents with any image missing (default: keep them)",
+    )
+    parser.add_argument(
+        "--schema-check",
+        action="store_true",
+        help="also re-validate every record with jsonschema (slower; the converter's own checks "
+        "already enforce the schema)",
+    )
+    add_image_options(parser)
+    add_run_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_writable(args.out)
+    options = Mmc4Options(
+        images=args.images,
+        layout=args.image_layout,
+        keep_docs_without_images=args.keep_docs_without_images,
+        drop_docs_with_missing_images=args.drop_docs_with_missing_images,
+        policy=image_policy(args),
+        schema_check=args.schema_check,
+    )
+    stats = convert_mmc4(
+        args.docs,
+        options,
+        run_options(args, "mmc4"),
+        overwrite=args.overwrite,
+        processes=args.processes,
+        executor=args.executor,
+        master=args.executor_master,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(stats.to_json()["counts"], indent=1))
+    print(
+        f"wrote {stats.get('documents', 'written')} documents into {stats.get('shards', 'written')} shards "
+        f"under {args.out} (sizes.json, stats.json beside them)"
+    )
+    return 0

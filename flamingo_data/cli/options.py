@@ -1,0 +1,216 @@
+"""Options and error handling shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from flamingo_data.errors import UsageError
+from flamingo_data.images.jpeg_encoders import (
+    DEFAULT_ENCODER,
+    DEFAULT_TABLES,
+    ENCODERS,
+    JPEG_TABLES,
+)
+from flamingo_data.images.stage import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    RESIZE_FILTERS,
+    ImagePolicy,
+)
+from flamingo_data.run.executors import default_processes
+from flamingo_data.run.outcome import DEFAULT_MAX_REJECT_SHARE
+from flamingo_data.run.units import RunOptions
+from flamingo_data.storage import remote
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every converter shares: output, parallelism, resume, rejects, shard size."""
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=remote.local_form,
+        help="output folder for shards, sizes.json, stats.json",
+    )
+    parser.add_argument(
+        "--processes",
+        type=positive,
+        default=default_processes(),
+        help="parallel units (default: cores)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="skip finished units, redo unfinished ones"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete an earlier run's output first"
+    )
+    parser.add_argument("--rejects", action="store_true", help="write rejects.jsonl (key + reason)")
+    add_reject_share_option(parser)
+    add_unit_options(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_reject_share_option(parser: argparse.ArgumentParser) -> None:
+    """Every converter: above this share of records not written, the run ends with a warning."""
+    parser.add_argument(
+        "--max-reject-share",
+        type=share,
+        default=DEFAULT_MAX_REJECT_SHARE,
+        help="warn (one line, top reasons) when more than this share of the records is not "
+        "written (default 0.5; 1 never warns). A run that writes nothing always fails (exit 1)",
+    )
+
+
+def share(text: str) -> float:
+    """A share of the records, 0..1."""
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text}")
+    return value
+
+
+def add_unit_options(parser: argparse.ArgumentParser) -> None:
+    """Where units run and how their shards are cut and committed (every unit converter)."""
+    parser.add_argument(
+        "--executor",
+        choices=("local", "spark", "ray"),
+        default="local",
+        help="where units run: local process pool (default), spark, or ray (existing cluster)",
+    )
+    parser.add_argument(
+        "--executor-master",
+        default=None,
+        help="spark master URL (default local[N], N = the parallel units) or ray address (default auto)",
+    )
+    parser.add_argument("--max-samples-per-shard", type=positive, default=10_000)
+    parser.add_argument("--max-bytes-per-shard", type=positive, default=2**30)
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip fsync on commit (scratch disks): faster, but a power loss can corrupt shards",
+    )
+
+
+def add_image_options(parser: argparse.ArgumentParser) -> None:
+    """The image stage's policy: pixel cap (always on), optional resize, JPEG quality."""
+    parser.add_argument(
+        "--max-side", type=positive, default=None, help="downscale so the longer side is at most N"
+    )
+    parser.add_argument(
+        "--short-side", type=positive, default=None, help="downscale so the shorter side is N"
+    )
+    parser.add_argument(
+        "--quality",
+        type=_quality,
+        default=None,
+        help="JPEG quality when re-encoding (default 90; with --short-side 70, which gives about a"
+        " quarter of the baseline converter's bytes: pass 90 for a better picture, see the README)",
+    )
+    parser.add_argument(
+        "--resize-filter",
+        choices=tuple(RESIZE_FILTERS),
+        default="bicubic",
+        help="downscale filter (default bicubic; bilinear is ~20%% faster, see the README)",
+    )
+    parser.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        default=DEFAULT_ENCODER,
+        help="JPEG encoder for re-encoded images (default libjpeg-turbo; jpegli: ~11%% fewer bytes,"
+        " needs the [jpegli] extra, see the README)",
+    )
+    parser.add_argument(
+        "--jpeg-tables",
+        choices=JPEG_TABLES,
+        default=DEFAULT_TABLES,
+        help="libjpeg-turbo's quantisation tables (default robidoux: ~20%% fewer bytes at the same"
+        " picture quality; annex-k: libjpeg's own, which runs made before the change used)",
+    )
+    parser.add_argument(
+        "--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="reject larger images"
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=positive,
+        default=DEFAULT_MAX_BYTES,
+        help="reject bigger image files unread (default 128 MiB)",
+    )
+    parser.add_argument(
+        "--verify-images",
+        choices=("structure", "decode"),
+        default="structure",
+        help="kept images: check header + end-of-stream markers (default) or fully decode each",
+    )
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError("JPEG quality is 1..100")
+    return value
+
+
+def positive(text: str) -> int:
+    """A size or pixel count, at least 1: 0 would be ignored and a negative one shrink images to 1 x 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def finite(text: str) -> float:
+    """A float that is a number: ``nan`` passes every comparison, so a nan threshold kept or
+    dropped images by accident, and ``inf`` is no threshold either."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def image_policy(args: argparse.Namespace) -> ImagePolicy:
+    return ImagePolicy(
+        max_pixels=args.max_pixels,
+        max_bytes=args.max_image_bytes,
+        max_side=args.max_side,
+        short_side=args.short_side,
+        quality=args.quality,
+        verify=args.verify_images,
+        resize_filter=args.resize_filter,
+        encoder=args.encoder,
+        jpeg_tables=args.jpeg_tables,
+    )
+
+
+def run_options(args: argparse.Namespace, converter: str) -> RunOptions:
+    return RunOptions(
+        out_dir=args.out,
+        converter=converter,
+        max_samples=args.max_samples_per_shard,
+        max_bytes=args.max_bytes_per_shard,
+        write_rejects=args.rejects,
+        resume=args.resume,
+        fsync=not args.no_fsync,
+        max_reject_share=args.max_reject_share,
+    )
+
+
+def check_writable(out_dir: str) -> None:
+    """Fail early with one line when the output folder cannot be created or written."""
+    if remote.is_remote(out_dir):
+        return  # checked where it is written: object stores have no folder to test
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out_dir}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"output folder {out_dir} is not writable")

@@ -1,0 +1,1 @@
+"""Records, schema checks, stats, the registry of reason codes and of optional extras."""

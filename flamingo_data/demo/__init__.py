@@ -1,0 +1,1 @@
+"""The bundled sample and the demo run."""

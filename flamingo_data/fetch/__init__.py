@@ -1,0 +1,1 @@
+"""Bounded http fetches and img2dataset: download, worker hook, reading its output."""

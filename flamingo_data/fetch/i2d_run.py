@@ -1,0 +1,162 @@
+"""img2dataset as a library: Flamingo-ready settings, no telemetry, bounded timeouts, incremental resume.
+
+img2dataset spawns processes, so its caller needs an ``if __name__ == "__main__":`` guard (the CLI has
+one). Its workers fetch with ``flamingo_data.fetch.web.fetch`` instead of its own unbounded
+``urlopen().read()`` (see ``flamingo_data.fetch.i2d_worker``). albumentations, imported by
+img2dataset, calls PyPI on import unless told not to: we tell it, and import img2dataset only when
+a download really starts. Ray is never started: the ``multiprocessing`` distributor runs everything
+on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from flamingo_data.core.extras import require_extra
+from flamingo_data.errors import MissingExtra
+from flamingo_data.fetch.web import MAX_DOWNLOAD_BYTES
+from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
+
+# Directives with which a site asks that its images not be used for AI training or indexing.
+OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """How img2dataset fetches: sizes, parallelism, bounded timeouts/retries, pixel cap, opt-outs."""
+
+    image_size: int = 256
+    resize_mode: str = "keep_ratio_largest"
+    processes: int = 1
+    threads: int = 16
+    timeout: int = 10
+    retries: int = 1
+    min_size: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    samples_per_shard: int = 10_000
+    keep_original_bytes: bool = False
+    respect_opt_out: bool = True
+    max_bytes: int = MAX_DOWNLOAD_BYTES  # a bigger body is refused (too_many_bytes)
+
+
+def run_img2dataset(
+    url_list: str,
+    output: str,
+    *,
+    url_col: str,
+    caption_col: str | None,
+    options: DownloadOptions,
+    extra_columns: list[str] | None = None,
+    input_format: str = "parquet",
+) -> None:
+    """Download into ``output`` (webdataset jpg/txt/json); finished shards are skipped on a rerun.
+    Without the [download] extra raises MissingExtra."""
+    require_extra("download", "run_img2dataset")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from img2dataset import download
+
+    with _bounded_fetch(options.max_bytes), _interrupt_raises():
+        download(
+            url_list=url_list,
+            input_format=input_format,
+            url_col=url_col,
+            caption_col=caption_col,
+            save_additional_columns=extra_columns or None,
+            output_format="webdataset",
+            output_folder=output,
+            processes_count=options.processes,
+            thread_count=options.threads,
+            image_size=options.image_size,
+            resize_mode="no" if options.keep_original_bytes else options.resize_mode,
+            resize_only_if_bigger=True,
+            disable_all_reencoding=options.keep_original_bytes,
+            timeout=options.timeout,
+            retries=options.retries,
+            enable_wandb=False,
+            number_sample_per_shard=options.samples_per_shard,
+            min_image_size=options.min_size,
+            max_image_area=options.max_pixels,
+            compute_hash=None,
+            incremental_mode="incremental",
+            distributor="multiprocessing",
+            user_agent_token="img2dataset" if options.respect_opt_out else None,
+            disallowed_header_directives=OPT_OUT_DIRECTIVES if options.respect_opt_out else None,
+        )
+
+
+@contextlib.contextmanager
+def _bounded_fetch(max_bytes: int) -> Iterator[None]:
+    """img2dataset builds its downloader by the name ``Downloader`` in its ``main``: ours while
+    the download runs (its workers then fetch with ``fetch``), upstream's again afterwards."""
+    from flamingo_data.fetch.i2d_worker import (
+        BoundedDownloader,
+        TiedLoggerProcess,
+        tied_spawn_context,
+    )
+
+    i2d_main = importlib.import_module("img2dataset.main")  # the package's ``main`` is a function
+    i2d_downloader = importlib.import_module("img2dataset.downloader")
+    i2d_distributor = importlib.import_module("img2dataset.distributor")
+    if not all(
+        hasattr(m, n) for m, n in ((i2d_main, "Downloader"), (i2d_downloader, "download_image"))
+    ):
+        raise MissingExtra(  # an img2dataset outside the tested range: never fetch unbounded silently
+            "a bounded download (img2dataset.main.Downloader, downloader.download_image)",
+            "img2dataset>=1.47,<1.48",
+            "download",
+        )
+    upstream = i2d_main.Downloader, i2d_main.LoggerProcess, i2d_distributor.get_context
+    i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes)
+    # its spawned processes leave Ctrl-C to this one and die with it (see flamingo_data.fetch.i2d_worker)
+    i2d_main.LoggerProcess = TiedLoggerProcess
+    i2d_distributor.get_context = tied_spawn_context
+    try:
+        yield
+    finally:
+        i2d_main.Downloader, i2d_main.LoggerProcess, i2d_distributor.get_context = upstream
+
+
+class _InterruptingSignals:
+    """What img2dataset's ``main`` sees as the ``signal`` module: a SIGINT handler it installs runs
+    its clean-up (temporary folder, logger process) and then raises ``KeyboardInterrupt`` where
+    upstream calls ``sys.exit(0)``, so an interrupted download is never a successful run."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signal, name)
+
+    @staticmethod
+    def signal(signum: int, handler: Any) -> Any:
+        if signum != signal.SIGINT or not callable(handler):
+            return signal.signal(signum, handler)
+
+        def clean_up_then_interrupt(number: int, frame: Any) -> None:
+            with contextlib.suppress(SystemExit):
+                handler(number, frame)
+            raise KeyboardInterrupt
+
+        return signal.signal(signum, clean_up_then_interrupt)
+
+
+@contextlib.contextmanager
+def _interrupt_raises() -> Iterator[None]:
+    """While img2dataset runs, Ctrl-C raises ``KeyboardInterrupt`` (see ``_InterruptingSignals``);
+    afterwards the caller's own SIGINT handler is back (upstream leaves its handler installed)."""
+    i2d_main = importlib.import_module("img2dataset.main")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    i2d_main.signal = _InterruptingSignals()
+    try:
+        yield
+    finally:
+        i2d_main.signal = signal
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,120 @@
+"""img2dataset's shard downloader, fetching with ``flamingo_data.fetch.web.fetch`` (a time limit per
+url in all, a size cap, http(s)-only redirects) instead of its own unbounded ``urlopen().read()``.
+
+Imported only when a download starts (it imports img2dataset). img2dataset pickles the downloader
+into its spawned worker processes; each worker swaps its module's ``download_image`` for ours on
+the first shard it is given, so nothing changes in any process that is not an img2dataset worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+from collections.abc import Iterator
+from functools import partial
+from multiprocessing.context import SpawnContext, SpawnProcess
+from typing import Any
+
+from img2dataset import downloader as i2d
+from img2dataset.logger import LoggerProcess
+
+from flamingo_data.fetch.web import USER_AGENT, fetch
+from flamingo_data.run.procpool import die_with_parent
+
+
+class BoundedDownloader(i2d.Downloader):
+    """img2dataset's Downloader whose every fetch is bounded by ``--timeout`` and ``max_bytes``."""
+
+    def __init__(self, *args: Any, max_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_bytes = max_bytes
+
+    def __call__(self, row: Any) -> Any:
+        i2d.download_image = partial(download_image, max_bytes=self.max_bytes)
+        return super().__call__(row)
+
+
+@contextlib.contextmanager
+def _ctrl_c_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread meanwhile: a process started here inherits the blocked mask
+    through exec, and a Ctrl-C that arrives meanwhile stays pending for this process."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _TiedToItsParent:
+    """A spawned process that never receives Ctrl-C, from its first instruction (its parent stops
+    the download and terminates it), and that ends when its parent dies (``die_with_parent``)."""
+
+    def start(self) -> None:
+        with _ctrl_c_blocked():
+            super().start()  # type: ignore[misc]
+
+
+class TiedLoggerProcess(_TiedToItsParent, LoggerProcess):
+    """img2dataset's progress logger, which polls its stats files until told to stop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parent_pid = os.getpid()
+
+    def run(self) -> None:
+        die_with_parent(self.parent_pid)
+        super().run()
+
+
+class TiedSpawnProcess(_TiedToItsParent, SpawnProcess):
+    """img2dataset's pool workers."""
+
+
+class TiedSpawnContext(SpawnContext):
+    """The ``spawn`` context img2dataset's multiprocessing distributor builds its pool from: its
+    workers are ``TiedSpawnProcess`` and run ``die_with_parent`` first."""
+
+    Process = TiedSpawnProcess
+
+    def Pool(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+        return super().Pool(*args, initializer=die_with_parent, initargs=(os.getpid(),), **kwargs)
+
+
+def tied_spawn_context(method: str | None = None) -> SpawnContext:
+    """Stands in for ``multiprocessing.get_context`` in img2dataset's distributor (it asks for
+    ``spawn``)."""
+    return TiedSpawnContext()
+
+
+def download_image(
+    row: tuple[int, str],
+    timeout: float,
+    user_agent_token: str | None,
+    disallowed_header_directives: set[str] | None,
+    *,
+    max_bytes: int,
+) -> tuple[int, io.BytesIO | None, str | None]:
+    """img2dataset's ``download_image`` contract: (key, bytes, None) or (key, None, its message)."""
+    key, url = row
+    agent = USER_AGENT
+    if user_agent_token:
+        agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+    check = partial(_opt_out, token=user_agent_token, directives=disallowed_header_directives)
+    try:
+        body = fetch(
+            url, timeout=timeout, max_bytes=max_bytes, headers={"User-Agent": agent}, check=check
+        )
+    except Exception as exc:  # noqa: BLE001 (every failure is the row's message, as upstream)
+        return key, None, str(exc)
+    return key, io.BytesIO(body), None
+
+
+class OptedOut(ValueError):
+    """The site's X-Robots-Tag asks that its images not be used."""
+
+
+def _opt_out(response: Any, token: str | None, directives: set[str] | None) -> None:
+    if directives and i2d.is_disallowed(response.headers, token, directives):
+        raise OptedOut("Use of image disallowed by X-Robots-Tag directive")  # upstream's message

@@ -1,0 +1,1 @@
+"""Units and their markers, the resume-settings guard, executors, process pools, outcome."""

@@ -1,0 +1,71 @@
+"""The verdict on a finished run, judged on the dataset's totals (stats.json), not on what this
+invocation did: a ``--resume`` of a complete run has nothing left to do and is not an empty run.
+
+A run that wrote no record ends in ``NothingWritten`` (the CLI exits 1); one that rejected more than
+``max_reject_share`` of its records logs one warning line. Both name the most frequent reasons, and
+both come after stats.json is written, so the user can see every count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from flamingo_data.core.stats import Stats
+from flamingo_data.errors import InputError, NothingWritten
+
+DEFAULT_MAX_REJECT_SHARE = 0.5
+TOP_REASONS = 3
+
+log = logging.getLogger("flamingo_data.run")
+
+
+def check_reject_share(value: float) -> float:
+    """``max_reject_share`` is a share of the records, 0..1."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
+        raise InputError(f"max_reject_share must be a number from 0 to 1, not {value!r}")
+    return float(value)
+
+
+def check_output(
+    stats: Stats,
+    max_reject_share: float = DEFAULT_MAX_REJECT_SHARE,
+    records: str = "documents",
+    read_from: str | None = None,
+) -> Stats:
+    """``stats`` when the run wrote records; raises ``NothingWritten`` when it wrote none, and
+    logs a warning when more than ``max_reject_share`` of the records were not written.
+    ``records`` is the category whose ``written`` count is the output; ``read_from`` the category
+    whose ``in`` count is the input (default: ``records``)."""
+    check_reject_share(max_reject_share)
+    read = stats.get(read_from or records, "in")
+    written = stats.get(records, "written")
+    if written == 0:
+        raise NothingWritten(f"0 of {read} {records} written: {top_reasons(stats)}")
+    dropped = max(0, read - written)
+    if read and dropped / read > max_reject_share:
+        log.warning(
+            "%d of %d %s not written (%.0f%%, over the max reject share %g): %s",
+            dropped,
+            read,
+            records,
+            100 * dropped / read,
+            max_reject_share,
+            top_reasons(stats),
+        )
+    return stats
+
+
+def top_reasons(stats: Stats, limit: int = TOP_REASONS) -> str:
+    """The most frequent reject reasons over every category (``missing_image 45, no_images 5``),
+    or what else explains an empty output."""
+    totals: dict[str, int] = {}
+    for by_reason in stats.reasons.values():
+        for reason, count in by_reason.items():
+            totals[reason] = totals.get(reason, 0) + count
+    ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+    if not ranked:
+        return "the input held no records (see stats.json)"
+    shown = ", ".join(f"{reason} {count}" for reason, count in ranked[:limit])
+    more = f", {len(ranked) - limit} more reasons" if len(ranked) > limit else ""
+    return f"{shown}{more} (see stats.json)"

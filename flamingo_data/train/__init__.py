@@ -1,0 +1,1 @@
+"""The FSDP trainer: config, checkpoints, the training loop."""

@@ -1,0 +1,147 @@
+"""Fetching urls for img2dataset: a time limit per url in all, a size cap, http(s) redirects only.
+
+img2dataset's own fetch (``urlopen(timeout).read()``) let a server that drips bytes hold a url far
+past ``--timeout``, stored a body of any size, and followed redirects to ``ftp://``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from flamingo_data.demo.sample_data import make_image
+from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.fetch.web import TooManyBytes, fetch, request_url
+from tests.conftest import Route
+
+JPEG = make_image(3, 64, 48, "JPEG")
+CAP = 1 << 20
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """/drip.jpg: a byte every 50 ms; /huge.jpg: a JPEG then 4 MiB, no Content-Length;
+    /ftp.jpg: a redirect to ``ftp_target``; /ok.jpg: the JPEG."""
+
+    ftp_target = ""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        try:
+            if self.path == "/ftp.jpg":
+                self.send_response(302)
+                self.send_header("Location", self.ftp_target)
+                self.end_headers()
+                return
+            self.send_response(200)
+            if self.path == "/ok.jpg":
+                self.send_header("Content-Length", str(len(JPEG)))
+            self.end_headers()
+            if self.path == "/drip.jpg":
+                for i in range(len(JPEG)):
+                    self.wfile.write(JPEG[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            elif self.path == "/huge.jpg":
+                self.wfile.write(JPEG + b"\0" * (4 * CAP))
+            else:
+                self.wfile.write(JPEG)
+        except OSError:  # the client hung up, as it should
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, list[int]]]:
+    """(base url, connections the would-be FTP server got)."""
+    ftp = socket.create_server(("127.0.0.1", 0))
+    ftp_hits: list[int] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = ftp.accept()
+            except OSError:
+                return
+            ftp_hits.append(1)
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    handler = type("H", (_Handler,), {"ftp_target": f"ftp://127.0.0.1:{ftp.getsockname()[1]}/x"})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", ftp_hits
+    httpd.shutdown()
+    httpd.server_close()
+    ftp.close()
+
+
+def test_fetch_bounds_time_size_and_redirects(server) -> None:
+    base, ftp_hits = server
+    get = lambda path: fetch(f"{base}/{path}", timeout=1, max_bytes=CAP, headers={})  # noqa: E731
+    assert get("ok.jpg") == JPEG
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="timed out"):  # the JPEG alone would drip for 30+ s
+        get("drip.jpg")
+    assert time.monotonic() - start < 3
+    with pytest.raises(TooManyBytes, match="over the download cap"):
+        get("huge.jpg")
+    with pytest.raises(OSError, match="non-http"):
+        get("ftp.jpg")
+    assert ftp_hits == []
+
+
+def test_urls_with_spaces_and_non_ascii_text_are_fetched_as_a_browser_does(http_server) -> None:
+    """urllib sent the url as given: ``é`` failed ('ascii' codec can't encode) and a space failed
+    (control characters), so such LAION rows were lost though their images were there."""
+    http_server.routes["/caf%C3%A9%20noir.jpg"] = Route(JPEG)
+    http_server.routes["/a%20b.jpg"] = Route(b"already encoded")
+    get = partial(fetch, timeout=2, max_bytes=CAP, headers={})
+    assert get(http_server.url("café noir.jpg")) == JPEG
+    assert get(http_server.url("a%20b.jpg")) == b"already encoded"  # an existing %XX stays
+    assert get(http_server.url("caf%C3%A9%20noir.jpg?q=1 2")) == JPEG
+    assert request_url("http://bücher.example/ä b?x=ü&y=%41") == (
+        "http://xn--bcher-kva.example/%C3%A4%20b?x=%C3%BC&y=%41"
+    )
+    assert request_url("http://example.com/plain.jpg#frag") == "http://example.com/plain.jpg#frag"
+
+
+@pytest.mark.slow
+def test_chatgpt_download_counts_slow_huge_and_ftp_redirected_urls(server, tmp_path) -> None:
+    """Through img2dataset's spawned workers: before, the dripping image took 30+ s and was
+    embedded, the 4 MiB body was stored and embedded whole, and the redirect reached the FTP port."""
+    from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
+    from flamingo_data.run.units import RunOptions
+
+    base, ftp_hits = server
+    names = ("ok", "drip", "huge", "ftp")
+    sequences = [
+        {"example": f"{n} _!_IMAGE1_!_", "image_map": {"_!_IMAGE1_!_": {"url": f"{base}/{n}.jpg"}}}
+        for n in names
+    ]
+    (tmp_path / "s.json").write_text(json.dumps(sequences))
+    download = DownloadOptions(
+        threads=4, timeout=1, retries=0, keep_original_bytes=True, max_bytes=CAP
+    )
+    start = time.monotonic()
+    stats = convert_chatgpt(
+        str(tmp_path / "s.json"),
+        ChatGptOptions(download=download),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
+        processes=1,
+        progress=False,
+    ).to_json()
+    assert time.monotonic() - start < 25
+    assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
+    assert stats["reasons"]["images"] == {"timeout": 1, "too_many_bytes": 1, "bad_url": 1}
+    assert ftp_hits == []
+    assert sum(p.stat().st_size for p in Path(tmp_path / "out" / "_images").glob("*.tar")) < CAP
