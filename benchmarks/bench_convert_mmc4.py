@@ -31,7 +31,10 @@ from photos import write_photo_mmc4  # noqa: E402
 
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4  # noqa: E402
 from flamingo_data.images.stage import ImagePolicy  # noqa: E402
-from flamingo_data.run.executors import default_processes  # noqa: E402
+from flamingo_data.run.executors import (
+    Execution,
+    default_processes,  # noqa: E402
+)
 from flamingo_data.run.units import RunOptions  # noqa: E402
 from flamingo_data.storage.specs import expand_specs  # noqa: E402
 
@@ -66,8 +69,7 @@ def ours(docs: str, images: str, out: Path, policy: ImagePolicy, fsync: bool = T
         docs,
         Mmc4Options(images=images, policy=policy),
         RunOptions(out_dir=str(out), converter="mmc4", fsync=fsync),
-        processes=default_processes(),
-        progress=False,
+        execution=Execution(processes=default_processes(), progress=False),
     )
     return stats.get("documents", "written")
 

@@ -34,6 +34,7 @@ from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4  # noqa: E40
 from flamingo_data.images.stage import ImagePolicy  # noqa: E402
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer  # noqa: E402
 from flamingo_data.loader.config import CLIP_MEAN, CLIP_STD  # noqa: E402
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions  # noqa: E402
 
 BATCH = 8
@@ -160,8 +161,7 @@ def convert(docs: str, images: str, out: Path, policy: ImagePolicy) -> list[str]
         docs,
         Mmc4Options(images=images, policy=policy),
         RunOptions(out_dir=str(out), converter="mmc4"),
-        processes=2,
-        progress=False,
+        execution=Execution(processes=2, progress=False),
     )
     return sorted(str(p) for p in out.glob("*.tar"))
 

@@ -35,8 +35,8 @@ from flamingo_data.fetch.i2d_output import (
 from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
 from flamingo_data.fetch.web import is_web_url
 from flamingo_data.images.stage import ImagePolicy, ImageResult, process_image
-from flamingo_data.run.executors import run_units
-from flamingo_data.run.outcome import check_output
+from flamingo_data.run.driver import ConversionPlan, run_conversion
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import (
     OutputExistsError,
     RunOptions,
@@ -44,9 +44,6 @@ from flamingo_data.run.units import (
     UnitContext,
     drop_work_dir,
     duplicate_inputs,
-    finalize,
-    output_settings,
-    prepare_out_dir,
     unit_names,
     work_dir,
 )
@@ -275,14 +272,20 @@ def convert_chatgpt(
     run: RunOptions,
     *,
     overwrite: bool = False,
-    processes: int | None = None,
-    executor: str = "local",
-    master: str | None = None,
-    progress: bool = True,
+    execution: Execution | None = None,
 ) -> Stats:
     """Download (or join) every image, then one unit per sequence file; returns the merged stats.
     Downloading (no ``options.images_from``) needs the [download] extra: without it MissingExtra
     is raised before anything is written."""
+    plan = plan_chatgpt(specs, options, run, overwrite)
+    return run_conversion(plan, run, overwrite=overwrite, execution=execution)
+
+
+def plan_chatgpt(
+    specs: str | list[str], options: ChatGptOptions, run: RunOptions, overwrite: bool
+) -> ConversionPlan:
+    """One unit per sequence file; the images are downloaded first (``before``) into the local
+    work folder, kept until the run has written records, or joined from ``options.images_from``."""
     if options.missing not in ("drop", "strip"):
         raise InputError(f"missing must be drop or strip, not {options.missing!r}")
     if options.images_from is None:
@@ -307,26 +310,20 @@ def convert_chatgpt(
     work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
     if (work / "_images").exists() and not (run.resume or overwrite):
         raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass --resume or --overwrite")
-    run = output_settings(
-        run, url_key=options.url_key, missing=options.missing, policy=options.policy
-    )
-    prepare_out_dir(run.out_dir, run.resume, overwrite, run.settings)
-    if overwrite:  # img2dataset's incremental mode would otherwise reuse the old downloads
-        shutil.rmtree(work / "_images", ignore_errors=True)
     images = options.images_from or str(work / "_images")
-    if options.images_from is None:
-        _download(collect_urls(sources, options.url_key), work, images, options.download)
-    units = unit_names(sources, unit_stem)
-    run_units(
-        units,
-        partial(convert_unit, options=options, images=images),
-        run,
-        executor=executor,
-        processes=processes,
-        progress=progress,
-        master=master,
+
+    def download(run: RunOptions, overwrite: bool) -> None:
+        if overwrite:  # img2dataset's incremental mode would otherwise reuse the old downloads
+            shutil.rmtree(work / "_images", ignore_errors=True)
+        if options.images_from is None:
+            _download(collect_urls(sources, options.url_key), work, images, options.download)
+
+    return ConversionPlan(
+        converter="chatgpt",
+        settings={"url_key": options.url_key, "missing": options.missing, "policy": options.policy},
+        units=lambda run: unit_names(sources, unit_stem),
+        convert_unit=partial(convert_unit, options=options, images=images),
+        input_counts=duplicate_inputs(duplicates, "chatgpt"),
+        before=download,
+        after=lambda run: drop_work_dir(run.out_dir),
     )
-    stats = finalize(run.out_dir, "chatgpt", duplicate_inputs(duplicates, "chatgpt"))
-    check_output(stats, run.max_reject_share)  # a failed run keeps its downloads for --resume
-    drop_work_dir(run.out_dir)
-    return stats

@@ -39,17 +39,14 @@ from flamingo_data.core.schema import schema_errors
 from flamingo_data.core.stats import Stats
 from flamingo_data.errors import InputError
 from flamingo_data.images.stage import ImagePolicy, ImageResult, process_image
-from flamingo_data.run.executors import run_units
-from flamingo_data.run.outcome import check_output
+from flamingo_data.run.driver import ConversionPlan, run_conversion
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import (
     RunOptions,
     Unit,
     UnitContext,
     duplicate_inputs,
-    finalize,
     list_markers,
-    output_settings,
-    prepare_out_dir,
 )
 from flamingo_data.storage import remote
 from flamingo_data.storage.specs import SpecError, expand_specs
@@ -328,34 +325,40 @@ def convert_conversations(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     overwrite: bool = False,
-    processes: int | None = None,
-    executor: str = "local",
-    master: str | None = None,
-    progress: bool = True,
+    execution: Execution | None = None,
 ) -> Stats:
     """Convert conversation files, ``chunk_size`` items per unit, into shards in ``run.out_dir``."""
+    plan = plan_conversations(json_specs, options, chunk_size)
+    return run_conversion(plan, run, overwrite=overwrite, execution=execution)
+
+
+def plan_conversations(
+    json_specs: str | list[str], options: ConversationOptions, chunk_size: int
+) -> ConversionPlan:
+    """One unit per chunk of ``chunk_size`` items, chunked once the output folder is ready."""
     duplicates: list[str] = []
     sources = conversation_sources(json_specs, duplicates)
     if not remote.isdir(options.images):
         raise SpecError(f"image folder {options.images} does not exist")
     system = {} if options.system_template is None else {"system_template": options.system_template}
-    run = output_settings(
-        run, as_=options.as_, template=options.template, policy=options.policy, **system
+
+    def units(run: RunOptions) -> list[Unit]:
+        record_chunk_size(run.out_dir, chunk_size, run.resume)
+        chunked = chunk_units(sources, run.out_dir, chunk_size, unit_stem)
+        if run.resume:
+            check_resume_units(run.out_dir, chunked)
+        return chunked
+
+    return ConversionPlan(
+        converter="conversations",
+        settings={
+            "as_": options.as_,
+            "template": options.template,
+            "policy": options.policy,
+            **system,
+        },
+        units=units,
+        convert_unit=partial(convert_unit, options=options),
+        input_counts=duplicate_inputs(duplicates, "conversations"),
+        after=lambda run: remove_chunks(run.out_dir),
     )
-    prepare_out_dir(run.out_dir, run.resume, overwrite, run.settings)
-    record_chunk_size(run.out_dir, chunk_size, run.resume)
-    units = chunk_units(sources, run.out_dir, chunk_size, unit_stem)
-    if run.resume:
-        check_resume_units(run.out_dir, units)
-    run_units(
-        units,
-        partial(convert_unit, options=options),
-        run,
-        executor=executor,
-        processes=processes,
-        progress=progress,
-        master=master,
-    )
-    stats = finalize(run.out_dir, "conversations", duplicate_inputs(duplicates, "conversations"))
-    remove_chunks(run.out_dir)
-    return check_output(stats, run.max_reject_share)

@@ -35,6 +35,7 @@ from flamingo_data.fetch.i2d_output import (
 from flamingo_data.fetch.i2d_pairs import ShardResult, place_shard
 from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
 from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
+from flamingo_data.run.executors import Execution, default_processes
 from flamingo_data.run.outcome import DEFAULT_MAX_REJECT_SHARE, check_output, check_reject_share
 from flamingo_data.run.procpool import map_in_processes
 from flamingo_data.run.units import (
@@ -151,6 +152,7 @@ def convert_laion(
     overwrite: bool = False,
     write_rejects: bool = False,
     max_reject_share: float = DEFAULT_MAX_REJECT_SHARE,
+    execution: Execution | None = None,
 ) -> Stats:
     """Download (or adopt) then check every sample; returns the stats also written to stats.json.
     Raises ``NothingWritten`` when no sample was written (see ``flamingo_data.run.outcome``).
@@ -178,7 +180,8 @@ def convert_laion(
     how = "link" if from_img2dataset is None or options.link else "copy"
     task = partial(place_shard, out=root, max_pixels=options.max_pixels, how=how)
     sizes = {}
-    for result in _pool_map(task, finished_shards(staging), options.download.processes):
+    checkers = (execution or Execution(processes=1)).processes or default_processes()
+    for result in _pool_map(task, finished_shards(staging), checkers):
         _merge(result, stats, rejects, sizes)
     stats.add("shards", "written", len(sizes))
     _write_sidecars(root, stats, rejects if write_rejects else None, sizes)

@@ -24,22 +24,11 @@ from typing import IO, Any
 from flamingo_data.core.records import InterleavedDoc, RecordEncodingError, encode_record
 from flamingo_data.core.schema import schema_errors
 from flamingo_data.core.stats import Stats
-from flamingo_data.errors import (
-    InputError,
-    LayoutError,  # noqa: F401 -- importable from here too
-)
+from flamingo_data.errors import InputError, LayoutError
 from flamingo_data.images.stage import ImagePolicy, process_image
-from flamingo_data.run.executors import run_units
-from flamingo_data.run.outcome import check_output
-from flamingo_data.run.units import (
-    RunOptions,
-    Unit,
-    UnitContext,
-    finalize,
-    output_settings,
-    prepare_out_dir,
-    unit_names,
-)
+from flamingo_data.run.driver import ConversionPlan, run_conversion
+from flamingo_data.run.executors import Execution
+from flamingo_data.run.units import RunOptions, Unit, UnitContext, unit_names
 from flamingo_data.storage import remote
 from flamingo_data.storage.shard_writer import safe_stem
 from flamingo_data.storage.specs import SpecError, expand_specs, lists_folder_or_glob
@@ -588,12 +577,14 @@ def convert_mmc4(
     run: RunOptions,
     *,
     overwrite: bool = False,
-    processes: int | None = None,
-    executor: str = "local",
-    master: str | None = None,
-    progress: bool = True,
+    execution: Execution | None = None,
 ) -> Stats:
     """Convert MMC4 zips into interleaved shards in ``run.out_dir``; returns the merged stats."""
+    return run_conversion(plan_mmc4(docs, options), run, overwrite=overwrite, execution=execution)
+
+
+def plan_mmc4(docs: str | list[str], options: Mmc4Options) -> ConversionPlan:
+    """One unit per zip, its images found under the detected layout; inputs checked here."""
     if options.layout not in LAYOUTS:
         raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, not {options.layout!r}")
     duplicates: list[str] = []
@@ -615,21 +606,21 @@ def convert_mmc4(
             raise LayoutError(f"{exc}. {_no_number_message(units)}") from exc
         raise
     units = numbered or units
-    run = output_settings(
-        run,
-        layout=layout,
-        keep_docs_without_images=options.keep_docs_without_images,
-        drop_docs_with_missing_images=options.drop_docs_with_missing_images,
-        policy=options.policy,
-    )
-    prepare_out_dir(run.out_dir, run.resume, overwrite, run.settings)
-    fn = partial(convert_unit, options=options, layout=layout)
-    run_units(
-        units, fn, run, executor=executor, processes=processes, progress=progress, master=master
-    )
-    missing = Stats(converter="mmc4")
-    missing.add("units", "missing_input", len(sources) - len(units))
+    counts = Stats(converter="mmc4")
+    counts.add("units", "missing_input", len(sources) - len(units))
     if duplicates:
-        missing.add("units", "duplicate_input", len(duplicates))
-    missing.add("units", f"layout_{layout}")
-    return check_output(finalize(run.out_dir, "mmc4", missing), run.max_reject_share)
+        counts.add("units", "duplicate_input", len(duplicates))
+    counts.add("units", f"layout_{layout}")
+    settings = {
+        "layout": layout,
+        "keep_docs_without_images": options.keep_docs_without_images,
+        "drop_docs_with_missing_images": options.drop_docs_with_missing_images,
+        "policy": options.policy,
+    }
+    return ConversionPlan(
+        converter="mmc4",
+        settings=settings,
+        units=lambda run: units,
+        convert_unit=partial(convert_unit, options=options, layout=layout),
+        input_counts=counts,
+    )

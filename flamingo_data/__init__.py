@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "convert_conversations": "flamingo_data.converters.conversations",
     "ConversationOptions": "flamingo_data.converters.conversations",
     "RunOptions": "flamingo_data.run.units",
+    "Execution": "flamingo_data.run.executors",
     "DownloadOptions": "flamingo_data.fetch.i2d_run",
     "ImagePolicy": "flamingo_data.images.stage",
     "validate_shards": "flamingo_data.check.validate",

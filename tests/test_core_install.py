@@ -21,6 +21,7 @@ import flamingo_data
 from flamingo_data.cli.main import main as cli
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ PUBLIC = {
     "convert_conversations": "flamingo_data.converters.conversations",
     "ConversationOptions": "flamingo_data.converters.conversations",
     "RunOptions": "flamingo_data.run.units",
+    "Execution": "flamingo_data.run.executors",
     "DownloadOptions": "flamingo_data.fetch.i2d_run",
     "ImagePolicy": "flamingo_data.images.stage",
     "validate_shards": "flamingo_data.check.validate",
@@ -64,8 +66,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sample["docs"],
         Mmc4Options(images=sample["images"]),
         RunOptions(out_dir=str(out), converter="mmc4"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     return out
 

@@ -27,6 +27,7 @@ from flamingo_data.converters.laion import LaionOptions, convert_laion
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 from tests.conftest import Route, serve
 
@@ -205,15 +206,13 @@ def _prebuild(inputs: Path, built: Path) -> None:
         str(inputs / "mmc4" / "docs_shard_{0..1}_v2.jsonl.zip"),
         Mmc4Options(images=str(inputs / "mmc4" / "images")),
         RunOptions(out_dir=str(built / "shards"), converter="mmc4"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     convert_conversations(
         str(inputs / "data.json"),
         ConversationOptions(images=str(inputs / "images"), as_="gpt", system_template="{value}"),
         RunOptions(out_dir=str(built / "gpt-shards"), converter="conversations"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
 
 
@@ -397,13 +396,13 @@ REASON_SOURCES = [
     *(
         ROOT / "flamingo_data" / name
         for name in (
-            "images.py",
-            "validate.py",
-            "shardread.py",
-            "paircheck.py",
-            "i2doutput.py",
-            "inspect.py",
-            "records.py",
+            "images/stage.py",
+            "check/validate.py",
+            "storage/shard_reader.py",
+            "fetch/i2d_pairs.py",
+            "fetch/i2d_output.py",
+            "check/inspect.py",
+            "core/records.py",
         )
     ),
     *sorted((ROOT / "flamingo_data" / "loader").glob("*.py")),

@@ -73,9 +73,7 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def test_top_level_reads_in_one_look() -> None:
-    entries = sorted(
-        p.name for p in PACKAGE.iterdir() if p.name not in {"__pycache__", "assets"}
-    )
+    entries = sorted(p.name for p in PACKAGE.iterdir() if p.name not in {"__pycache__", "assets"})
     assert len(entries) <= 15, entries
     loose = [e for e in entries if e.endswith(".py")]
     assert set(loose) <= {"__init__.py", "__main__.py", "errors.py"}, loose

@@ -47,6 +47,7 @@ from flamingo_data.demo.sample_data import write_mmc4_sample
 from flamingo_data.images.stage import ImagePolicy
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.interleaved import plan_interleaved
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 
 THRESHOLD = 0.24  # the published recipe's --mmc4_textsim_threshold
@@ -160,8 +161,7 @@ def convert_sample(tmp_path: Path, images: str, docs: str, **options: Any) -> Pa
         docs,
         Mmc4Options(images=images, **options),
         RunOptions(out_dir=str(out), converter="mmc4"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     return out
 
@@ -334,8 +334,7 @@ def test_gpt_shards_from_chatgpt_read_by_open_flamingo_steps(tmp_path: Path, mis
             missing=missing, images_from=str(tmp_path / "i2d"), policy=ImagePolicy(max_side=128)
         ),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     read, drops = read_like_open_flamingo(shards_of(tmp_path / "out"))
     assert not drops and stats["counts"]["documents"]["written"] == len(read)
@@ -390,8 +389,7 @@ def test_conversation_shards_read_by_open_flamingo_steps(tmp_path: Path, as_: st
         str(tmp_path / "data.json"),
         ConversationOptions(images=str(tmp_path / "images"), as_=as_),
         RunOptions(out_dir=str(tmp_path / "out"), converter="conversations"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     if as_ == "interleaved":
         read = assert_upstream_reads_what_we_plan(tmp_path / "out")

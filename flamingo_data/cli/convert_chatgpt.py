@@ -8,9 +8,11 @@ import json
 from flamingo_data.cli.convert_laion import add_download_options
 from flamingo_data.cli.options import (
     add_image_options,
+    add_processes_option,
     add_reject_share_option,
     add_unit_options,
     check_writable,
+    execution,
     image_policy,
     positive,
 )
@@ -40,8 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="drop",
         help="a sequence with an unavailable image: drop it, or strip that placeholder and renumber",
     )
+    add_processes_option(parser)
+    # the earlier name of --processes, kept so that existing scripts run
     parser.add_argument(
-        "--units-processes", type=positive, default=1, help="parallel sequence files"
+        "--units-processes",
+        type=positive,
+        dest="processes",
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--no-progress", action="store_true")
     add_image_options(parser)
@@ -61,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     download = DownloadOptions(
-        processes=args.processes,
+        processes=args.download_processes,
         threads=args.threads,
         timeout=args.timeout,
         retries=args.retries,
@@ -89,10 +97,7 @@ def run(args: argparse.Namespace) -> int:
         options,
         run_opts,
         overwrite=args.overwrite,
-        processes=args.units_processes,
-        executor=args.executor,
-        master=args.executor_master,
-        progress=not args.no_progress,
+        execution=execution(args),
     )
     print(json.dumps(stats.to_json()["counts"], indent=1))
     return 0

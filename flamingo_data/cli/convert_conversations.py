@@ -9,6 +9,7 @@ from flamingo_data.cli.options import (
     add_image_options,
     add_run_options,
     check_writable,
+    execution,
     image_policy,
     run_options,
 )
@@ -92,10 +93,7 @@ def run(args: argparse.Namespace) -> int:
         run_options(args, "conversations"),
         chunk_size=args.chunk_size,
         overwrite=args.overwrite,
-        processes=args.processes,
-        executor=args.executor,
-        master=args.executor_master,
-        progress=not args.no_progress,
+        execution=execution(args),
     )
     print(json.dumps(stats.to_json()["counts"], indent=1))
     print(f"wrote {stats.get('documents', 'written')} samples under {args.out}")

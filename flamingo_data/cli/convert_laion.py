@@ -6,8 +6,10 @@ import argparse
 import json
 
 from flamingo_data.cli.options import (
+    add_processes_option,
     add_reject_share_option,
     check_writable,
+    execution,
     non_negative,
     positive,
 )
@@ -18,7 +20,7 @@ from flamingo_data.storage import remote
 
 def add_download_options(parser: argparse.ArgumentParser, max_pixels: bool = True) -> None:
     parser.add_argument(
-        "--processes", type=positive, default=1, help="img2dataset processes (and shard checkers)"
+        "--download-processes", type=positive, default=1, help="img2dataset processes"
     )
     parser.add_argument(
         "--threads", type=positive, default=16, help="img2dataset threads per process"
@@ -80,8 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--from-img2dataset: hard-link good shards instead of copying them",
     )
+    add_processes_option(parser)
     add_download_options(parser)
     add_reject_share_option(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     download = DownloadOptions(
         image_size=args.image_size,
         resize_mode=args.resize_mode,
-        processes=args.processes,
+        processes=args.download_processes,
         threads=args.threads,
         timeout=args.timeout,
         retries=args.retries,
@@ -120,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         write_rejects=args.rejects,
         max_reject_share=args.max_reject_share,
+        execution=execution(args),
     )
     print(json.dumps(stats.to_json(), indent=1))
     return 0

@@ -9,6 +9,7 @@ from flamingo_data.cli.options import (
     add_image_options,
     add_run_options,
     check_writable,
+    execution,
     image_policy,
     run_options,
 )
@@ -61,10 +62,7 @@ def run(args: argparse.Namespace) -> int:
         options,
         run_options(args, "mmc4"),
         overwrite=args.overwrite,
-        processes=args.processes,
-        executor=args.executor,
-        master=args.executor_master,
-        progress=not args.no_progress,
+        execution=execution(args),
     )
     print(json.dumps(stats.to_json()["counts"], indent=1))
     print(

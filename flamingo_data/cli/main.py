@@ -109,18 +109,6 @@ def check_extras(args: argparse.Namespace) -> None:
         require_extra(extra, needed_by)
 
 
-def _train_args(argv: list[str]) -> argparse.Namespace:
-    """The trainer parses its own options (flamingo_data.train.config, -h included): this parser
-    would refuse them as unrecognized arguments before the trainer saw them."""
-    module = importlib.import_module("flamingo_data.cli.train")
-    return argparse.Namespace(
-        command="train",
-        train_args=argv,
-        handler=module.run,
-        required_extras=module.required_extras,
-    )
-
-
 # What survives a run that stopped, by the command that ran it ({} takes "fix it and " after an
 # OSError); checks (validate, inspect, preview) and the demo leave nothing to resume.
 RESUME_ADVICE = {
@@ -132,8 +120,6 @@ RESUME_ADVICE = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: the process's arguments) and run its subcommand: see ``run_command``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        return run_command(_train_args(argv[1:]))
     return run_command(build_parser(argv).parse_args(argv))
 
 

@@ -20,7 +20,7 @@ from flamingo_data.images.stage import (
     RESIZE_FILTERS,
     ImagePolicy,
 )
-from flamingo_data.run.executors import default_processes
+from flamingo_data.run.executors import Execution, default_processes
 from flamingo_data.run.outcome import DEFAULT_MAX_REJECT_SHARE
 from flamingo_data.run.units import RunOptions
 from flamingo_data.storage import remote
@@ -34,12 +34,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         type=remote.local_form,
         help="output folder for shards, sizes.json, stats.json",
     )
-    parser.add_argument(
-        "--processes",
-        type=positive,
-        default=default_processes(),
-        help="parallel units (default: cores)",
-    )
+    add_processes_option(parser)
     parser.add_argument(
         "--resume", action="store_true", help="skip finished units, redo unfinished ones"
     )
@@ -50,6 +45,27 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     add_reject_share_option(parser)
     add_unit_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_processes_option(parser: argparse.ArgumentParser) -> None:
+    """``--processes`` means parallel units in every subcommand (img2dataset's own processes are
+    ``--download-processes``)."""
+    parser.add_argument(
+        "--processes",
+        type=positive,
+        default=default_processes(),
+        help="parallel units (default: cores)",
+    )
+
+
+def execution(args: argparse.Namespace) -> Execution:
+    """Where and how the units run, from the shared options."""
+    return Execution(
+        executor=getattr(args, "executor", "local"),
+        processes=args.processes,
+        master=getattr(args, "executor_master", None),
+        progress=not args.no_progress,
+    )
 
 
 def add_reject_share_option(parser: argparse.ArgumentParser) -> None:

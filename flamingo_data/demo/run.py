@@ -19,6 +19,7 @@ from PIL import Image
 
 from flamingo_data.core.extras import require_extra
 from flamingo_data.demo.sample_data import make_document
+from flamingo_data.run.executors import Execution
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
 CAPTIONS = {
@@ -106,8 +107,7 @@ def run_demo(out: str | Path, steps: int = 12, seed: int = 0, train: bool = True
         Mmc4Options(images=images),
         RunOptions(out_dir=str(shards), converter="mmc4"),
         overwrite=True,
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     result.artifacts.update(
         shards=str(shards), stats=str(shards / "stats.json"), sizes=str(shards / "sizes.json")

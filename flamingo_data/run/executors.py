@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -20,6 +21,25 @@ from flamingo_data.run.units import (
     check_markers_visible,
     run_unit,
 )
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where and how units run; never changes the output. ``processes``: parallel units (None:
+    one per core; Spark's ``local[N]``); ``master``: a Spark master url or a Ray address."""
+
+    executor: str = "local"
+    processes: int | None = None
+    master: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise InputError(
+                f"executor must be one of {', '.join(sorted(EXECUTORS))}, not {self.executor!r}"
+            )
+        if self.processes is not None and self.processes < 1:
+            raise InputError(f"processes must be at least 1, not {self.processes}")
 
 
 def default_processes() -> int:
@@ -136,24 +156,15 @@ EXECUTORS: dict[str, Callable[..., list[dict[str, Any]]]] = {
 
 
 def run_units(
-    units: Sequence[Unit],
-    fn: UnitFn,
-    options: RunOptions,
-    executor: str = "local",
-    processes: int | None = None,
-    progress: bool = True,
-    master: str | None = None,
+    units: Sequence[Unit], fn: UnitFn, options: RunOptions, execution: Execution
 ) -> list[dict[str, Any]]:
-    """Run every unit on the chosen executor; each writes its own shards and marker."""
-    if executor not in EXECUTORS:
-        raise InputError(
-            f"unknown executor {executor!r}; available: {', '.join(sorted(EXECUTORS))}"
-        )
-    if executor == "local":
-        markers = run_local(units, fn, options, processes=processes, progress=progress)
+    """Run every unit on ``execution``'s executor; each writes its own shards and marker."""
+    if execution.executor == "local":
+        markers = run_local(units, fn, options, execution.processes, execution.progress)
     else:
-        markers = EXECUTORS[executor](
-            units, fn, options, processes=processes, progress=progress, master=master
+        run = EXECUTORS[execution.executor]
+        markers = run(
+            units, fn, options, execution.processes, execution.progress, master=execution.master
         )
     check_markers_visible(options.out_dir, markers)
     return markers

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from flamingo_data.errors import StartError  # noqa: F401 -- importable from here too
+from flamingo_data.errors import StartError
 
 
 @dataclass
@@ -52,9 +52,17 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The trainer's options alone (``parse_args``); the command line adds the same ones to its
+    ``train`` subcommand with ``add_train_arguments``."""
+    parser = argparse.ArgumentParser(
         prog="flamingo-data train", description="Train Flamingo on shards (torchrun for >1 process)"
     )
+    add_train_arguments(parser)
+    return parser
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every trainer option, on ``p``."""
     p.add_argument("--mmc4-shards", help="interleaved shards (MMC4 form)")
     p.add_argument("--laion-shards", help="image-text pair shards")
     p.add_argument("--gpt-shards", help="ChatGPT-generated sequence shards")
@@ -109,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="save a checkpoint and exit after this many steps in this run (testing)",
     )
-    return p
 
 
 KINDS = ("interleaved", "pair", "gpt", "auto")
@@ -132,26 +139,31 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        datasets = [
-            DatasetArg(n, k, s)
-            for n, k, s in (
-                ("mmc4", "interleaved", args.mmc4_shards),
-                ("laion", "pair", args.laion_shards),
-                ("gpt", "gpt", args.gpt_shards),
-            )
-            if s
-        ]
-        datasets += [_dataset_arg(text) for text in args.dataset]
-        if not datasets:
-            raise StartError(
-                "give at least one of --mmc4-shards, --laion-shards, --gpt-shards, --dataset"
-            )
-        values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-        values.update(datasets=datasets, loss_weights=_weights(args.loss_weights))
-        config = TrainConfig(**values)
-        check(config)
+        return config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The parsed trainer options as a checked TrainConfig; raises StartError on a bad value."""
+    datasets = [
+        DatasetArg(n, k, s)
+        for n, k, s in (
+            ("mmc4", "interleaved", args.mmc4_shards),
+            ("laion", "pair", args.laion_shards),
+            ("gpt", "gpt", args.gpt_shards),
+        )
+        if s
+    ]
+    datasets += [_dataset_arg(text) for text in args.dataset]
+    if not datasets:
+        raise StartError(
+            "give at least one of --mmc4-shards, --laion-shards, --gpt-shards, --dataset"
+        )
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    values.update(datasets=datasets, loss_weights=_weights(args.loss_weights))
+    config = TrainConfig(**values)
+    check(config)
     return config
 
 

@@ -426,7 +426,12 @@ def _log_entry(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config = parse_args(argv)
+    """Train with the trainer's command-line options ``argv``; returns the run's summary."""
+    return train(parse_args(argv))
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train as ``config`` says (this process's rank under torchrun); returns the run's summary."""
     try:
         summary = run(config)
     except BaseException:

@@ -20,6 +20,7 @@ from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.core.records import encode_base64
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.loader.stream import sizes_total
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 from flamingo_data.storage.shard_reader import iter_samples
 from flamingo_data.storage.shard_writer import ShardWriter
@@ -34,8 +35,7 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sample["docs"],
         Mmc4Options(images=sample["images"]),
         RunOptions(out_dir=str(root / "out"), converter="mmc4"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     return root / "out"
 

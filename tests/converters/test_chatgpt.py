@@ -17,6 +17,7 @@ import pytest
 from flamingo_data.check.validate import validate_shards
 from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import OutputExistsError, RunOptions
 from tests.conftest import Route, serve
 
@@ -75,8 +76,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
         str(root / "seq-{000..001}.json"),
         ChatGptOptions(download=FAST),
         RunOptions(out_dir=str(out), converter="chatgpt", write_rejects=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     yield root, served, stats.to_json(), server
     generator.close()
@@ -137,8 +137,7 @@ def test_strip_renumbers_and_images_from_joins_by_url(setup) -> None:
         str(root / "seq-000.json"),
         ChatGptOptions(missing="strip", images_from=str(root / "drop" / "_images")),
         RunOptions(out_dir=str(root / "strip"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     assert server.hits == hits_before  # joined against the existing download, nothing fetched
     record = read_records(root / "strip")["seq-000-0000002"]
@@ -156,8 +155,7 @@ def test_explicit_url_key(setup) -> None:
         str(root / "seq-001.json"),
         ChatGptOptions(url_key="link", images_from=str(root / "drop" / "_images")),
         RunOptions(out_dir=str(root / "link"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     records = read_records(root / "link")
     assert (
@@ -190,8 +188,7 @@ def test_placeholders_loader_tokens_and_jsonl_lines(setup) -> None:
         str(root / "edge.jsonl"),
         ChatGptOptions(images_from=str(root / "drop" / "_images")),
         RunOptions(out_dir=str(root / "edge"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     assert validate_shards(str(root / "edge"), deep=True).ok
     written = {r["example"] for r in read_records(root / "edge").values()}
@@ -269,8 +266,7 @@ def test_remote_sequences_and_remote_out(setup, tmp_path, monkeypatch) -> None:
         "memory://gpt-in/seq-{000..001}.json",
         ChatGptOptions(download=FAST),
         RunOptions(out_dir="memory://gpt-out/shards", converter="chatgpt", write_rejects=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     try:
         uploaded = {p.removeprefix("/gpt-out/shards/"): fs.cat_file(p) for p in fs.find("/gpt-out")}
@@ -302,8 +298,7 @@ def test_only_http_urls_are_fetched_never_local_files(setup, tmp_path: Path) -> 
         str(tmp_path / "s.json"),
         ChatGptOptions(download=FAST, missing="strip"),
         RunOptions(out_dir=str(out), converter="chatgpt", write_rejects=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     assert stats["reasons"]["images"] == {"bad_url": 1}
     (record,) = read_records(out).values()
@@ -331,7 +326,7 @@ def test_a_download_shard_img2dataset_could_not_finish_stops_the_run(tmp_path: P
     options = ChatGptOptions(download=DownloadOptions(**{**FAST.__dict__, "samples_per_shard": 2}))
     run = RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt", resume=True)
     convert = lambda: convert_chatgpt(  # noqa: E731
-        str(tmp_path / "seq.json"), options, run, processes=1, progress=False
+        str(tmp_path / "seq.json"), options, run, execution=Execution(processes=1, progress=False)
     )
     try:
         with pytest.raises(RunIncomplete, match="did not finish shard.s. 00001"):
@@ -358,8 +353,7 @@ def test_a_pretty_printed_sequence_file_is_one_sequence(setup, tmp_path: Path) -
         str(tmp_path / "one.json"),
         ChatGptOptions(images_from=str(root / "drop" / "_images")),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     assert stats["counts"]["documents"] == {"in": 1, "written": 1}
     assert image(read_records(tmp_path / "out")["one-0000000"], 1) == served[1]
@@ -378,8 +372,7 @@ def test_strip_leaves_the_rest_of_the_text_as_it_was(setup, tmp_path: Path) -> N
         str(tmp_path / "s.json"),
         ChatGptOptions(missing="strip", images_from=str(root / "drop" / "_images")),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     record = read_records(tmp_path / "out")["s-0000000"]
     assert record["example"] == "Code:\n    x  =  1 _!_IMAGE1_!_ then next\n  _!_IMAGE2_!_  end  "
@@ -403,7 +396,7 @@ def test_resume_refuses_sequence_files_whose_urls_changed(
 ) -> None:
     """Changed between a killed run and --resume, new urls sorted into shards img2dataset had
     finished were never fetched: their sequences were dropped as not_downloaded, exit 0."""
-    from flamingo_data.converters import chatgpt
+    from flamingo_data.run import driver
 
     root, _, _, _ = setup
     sequences = json.loads((root / "seq-000.json").read_text())
@@ -413,12 +406,14 @@ def test_resume_refuses_sequence_files_whose_urls_changed(
     def run(resume: bool) -> dict:
         run_options = RunOptions(out_dir=str(out), converter="chatgpt", resume=resume)
         options = ChatGptOptions(download=DownloadOptions(processes=1, threads=2, timeout=5))
-        return convert_chatgpt(str(source), options, run_options, processes=1, progress=False)
+        return convert_chatgpt(
+            str(source), options, run_options, execution=Execution(processes=1, progress=False)
+        )
 
     def killed_after_download(*args, **kwargs) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(chatgpt, "run_units", killed_after_download)
+    monkeypatch.setattr(driver, "run_units", killed_after_download)
     with pytest.raises(KeyboardInterrupt):
         run(resume=False)
     monkeypatch.undo()
@@ -456,8 +451,7 @@ def test_a_folder_of_jsonl_sequence_files_is_read(setup, tmp_path) -> None:
         str(folder),
         ChatGptOptions(images_from=str(root / "drop" / "_images")),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     assert got["counts"]["units"] == {"done": 2}
     assert got["counts"]["documents"] == stats["counts"]["documents"]
@@ -518,8 +512,7 @@ def test_placeholders_are_renumbered_in_text_order(setup, tmp_path: Path) -> Non
         str(tmp_path / "s.json"),
         ChatGptOptions(download=FAST, missing="strip"),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     records = read_records(tmp_path / "out")
     placeholder = re.compile(r"_!_IMAGE(\d+)_!_")

@@ -29,6 +29,7 @@ from flamingo_data.converters.conversations import ConversationOptions, convert_
 from flamingo_data.demo.sample_data import make_image
 from flamingo_data.loader import LoaderConfig
 from flamingo_data.loader.interleaved import plan_interleaved
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 
 H, G = "human", "gpt"
@@ -150,8 +151,7 @@ def convert(data: Path, as_: str, name: str, chunk_size: int = 10_000) -> tuple[
         ConversationOptions(images=str(data / "images"), as_=as_),
         RunOptions(out_dir=str(out), converter="conversations", write_rejects=True),
         chunk_size=chunk_size,
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     report = validate_shards(str(out), deep=True)
     assert report.ok, report.to_json()["failures"]
@@ -639,8 +639,7 @@ def test_a_pretty_printed_single_object_is_one_item(data: Path, tmp_path: Path) 
         [str(tmp_path / "one.json"), str(tmp_path / "wrapped.json")],
         ConversationOptions(images=str(data / "images")),
         RunOptions(out_dir=str(tmp_path / "out"), converter="conversations", write_rejects=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     assert stats["counts"]["documents"] == {"in": 2, "written": 1, "rejected": 1}
     assert stats["reasons"]["documents"] == {"no_images": 1}  # the wrapper is one item

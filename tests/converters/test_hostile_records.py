@@ -20,6 +20,7 @@ from flamingo_data.converters.conversations import ConversationOptions, convert_
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 from flamingo_data.storage.specs import expand_specs
 
@@ -29,8 +30,7 @@ def convert(docs: str | list[str], images: str, out: Path, **options) -> dict:
         docs,
         Mmc4Options(images=images, **options),
         RunOptions(out_dir=str(out), converter="mmc4", write_rejects=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     return stats.to_json()
 
@@ -255,8 +255,7 @@ def test_conversations_convert_a_file_named_twice_once(tmp_path: Path, variant: 
         specs,
         ConversationOptions(images=str(tmp_path / "images")),
         RunOptions(out_dir=str(tmp_path / "out"), converter="conversations"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     assert stats["counts"]["documents"]["written"] == 3
     assert stats["counts"]["units"]["duplicate_input"] == 1
@@ -283,8 +282,7 @@ def test_chatgpt_converts_a_file_named_twice_once(
         specs,
         ChatGptOptions(download=DownloadOptions(processes=1, threads=2, timeout=5, retries=0)),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     assert stats["counts"]["documents"] == {"in": 2, "written": 2}
     assert stats["counts"]["units"]["duplicate_input"] == 1
@@ -296,9 +294,10 @@ def test_chatgpt_converts_a_file_named_twice_once(
 CONVERT_IN_CHILD = (
     "import sys; from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4; "
     "from flamingo_data.run.units import RunOptions; "
+    "from flamingo_data.run.executors import Execution; "
     "convert_mmc4(sys.argv[1], Mmc4Options(images=sys.argv[2]), "
-    "RunOptions(out_dir=sys.argv[3], converter='mmc4', write_rejects=True), processes=1, "
-    "progress=False)"
+    "RunOptions(out_dir=sys.argv[3], converter='mmc4', write_rejects=True), "
+    "execution=Execution(processes=1, progress=False))"
 )
 
 
@@ -479,8 +478,7 @@ def test_resume_redoes_a_zip_whose_member_failed_its_crc(tmp_path: Path) -> None
             sample["docs"],
             Mmc4Options(images=sample["images"]),
             RunOptions(out_dir=str(out), converter="mmc4", resume=resume),
-            processes=1,
-            progress=False,
+            execution=Execution(processes=1, progress=False),
         ).to_json()
 
     assert run(tmp_path / "out", resume=False)["reasons"]["documents"] == {"bad_crc": 3}

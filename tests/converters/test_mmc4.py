@@ -20,6 +20,7 @@ from flamingo_data.converters import mmc4
 from flamingo_data.converters.mmc4 import LayoutError, Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.images.stage import ImagePolicy
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 from tests.images.test_images import png_bomb
 
@@ -31,8 +32,7 @@ def convert(sample: dict, out: Path, **options) -> dict:
         sample["docs"],
         Mmc4Options(images=sample["images"], policy=policy, **options),
         RunOptions(out_dir=str(out), converter="mmc4", write_rejects=True),
-        processes=processes,
-        progress=False,
+        execution=Execution(processes=processes, progress=False),
     )
     return stats.to_json()
 
@@ -517,8 +517,7 @@ def test_resume_redoes_a_zip_that_could_not_be_read(tmp_path: Path) -> None:
             sample["docs"],
             Mmc4Options(images=sample["images"]),
             RunOptions(out_dir=str(out), converter="mmc4", write_rejects=True, resume=resume),
-            processes=1,
-            progress=False,
+            execution=Execution(processes=1, progress=False),
         ).to_json()
 
     zip_path.write_bytes(whole[: len(whole) // 2])
@@ -643,10 +642,12 @@ def _peak_mb_converting(sample: dict, out: Path) -> int:
     code = (
         "import contextlib, resource; from flamingo_data.converters.mmc4 import Mmc4Options, "
         "convert_mmc4; from flamingo_data.errors import NothingWritten; "
-        "from flamingo_data.run.units import RunOptions\n"
+        "from flamingo_data.run.units import RunOptions; "
+        "from flamingo_data.run.executors import Execution\n"
         "with contextlib.suppress(NothingWritten):\n"
         f"    convert_mmc4({sample['docs']!r}, Mmc4Options(images={sample['images']!r}), "
-        f"RunOptions(out_dir={str(out)!r}, converter='mmc4'), processes=1, progress=False)\n"
+        f"RunOptions(out_dir={str(out)!r}, converter='mmc4'), "
+        "execution=Execution(processes=1, progress=False))\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -22,6 +22,7 @@ from flamingo_data import errors
 from flamingo_data.cli import main as cli
 from flamingo_data.core.reasons import REASONS, reasons_table
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
+from flamingo_data.run.executors import Execution
 
 PACKAGE = Path(flamingo_data.__file__).parent
 SOURCES = sorted(p for p in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "converters").glob("*.py")])
@@ -405,7 +406,7 @@ def _commands(shards: Path, tmp: Path) -> dict[str, tuple[str, list[str]]]:
             [str(shards), "--out", str(tmp / "p.html")],
         ),
         "train": (
-            "flamingo_data.train.trainer:main",
+            "flamingo_data.train.trainer:train",
             ["--mmc4-shards", str(shards), "--run-dir", str(tmp / "run")],
         ),
     }
@@ -620,7 +621,7 @@ def test_a_missing_extra_is_exit_2_naming_the_extra(
         ("tables", "jpeg_tables must be one of"),
         ("layout", "layout must be one of auto, indexed, flat"),
         ("as_", "as_ must be interleaved or gpt"),
-        ("executor", "unknown executor 'dask'"),
+        ("executor", "executor must be one of local, ray, spark, not 'dask'"),
         ("weight", "weight must be a finite number above 0"),
     ],
 )
@@ -631,7 +632,6 @@ def test_library_input_errors_are_typed_and_name_parameters(
     from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
     from flamingo_data.images.stage import ImagePolicy
     from flamingo_data.loader import DatasetSpec
-    from flamingo_data.run.executors import run_units
     from flamingo_data.run.units import RunOptions
 
     calls = {
@@ -644,12 +644,7 @@ def test_library_input_errors_are_typed_and_name_parameters(
             RunOptions(out_dir=str(tmp_path / "o"), converter="mmc4"),
         ),
         "as_": lambda: ConversationOptions(images=str(tmp_path), as_="chat"),
-        "executor": lambda: run_units(
-            [],
-            lambda u, c: None,
-            RunOptions(out_dir=str(tmp_path), converter="t"),
-            executor="dask",
-        ),
+        "executor": lambda: Execution(executor="dask"),
         "weight": lambda: DatasetSpec("a", str(tmp_path), weight=0.0),
     }
     with pytest.raises(errors.InputError, match=message) as raised:

@@ -27,6 +27,7 @@ from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 from flamingo_data.storage.shard_writer import ShardWriter
 from tests.loader_data import interleaved_record, solid_jpeg
@@ -162,8 +163,7 @@ def _convert_mmc4(sample: dict, out: Path) -> dict:
         sample["docs"],
         Mmc4Options(images=sample["images"]),
         RunOptions(out_dir=str(out), converter="mmc4", write_rejects=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     return stats_of(out)
 
@@ -302,8 +302,7 @@ def test_chatgpt_extra_values_are_kept_or_written_as_null_and_counted_once(
         str(tmp_path / "seq.json"),
         ChatGptOptions(images_from=images),
         RunOptions(out_dir=str(out), converter="chatgpt", write_rejects=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     records, stats = tar_records(out), stats_of(out)
     keys = [f"seq-{n:07d}.json" for n in range(len(sequences))]
@@ -366,8 +365,7 @@ def test_conversation_ids_are_kept_as_they_are_and_keys_are_whole_safe_ids(
         str(tmp_path / "items.json"),
         ConversationOptions(images=str(images), as_=form),
         RunOptions(out_dir=str(out), converter="conversations", write_rejects=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     records, stats = tar_records(out), stats_of(out)
     assert list(records) == [f"{key}.json"]

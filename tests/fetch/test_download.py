@@ -20,6 +20,7 @@ import pytest
 from flamingo_data.demo.sample_data import make_image
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.fetch.web import TooManyBytes, fetch, request_url
+from flamingo_data.run.executors import Execution
 from tests.conftest import Route
 
 JPEG = make_image(3, 64, 48, "JPEG")
@@ -137,8 +138,7 @@ def test_chatgpt_download_counts_slow_huge_and_ftp_redirected_urls(server, tmp_p
         str(tmp_path / "s.json"),
         ChatGptOptions(download=download),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     ).to_json()
     assert time.monotonic() - start < 25
     assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}

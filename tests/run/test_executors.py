@@ -17,7 +17,7 @@ from flamingo_data.converters import mmc4
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import write_mmc4_sample
 from flamingo_data.errors import MissingExtra
-from flamingo_data.run.executors import run_units
+from flamingo_data.run.executors import Execution, run_units
 from flamingo_data.run.procpool import WorkerDied
 from flamingo_data.run.units import RunIncomplete, RunOptions, Unit, UnitContext
 
@@ -44,16 +44,13 @@ def test_spark_local_gives_byte_identical_output_and_resumes_across_executors(
         sample["docs"],
         options,
         RunOptions(out_dir=str(tmp_path / "local"), converter="mmc4", write_rejects=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     convert_mmc4(
         sample["docs"],
         options,
         RunOptions(out_dir=str(tmp_path / "spark"), converter="mmc4", write_rejects=True),
-        executor="spark",
-        master="local[2]",
-        progress=False,
+        execution=Execution(executor="spark", master="local[2]", progress=False),
     )
     assert outputs(tmp_path / "spark") == outputs(tmp_path / "local")
     assert (tmp_path / "local" / "rejects.jsonl").read_text()  # rejects were compared
@@ -65,16 +62,18 @@ def test_spark_local_gives_byte_identical_output_and_resumes_across_executors(
         RunOptions(
             out_dir=str(tmp_path / "spark"), converter="mmc4", write_rejects=True, resume=True
         ),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     assert outputs(tmp_path / "spark") == outputs(tmp_path / "local")
 
 
 def test_unknown_and_missing_executors_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown executor"):
+    with pytest.raises(ValueError, match="executor must be one of"):
         run_units(
-            [], lambda u, c: None, RunOptions(out_dir=str(tmp_path), converter="t"), executor="dask"
+            [],
+            lambda u, c: None,
+            RunOptions(out_dir=str(tmp_path), converter="t"),
+            Execution(executor="dask"),
         )
     if importlib.util.find_spec("ray") is None:
         with pytest.raises(MissingExtra, match=r"needs the \[ray\] extra"):
@@ -82,7 +81,7 @@ def test_unknown_and_missing_executors_are_clear_errors(tmp_path: Path) -> None:
                 [],
                 lambda u, c: None,
                 RunOptions(out_dir=str(tmp_path), converter="t"),
-                executor="ray",
+                Execution(executor="ray"),
             )
 
 
@@ -110,11 +109,11 @@ def test_a_killed_worker_is_an_error_not_a_hang_and_resume_finishes(tmp_path: Pa
     options = RunOptions(out_dir=str(tmp_path), converter="t")
     start = time.monotonic()
     with pytest.raises(WorkerDied, match="out-of-memory"):
-        run_units(units, _killed_on_unit_1, options, processes=2, progress=False)
+        run_units(units, _killed_on_unit_1, options, Execution(processes=2, progress=False))
     assert time.monotonic() - start < 30
     assert not (tmp_path / "_done" / "u1.json").exists()
     resumed = RunOptions(out_dir=str(tmp_path), converter="t", resume=True)
-    markers = run_units(units, _one_sample, resumed, processes=2, progress=False)
+    markers = run_units(units, _one_sample, resumed, Execution(processes=2, progress=False))
     assert [m["unit"] for m in markers] == ["u0", "u1", "u2", "u3"]
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == [f"u{i}-00000.tar" for i in range(4)]
 
@@ -129,7 +128,7 @@ def test_an_error_in_one_unit_stops_the_other_workers_at_once(tmp_path: Path) ->
     units, options = four_units(tmp_path), RunOptions(out_dir=str(tmp_path), converter="t")
     start = time.monotonic()
     with pytest.raises(OSError, match="No space"):
-        run_units(units, _fails_fast_or_sleeps, options, processes=2, progress=False)
+        run_units(units, _fails_fast_or_sleeps, options, Execution(processes=2, progress=False))
     assert time.monotonic() - start < 20  # not the 3 x 60 s the queued units would take
 
 
@@ -172,10 +171,10 @@ def test_a_killed_spark_worker_fails_the_run_and_resume_finishes(tmp_path: Path)
     with pytest.raises(
         RunIncomplete, match=r"^a unit failed under Spark: a Python worker was killed"
     ):
-        run_units(units, _killed_on_unit_1, options, executor="spark", master="local[2]")
+        run_units(units, _killed_on_unit_1, options, Execution(executor="spark", master="local[2]"))
     assert not (tmp_path / "_done" / "u1.json").exists()
     resumed = RunOptions(out_dir=str(tmp_path), converter="t", resume=True)
-    markers = run_units(units, _one_sample, resumed, processes=1, progress=False)
+    markers = run_units(units, _one_sample, resumed, Execution(processes=1, progress=False))
     assert [m["unit"] for m in markers] == ["u0", "u1", "u2", "u3"]
 
 
@@ -194,7 +193,9 @@ def test_a_unit_error_under_spark_is_one_line_not_pages_of_java(tmp_path: Path) 
     units = four_units(tmp_path)
     options = RunOptions(out_dir=str(tmp_path), converter="t")
     with pytest.raises(RunIncomplete) as caught:
-        run_units(units, _disk_full_on_unit_1, options, executor="spark", master="local[2]")
+        run_units(
+            units, _disk_full_on_unit_1, options, Execution(executor="spark", master="local[2]")
+        )
     assert str(caught.value) == (
         "a unit failed under Spark: OSError: [Errno 28] No space left on device"
     )

@@ -25,6 +25,7 @@ from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.errors import NothingWritten
 from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 from tests.conftest import Route, serve
 
@@ -129,7 +130,14 @@ def test_img2dataset_workers_exit_when_main_is_killed(tmp_path: Path) -> None:
         server.routes[f"/stall{i}.jpg"] = Route(b"", "image/jpeg", delay_s=120)
     urls = [server.url(f"stall{i}.jpg") for i in range(8)]
     pq.write_table(pa.table({"url": urls, "caption": ["c"] * 8}), tmp_path / "in.parquet")
-    args = ["convert", "laion", "--parquet", str(tmp_path / "in.parquet"), "--processes", "2"]
+    args = [
+        "convert",
+        "laion",
+        "--parquet",
+        str(tmp_path / "in.parquet"),
+        "--download-processes",
+        "2",
+    ]
     proc = subprocess.Popen([*CLI, *args, "--out", str(tmp_path / "out"), "--timeout", "100"])
     try:
         kill_and_check_orphans(proc, 3)  # two workers and multiprocessing's resource tracker
@@ -241,7 +249,10 @@ def mmc4_done(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 def convert_mmc4_into(sample: dict, out: Path, resume: bool) -> dict:
     run = RunOptions(out_dir=str(out), converter="mmc4", write_rejects=True, resume=resume)
     stats = convert_mmc4(
-        sample["docs"], Mmc4Options(images=sample["images"]), run, processes=1, progress=False
+        sample["docs"],
+        Mmc4Options(images=sample["images"]),
+        run,
+        execution=Execution(processes=1, progress=False),
     )
     return stats.to_json()
 
@@ -298,7 +309,11 @@ def convert_conversations_into(root: Path, out: Path, resume: bool) -> None:
     run = RunOptions(out_dir=str(out), converter="conversations", write_rejects=True, resume=resume)
     options = ConversationOptions(images=str(root / "images"))
     convert_conversations(
-        str(root / "data.json"), options, run, chunk_size=2, processes=1, progress=False
+        str(root / "data.json"),
+        options,
+        run,
+        chunk_size=2,
+        execution=Execution(processes=1, progress=False),
     )
 
 
@@ -332,8 +347,7 @@ def chatgpt_done(tmp_path_factory: pytest.TempPathFactory):
             str(root / "seq-*.json"),
             ChatGptOptions(download=FAST),
             RunOptions(out_dir=str(root / "clean"), converter="chatgpt", write_rejects=True),
-            processes=1,
-            progress=False,
+            execution=Execution(processes=1, progress=False),
         )
     finally:
         generator.close()
@@ -353,8 +367,7 @@ def test_chatgpt_resume_redoes_a_unit_whose_marker_is_damaged(
         str(root / "seq-*.json"),
         ChatGptOptions(images_from=str(clean / "_images")),
         RunOptions(out_dir=str(out), converter="chatgpt", write_rejects=True, resume=True),
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     _same_dataset(out, clean)
 
@@ -425,8 +438,7 @@ def test_library_raises_nothing_written_after_writing_stats(conversations_done, 
             str(root / "data.json"),
             ConversationOptions(images=str(tmp_path)),
             run,
-            processes=1,
-            progress=False,
+            execution=Execution(processes=1, progress=False),
         )
     assert (tmp_path / "out" / "stats.json").exists()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flamingo_data.core.schema import schema_errors
-from flamingo_data.run.executors import run_units
+from flamingo_data.run.executors import Execution, run_units
 from flamingo_data.run.units import (
     OutputExistsError,
     RunOptions,
@@ -119,7 +119,7 @@ def test_units_markers_resume_and_sidecars(tmp_path: Path) -> None:
     units = [Unit(f"u{i}", f"src{i}", i) for i in range(3)]
     options = RunOptions(out_dir=str(tmp_path), converter="t", write_rejects=True)
     prepare_out_dir(tmp_path, resume=False, overwrite=False)
-    run_units(units, _unit_fn, options, processes=1, progress=False)
+    run_units(units, _unit_fn, options, Execution(processes=1, progress=False))
     stats = finalize(tmp_path, "t")
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     assert sizes == {f"u{i}-00000.tar": 3 for i in range(3)} and not schema_errors("sizes", sizes)
@@ -157,8 +157,7 @@ def test_overwrite_clears_an_earlier_run(tmp_path: Path) -> None:
         [Unit("u", "s", 0)],
         _unit_fn,
         RunOptions(out_dir=str(tmp_path), converter="t"),
-        processes=1,
-        progress=False,
+        Execution(processes=1, progress=False),
     )
     prepare_out_dir(tmp_path, resume=False, overwrite=True)
     assert list(tmp_path.glob("*.tar")) == [] and list((tmp_path / "_done").iterdir()) == []
@@ -190,7 +189,7 @@ def test_overwrite_removes_the_earlier_sizes_and_stats(tmp_path: Path) -> None:
     loader read counts of shards that were deleted or rewritten with other sizes."""
     prepare_out_dir(tmp_path, resume=False, overwrite=False)
     options = RunOptions(out_dir=str(tmp_path), converter="t")
-    run_units([Unit("u", "s", 0)], _unit_fn, options, processes=1, progress=False)
+    run_units([Unit("u", "s", 0)], _unit_fn, options, Execution(processes=1, progress=False))
     finalize(tmp_path, "t")
     assert (tmp_path / "sizes.json").exists() and (tmp_path / "stats.json").exists()
     prepare_out_dir(tmp_path, resume=False, overwrite=True)

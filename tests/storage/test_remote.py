@@ -8,6 +8,7 @@ import fsspec
 
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import write_mmc4_sample
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 from flamingo_data.storage.specs import expand_specs
 
@@ -29,15 +30,17 @@ def test_mmc4_from_memory_filesystem_matches_local(tmp_path: Path) -> None:
     assert len(expand_specs("memory://bucket/mmc4/docs/*.zip")) == 2
     local = RunOptions(out_dir=str(tmp_path / "local"), converter="mmc4")
     convert_mmc4(
-        sample["docs"], Mmc4Options(images=sample["images"]), local, processes=1, progress=False
+        sample["docs"],
+        Mmc4Options(images=sample["images"]),
+        local,
+        execution=Execution(processes=1, progress=False),
     )
     remote = RunOptions(out_dir=str(tmp_path / "remote"), converter="mmc4")
     stats = convert_mmc4(
         "memory://bucket/mmc4/docs/shard_{0..1}.zip",
         Mmc4Options(images="memory://bucket/mmc4/images"),
         remote,
-        processes=1,
-        progress=False,
+        execution=Execution(processes=1, progress=False),
     )
     assert stats.get("documents", "written") > 0
     read = lambda out: {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}  # noqa: E731

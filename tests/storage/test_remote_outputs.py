@@ -15,6 +15,7 @@ import pytest
 from flamingo_data.check.validate import validate_shards
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import write_mmc4_sample
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions, Unit, UnitContext, run_unit
 
 
@@ -25,7 +26,11 @@ def convert(
     run = RunOptions(out_dir=out, converter="mmc4", write_rejects=rejects, resume=resume)
     options = Mmc4Options(images=sample["images"])
     stats = convert_mmc4(
-        sample["docs"], options, run, processes=processes, progress=False, **kwargs
+        sample["docs"],
+        options,
+        run,
+        execution=Execution(processes=processes, progress=False),
+        **kwargs,
     )
     return stats.to_json()
 
@@ -161,7 +166,9 @@ def test_conversations_from_and_to_remote_storage(tmp_path, memory_out) -> None:
     def run(data: str, images: str, out: str) -> dict:
         options = ConversationOptions(images=images, as_="interleaved")
         run = RunOptions(out_dir=out, converter="conversations", write_rejects=True)
-        stats = convert_conversations(data, options, run, chunk_size=3, processes=1, progress=False)
+        stats = convert_conversations(
+            data, options, run, chunk_size=3, execution=Execution(processes=1, progress=False)
+        )
         return stats.to_json()
 
     local = run(
