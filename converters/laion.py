@@ -14,8 +14,8 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,20 @@ from flamingo_data.fetch.i2d_output import (
     check_finished,
     check_sidecars,
     finished_shards,
-    row_results,
+    shard_rows,
 )
-from flamingo_data.fetch.i2d_pairs import ShardResult, place_shard
+from flamingo_data.fetch.i2d_pairs import place_shard
 from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
 from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
-from flamingo_data.run.executors import Execution, default_processes
-from flamingo_data.run.outcome import DEFAULT_MAX_REJECT_SHARE, check_output, check_reject_share
-from flamingo_data.run.procpool import map_in_processes
+from flamingo_data.run.driver import ConversionPlan, run_conversion
+from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import (
     SETTINGS_FILE,
     OutputExistsError,
+    RunOptions,
+    Unit,
+    UnitContext,
     drop_work_dir,
-    prepare_out_dir,
     record_settings,
     upload_files,
     work_dir,
@@ -144,60 +145,110 @@ def _needs_text(kind: pa.DataType) -> bool:
 
 def convert_laion(
     parquet: str | list[str] | None,
-    out: str,
     options: LaionOptions,
+    run: RunOptions,
     *,
     from_img2dataset: str | None = None,
-    resume: bool = False,
     overwrite: bool = False,
-    write_rejects: bool = False,
-    max_reject_share: float = DEFAULT_MAX_REJECT_SHARE,
     execution: Execution | None = None,
 ) -> Stats:
     """Download (or adopt) then check every sample; returns the stats also written to stats.json.
     Raises ``NothingWritten`` when no sample was written (see ``flamingo_data.run.outcome``).
     Downloading (no ``from_img2dataset``) needs the [download] extra: without it MissingExtra is
     raised before anything is written."""
-    check_reject_share(max_reject_share)
+    plan = plan_laion(parquet, options, run, from_img2dataset, overwrite)
+    local = replace(run, out_dir=str(work_dir(run.out_dir)))  # a remote out is filled at the end
+    return run_conversion(plan, local, overwrite=overwrite, execution=execution)
+
+
+def plan_laion(
+    parquet: str | list[str] | None,
+    options: LaionOptions,
+    run: RunOptions,
+    from_img2dataset: str | None,
+    overwrite: bool,
+) -> ConversionPlan:
+    """One unit per finished img2dataset shard: checked, then placed in the output folder under
+    its own name. The download (``before``) runs once the folder is ready; a remote out receives
+    the shards and sidecars at the end (``after``)."""
     if from_img2dataset is None:
         require_extra("download", "convert_laion without from_img2dataset")
-    _check_remote_out(out, resume, overwrite)
-    root = _prepare(str(work_dir(out)), resume, overwrite)  # a remote --out is filled at the end
+    out, root = run.out_dir, work_dir(run.out_dir)
+    _check_earlier_run(out, root, run.resume or overwrite)
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
-    per_shard = None
-    if from_img2dataset is None:
-        if resume:
-            _fetch_remote_settings(out, root)
-        record_settings(root, _output_settings(options), resume)
-        check_finished(staging, _download(parquet, root, staging, options))
-        per_shard = options.download.samples_per_shard
-    elif not finished_shards(staging):
+    if from_img2dataset is not None and not finished_shards(staging):
         raise SpecError(f"no finished img2dataset shard (tar + _stats.json) in {from_img2dataset}")
-    else:
+    if from_img2dataset is not None:
         check_sidecars(staging)
-    stats = Stats(converter="laion")
-    rejects = row_results(staging, stats, per_shard)
-    how = "link" if from_img2dataset is None or options.link else "copy"
-    task = partial(place_shard, out=root, max_pixels=options.max_pixels, how=how)
-    sizes = {}
-    checkers = (execution or Execution(processes=1)).processes or default_processes()
-    for result in _pool_map(task, finished_shards(staging), checkers):
-        _merge(result, stats, rejects, sizes)
-    stats.add("shards", "written", len(sizes))
-    _write_sidecars(root, stats, rejects if write_rejects else None, sizes)
+
+    def download(local: RunOptions, overwrite: bool) -> None:
+        if overwrite:
+            _clear_earlier_run(out, root)
+        if from_img2dataset is None:
+            if local.resume:
+                _fetch_remote_settings(out, root)
+            record_settings(root, _output_settings(options), local.resume)
+            check_finished(staging, _download(parquet, root, staging, options))
+
+    def units(local: RunOptions) -> list[Unit]:
+        return [Unit(t.stem, str(t), i) for i, t in enumerate(finished_shards(staging))]
+
+    def publish(local: RunOptions) -> None:
+        if remote.is_remote(out):
+            sizes = json.loads((root / "sizes.json").read_bytes())
+            upload_files(root, out, _published(root, sizes))
+            drop_work_dir(out)
+
+    adopted = from_img2dataset is not None
+    return ConversionPlan(
+        converter="laion",
+        settings=_output_settings(options),
+        units=units,
+        convert_unit=partial(
+            check_unit,
+            max_pixels=options.max_pixels,
+            how="copy" if adopted and not options.link else "link",
+            samples_per_shard=None if adopted else options.download.samples_per_shard,
+        ),
+        before=download,
+        after=publish,
+        records="samples",
+        read_from="rows",
+    )
+
+
+def check_unit(
+    unit: Unit, ctx: UnitContext, max_pixels: int, how: str, samples_per_shard: int | None
+) -> None:
+    """Count one img2dataset shard's rows, check its samples and place it (``place_shard``)."""
+    tar = Path(unit.source)
+    ctx.rejects.extend(shard_rows(tar, ctx.stats, samples_per_shard))
+    result = place_shard(tar, ctx.out_dir, max_pixels, how)
+    ctx.stats.merge(Stats.from_json(result.stats))
+    ctx.rejects.extend(result.rejects)
+    if result.written:
+        ctx.place(result.name, result.written)
+
+
+def _check_earlier_run(out: str, root: Path, allowed: bool) -> None:
+    """An earlier run (its download folder or sizes.json, here or in a remote out) is only reused
+    with resume or overwrite."""
+    earlier = (root / "_download").exists() or (root / "sizes.json").exists()
     if remote.is_remote(out):
-        upload_files(root, out, _published(root, sizes))
-        drop_work_dir(out)
-    return check_output(stats, max_reject_share, records="samples", read_from="rows")
-
-
-def _check_remote_out(out: str, resume: bool, overwrite: bool) -> None:
-    """The same earlier-run rule as a local --out; --overwrite clears the old shards there."""
-    if not remote.is_remote(out):
-        return
-    if remote.exists(remote.join(out, "sizes.json")) and not (resume or overwrite):
+        earlier = earlier or remote.exists(remote.join(out, "sizes.json"))
+    if earlier and not allowed:
         raise OutputExistsError(f"{out} holds an earlier run: pass --resume or --overwrite")
-    if overwrite:
+
+
+def _clear_earlier_run(out: str, root: Path) -> None:
+    """What an earlier run left besides the unit outputs: downloads, input copies, img2dataset's
+    sidecars, the settings file; in a remote out, its shards and sidecars."""
+    for path in (root / "_download", root / LINKS_DIR, root / FETCHED_DIR, root / WEB_ONLY_DIR):
+        shutil.rmtree(path, ignore_errors=True)
+    for pattern in ("*.parquet", "*_stats.json", SETTINGS_FILE):
+        for path in root.glob(pattern):
+            path.unlink()
+    if remote.is_remote(out):
         for pattern in ("*.tar", "*.parquet", "*_stats.json", "*.json", "*.jsonl"):
             for path in remote.glob(remote.join(out, pattern)):
                 remote.remove(path)
@@ -225,51 +276,6 @@ def _published(root: Path, sizes: dict[str, int]) -> list[str]:
         ]
     sidecars = ("rejects.jsonl", "stats.json", SETTINGS_FILE, "sizes.json")
     return names + [n for n in sidecars if (root / n).exists()]
-
-
-def _pool_map(task: Callable, items: list, processes: int) -> Iterator:
-    """Results in input order; checking decodes every image, so shards are spread over processes."""
-    if processes <= 1 or len(items) <= 1:
-        yield from map(task, items)
-        return
-    yield from map_in_processes(task, items, processes, "spawn", ordered=True)
-
-
-def _merge(result: ShardResult, stats: Stats, rejects: list, sizes: dict[str, int]) -> None:
-    stats.merge(Stats.from_json(result.stats))
-    rejects.extend(result.rejects)
-    if result.written:
-        sizes[result.name] = result.written
-
-
-def _write_sidecars(root: Path, stats: Stats, rejects: list | None, sizes: dict[str, int]) -> None:
-    write_atomic(root / "sizes.json", json.dumps(dict(sorted(sizes.items())), indent=1).encode())
-    write_atomic(root / "stats.json", json.dumps(stats.to_json(), indent=1).encode())
-    if rejects is not None:
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
-        write_atomic(root / "rejects.jsonl", lines.encode())
-
-
-def _prepare(out: str, resume: bool, overwrite: bool) -> Path:
-    """An earlier run (its download folder or sizes.json) is only reused with resume or overwrite."""
-    root = Path(out)
-    earlier = (root / "_download").exists() or (root / "sizes.json").exists()
-    if earlier and not (resume or overwrite):
-        raise OutputExistsError(f"{out} holds an earlier run: pass --resume or --overwrite")
-    if overwrite:
-        for path in (root / "_download", root / LINKS_DIR, root / FETCHED_DIR, root / WEB_ONLY_DIR):
-            shutil.rmtree(path, ignore_errors=True)
-        for pattern in (
-            "*.parquet",
-            "*_stats.json",
-            "sizes.json",
-            "stats.json",
-            "rejects.jsonl",
-            SETTINGS_FILE,
-        ):
-            for path in root.glob(pattern):
-                path.unlink()
-    return prepare_out_dir(root, resume, overwrite)
 
 
 def web_urls_only(source: str, url_col: str, target: Path, extra: Iterable[str] = ()) -> str:

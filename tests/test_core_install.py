@@ -333,7 +333,11 @@ def test_library_download_calls_refuse_without_the_download_extra_before_writing
     seqs = tmp_path / "seqs.jsonl"
     seqs.write_text(json.dumps({"example": "_!_IMAGE1_!_", "image_map": {"_!_IMAGE1_!_": {}}}))
     with pytest.raises(MissingExtra, match=r"convert_laion without from_img2dataset needs"):
-        convert_laion(str(parquet), str(tmp_path / "laion"), LaionOptions())
+        convert_laion(
+            str(parquet),
+            LaionOptions(),
+            RunOptions(out_dir=str(tmp_path / "laion"), converter="laion"),
+        )
     run = RunOptions(out_dir=str(tmp_path / "chatgpt"), converter="chatgpt")
     with pytest.raises(MissingExtra, match=r"convert_chatgpt without options.images_from needs"):
         convert_chatgpt(str(seqs), ChatGptOptions(), run)
@@ -341,7 +345,12 @@ def test_library_download_calls_refuse_without_the_download_extra_before_writing
     empty = tmp_path / "no-download"  # nothing to download: refused, but never for the extra
     empty.mkdir()
     with pytest.raises(Exception, match="no finished img2dataset shard") as caught:
-        convert_laion(None, str(tmp_path / "adopted"), LaionOptions(), from_img2dataset=str(empty))
+        convert_laion(
+            None,
+            LaionOptions(),
+            RunOptions(out_dir=str(tmp_path / "adopted"), converter="laion"),
+            from_img2dataset=str(empty),
+        )
     assert not isinstance(caught.value, MissingExtra)
 
 

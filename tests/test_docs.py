@@ -221,7 +221,11 @@ def _download_every_url(built: Path, urls: dict[str, str]) -> None:
     ``--from-img2dataset`` and ``--images-from`` adopt."""
     every_url = built / "urls.parquet"
     pd.DataFrame({"url": list(urls.values()), "caption": list(urls)}).to_parquet(every_url)
-    convert_laion(str(every_url), str(built / "laion-shards"), LaionOptions(download=FAST))
+    convert_laion(
+        str(every_url),
+        LaionOptions(download=FAST),
+        RunOptions(out_dir=str(built / "laion-shards"), converter="laion"),
+    )
     for name in ("existing-i2d-output", "i2d-output"):
         (built / name).mkdir()
         for path in (built / "laion-shards" / "_download").glob("0*"):

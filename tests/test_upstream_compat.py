@@ -417,7 +417,10 @@ def test_pair_shards_read_by_open_flamingo_steps(tmp_path: Path) -> None:
     ]
     write_img2dataset_output(tmp_path / "i2d", rows)
     stats = convert_laion(
-        None, str(tmp_path / "out"), LaionOptions(), from_img2dataset=str(tmp_path / "i2d")
+        None,
+        LaionOptions(),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="laion"),
+        from_img2dataset=str(tmp_path / "i2d"),
     ).to_json()
     assert stats["counts"]["samples"] == {"in": 4, "written": 4}
     assert validate_shards(str(tmp_path / "out"), deep=True).ok

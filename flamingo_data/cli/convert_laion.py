@@ -6,6 +6,7 @@ import argparse
 import json
 
 from flamingo_data.cli.options import (
+    add_executor_options,
     add_processes_option,
     add_reject_share_option,
     check_writable,
@@ -83,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--from-img2dataset: hard-link good shards instead of copying them",
     )
     add_processes_option(parser)
+    add_executor_options(parser)
     add_download_options(parser)
     add_reject_share_option(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,6 +97,7 @@ def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.laion import LaionOptions, convert_laion
+    from flamingo_data.run.units import RunOptions
 
     check_writable(args.out)
     download = DownloadOptions(
@@ -115,15 +118,19 @@ def run(args: argparse.Namespace) -> int:
         keep_columns=not args.no_extra_columns,
         link=args.link,
     )
+    run_opts = RunOptions(
+        out_dir=args.out,
+        converter="laion",
+        write_rejects=args.rejects,
+        resume=args.resume,
+        max_reject_share=args.max_reject_share,
+    )
     stats = convert_laion(
         args.parquet,
-        args.out,
         options,
+        run_opts,
         from_img2dataset=args.from_img2dataset,
-        resume=args.resume,
         overwrite=args.overwrite,
-        write_rejects=args.rejects,
-        max_reject_share=args.max_reject_share,
         execution=execution(args),
     )
     print(json.dumps(stats.to_json(), indent=1))

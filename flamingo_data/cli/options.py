@@ -88,7 +88,19 @@ def share(text: str) -> float:
 
 
 def add_unit_options(parser: argparse.ArgumentParser) -> None:
-    """Where units run and how their shards are cut and committed (every unit converter)."""
+    """Where units run and how their shards are cut and committed (converters that write shards)."""
+    add_executor_options(parser)
+    parser.add_argument("--max-samples-per-shard", type=positive, default=10_000)
+    parser.add_argument("--max-bytes-per-shard", type=positive, default=2**30)
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip fsync on commit (scratch disks): faster, but a power loss can corrupt shards",
+    )
+
+
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """Where units run (every converter)."""
     parser.add_argument(
         "--executor",
         choices=("local", "spark", "ray"),
@@ -99,13 +111,6 @@ def add_unit_options(parser: argparse.ArgumentParser) -> None:
         "--executor-master",
         default=None,
         help="spark master URL (default local[N], N = the parallel units) or ray address (default auto)",
-    )
-    parser.add_argument("--max-samples-per-shard", type=positive, default=10_000)
-    parser.add_argument("--max-bytes-per-shard", type=positive, default=2**30)
-    parser.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="skip fsync on commit (scratch disks): faster, but a power loss can corrupt shards",
     )
 
 

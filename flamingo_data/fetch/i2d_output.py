@@ -160,39 +160,37 @@ def failure_reason(message: Any, status: str) -> str:
     return next((code for fragment, code in REASON_CODES if fragment in text), status)
 
 
-def row_results(
-    folder: str | Path, stats: Stats, samples_per_shard: int | None = None
+def shard_rows(
+    tar: Path, stats: Stats, samples_per_shard: int | None = None
 ) -> list[dict[str, Any]]:
-    """Count every input row of the finished shards (``rows``: in, downloaded, rejected by reason).
+    """Count every input row of one finished shard (``rows``: in, downloaded, rejected by reason).
 
     Returns one reject entry (key, url, reason, detail) per failed row. Counts come from the per-row
-    parquet files rather than ``_stats.json``, whose capped counter can drop rare messages; rows
+    parquet file rather than ``_stats.json``, whose capped counter can drop rare messages; rows
     missing from the parquet are counted from ``_stats.json`` (see ``_dropped_rows``).
     ``samples_per_shard`` (when known) names the keys of a shard that lost every row.
     """
-    rejects = []
-    for tar in finished_shards(folder):
-        parquet = tar.with_suffix(".parquet")
-        if not parquet.exists():
-            _rows_from_stats_file(tar.with_name(f"{tar.stem}_stats.json"), stats)
-            continue
-        frame = read_rows(parquet)
-        rejects += _dropped_rows(tar, [str(k) for k in frame["key"]], stats, samples_per_shard)
-        ok = frame["status"] == "success"
-        stats.add("rows", "in", len(frame))
-        stats.add("rows", "downloaded", int(ok.sum()))
-        for row in frame[~ok].itertuples():
-            reason = failure_reason(row.error_message, str(row.status))
-            stats.reject("rows", reason)
-            rejects.append(
-                {
-                    "key": str(row.key),
-                    "url": str(row.url),
-                    "kind": "rows",
-                    "reason": reason,
-                    "detail": str(row.error_message or row.status)[:500],
-                }
-            )
+    parquet = tar.with_suffix(".parquet")
+    if not parquet.exists():
+        _rows_from_stats_file(tar.with_name(f"{tar.stem}_stats.json"), stats)
+        return []
+    frame = read_rows(parquet)
+    rejects = _dropped_rows(tar, [str(k) for k in frame["key"]], stats, samples_per_shard)
+    ok = frame["status"] == "success"
+    stats.add("rows", "in", len(frame))
+    stats.add("rows", "downloaded", int(ok.sum()))
+    for row in frame[~ok].itertuples():
+        reason = failure_reason(row.error_message, str(row.status))
+        stats.reject("rows", reason)
+        rejects.append(
+            {
+                "key": str(row.key),
+                "url": str(row.url),
+                "kind": "rows",
+                "reason": reason,
+                "detail": str(row.error_message or row.status)[:500],
+            }
+        )
     return rejects
 
 

@@ -31,7 +31,9 @@ class ConversionPlan:
     ``units`` lists the units once the output folder is ready; ``convert_unit`` turns one unit into
     records; ``input_counts`` are counts known before any unit runs (missing or duplicate inputs);
     ``before`` runs once the folder is ready (downloads, chunking), with ``overwrite``; ``after``
-    runs once the run has written records (removing work files).
+    runs once the run has written records (removing work files). ``records`` is the stats
+    category whose ``written`` count is the output, ``read_from`` the one whose ``in`` count is
+    the input (see ``check_output``).
     """
 
     converter: str
@@ -41,6 +43,8 @@ class ConversionPlan:
     input_counts: Stats | None = None
     before: Callable[[RunOptions, bool], None] | None = None
     after: Callable[[RunOptions], None] | None = None
+    records: str = "documents"
+    read_from: str | None = None
 
 
 def run_conversion(
@@ -58,7 +62,8 @@ def run_conversion(
         plan.before(run, overwrite)
     run_units(plan.units(run), plan.convert_unit, run, execution or Execution())
     stats = finalize(run.out_dir, plan.converter, plan.input_counts)
-    check_output(stats, run.max_reject_share)  # a failed run keeps its work files for --resume
+    # a failed run keeps its work files for --resume
+    check_output(stats, run.max_reject_share, plan.records, plan.read_from)
     if plan.after is not None:
         plan.after(run)
     return stats

@@ -77,9 +77,20 @@ class UnitContext:
     writer: ShardWriter
     stats: Stats
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    placed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        """The local folder this unit's shards go into."""
+        return self.writer.out_dir
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         self.writer.write(key, members)
+
+    def place(self, shard: str, samples: int) -> None:
+        """Record a whole shard the unit put into ``out_dir`` itself (an adopted download), so its
+        marker and sizes.json list it with its sample count."""
+        self.placed[shard] = samples
 
     def write_record(self, key: str, record: EncodedRecord) -> None:
         """Write ``<key>.json`` and count its values written as null (``values.non_finite_as_null``):
@@ -218,7 +229,7 @@ def _write_unit(
     except BaseException:
         writer.abort()
         raise
-    shards = writer.close()
+    shards = {**writer.close(), **ctx.placed}
     if options.write_rejects:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in ctx.rejects)
         write_atomic(out / REJECTS_DIR / f"{unit.name}.jsonl", lines.encode(), fsync)

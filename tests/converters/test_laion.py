@@ -34,9 +34,11 @@ from flamingo_data.demo.sample_data import make_image
 from flamingo_data.errors import NothingWritten
 from flamingo_data.fetch.i2d_pairs import check_sample
 from flamingo_data.fetch.i2d_run import DownloadOptions
-from flamingo_data.run.units import OutputExistsError, RunIncomplete
+from flamingo_data.run.executors import Execution
+from flamingo_data.run.units import OutputExistsError, RunIncomplete, RunOptions
 from flamingo_data.storage.specs import SpecError
 from tests.conftest import Route, serve
+from tests.test_upstream_compat import write_img2dataset_output
 
 FAST = DownloadOptions(processes=1, threads=4, timeout=1, retries=0, samples_per_shard=4)
 
@@ -106,9 +108,8 @@ def downloaded(server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
         pd.DataFrame(frame).to_parquet(root / f"part-{part:05d}.parquet")
     stats = convert_laion(
         str(root / "part-{00000..00001}.parquet"),
-        str(root / "out"),
         LaionOptions(download=FAST),
-        write_rejects=True,
+        RunOptions(out_dir=str(root / "out"), converter="laion", write_rejects=True),
     )
     return root, served, stats.to_json()
 
@@ -156,9 +157,10 @@ def test_adopting_an_img2dataset_output_checks_and_rewrites_bad_samples(
             tar.addfile(member, io.BytesIO(data))
     stats = convert_laion(
         None,
-        str(tmp_path / "out"),
-        LaionOptions(download=DownloadOptions(processes=2)),  # shards checked in 2 processes
+        LaionOptions(),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="laion"),
         from_img2dataset=str(source),
+        execution=Execution(processes=2, progress=False),  # shards checked in 2 processes
     ).to_json()
     assert stats["counts"]["samples"] == {"in": 4, "written": 3, "rejected": 1}
     assert stats["reasons"]["samples"] == {"not_an_image": 1}
@@ -192,7 +194,12 @@ def test_an_adopted_output_with_nan_in_its_json_is_written_with_null(
                 tar.addfile(info, io.BytesIO(data))
     (source / "00000_stats.json").write_text('{"count": 3, "successes": 3}')
     out = tmp_path / "out"
-    stats = convert_laion(None, str(out), LaionOptions(), from_img2dataset=str(source)).to_json()
+    stats = convert_laion(
+        None,
+        LaionOptions(),
+        RunOptions(out_dir=str(out), converter="laion"),
+        from_img2dataset=str(source),
+    ).to_json()
     assert stats["counts"]["samples"] == {"in": 3, "written": 3, "non_finite_to_null": 2}
     assert stats["counts"]["shards"] == {"rewritten": 1, "written": 1}
     assert validate_shards(str(out), deep=True).ok
@@ -308,9 +315,8 @@ def test_remote_parquet_and_remote_out(downloaded, tmp_path, monkeypatch) -> Non
         fs.pipe_file(f"/laion-in/{part}", (root / part).read_bytes())
     got = convert_laion(
         "memory://laion-in/part-{00000..00001}.parquet",
-        "memory://laion-out/pairs",
         LaionOptions(download=FAST),
-        write_rejects=True,
+        RunOptions(out_dir="memory://laion-out/pairs", converter="laion", write_rejects=True),
     )
     try:
         local = tmp_path / "copy"
@@ -340,12 +346,20 @@ def test_resume_into_a_finished_remote_out_refuses_other_options(
     out = "memory://laion-settings/pairs"
     fs = fsspec.filesystem("memory")
     try:
-        convert_laion(str(tmp_path / "in.parquet"), out, LaionOptions(download=FAST))
+        convert_laion(
+            str(tmp_path / "in.parquet"),
+            LaionOptions(download=FAST),
+            RunOptions(out_dir=out, converter="laion"),
+        )
         before = {p: fs.cat_file(p) for p in fs.find("/laion-settings")}
         assert before["/laion-settings/pairs/_settings.json"]
         other = LaionOptions(download=replace(FAST, samples_per_shard=8))
         with pytest.raises(OutputExistsError, match="other options"):
-            convert_laion(str(tmp_path / "in.parquet"), out, other, resume=True)
+            convert_laion(
+                str(tmp_path / "in.parquet"),
+                other,
+                RunOptions(out_dir=out, converter="laion", resume=True),
+            )
         assert {p: fs.cat_file(p) for p in fs.find("/laion-settings")} == before
     finally:
         fs.rm("/laion-settings", recursive=True)
@@ -363,7 +377,9 @@ def test_only_http_urls_are_fetched_never_local_files(server, tmp_path: Path) ->
         tmp_path / "p.parquet"
     )
     stats = convert_laion(
-        str(tmp_path / "p.parquet"), str(tmp_path / "out"), LaionOptions(download=FAST)
+        str(tmp_path / "p.parquet"),
+        LaionOptions(download=FAST),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="laion"),
     ).to_json()
     assert stats["counts"]["rows"] == {"in": 3, "downloaded": 1, "rejected": 2}
     assert stats["reasons"]["rows"] == {"bad_url": 2}
@@ -385,7 +401,9 @@ def test_date_columns_are_kept_as_text_and_rows_img2dataset_drops_are_counted(
         tmp_path / "dates.parquet"
     )
     stats = convert_laion(
-        str(tmp_path / "dates.parquet"), str(tmp_path / "dates"), LaionOptions(download=FAST)
+        str(tmp_path / "dates.parquet"),
+        LaionOptions(download=FAST),
+        RunOptions(out_dir=str(tmp_path / "dates"), converter="laion"),
     ).to_json()
     assert stats["counts"]["rows"] == {"in": 2, "downloaded": 1, "rejected": 1}
     pairs = read_pairs(tmp_path / "dates")
@@ -399,9 +417,8 @@ def test_date_columns_are_kept_as_text_and_rows_img2dataset_drops_are_counted(
     with pytest.raises(NothingWritten, match="0 of 2 samples written"):  # stats.json says why
         convert_laion(
             str(tmp_path / "nested.parquet"),
-            str(out),
             LaionOptions(download=FAST),
-            write_rejects=True,
+            RunOptions(out_dir=str(out), converter="laion", write_rejects=True),
         )
     stats = json.loads((out / "stats.json").read_text())
     assert stats["counts"]["rows"] == {"in": 2, "downloaded": 0, "rejected": 2}
@@ -423,11 +440,12 @@ def test_a_shard_img2dataset_could_not_finish_stops_the_run_and_resume_completes
     options = LaionOptions(download=replace(FAST, samples_per_shard=2))
     blocker = tmp_path / "out" / "_download" / "00001.tar"
     blocker.mkdir(parents=True)  # img2dataset cannot open this shard for writing
-    run = partial(convert_laion, str(tmp_path / "p.parquet"), str(tmp_path / "out"), options)
+    resumed = RunOptions(out_dir=str(tmp_path / "out"), converter="laion", resume=True)
+    run = partial(convert_laion, str(tmp_path / "p.parquet"), options, resumed)
     with pytest.raises(RunIncomplete, match="did not finish shard.s. 00001"):
-        run(resume=True)
+        run()
     blocker.rmdir()
-    stats = run(resume=True).to_json()
+    stats = run().to_json()
     assert stats["counts"]["rows"] == {"in": 4, "downloaded": 4}
     assert set(read_pairs(tmp_path / "out")) == set("abcd")
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {
@@ -455,10 +473,93 @@ def test_remote_inputs_get_the_same_url_refusal(server, tmp_path, monkeypatch) -
     try:
         stats = convert_laion(
             "memory://refusal-in/p{0..1}.parquet",
-            str(tmp_path / "out"),
             LaionOptions(download=FAST),
+            RunOptions(out_dir=str(tmp_path / "out"), converter="laion"),
         ).to_json()
     finally:
         fs.rm("/refusal-in", recursive=True)
     assert stats["reasons"]["rows"] == {"bad_url": 1}
     assert set(read_pairs(tmp_path / "out")) == {"web"}
+
+
+# ---- LAION as a unit converter: one unit per img2dataset shard ---------------------------------
+
+
+def adoptable_output(folder: Path, shards: int = 3) -> Path:
+    """An img2dataset output of ``shards`` finished shards (a failed row and a broken image
+    in each), made without a download."""
+    for shard in range(shards):
+        rows = [
+            (f"http://127.0.0.1:9/{shard}-{i}.jpg", f"cap {shard} {i}", image, "jpg")
+            for i, image in enumerate(
+                [make_image(10 * shard + i, 40, 30, "JPEG") for i in range(3)] + [None, b"oops"]
+            )
+        ]
+        write_img2dataset_output(folder / f"part{shard}", rows)
+        for name in ("00000.tar", "00000.parquet", "00000_stats.json"):
+            (folder / f"part{shard}" / name).rename(folder / name.replace("00000", f"{shard:05d}"))
+        (folder / f"part{shard}").rmdir()
+    return folder
+
+
+def adopt(source: Path, out: Path, *args: str) -> int:
+    argv = ["convert", "laion", "--from-img2dataset", str(source), "--out", str(out)]
+    return cli([*argv, "--rejects", "--no-progress", *args])
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    names = [
+        "sizes.json",
+        "stats.json",
+        "rejects.jsonl",
+        *sorted(p.name for p in out.glob("*.tar")),
+    ]
+    return {name: (out / name).read_bytes() for name in names}
+
+
+def test_each_img2dataset_shard_is_a_unit_with_its_marker(tmp_path: Path) -> None:
+    source = adoptable_output(tmp_path / "i2d")
+    assert adopt(source, tmp_path / "out", "--processes", "2") == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "_done").glob("*.json")) == [
+        "00000.json",
+        "00001.json",
+        "00002.json",
+    ]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["counts"]["units"] == {"done": 3}
+    assert stats["counts"]["rows"] == {"in": 15, "downloaded": 12, "rejected": 3}
+    assert stats["counts"]["samples"] == {"in": 12, "written": 9, "rejected": 3}
+    assert json.loads((out / "sizes.json").read_text()) == {f"0000{i}.tar": 3 for i in range(3)}
+    # the made-up shards reuse their keys, so each shard is validated on its own
+    assert all(validate_shards(str(out / f"0000{i}.tar"), deep=True).ok for i in range(3))
+
+
+def test_resume_redoes_only_unfinished_units_and_refuses_other_options(
+    tmp_path: Path, capsys
+) -> None:
+    source = adoptable_output(tmp_path / "i2d")
+    assert adopt(source, tmp_path / "clean") == 0
+    out = tmp_path / "out"
+    assert adopt(source, out) == 0
+    kept = (out / "00000.tar").stat().st_mtime_ns
+    (out / "_done" / "00001.json").unlink()  # as if killed while this unit ran
+    (out / "00001.tar").unlink()
+    capsys.readouterr()
+    assert adopt(source, out) == 2  # an earlier run: resume or overwrite
+    assert "--resume or --overwrite" in capsys.readouterr().err
+    assert adopt(source, out, "--resume", "--max-pixels", "1000") == 2
+    assert "max_pixels" in capsys.readouterr().err
+    assert adopt(source, out, "--resume") == 0
+    assert (out / "00000.tar").stat().st_mtime_ns == kept  # a finished unit is not redone
+    assert outputs(out) == outputs(tmp_path / "clean")
+
+
+@pytest.mark.slow
+def test_spark_checks_the_same_bytes_as_the_local_pool(tmp_path: Path) -> None:
+    pytest.importorskip("pyspark")
+    source = adoptable_output(tmp_path / "i2d")
+    assert adopt(source, tmp_path / "local", "--processes", "1") == 0
+    spark = ["--executor", "spark", "--executor-master", "local[2]"]
+    assert adopt(source, tmp_path / "spark", *spark) == 0
+    assert outputs(tmp_path / "spark") == outputs(tmp_path / "local")

@@ -31,6 +31,7 @@ from flamingo_data.fetch.i2d_pairs import check_sample, finite_json
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.fetch.i2d_worker import download_image
 from flamingo_data.fetch.web import RefusedUrl, fetch, web_only_opener
+from flamingo_data.run.units import RunOptions
 from tests.conftest import Route, serve
 
 FAST = DownloadOptions(processes=1, threads=4, timeout=5, retries=0, samples_per_shard=8)
@@ -188,9 +189,8 @@ def test_laion_with_a_category_url_column_and_nan_captions_never_reads_local_fil
     nan_rows.to_parquet(tmp_path / "part-00001.parquet")
     stats = convert_laion(
         str(tmp_path / "part-{00000..00001}.parquet"),
-        str(tmp_path / "out"),
         LaionOptions(download=FAST),
-        write_rejects=True,
+        RunOptions(out_dir=str(tmp_path / "out"), converter="laion", write_rejects=True),
     ).to_json()
     samples = read_tars(tmp_path / "out")
     assert [m["txt"] for m in samples.values()] == [b"web caption"]
