@@ -67,9 +67,7 @@ class ChatGptOptions:
     images_from: str | None = None
     missing: str = "drop"
     policy: ImagePolicy = field(default_factory=ImagePolicy)
-    download: DownloadOptions = field(
-        default_factory=lambda: DownloadOptions(keep_original_bytes=True)
-    )
+    download: DownloadOptions = field(default_factory=DownloadOptions)
 
 
 def read_sequences(path: str) -> list[Any]:

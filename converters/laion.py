@@ -34,7 +34,7 @@ from flamingo_data.fetch.i2d_output import (
 )
 from flamingo_data.fetch.i2d_pairs import place_shard
 from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
-from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
+from flamingo_data.images.stage import ImagePolicy
 from flamingo_data.run.driver import ConversionPlan, run_conversion
 from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import (
@@ -62,24 +62,35 @@ I2D_META_KEYS = {"key", "url", "caption", "status", "error_message", "width", "h
 I2D_META_KEYS |= {"original_width", "original_height", "sha256", "md5"}
 
 
+# The longer side LAION images are brought down to when no resize option is given.
+LAION_MAX_SIDE = 256
+
+
 @dataclass(frozen=True)
 class LaionOptions:
     url_col: str | None = None
     caption_col: str | None = None
     download: DownloadOptions = field(default_factory=DownloadOptions)
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    # every image goes through the image stage: caps, keep or convert, resize
+    policy: ImagePolicy = field(default_factory=lambda: ImagePolicy(max_side=LAION_MAX_SIDE))
     keep_columns: bool = True  # other parquet columns (similarity, punsafe, ...) go into <key>.json
     link: bool = False  # adopted output: hard-link good shards instead of copying them
 
 
 def _output_settings(options: LaionOptions) -> dict[str, Any]:
-    """What decides the shards: columns, image size and mode, pixel caps, opt-outs. Not the
+    """What decides the shards: columns, the image policy, shard size, opt-outs. Not the
     parallelism or the fetch limits (timeouts, retries, size cap), which may change between an
     interrupted run and its resume."""
     download = asdict(options.download)
     for name in ("processes", "threads", "timeout", "retries", "max_bytes"):
         download.pop(name)
-    return {**asdict(options), "download": download, "link": None}
+    return {
+        "url_col": options.url_col,
+        "caption_col": options.caption_col,
+        "download": download,
+        "policy": options.policy.as_settings(),
+        "keep_columns": options.keep_columns,
+    }
 
 
 def column_names(parquet: str) -> list[str]:
@@ -206,7 +217,7 @@ def plan_laion(
         units=units,
         convert_unit=partial(
             check_unit,
-            max_pixels=options.max_pixels,
+            policy=options.policy,
             how="copy" if adopted and not options.link else "link",
             samples_per_shard=None if adopted else options.download.samples_per_shard,
         ),
@@ -218,12 +229,12 @@ def plan_laion(
 
 
 def check_unit(
-    unit: Unit, ctx: UnitContext, max_pixels: int, how: str, samples_per_shard: int | None
+    unit: Unit, ctx: UnitContext, policy: ImagePolicy, how: str, samples_per_shard: int | None
 ) -> None:
     """Count one img2dataset shard's rows, check its samples and place it (``place_shard``)."""
     tar = Path(unit.source)
     ctx.rejects.extend(shard_rows(tar, ctx.stats, samples_per_shard))
-    result = place_shard(tar, ctx.out_dir, max_pixels, how)
+    result = place_shard(tar, ctx.out_dir, policy, how)
     ctx.stats.merge(Stats.from_json(result.stats))
     ctx.rejects.extend(result.rejects)
     if result.written:

@@ -393,6 +393,7 @@ REASON_CALLS = {
     "Failure",
     "ImageResult",
     "GptPlan",
+    "Verdict",
 }
 KEYWORD_ONLY = {"ImageResult", "GptPlan"}  # their positional arguments are outcomes and data
 REASON_SOURCES = [

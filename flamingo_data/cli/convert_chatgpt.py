@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-progress", action="store_true")
     add_image_options(parser)
-    add_download_options(parser, max_pixels=False)
+    add_download_options(parser)
     add_unit_options(parser)
     add_reject_share_option(parser)
 
@@ -73,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         timeout=args.timeout,
         retries=args.retries,
-        keep_original_bytes=True,
     )
     options = ChatGptOptions(
         url_key=args.url_key,

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 from flamingo_data.cli.options import (
     add_executor_options,
+    add_image_options,
     add_processes_option,
     add_reject_share_option,
     check_writable,
     execution,
+    image_policy,
     non_negative,
     positive,
 )
+from flamingo_data.errors import UsageError
 from flamingo_data.fetch.i2d_run import DownloadOptions
-from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
 from flamingo_data.storage import remote
 
 
-def add_download_options(parser: argparse.ArgumentParser, max_pixels: bool = True) -> None:
+def add_download_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--download-processes", type=positive, default=1, help="img2dataset processes"
     )
@@ -39,8 +42,6 @@ def add_download_options(parser: argparse.ArgumentParser, max_pixels: bool = Tru
     parser.add_argument(
         "--rejects", action="store_true", help="write rejects.jsonl (url/key + reason)"
     )
-    if max_pixels:
-        parser.add_argument("--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,18 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--url-col", default=None, help="default: detect (URL, url, image_url, ...)"
     )
     parser.add_argument("--caption-col", default=None, help="default: detect (TEXT, caption, ...)")
+    # the earlier resize options: refused with the options that replace them
+    parser.add_argument("--image-size", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--resize-mode", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--image-size",
+        "--min-size",
         type=positive,
-        default=256,
-        help="resize target in px (only ever downscales)",
+        default=1,
+        help="reject images whose shorter side is under N px",
     )
-    parser.add_argument(
-        "--resize-mode",
-        choices=("keep_ratio_largest", "keep_ratio", "center_crop", "border", "no"),
-        default="keep_ratio_largest",
-    )
-    parser.add_argument("--min-size", type=int, default=0, help="skip images smaller than this")
     parser.add_argument(
         "--no-extra-columns",
         action="store_true",
@@ -83,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--from-img2dataset: hard-link good shards instead of copying them",
     )
+    add_image_options(parser)
     add_processes_option(parser)
     add_executor_options(parser)
     add_download_options(parser)
@@ -96,25 +95,28 @@ def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flamingo_data.converters.laion import LaionOptions, convert_laion
+    from flamingo_data.converters.laion import LAION_MAX_SIDE, LaionOptions, convert_laion
     from flamingo_data.run.units import RunOptions
 
     check_writable(args.out)
+    if args.image_size is not None or args.resize_mode is not None:
+        raise UsageError(
+            "--image-size and --resize-mode are gone: LAION images go through the image stage; "
+            "use --max-side N (what keep_ratio_largest did) or --short-side N"
+        )
     download = DownloadOptions(
-        image_size=args.image_size,
-        resize_mode=args.resize_mode,
         processes=args.download_processes,
         threads=args.threads,
         timeout=args.timeout,
         retries=args.retries,
-        min_size=args.min_size,
-        max_pixels=args.max_pixels,
     )
+    if args.max_side is None and args.short_side is None:
+        args.max_side = LAION_MAX_SIDE
     options = LaionOptions(
         url_col=args.url_col,
         caption_col=args.caption_col,
         download=download,
-        max_pixels=args.max_pixels,
+        policy=replace(image_policy(args), min_side=args.min_size),
         keep_columns=not args.no_extra_columns,
         link=args.link,
     )

@@ -124,6 +124,8 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("samples", "not_an_image", "the image member is not a JPEG, PNG or WebP image"),
     Reason("samples", "too_many_pixels", "the image is over the pixel cap"),
     Reason("samples", "undecodable_image", "the image cannot be decoded"),
+    Reason("samples", "too_small", "the image's shorter side is under min_side"),
+    Reason("samples", "too_many_bytes", "the image file is over the byte cap (max_bytes)"),
     Reason("samples", "missing_caption", "the sample has no txt member"),
     Reason("samples", "caption_not_utf8", "the caption is not UTF-8"),
     Reason("samples", "bad_json", "the json member is not valid JSON"),

@@ -1,9 +1,10 @@
 """Check one img2dataset pair shard sample by sample and place it in the output folder.
 
-A shard whose every sample is fit for training is placed unchanged (hard link or copy: no re-encode,
-byte-identical); otherwise it is rewritten without the bad samples, each counted with its reason
-(and with NaN/±Infinity in ``<key>.json`` written as null: see ``finite_json``).
-Runs in a worker process, so it returns plain data (``ShardResult``) for the driver to merge.
+Each image goes through the image stage (``ImagePolicy``: caps, keep or convert, resize). A shard
+whose every sample is fit for training and whose images the stage keeps as they are is placed
+unchanged (hard link or copy: byte-identical); otherwise it is rewritten with the stage's images and
+without the bad samples, each counted with its reason (and with NaN/±Infinity in ``<key>.json``
+written as null: see ``finite_json``). Runs in a unit's worker; returns plain data (``ShardResult``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import orjson
 
 from flamingo_data.core.schema import schema_errors
 from flamingo_data.core.stats import Stats
-from flamingo_data.images.stage import decode_rgb, sniff_format
+from flamingo_data.images.stage import ImagePolicy, decode_rgb, process_image
 from flamingo_data.storage.shard_reader import (
     DECODED_EXTS,
     IMAGE_EXTS,
@@ -43,20 +44,49 @@ class ShardResult:
     rejects: list[dict[str, Any]] = field(default_factory=list)
 
 
-def check_sample(members: dict[str, bytes], max_pixels: int) -> str | None:
-    """Why a downloaded sample is not fit for training, or None."""
-    image = next((members[e] for e in IMAGE_EXTS if e in members), None)
-    if image is None:
-        return "missing_image"
-    if sniff_format(image) not in ("jpeg", "png", "webp"):
-        return "not_an_image"
+# The image stage's reasons under the names LAION's sample checks give them.
+SAMPLE_REASONS = {
+    "undecodable": "undecodable_image",
+    "truncated": "undecodable_image",
+    "empty": "not_an_image",
+}
+MEMBER_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why a sample is not fit for training (``reason``), or the image member it is written with
+    when the stage changed it (``image``: ext and bytes; None: the sample's own)."""
+
+    reason: str | None = None
+    image: tuple[str, bytes] | None = None
+
+
+def check_sample(members: dict[str, bytes], policy: ImagePolicy) -> Verdict:
+    """The image through the stage first, then the caption and metadata."""
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
+        return Verdict("missing_image")
+    result = process_image(members[ext], policy)
+    if not result.ok:
+        return Verdict(SAMPLE_REASONS.get(result.reason, result.reason))
+    unchanged = result.outcome == "kept" and MEMBER_EXT.get(result.fmt) == ext.replace(
+        "jpeg", "jpg"
+    )
+    if result.outcome == "kept" and not _decodes(result.data, policy.max_pixels):
+        return Verdict("undecodable_image")  # the stage checks a kept image's structure only
+    if (reason := _check_text(members)) is not None:
+        return Verdict(reason)
+    return Verdict(image=None if unchanged else (MEMBER_EXT.get(result.fmt, "jpg"), result.data))
+
+
+def _decodes(image: bytes, max_pixels: int) -> bool:
+    """Every byte of entropy data decodes (JPEGs at reduced DCT scale)."""
     try:
         decode_rgb(image, max_pixels, draft_size=DRAFT_SIZE)
-    except ValueError as exc:
-        return "too_many_pixels" if str(exc) == "too_many_pixels" else "undecodable_image"
     except Exception:  # PIL raises many types for corrupt data; all mean the same here
-        return "undecodable_image"
-    return _check_text(members)
+        return False
+    return True
 
 
 def _check_text(members: dict[str, bytes]) -> str | None:
@@ -102,33 +132,41 @@ def _url(sample: Sample) -> str:
         return ""
 
 
-def scan_shard(
-    tar: Path, max_pixels: int, stats: Stats, rejects: list
-) -> tuple[set[str], dict[str, bytes], bool]:
-    """(keys of bad samples, repaired ``<key>.json`` by key, whether the tar itself had problems);
-    counts every sample."""
-    bad: set[str] = set()
-    repaired: dict[str, bytes] = {}
+def write_checked(
+    tar: Path, policy: ImagePolicy, writer: ShardWriter, stats: Stats, rejects: list
+) -> bool:
+    """Write every fit sample of ``tar`` (its image as the stage gives it) into ``writer``; count
+    every sample. Returns whether the written shard differs from ``tar`` (a sample left out or
+    changed, or a problem in the tar itself)."""
     issues: list[ReadIssue] = []
+    changed = repaired = 0
     for sample in iter_samples(str(tar), issues.append, read=DECODED_EXTS):
         stats.add("samples", "in")
         issues += _undocumented_members(sample)
-        if "json" in sample.members and (fixed := finite_json(sample.members["json"])):
-            sample.members["json"] = repaired[sample.key] = fixed
-        if (reason := check_sample(sample.members, max_pixels)) is None:
+        members = {ext: data for ext, data in sample.members.items() if ext in DECODED_EXTS}
+        if "json" in members and (fixed := finite_json(members["json"])):
+            members["json"] = fixed
+        verdict = check_sample(members, policy)
+        if verdict.reason is not None:
+            changed += 1
+            stats.reject("samples", verdict.reason)
+            entry = {"key": sample.key, "url": _url(sample), "kind": "samples"}
+            rejects.append({**entry, "reason": verdict.reason})
             continue
-        bad.add(sample.key)
-        stats.reject("samples", reason)
-        rejects.append(
-            {"key": sample.key, "url": _url(sample), "kind": "samples", "reason": reason}
-        )
+        repaired += members.get("json") is not sample.members.get("json")
+        if verdict.image is not None:
+            changed += 1
+            members = {e: d for e, d in members.items() if e not in IMAGE_EXTS}
+            members[verdict.image[0]] = verdict.image[1]
+        writer.write(sample.key, members)
+        stats.add("samples", "written")
     for issue in issues:
         stats.reject("members", issue.reason)
         entry = {"key": issue.key, "kind": "members", "reason": issue.reason}
         rejects.append({**entry, "shard": tar.name, "detail": issue.detail})
-    if count := len(repaired.keys() - bad):
-        stats.add("samples", "non_finite_to_null", count)
-    return bad, repaired, bool(issues)
+    if repaired:
+        stats.add("samples", "non_finite_to_null", repaired)
+    return bool(changed or repaired or issues)
 
 
 def _undocumented_members(sample: Sample) -> list[ReadIssue]:
@@ -140,20 +178,28 @@ def _undocumented_members(sample: Sample) -> list[ReadIssue]:
     ]
 
 
-def place_shard(tar: Path, out: Path, max_pixels: int, how: str = "copy") -> ShardResult:
-    """Check ``tar`` and put its good samples into ``out`` under the same name (``how``: link|copy)."""
+def place_shard(tar: Path, out: Path, policy: ImagePolicy, how: str = "copy") -> ShardResult:
+    """Check ``tar`` and put its fit samples into ``out`` under the same name (``how``:
+    link|copy when nothing changed; rewritten otherwise)."""
     stats, rejects = Stats(converter="laion"), []
-    bad, repaired, damaged = scan_shard(tar, max_pixels, stats, rejects)
-    written = stats.get("samples", "in") - len(bad)
-    stats.add("samples", "written", written)
+    writer = ShardWriter(out, f"{tar.stem}_rewrite", max_samples=2**62, max_bytes=2**62)
+    try:
+        changed = write_checked(tar, policy, writer, stats, rejects)
+    except BaseException:
+        writer.abort()
+        raise
+    written = stats.get("samples", "written")
     target = out / tar.name
     if written == 0:
+        writer.abort()
         target.unlink(missing_ok=True)  # an earlier run's shard must not outlive its samples
         done = "empty"
-    elif bad or repaired or damaged:
-        _rewrite(tar, out, bad, repaired)
+    elif changed:
+        for name in writer.close():
+            os.replace(out / name, target)
         done = "rewritten"
     else:
+        writer.abort()
         done = _place_unchanged(tar, target, how)
     stats.add("shards", done)
     for sidecar in (tar.with_suffix(".parquet"), tar.with_name(f"{tar.stem}_stats.json")):
@@ -176,16 +222,3 @@ def _place_unchanged(tar: Path, target: Path, how: str) -> str:
     shutil.copyfile(tar, tmp)
     os.replace(tmp, target)
     return "copied"
-
-
-def _rewrite(tar: Path, out: Path, bad: set[str], repaired: dict[str, bytes]) -> None:
-    writer = ShardWriter(out, f"{tar.stem}_rewrite", max_samples=2**62, max_bytes=2**62)
-    for sample in iter_samples(str(tar), lambda issue: None, read=DECODED_EXTS):
-        for ext in set(sample.members) - DECODED_EXTS:
-            del sample.members[ext]
-        if sample.key not in bad and sample.members:
-            if sample.key in repaired:
-                sample.members["json"] = repaired[sample.key]
-            writer.write(sample.key, sample.members)
-    for name in writer.close():
-        os.replace(out / name, out / tar.name)

@@ -23,7 +23,6 @@ from typing import Any
 from flamingo_data.core.extras import require_extra
 from flamingo_data.errors import MissingExtra
 from flamingo_data.fetch.web import MAX_DOWNLOAD_BYTES
-from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
 
 # Directives with which a site asks that its images not be used for AI training or indexing.
 OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
@@ -31,18 +30,14 @@ OPT_OUT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 
 @dataclass(frozen=True)
 class DownloadOptions:
-    """How img2dataset fetches: sizes, parallelism, bounded timeouts/retries, pixel cap, opt-outs."""
+    """How img2dataset fetches: parallelism, bounded timeouts/retries, opt-outs. It stores each
+    image's bytes as fetched; the image stage then checks, converts and resizes them."""
 
-    image_size: int = 256
-    resize_mode: str = "keep_ratio_largest"
     processes: int = 1
     threads: int = 16
     timeout: int = 10
     retries: int = 1
-    min_size: int = 0
-    max_pixels: int = DEFAULT_MAX_PIXELS
     samples_per_shard: int = 10_000
-    keep_original_bytes: bool = False
     respect_opt_out: bool = True
     max_bytes: int = MAX_DOWNLOAD_BYTES  # a bigger body is refused (too_many_bytes)
 
@@ -75,16 +70,12 @@ def run_img2dataset(
             output_folder=output,
             processes_count=options.processes,
             thread_count=options.threads,
-            image_size=options.image_size,
-            resize_mode="no" if options.keep_original_bytes else options.resize_mode,
-            resize_only_if_bigger=True,
-            disable_all_reencoding=options.keep_original_bytes,
+            resize_mode="no",
+            disable_all_reencoding=True,
             timeout=options.timeout,
             retries=options.retries,
             enable_wandb=False,
             number_sample_per_shard=options.samples_per_shard,
-            min_image_size=options.min_size,
-            max_image_area=options.max_pixels,
             compute_hash=None,
             incremental_mode="incremental",
             distributor="multiprocessing",

@@ -21,7 +21,7 @@ from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import OutputExistsError, RunOptions
 from tests.conftest import Route, serve
 
-FAST = DownloadOptions(processes=1, threads=4, timeout=1, retries=0, keep_original_bytes=True)
+FAST = DownloadOptions(processes=1, threads=4, timeout=1, retries=0)
 
 
 @pytest.fixture(scope="module")

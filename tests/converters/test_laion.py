@@ -34,6 +34,7 @@ from flamingo_data.demo.sample_data import make_image
 from flamingo_data.errors import NothingWritten
 from flamingo_data.fetch.i2d_pairs import check_sample
 from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.images.stage import ImagePolicy
 from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import OutputExistsError, RunIncomplete, RunOptions
 from flamingo_data.storage.specs import SpecError
@@ -83,12 +84,17 @@ def read_pairs(out: Path) -> dict[str, tuple[bytes, dict]]:
         for name, data in members.items():
             if name.endswith(".txt"):
                 meta = json.loads(members[name[:-4] + ".json"])
-                pairs[data.decode()] = (members[name[:-4] + ".jpg"], meta)
+                image = next(
+                    members[name[:-4] + e]
+                    for e in (".jpg", ".png", ".webp")
+                    if name[:-4] + e in members
+                )
+                pairs[data.decode()] = (image, meta)
     return pairs
 
 
 def same_picture(got: bytes, want: bytes) -> bool:
-    """img2dataset re-encodes to JPEG: same size and nearly the same pixels."""
+    """The same size and nearly the same pixels (a re-encode may change a few)."""
     a = np.asarray(Image.open(io.BytesIO(got)).convert("RGB"), dtype=np.float32)
     b = np.asarray(Image.open(io.BytesIO(want)).convert("RGB"), dtype=np.float32)
     return a.shape == b.shape and float(np.abs(a - b).mean()) < 8.0
@@ -121,21 +127,23 @@ def test_end_to_end_captions_images_and_counted_failures(downloaded) -> None:
     pairs = read_pairs(out)
     assert set(pairs) == set(served)
     for caption, (data, meta) in pairs.items():
-        assert same_picture(data, served[caption])  # small images are not upscaled
+        assert data == served[caption]  # small images are kept as they were served
         assert meta["caption"] == caption and meta["similarity"] >= 0.25  # extra column kept
         assert meta["punsafe"] in (None, 0.1)  # NaN, Infinity: null
     assert sorted(meta["punsafe"] is None for _, meta in pairs.values()) == [False] * 2 + [True] * 2
-    assert stats["counts"]["rows"] == {"in": 8, "downloaded": 4, "rejected": 4}
-    assert stats["reasons"]["rows"] == {"http_404": 1, "image_decoding_error": 2, "timeout": 1}
-    assert stats["counts"]["samples"] == {"in": 4, "written": 4}
-    assert stats["counts"]["shards"] == {"linked": 2, "written": 2}
-    for shard in out.glob("*.tar"):  # hard links into the download folder: no second copy
-        assert shard.stat().st_ino == (out / "_download" / shard.name).stat().st_ino
+    assert stats["counts"]["rows"] == {"in": 8, "downloaded": 6, "rejected": 2}
+    assert stats["reasons"]["rows"] == {"http_404": 1, "timeout": 1}
+    # the page and the cut-off JPEG are fetched, then refused by the image stage
+    assert stats["counts"]["samples"] == {"in": 6, "written": 4, "rejected": 2}
+    assert stats["reasons"]["samples"] == {"not_an_image": 1, "undecodable_image": 1}
+    # each shard loses a sample and img2dataset stores a PNG under .jpg: both are rewritten
+    assert stats["counts"]["shards"] == {"rewritten": 2, "written": 2}
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["reason"] for r in rejects) == sorted(
-        ["http_404", "image_decoding_error", "image_decoding_error", "timeout"]
+        ["http_404", "not_an_image", "undecodable_image", "timeout"]
     )
-    assert all(r["url"].startswith("http://127.0.0.1") and r["detail"] for r in rejects)
+    assert all(r["url"].startswith("http://127.0.0.1") for r in rejects)
+    assert all(r["detail"] for r in rejects if r["kind"] == "rows")
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2}
 
 
@@ -162,15 +170,80 @@ def test_adopting_an_img2dataset_output_checks_and_rewrites_bad_samples(
         from_img2dataset=str(source),
         execution=Execution(processes=2, progress=False),  # shards checked in 2 processes
     ).to_json()
-    assert stats["counts"]["samples"] == {"in": 4, "written": 3, "rejected": 1}
-    assert stats["reasons"]["samples"] == {"not_an_image": 1}
-    assert stats["counts"]["shards"] == {"copied": 1, "rewritten": 1, "written": 2}
+    # the page and the cut-off JPEG were fetched, so they are samples the stage refuses
+    assert stats["counts"]["samples"] == {"in": 6, "written": 3, "rejected": 3}
+    assert stats["reasons"]["samples"] == {"not_an_image": 2, "undecodable_image": 1}
+    assert stats["counts"]["shards"] == {"rewritten": 2, "written": 2}
     assert stats["counts"]["rows"]["in"] == 8  # img2dataset's own row counts are carried over
     assert validate_shards(str(tmp_path / "out"), deep=True).ok
     assert len(read_pairs(tmp_path / "out")) == 3
-    copied = tmp_path / "out" / "00001.tar"
-    assert copied.read_bytes() == (source / "00001.tar").read_bytes()
-    assert copied.stat().st_ino != (source / "00001.tar").stat().st_ino
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_a_shard_the_stage_keeps_whole_is_copied_or_linked_unchanged(
+    tmp_path: Path, link: bool
+) -> None:
+    source = tmp_path / "i2d"
+    rows = [
+        (f"http://127.0.0.1:9/{i}.jpg", f"cap {i}", make_image(i, 40, 30), "jpg") for i in range(3)
+    ]
+    write_img2dataset_output(source, rows)
+    stats = convert_laion(
+        None,
+        LaionOptions(link=link),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="laion"),
+        from_img2dataset=str(source),
+        execution=Execution(processes=1, progress=False),
+    ).to_json()
+    how = "linked" if link else "copied"
+    assert stats["counts"]["shards"] == {how: 1, "written": 1}
+    placed = tmp_path / "out" / "00000.tar"
+    assert placed.read_bytes() == (source / "00000.tar").read_bytes()
+    assert (placed.stat().st_ino == (source / "00000.tar").stat().st_ino) is link
+
+
+def test_images_go_through_the_image_stage(tmp_path: Path) -> None:
+    """Resized to --max-side (256 by default), a PNG stored under .jpg gets its own member, a GIF
+    is converted, and the shard is rewritten with them."""
+    big = make_image(1, 600, 400)
+    gif = io.BytesIO()
+    Image.open(io.BytesIO(make_image(2, 50, 40))).save(gif, "GIF")
+    rows = [
+        ("http://127.0.0.1:9/big.jpg", "big", big, "jpg"),
+        ("http://127.0.0.1:9/p.png", "png", make_image(3, 60, 50, "PNG"), "jpg"),
+        ("http://127.0.0.1:9/g.gif", "gif", gif.getvalue(), "jpg"),
+    ]
+    write_img2dataset_output(tmp_path / "i2d", rows)
+    stats = convert_laion(
+        None,
+        LaionOptions(),
+        RunOptions(out_dir=str(tmp_path / "out"), converter="laion"),
+        from_img2dataset=str(tmp_path / "i2d"),
+        execution=Execution(processes=1, progress=False),
+    ).to_json()
+    assert stats["counts"]["shards"] == {"rewritten": 1, "written": 1}
+    pairs = read_pairs(tmp_path / "out")
+    assert Image.open(io.BytesIO(pairs["big"][0])).size == (256, 171)
+    assert pairs["png"][0].startswith(b"\x89PNG") and pairs["gif"][0].startswith(b"\xff\xd8")
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        assert sorted(n.rsplit(".", 1)[1] for n in tar.getnames()).count("png") == 1
+    smaller = LaionOptions(policy=ImagePolicy(short_side=32))
+    convert_laion(
+        None,
+        smaller,
+        RunOptions(out_dir=str(tmp_path / "short"), converter="laion"),
+        from_img2dataset=str(tmp_path / "i2d"),
+        execution=Execution(processes=1, progress=False),
+    )
+    assert min(Image.open(io.BytesIO(read_pairs(tmp_path / "short")["big"][0])).size) == 32
+
+
+def test_the_earlier_resize_options_are_refused_naming_their_replacement(
+    tmp_path: Path, capsys
+) -> None:
+    argv = ["convert", "laion", "--from-img2dataset", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert cli([*argv, "--image-size", "256"]) == 2
+    assert "use --max-side N" in capsys.readouterr().err
 
 
 def test_an_adopted_output_with_nan_in_its_json_is_written_with_null(
@@ -211,13 +284,15 @@ def test_an_adopted_output_with_nan_in_its_json_is_written_with_null(
         (0.5, None),
     ]
     nan = {"jpg": jpeg_bytes, "txt": b"c", "json": metas[0].encode()}
-    assert check_sample(nan, max_pixels=10_000) == "bad_json"  # as validate says
+    assert (
+        check_sample(nan, ImagePolicy(max_pixels=10_000)).reason == "bad_json"
+    )  # as validate says
 
 
 def test_sample_check_reasons(jpeg_bytes: bytes) -> None:
     meta = json.dumps({"key": "000000000", "status": "success"}).encode()
     good = {"jpg": jpeg_bytes, "txt": b"a cat", "json": meta}
-    assert check_sample(good, max_pixels=10_000) is None
+    assert check_sample(good, ImagePolicy(max_pixels=10_000)).reason is None
     cases = {
         "missing_image": {"txt": b"a cat", "json": meta},
         "not_an_image": {**good, "jpg": b"<html></html>"},
@@ -229,8 +304,8 @@ def test_sample_check_reasons(jpeg_bytes: bytes) -> None:
         "schema": {**good, "json": b'{"key": ""}'},
     }
     for reason, members in cases.items():
-        assert check_sample(members, max_pixels=10_000) == reason
-    assert check_sample(good, max_pixels=64 * 48 - 1) == "too_many_pixels"
+        assert check_sample(members, ImagePolicy(max_pixels=10_000)).reason == reason
+    assert check_sample(good, ImagePolicy(max_pixels=64 * 48 - 1)).reason == "too_many_pixels"
 
 
 def test_column_detection_and_clear_error(server, tmp_path: Path) -> None:
@@ -288,12 +363,11 @@ def test_resume_after_a_killed_run(server, tmp_path: Path) -> None:
     proc.wait()
     again = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "--resume" in again.stderr  # never mixed up silently
-    other = [*command, "--resume", "--image-size", "64"]  # would mix two image sizes
+    other = [*command, "--resume", "--max-side", "64"]  # would mix two image sizes
     refused = subprocess.run(other, capture_output=True, text=True, timeout=60)
     assert (
         refused.returncode == 2
-        and "other options (download.image_size: " in refused.stderr
-        and ", 64 now)" in refused.stderr
+        and "other options (policy.max_side: 256 in the run, 64 now)" in refused.stderr
     )
     resume = [*command, "--resume", "--threads", "2"]  # parallelism may change
     subprocess.run(resume, check=True, capture_output=True, timeout=180)

@@ -44,6 +44,7 @@ EMITTERS = {
     "ReadIssue": ("members", 2),
     "Failure": ("validate", 2),
     "Dropped": ("loader_images", 1),
+    "Verdict": ("samples", 0),
 }
 
 

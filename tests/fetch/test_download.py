@@ -130,9 +130,7 @@ def test_chatgpt_download_counts_slow_huge_and_ftp_redirected_urls(server, tmp_p
         for n in names
     ]
     (tmp_path / "s.json").write_text(json.dumps(sequences))
-    download = DownloadOptions(
-        threads=4, timeout=1, retries=0, keep_original_bytes=True, max_bytes=CAP
-    )
+    download = DownloadOptions(threads=4, timeout=1, retries=0, max_bytes=CAP)
     start = time.monotonic()
     stats = convert_chatgpt(
         str(tmp_path / "s.json"),

@@ -31,6 +31,7 @@ from flamingo_data.fetch.i2d_pairs import check_sample, finite_json
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.fetch.i2d_worker import download_image
 from flamingo_data.fetch.web import RefusedUrl, fetch, web_only_opener
+from flamingo_data.images.stage import ImagePolicy
 from flamingo_data.run.units import RunOptions
 from tests.conftest import Route, serve
 
@@ -214,7 +215,7 @@ def test_a_caption_that_is_not_text_is_missing_caption(caption_json: str, txt: b
     """As the shard scan sees it: NaN already made null (``finite_json``), then checked."""
     meta = f'{{"url": "http://x/a.jpg", "key": "000000000", "caption": {caption_json}}}'.encode()
     members = {"jpg": make_image(1, 32, 24), "txt": txt, "json": finite_json(meta) or meta}
-    assert check_sample(members, 10**8) == "missing_caption"
+    assert check_sample(members, ImagePolicy(max_pixels=10**8)).reason == "missing_caption"
 
 
 # --- 3. sidecars are input too ----------------------------------------------------------------

@@ -31,7 +31,7 @@ from tests.conftest import Route, serve
 
 CLI = [sys.executable, "-m", "flamingo_data.cli.main"]
 GONE_WITHIN_S = 30  # generous: the property is "they exit", not how fast
-FAST = DownloadOptions(processes=1, threads=4, timeout=1, retries=0, keep_original_bytes=True)
+FAST = DownloadOptions(processes=1, threads=4, timeout=1, retries=0)
 
 
 def cli_run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
