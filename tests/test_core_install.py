@@ -23,6 +23,7 @@ from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
+from tests.test_upstream_compat import write_img2dataset_output
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "pandas", "pyarrow", "img2dataset", "transformers", "matplotlib")
@@ -468,6 +469,27 @@ def test_core_install_runs_every_command_that_needs_no_extra(
         ["convert", "conversations", "--json", str(items), "--images", str(images)]
         + ["--out", str(conv), "--processes", "1", "--no-progress"]
     )
+    # the url-based converters without a download: an img2dataset output made beforehand
+    i2d = tmp_path / "i2d"
+    urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(4)]
+    write_img2dataset_output(
+        i2d, [(u, f"cap {i}", make_image(i, 40, 30), "jpg") for i, u in enumerate(urls)]
+    )
+    laion = tmp_path / "laion-shards"
+    ok(["convert", "laion", "--from-img2dataset", str(i2d), "--out", str(laion), "--no-progress"])
+    sequences = tmp_path / "seq.json"
+    example = {
+        "example": "a _!_IMAGE1_!_ b _!_IMAGE2_!_",
+        "image_map": {"_!_IMAGE1_!_": {"url": urls[0]}, "_!_IMAGE2_!_": {"url": urls[1]}},
+    }
+    sequences.write_text(json.dumps([example]))
+    gpt = tmp_path / "gpt-shards"
+    ok(
+        ["convert", "chatgpt", "--sequences", str(sequences), "--images-from", str(i2d)]
+        + ["--out", str(gpt), "--processes", "1", "--no-progress"]
+    )
+    for out in (laion, gpt):
+        assert "OK: fit for training" in ok(["validate", str(out), "--deep"])
     for out, documents in ((mmc4, 8), (conv, 6)):
         assert "OK: fit for training" in ok(["validate", str(out), "--deep"])
         report = json.loads(ok(["inspect", str(out), "--json"]))

@@ -118,3 +118,15 @@ def test_no_import_cycle() -> None:
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles
+
+
+def test_no_loose_module_serves_a_single_importer() -> None:
+    """A module at the top of the package is shared by several folders; one used by a single
+    module belongs in that module's folder."""
+    graph = import_graph()
+    for path in PACKAGE.glob("*.py"):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        name = f"flamingo_data.{path.stem}"
+        importers = {module for module, imported in graph.items() if name in imported}
+        assert len(importers) >= 2, (name, sorted(importers))

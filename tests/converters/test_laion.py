@@ -374,7 +374,8 @@ def test_resume_after_a_killed_run(server, tmp_path: Path) -> None:
     assert set(read_pairs(tmp_path / "out")) == set(served)
     assert validate_shards(str(tmp_path / "out")).ok
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["counts"]["rows"] == {"in": 8, "downloaded": 4, "rejected": 4}
+    assert stats["counts"]["rows"] == {"in": 8, "downloaded": 6, "rejected": 2}
+    assert stats["counts"]["samples"] == {"in": 6, "written": 4, "rejected": 2}
 
 
 def test_remote_parquet_and_remote_out(downloaded, tmp_path, monkeypatch) -> None:
