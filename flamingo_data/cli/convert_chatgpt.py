@@ -15,6 +15,7 @@ from flamingo_data.cli.options import (
     execution,
     image_policy,
     positive,
+    run_options,
 )
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.storage import remote
@@ -65,7 +66,6 @@ def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
-    from flamingo_data.run.units import RunOptions
 
     check_writable(args.out)
     download = DownloadOptions(
@@ -81,20 +81,10 @@ def run(args: argparse.Namespace) -> int:
         policy=image_policy(args),
         download=download,
     )
-    run_opts = RunOptions(
-        out_dir=args.out,
-        converter="chatgpt",
-        max_samples=args.max_samples_per_shard,
-        max_bytes=args.max_bytes_per_shard,
-        write_rejects=args.rejects,
-        resume=args.resume,
-        fsync=not args.no_fsync,
-        max_reject_share=args.max_reject_share,
-    )
     stats = convert_chatgpt(
         args.sequences,
         options,
-        run_opts,
+        run_options(args, "chatgpt"),
         overwrite=args.overwrite,
         execution=execution(args),
     )
