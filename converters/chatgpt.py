@@ -260,7 +260,7 @@ def _check_same_urls(previous: Path, images: str, urls: list[str]) -> None:
         new, gone = len(set(urls) - set(before)), len(set(before) - set(urls))
         raise OutputExistsError(
             f"the sequence files name other image urls than the interrupted run did ({new} new, "
-            f"{gone} gone): its downloads would miss the new ones; pass --overwrite"
+            f"{gone} gone): its downloads would miss the new ones; pass `overwrite`"
         )
 
 
@@ -301,13 +301,13 @@ def plan_chatgpt(
     if options.images_from is not None and not finished_shards(options.images_from):
         # a mistyped folder would otherwise drop every sequence as not_downloaded, and exit 0
         raise SpecError(
-            f"no finished img2dataset shard (tar + _stats.json) in --images-from {options.images_from}"
+            f"no finished img2dataset shard (tar + _stats.json) in `images_from` {options.images_from}"
         )
     if options.images_from is not None:
         check_sidecars(options.images_from)
     work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
     if (work / "_images").exists() and not (run.resume or overwrite):
-        raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass --resume or --overwrite")
+        raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass `resume` or `overwrite`")
     images = options.images_from or str(work / "_images")
 
     def download(run: RunOptions, overwrite: bool) -> None:

@@ -314,7 +314,7 @@ def check_resume_units(out_dir: str, units: list[Unit]) -> None:
     if stale := done - {unit.name for unit in units}:
         raise SpecError(
             f"{out_dir} holds units of a run with other inputs "
-            f"({sorted(stale)[0]}, ...): resume with the same ones, or pass --overwrite"
+            f"({sorted(stale)[0]}, ...): resume with the same ones, or pass `overwrite`"
         )
 
 

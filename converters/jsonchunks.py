@@ -176,8 +176,8 @@ def record_chunk_size(out_dir: str | Path, chunk_size: int, resume: bool) -> Non
         earlier = json.loads(remote.read_bytes(path)).get("chunk_size")
         if earlier != chunk_size:
             raise SettingsMismatch(
-                f"{out_dir} was written with chunk size {earlier}, not {chunk_size}: resume with "
-                "the same one, or pass --overwrite"
+                f"{out_dir} was written with `chunk_size` {earlier}, not {chunk_size}: resume with "
+                "the same one, or pass `overwrite`"
             )
     _write(path, json.dumps({"chunk_size": chunk_size}).encode())
 

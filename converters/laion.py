@@ -115,7 +115,7 @@ def detect_columns(parquet: str, url_col: str | None, caption_col: str | None) -
     if missing:
         raise SpecError(
             f"cannot find the {' and '.join(missing)} column in {parquet}; its columns are: "
-            f"{', '.join(columns)} (use --url-col / --caption-col)"
+            f"{', '.join(columns)} (name them with `url_col` / `caption_col`)"
         )
     return url, caption
 
@@ -248,7 +248,7 @@ def _check_earlier_run(out: str, root: Path, allowed: bool) -> None:
     if remote.is_remote(out):
         earlier = earlier or remote.exists(remote.join(out, "sizes.json"))
     if earlier and not allowed:
-        raise OutputExistsError(f"{out} holds an earlier run: pass --resume or --overwrite")
+        raise OutputExistsError(f"{out} holds an earlier run: pass `resume` or `overwrite`")
 
 
 def _clear_earlier_run(out: str, root: Path) -> None:

@@ -1,6 +1,7 @@
 """The errors the library raises for its caller: one hierarchy, each class carrying its exit code.
 
-``InputError`` (exit 2): the input or the options cannot work; the message names the parameter.
+``InputError`` (exit 2): the input or the options cannot work; the message names the parameter in
+backticks (`resume`), which a command line shows as its flag (``with_flags``).
 ``RunError`` (exit 1): a run that began could not complete. ``flamingo_data.cli.main.main`` maps these
 classes, and only these, to one line and the exit code; a built-in exception is a bug and keeps its
 traceback. Skips of single items (a bad document, image or sample) are not errors: they are counted
@@ -10,8 +11,12 @@ with a reason registered in ``flamingo_data.core.reasons``.
 from __future__ import annotations
 
 import importlib
+import re
+from collections.abc import Mapping
 from types import ModuleType
-from typing import ClassVar
+from typing import Any, ClassVar
+
+_PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)`")
 
 
 class FlamingoDataError(Exception):
@@ -103,3 +108,18 @@ def import_extra(module: str, what: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingExtra(what, module, extra) from exc
+
+
+def with_flags(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with each parameter it names in backticks written as its flag where ``flags``
+    (parameter -> flag) has one: `batch_size` becomes --batch-size."""
+    return _PARAMETER.sub(lambda found: flags.get(found.group(1), found.group(0)), message)
+
+
+def parser_flags(parser: Any) -> dict[str, str]:
+    """Parameter -> flag for every option of an ``argparse`` parser (its longest spelling)."""
+    return {
+        action.dest: max(action.option_strings, key=len)
+        for action in parser._actions  # argparse keeps no public list of its options
+        if action.option_strings and action.dest != "help"
+    }

@@ -362,12 +362,14 @@ def _sizes_target(folder: str, sizes_path: str | None) -> str:
 def _check_sizes_target(paths: list[str], write: bool, sizes_path: str | None) -> None:
     if sizes_path is not None and (clash := _same_name_elsewhere(paths)):
         raise SizesFileError(
-            f"--sizes {sizes_path}: one file cannot hold the counts of {clash[0]} and {clash[1]}"
+            f"`sizes_path` {sizes_path}: one file cannot hold the counts of {clash[0]} and {clash[1]}"
             " (sizes.json is keyed by file name); validate each folder on its own"
         )
     if not write:
         if sizes_path is not None and not remote.exists(sizes_path):
-            raise SizesFileError(f"--sizes {sizes_path} does not exist (--write-sizes writes it)")
+            raise SizesFileError(
+                f"`sizes_path` {sizes_path} does not exist (`write_sizes` writes it)"
+            )
         return
     for folder in sorted({os.path.dirname(p) or "." for p in paths}):
         target = _sizes_target(folder, sizes_path)

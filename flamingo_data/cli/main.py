@@ -18,7 +18,7 @@ from typing import Any
 
 from flamingo_data import __version__
 from flamingo_data.core.extras import require_extra
-from flamingo_data.errors import FlamingoDataError, RunError
+from flamingo_data.errors import FlamingoDataError, RunError, parser_flags, with_flags
 
 COMMANDS = {
     "validate": "Check shards are fit for training; write sizes.json",
@@ -69,8 +69,12 @@ def _add(
 
 def _bind(parser: argparse.ArgumentParser, module: Any) -> None:
     module.add_arguments(parser)
+    flags = parser_flags(parser)
+    flags.update((name, flags[dest]) for name, dest in PARAMETER_DESTS.items() if dest in flags)
     parser.set_defaults(
-        handler=module.run, required_extras=getattr(module, "required_extras", _no_extras)
+        handler=module.run,
+        required_extras=getattr(module, "required_extras", _no_extras),
+        flags=flags,
     )
 
 
@@ -109,6 +113,16 @@ def check_extras(args: argparse.Namespace) -> None:
         require_extra(extra, needed_by)
 
 
+# Library parameter names whose option has another name on the command line.
+PARAMETER_DESTS = {
+    "layout": "image_layout",
+    "out_dir": "out",
+    "write_rejects": "rejects",
+    "sizes_path": "sizes",
+    "json_specs": "json",
+    "specs": "sequences",
+}
+
 # What survives a run that stopped, by the command that ran it ({} takes "fix it and " after an
 # OSError); checks (validate, inspect, preview) and the demo leave nothing to resume.
 RESUME_ADVICE = {
@@ -135,7 +149,8 @@ def run_command(args: argparse.Namespace) -> int:
         check_extras(args)
         return int(args.handler(args) or 0)
     except FlamingoDataError as exc:
-        _error(str(exc), advice.format("") if isinstance(exc, RunError) else "")
+        message = with_flags(str(exc), getattr(args, "flags", {}))
+        _error(message, advice.format("") if isinstance(exc, RunError) else "")
         return exc.exit_code
     except OSError as exc:  # a full disk or unwritable output mid-run
         where = f" ({exc.filename})" if exc.filename else ""

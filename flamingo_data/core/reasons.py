@@ -110,7 +110,7 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("units", "truncated_zip", "the zip ends before its central directory: a cut-off copy"),
     Reason("units", "unreadable_zip", "the zip cannot be read"),
     Reason("units", "compression_bomb", "the zip inflates far beyond its size: never read"),
-    Reason("units", "bad_crc", "a zip member fails its CRC-32: redone by --resume"),
+    Reason("units", "bad_crc", "a zip member fails its CRC-32: redone on resume"),
     Reason("units", "duplicate_input", "an input named twice (a glob and its path): read once"),
     Reason("units", "damaged_marker", "an unreadable completion marker: the unit is redone"),
     # rows: LAION parquet rows through img2dataset

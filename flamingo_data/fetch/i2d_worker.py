@@ -17,11 +17,14 @@ from functools import partial
 from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any
 
-from img2dataset import downloader as i2d
-from img2dataset.logger import LoggerProcess
+# albumentations, which img2dataset imports, asks PyPI for a newer version unless told not to
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from flamingo_data.fetch.web import USER_AGENT, fetch
-from flamingo_data.run.procpool import die_with_parent
+from img2dataset import downloader as i2d  # noqa: E402 (after the line above)
+from img2dataset.logger import LoggerProcess  # noqa: E402
+
+from flamingo_data.fetch.web import USER_AGENT, fetch  # noqa: E402
+from flamingo_data.run.procpool import die_with_parent  # noqa: E402
 
 
 class BoundedDownloader(i2d.Downloader):

@@ -207,7 +207,7 @@ def check_markers_visible(out_dir: str | Path, markers: list[dict[str, Any]]) ->
         raise RunIncomplete(
             f"{len(lost)} of {len(markers)} finished units left no marker in {out} that this "
             f"process can see (first: {lost[0]}): the workers wrote to another filesystem; "
-            "memory:// lives in one process (use --processes 1), a cluster needs a shared --out"
+            "memory:// lives in one process (use `processes` 1), a cluster needs a shared `out_dir`"
         )
 
 
@@ -363,7 +363,7 @@ def _refuse_other_settings(out_dir: str | Path, earlier: Any, settings: dict[str
     if isinstance(earlier, dict) and earlier != settings:
         raise SettingsMismatch(
             f"{out_dir} was written with other options ({'; '.join(_changed(earlier, settings))}):"
-            " resume with the same options, or pass --overwrite"
+            " resume with the same options, or pass `overwrite`"
         )
 
 
@@ -405,7 +405,7 @@ def prepare_out_dir(
     earlier = _glob(out, f"{MARKER_DIR}/*.json")
     if earlier and not (resume or overwrite):
         raise OutputExistsError(
-            f"{out} holds {len(earlier)} finished units of an earlier run: pass --resume or --overwrite"
+            f"{out} holds {len(earlier)} finished units of an earlier run: pass `resume` or `overwrite`"
         )
     if resume and settings and not overwrite:
         check_resume_settings(out, settings)

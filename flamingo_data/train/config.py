@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from flamingo_data.errors import StartError
+from flamingo_data.errors import StartError, parser_flags, with_flags
 
 
 @dataclass
@@ -141,7 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     try:
         return config_from_args(args)
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(with_flags(str(exc), parser_flags(parser)))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -158,7 +158,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     datasets += [_dataset_arg(text) for text in args.dataset]
     if not datasets:
         raise StartError(
-            "give at least one of --mmc4-shards, --laion-shards, --gpt-shards, --dataset"
+            "give at least one of `mmc4_shards`, `laion_shards`, `gpt_shards`, `dataset`"
         )
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     values.update(datasets=datasets, loss_weights=_weights(args.loss_weights))
@@ -171,18 +171,18 @@ def check(config: TrainConfig) -> None:
     """Refuse values that would crash a run after its first step, or silently train nothing."""
     for name in AT_LEAST_ONE:
         if getattr(config, name) < 1:
-            raise StartError(f"--{name.replace('_', '-')} must be at least 1")
+            raise StartError(f"`{name}` must be at least 1")
     for name in AT_LEAST_ZERO:
         if getattr(config, name) < 0:
-            raise StartError(f"--{name.replace('_', '-')} must not be negative")
+            raise StartError(f"`{name}` must not be negative")
     if config.stop_after is not None and config.stop_after < 1:
-        raise StartError("--stop-after must be at least 1")
+        raise StartError("`stop_after` must be at least 1")
     for name in FINITE:  # nan passed every comparison above and trained on NaN from step 1
         if not math.isfinite(getattr(config, name)):
-            raise StartError(f"--{name.replace('_', '-')} must be a finite number")
+            raise StartError(f"`{name}` must be a finite number")
     if config.lm.startswith("hf:") and config.tokenizer is None:
         raise StartError(
-            f"--lm {config.lm} needs --tokenizer (that LM's own): the built-in tokenizer's byte ids"
+            f"`lm` {config.lm} needs `tokenizer` (that LM's own): the built-in tokenizer's byte ids"
             " are other tokens to it"
         )
     names = [d.name for d in config.datasets]
@@ -190,7 +190,7 @@ def check(config: TrainConfig) -> None:
         raise StartError(f"dataset name given twice: {', '.join(duplicates)}")
     if unknown := sorted(set(config.loss_weights) - set(names)):
         raise StartError(
-            f"--loss-weights names no dataset: {', '.join(unknown)} (datasets: {', '.join(names)})"
+            f"`loss_weights` names no dataset: {', '.join(unknown)} (datasets: {', '.join(names)})"
         )
 
 
@@ -198,9 +198,9 @@ def _dataset_arg(text: str) -> DatasetArg:
     name, _, rest = text.partition("=")
     kind, _, spec = rest.partition(":")
     if not (name and kind and spec):
-        raise StartError(f"--dataset wants NAME=KIND:SPEC, got {text!r}")
+        raise StartError(f"`dataset` wants NAME=KIND:SPEC, got {text!r}")
     if kind not in KINDS:
-        raise StartError(f"--dataset {text!r}: KIND must be one of {', '.join(KINDS)}")
+        raise StartError(f"`dataset` {text!r}: KIND must be one of {', '.join(KINDS)}")
     return DatasetArg(name, kind, spec)
 
 
@@ -211,7 +211,7 @@ def _weights(text: str) -> dict[str, float]:
         try:
             weights[name.strip()] = float(value)
         except ValueError:
-            raise StartError(f"--loss-weights wants NAME=NUMBER,..., got {part!r}") from None
+            raise StartError(f"`loss_weights` wants NAME=NUMBER,..., got {part!r}") from None
         if not (math.isfinite(weights[name.strip()]) and weights[name.strip()] >= 0):
-            raise StartError(f"--loss-weights wants finite weights of 0 or more, got {part!r}")
+            raise StartError(f"`loss_weights` wants finite weights of 0 or more, got {part!r}")
     return weights

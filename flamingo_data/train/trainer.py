@@ -78,7 +78,7 @@ def check_sequence_length(max_tokens: int, lm: torch.nn.Module) -> None:
     limit = getattr(lm, "max_positions", None)
     if limit is not None and max_tokens > limit:
         raise StartError(
-            f"--max-tokens {max_tokens} is more than the language model's {limit} positions"
+            f"`max_tokens` {max_tokens} is more than the language model's {limit} positions"
         )
 
 
@@ -88,8 +88,8 @@ def check_image_size(image_size: int, vision: torch.nn.Module) -> None:
     expected = getattr(vision, "image_size", None)
     if expected is not None and image_size != expected:
         raise StartError(
-            f"--image-size {image_size} does not fit the vision encoder, which takes {expected} px"
-            f" images: pass --image-size {expected}"
+            f"`image_size` {image_size} does not fit the vision encoder, which takes {expected} px"
+            f" images: pass `image_size` {expected}"
         )
 
 
@@ -302,7 +302,7 @@ def refuse_other_settings(path: Path, saved: dict[str, Any] | None, config: Trai
         raise StartError(
             f"checkpoint {path} was written with other options ("
             + ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed)
-            + "): resume with the same options, or use a new --run-dir"
+            + "): resume with the same options, or use a new `run_dir`"
         )
 
 
@@ -327,8 +327,8 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
     refuse_other_settings(path, saved.get("settings"), config)
     if int(saved["step"]) > config.steps:  # the loop would not run: nothing trained, exit 0
         raise StartError(
-            f"checkpoint {path} is at step {saved['step']}, past --steps {config.steps}:"
-            f" pass --steps {saved['step']} or more, or use a new --run-dir"
+            f"checkpoint {path} is at step {saved['step']}, past `steps` {config.steps}:"
+            f" pass `steps` {saved['step']} or more, or use a new `run_dir`"
         )
     # Loader positions fit only the layout and streams that wrote them (--workers, the datasets'
     # order, which seeds each one's stream): refused here, before the weights load, as one line.
@@ -337,8 +337,8 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
             loader.load_state_dict(saved["loaders"][name])
         except ValueError as exc:
             raise StartError(
-                f"checkpoint {path} does not fit dataset {name!r}: {exc} (here: the --workers,"
-                " shards and order of the datasets it was written with, or a new --run-dir)"
+                f"checkpoint {path} does not fit dataset {name!r}: {exc} (here: the `workers`,"
+                " shards and order of the datasets it was written with, or a new `run_dir`)"
             ) from None
     # The checkpoint brings back the optimizer's moments and the step; the rate and the weight
     # decay stay this run's options (they came back from the checkpoint, ignoring a new --lr).

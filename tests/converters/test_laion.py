@@ -158,9 +158,11 @@ def test_adopting_an_img2dataset_output_checks_and_rewrites_bad_samples(
     shard = source / "00000.tar"
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
-    with tarfile.open(shard, "w") as tar:  # break the first sample's image
-        for i, (member, data) in enumerate(members):
-            data = b"<html>oops</html>" if i == 0 and member.name.endswith(".jpg") else data
+    # break one good image (img2dataset writes a shard's samples in the order they finish)
+    broken = next(m.name for m, d in members if d.startswith((b"\xff\xd8", b"\x89PNG")))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b"<html>oops</html>" if member.name == broken else data
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     stats = convert_laion(

@@ -651,3 +651,27 @@ def test_library_input_errors_are_typed_and_name_parameters(
     with pytest.raises(errors.InputError, match=message) as raised:
         calls[call]()
     assert "--" not in str(raised.value)
+
+
+def test_a_library_message_names_parameters_and_the_command_line_shows_flags(
+    tmp_path: Path, capsys
+) -> None:
+    """The library says `resume`, `overwrite`; the CLI prints the flags of the command that ran."""
+    from flamingo_data import Mmc4Options, RunOptions, convert_mmc4
+
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=2, missing_rate=0.0)
+    argv = ["convert", "mmc4", "--docs", sample["docs"], "--images", sample["images"]]
+    argv += ["--out", str(tmp_path / "out"), "--processes", "1", "--no-progress"]
+    assert cli.main(argv) == 0
+    with pytest.raises(errors.OutputExistsError, match="pass `resume` or `overwrite`"):
+        convert_mmc4(
+            sample["docs"],
+            Mmc4Options(images=sample["images"]),
+            RunOptions(out_dir=str(tmp_path / "out"), converter="mmc4"),
+        )
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.rstrip().endswith("pass --resume or --overwrite")
+    assert errors.with_flags("`batch_size` and `other`", {"batch_size": "--batch-size"}) == (
+        "--batch-size and `other`"
+    )

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -143,3 +146,26 @@ def test_chatgpt_download_counts_slow_huge_and_ftp_redirected_urls(server, tmp_p
     assert stats["reasons"]["images"] == {"timeout": 1, "too_many_bytes": 1, "bad_url": 1}
     assert ftp_hits == []
     assert sum(p.stat().st_size for p in Path(tmp_path / "out" / "_images").glob("*.tar")) < CAP
+
+
+NO_NETWORK = """
+import socket, sys
+def refuse(*args, **kwargs):
+    sys.stderr.write(f"NETWORK {args[:2]!r}\\n")
+    raise OSError("no network here")
+socket.create_connection = refuse
+socket.socket.connect = lambda self, address: refuse(address)
+import flamingo_data.fetch.i2d_worker
+print("imported")
+"""
+
+
+def test_importing_the_img2dataset_hook_contacts_no_server() -> None:
+    """albumentations, which img2dataset imports, asks PyPI for a newer version on import unless
+    NO_ALBUMENTATIONS_UPDATE is set: the module that imports img2dataset sets it first."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    result = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip() == "imported", result.stderr[-1000:]
+    assert "NETWORK" not in result.stderr

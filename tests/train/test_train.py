@@ -234,7 +234,7 @@ def test_resume_with_steps_below_the_checkpoint_is_refused(shards: Path, tmp_pat
     args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
     args += ["--max-tokens", "160"]
     main([*args, "--steps", "2"])
-    with pytest.raises(ValueError, match="at step 2, past --steps 1: pass --steps 2 or more"):
+    with pytest.raises(ValueError, match="at step 2, past `steps` 1: pass `steps` 2 or more"):
         main([*args, "--steps", "1", "--resume"])
     assert main([*args, "--steps", "2", "--resume"])["start_step"] == 2
 
@@ -324,7 +324,7 @@ def test_a_max_tokens_beyond_the_lm_positions_is_refused_before_training(
     from flamingo_data.train.trainer import main
 
     args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--steps", "1"]
-    with pytest.raises(ValueError, match="--max-tokens 513 is more than the language model's 512"):
+    with pytest.raises(ValueError, match="`max_tokens` 513 is more than the language model's 512"):
         main([*args, "--max-tokens", "513"])
     assert not (tmp_path / "checkpoints").exists()
 
@@ -393,7 +393,7 @@ def test_an_image_size_the_vision_encoder_does_not_take_is_refused_before_traini
     run_dir = tmp_path / "run"
     args = ["--mmc4-shards", str(shards), "--run-dir", str(run_dir), "--steps", "1"]
     args += ["--vision", f"hf:{tmp_path / 'clip'}"]
-    with pytest.raises(ValueError, match="--image-size 32 does not fit .* pass --image-size 64"):
+    with pytest.raises(ValueError, match="`image_size` 32 does not fit .* pass `image_size` 64"):
         main(args)
     assert main([*args, "--image-size", "64"])["steps"] == 1
 
