@@ -49,7 +49,7 @@ from flamingo_data.run.units import (
     list_markers,
 )
 from flamingo_data.storage import remote
-from flamingo_data.storage.specs import SpecError, expand_specs
+from flamingo_data.storage.specs import SpecError, expand_specs, missing_folder
 
 TAG = "<image>"
 SPECIAL_TOKENS = ("<|endofchunk|>", "<|endoftext|>")  # would be read as the loader's own tokens
@@ -339,7 +339,7 @@ def plan_conversations(
     duplicates: list[str] = []
     sources = conversation_sources(json_specs, duplicates)
     if not remote.isdir(options.images):
-        raise SpecError(f"image folder {options.images} does not exist")
+        raise SpecError(missing_folder("images", options.images))
     system = {} if options.system_template is None else {"system_template": options.system_template}
 
     def units(run: RunOptions) -> list[Unit]:

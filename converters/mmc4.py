@@ -31,7 +31,12 @@ from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions, Unit, UnitContext, unit_names
 from flamingo_data.storage import remote
 from flamingo_data.storage.shard_writer import safe_stem
-from flamingo_data.storage.specs import SpecError, expand_specs, lists_folder_or_glob
+from flamingo_data.storage.specs import (
+    SpecError,
+    expand_specs,
+    lists_folder_or_glob,
+    missing_folder,
+)
 
 LAYOUTS = ("auto", "indexed", "flat")
 # A document line longer than this is counted line_too_long and never held whole: MMC4 lines are
@@ -595,7 +600,7 @@ def plan_mmc4(docs: str | list[str], options: Mmc4Options) -> ConversionPlan:
     if not units:
         raise SpecError(f"no MMC4 zip matches {docs!r}")
     if not remote.isdir(options.images):
-        raise SpecError(f"image folder {options.images} does not exist")
+        raise SpecError(missing_folder("images", options.images))
     numbered = indexed_units(units, listed=not lists_folder_or_glob(docs))
     if numbered is None and options.layout == "indexed":
         raise SpecError(_no_number_message(units))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from flamingo_data.cli.convert_laion import add_download_options
 from flamingo_data.cli.options import (
@@ -15,6 +14,7 @@ from flamingo_data.cli.options import (
     execution,
     image_policy,
     positive,
+    print_summary,
     run_options,
 )
 from flamingo_data.fetch.i2d_run import DownloadOptions
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help=argparse.SUPPRESS,
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_image_options(parser)
     add_download_options(parser)
     add_unit_options(parser)
@@ -88,5 +88,5 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         execution=execution(args),
     )
-    print(json.dumps(stats.to_json()["counts"], indent=1))
+    print_summary(stats, args)
     return 0

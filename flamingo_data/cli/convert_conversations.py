@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from flamingo_data.cli.options import (
     add_image_options,
@@ -11,6 +10,7 @@ from flamingo_data.cli.options import (
     check_writable,
     execution,
     image_policy,
+    print_summary,
     run_options,
 )
 from flamingo_data.converters.conversations import (
@@ -95,6 +95,5 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         execution=execution(args),
     )
-    print(json.dumps(stats.to_json()["counts"], indent=1))
-    print(f"wrote {stats.get('documents', 'written')} samples under {args.out}")
+    print_summary(stats, args)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 
 from flamingo_data.cli.options import (
@@ -16,6 +15,7 @@ from flamingo_data.cli.options import (
     image_policy,
     non_negative,
     positive,
+    print_summary,
 )
 from flamingo_data.errors import UsageError
 from flamingo_data.fetch.i2d_run import DownloadOptions
@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--from-img2dataset: hard-link good shards instead of copying them",
     )
     add_image_options(parser)
+    for action in parser._actions:  # argparse has no public way to amend a shared option's help
+        if action.dest == "max_side":
+            action.help += " (default: 256 unless --short-side is given)"
     add_processes_option(parser)
     add_executor_options(parser)
     add_download_options(parser)
@@ -135,5 +138,5 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         execution=execution(args),
     )
-    print(json.dumps(stats.to_json(), indent=1))
+    print_summary(stats, args, records="samples", read_from="rows")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from flamingo_data.cli.options import (
     add_image_options,
@@ -11,6 +10,7 @@ from flamingo_data.cli.options import (
     check_writable,
     execution,
     image_policy,
+    print_summary,
     run_options,
 )
 from flamingo_data.converters.mmc4 import LAYOUTS, Mmc4Options, convert_mmc4
@@ -64,9 +64,5 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         execution=execution(args),
     )
-    print(json.dumps(stats.to_json()["counts"], indent=1))
-    print(
-        f"wrote {stats.get('documents', 'written')} documents into {stats.get('shards', 'written')} shards "
-        f"under {args.out} (sizes.json, stats.json beside them)"
-    )
+    print_summary(stats, args)
     return 0

@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=positive, default=12, help="training steps of the tiny model (default 12)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the sample's documents and of the training"
+    )
     parser.add_argument(
         "--no-train", action="store_true", help="stop after the data steps (no torch needed)"
     )

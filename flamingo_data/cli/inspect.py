@@ -17,8 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold", type=finite, default=0.24, help="similarity threshold the loader will use"
     )
-    parser.add_argument("--max-images", type=positive, default=6)
-    parser.add_argument("--max-tokens", type=positive, default=256)
+    parser.add_argument(
+        "--max-images", type=positive, default=6, help="images per sample the loader will keep"
+    )
+    parser.add_argument(
+        "--max-tokens", type=positive, default=256, help="tokens per sample the loader will keep"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument(
         "--plot",

@@ -41,13 +41,40 @@ OPTION_EXTRAS = {
 }
 
 
+DESCRIPTION = (
+    "Turn multimodal web data into training-ready WebDataset shards, prove them fit for "
+    "training, and train a Flamingo model on them."
+)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default, unless the text already names it or there is none
+    (an unset option, a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        unset = default in (None, False, "", argparse.SUPPRESS) or default == []
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The command line's parser. Only the subcommand ``argv`` names gets its options, so only
     that command's module is imported (``--help`` imports none); ``argv`` None: every subcommand."""
-    parser = argparse.ArgumentParser(prog="flamingo-data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="flamingo-data",
+        description=DESCRIPTION,
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"flamingo-data {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="Convert a source format into WebDataset shards")
+    convert = sub.add_parser(
+        "convert",
+        help="Convert a source format into WebDataset shards",
+        formatter_class=DefaultsHelpFormatter,
+    )
     convert_sub = convert.add_subparsers(dest="source", required=True)
     for name, help_text in CONVERTERS.items():
         wanted = argv is None or list(argv[:2]) == ["convert", name]
@@ -62,7 +89,9 @@ def _add(
     sub: argparse._SubParsersAction, name: str, help_text: str, module_name: str, wanted: bool
 ) -> None:
     """A subcommand; its options (and its module's imports) only when ``wanted``."""
-    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser = sub.add_parser(
+        name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter
+    )
     if wanted:
         _bind(parser, importlib.import_module(module_name))
 

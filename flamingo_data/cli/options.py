@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+from flamingo_data.core.stats import Stats
 from flamingo_data.errors import UsageError
 from flamingo_data.images.jpeg_encoders import (
     DEFAULT_ENCODER,
@@ -21,7 +22,7 @@ from flamingo_data.images.stage import (
     ImagePolicy,
 )
 from flamingo_data.run.executors import Execution, default_processes
-from flamingo_data.run.outcome import DEFAULT_MAX_REJECT_SHARE
+from flamingo_data.run.outcome import DEFAULT_MAX_REJECT_SHARE, summary
 from flamingo_data.run.units import RunOptions
 from flamingo_data.storage import remote
 
@@ -58,6 +59,13 @@ def add_processes_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def print_summary(
+    stats: Stats, args: argparse.Namespace, records: str = "documents", read_from: str | None = None
+) -> None:
+    """The converters' end-of-run lines on stdout (``summary``)."""
+    print("\n".join(summary(stats, args.out, records, read_from, rejects=args.rejects)))
+
+
 def execution(args: argparse.Namespace) -> Execution:
     """Where and how the units run, from the shared options."""
     return Execution(
@@ -90,8 +98,15 @@ def share(text: str) -> float:
 def add_unit_options(parser: argparse.ArgumentParser) -> None:
     """Where units run and how their shards are cut and committed (converters that write shards)."""
     add_executor_options(parser)
-    parser.add_argument("--max-samples-per-shard", type=positive, default=10_000)
-    parser.add_argument("--max-bytes-per-shard", type=positive, default=2**30)
+    parser.add_argument(
+        "--max-samples-per-shard", type=positive, default=10_000, help="samples per shard at most"
+    )
+    parser.add_argument(
+        "--max-bytes-per-shard",
+        type=positive,
+        default=2**30,
+        help="bytes per shard file at most (a bigger sample gets a shard of its own)",
+    )
     parser.add_argument(
         "--no-fsync",
         action="store_true",

@@ -16,9 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--key", action="append", default=None, help="render only these keys (repeatable)"
     )
-    parser.add_argument("--out", default="preview.html")
-    parser.add_argument("--threshold", type=finite, default=0.24)
-    parser.add_argument("--max-images", type=positive, default=6)
+    parser.add_argument("--out", default="preview.html", help="the HTML page to write")
+    parser.add_argument(
+        "--threshold",
+        type=finite,
+        default=0.24,
+        help="similarity under which the loader drops an image",
+    )
+    parser.add_argument(
+        "--max-images", type=positive, default=6, help="images per document the loader keeps"
+    )
     parser.add_argument("--open", action="store_true", help="open the page in a browser")
 
 

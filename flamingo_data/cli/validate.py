@@ -22,7 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-pixels", type=positive, default=DEFAULT_MAX_PIXELS, help="--deep: larger images fail"
     )
-    parser.add_argument("--kind", choices=("auto", "interleaved", "gpt", "pair"), default="auto")
+    parser.add_argument(
+        "--kind",
+        choices=("auto", "interleaved", "gpt", "pair"),
+        default="auto",
+        help="the record kind to check against (auto: each sample's own)",
+    )
     parser.add_argument(
         "--write-sizes", action="store_true", help="write/update sizes.json beside the shards"
     )
@@ -32,7 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", dest="json_out", default=None, help="write the full report as JSON (- for stdout)"
     )
-    parser.add_argument("--max-failures-shown", type=non_negative, default=20)
+    parser.add_argument(
+        "--max-failures-shown",
+        type=non_negative,
+        default=20,
+        help="failures listed on stdout (--json holds them all)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -69,3 +69,38 @@ def top_reasons(stats: Stats, limit: int = TOP_REASONS) -> str:
     shown = ", ".join(f"{reason} {count}" for reason, count in ranked[:limit])
     more = f", {len(ranked) - limit} more reasons" if len(ranked) > limit else ""
     return f"{shown}{more} (see stats.json)"
+
+
+SUMMARY_REASONS = 5  # reasons shown per category at the end of a run
+# Categories whose counts describe the run's bookkeeping rather than items a user may miss.
+_BOOKKEEPING = ("units", "shards", "keys", "values")
+
+
+def summary(
+    stats: Stats,
+    out: str,
+    records: str = "documents",
+    read_from: str | None = None,
+    rejects: bool = False,
+) -> list[str]:
+    """The end of a run in the same shape for every converter: records written of those read and
+    into how many shards, the reject reasons of each category, where the output is (``rejects``:
+    a rejects.jsonl was written)."""
+    read = stats.get(read_from or records, "in")
+    shards = stats.get("shards", "written")
+    lines = [
+        f"{stats.converter}: {stats.get(records, 'written')} of {read} {records} written "
+        f"into {shards} shard{'' if shards == 1 else 's'}"
+    ]
+    for category in sorted(stats.reasons):
+        if category in _BOOKKEEPING or not stats.reasons[category]:
+            continue
+        ranked = sorted(stats.reasons[category].items(), key=lambda item: (-item[1], item[0]))
+        shown = ", ".join(f"{reason} {count}" for reason, count in ranked[:SUMMARY_REASONS])
+        hidden = len(ranked) - SUMMARY_REASONS
+        more = f", {hidden} more reasons" if hidden > 0 else ""
+        rejected = stats.get(category, "rejected")
+        lines.append(f"  {category}: {rejected} rejected ({shown}{more})")
+    files = "sizes.json, stats.json" + (", rejects.jsonl" if rejects else "")
+    lines.append(f"  in {out}: the shards, {files}")
+    return lines

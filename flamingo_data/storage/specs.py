@@ -118,3 +118,9 @@ def _expand_remote(
     if remote.isdir(item):
         return sorted(p for p in remote.listdir(item) if _matches(p, folder_suffix, ignore_case))
     return [item] if keep_missing or remote.exists(item) else []
+
+
+def missing_folder(parameter: str, path: str) -> str:
+    """Why ``path``, given as the folder ``parameter``, is not one: a file, or nothing there."""
+    what = "is a file, not a folder" if remote.isfile(path) else "does not exist"
+    return f"`{parameter}` {path} {what}"

@@ -76,7 +76,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--loss-weights", default="", help="per-dataset loss weights, e.g. mmc4=1.0,laion=0.2"
     )
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-dir", required=True, help="folder for checkpoints and log.jsonl")
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --run-dir"
     )
@@ -84,29 +84,56 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, default=8, help="per dataset, per process, per micro-step"
     )
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=10, help="steps of linear warmup up to --lr")
+    p.add_argument(
+        "--schedule",
+        choices=("cosine", "linear", "constant"),
+        default="cosine",
+        help="learning-rate decay after warmup",
+    )
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="compute precision"
+    )
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: less memory, more time",
+    )
+    p.add_argument(
+        "--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the initial weights and the data order"
+    )
     p.add_argument("--workers", type=int, default=0, help="loader worker processes per dataset")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-images", type=int, default=6)
-    p.add_argument("--sim-threshold", type=float, default=0.24)
+    p.add_argument(
+        "--image-size", type=int, default=32, help="image side in px the vision encoder takes"
+    )
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per sample at most")
+    p.add_argument("--max-images", type=int, default=6, help="images per sample at most")
+    p.add_argument(
+        "--sim-threshold",
+        type=float,
+        default=0.24,
+        help="interleaved: similarity under which an image is dropped",
+    )
     p.add_argument(
         "--tokenizer", default=None, help="local Hugging Face tokenizer path (default: built-in)"
     )
     p.add_argument("--vision", default="tiny", help="tiny | hf:<path> | open_clip:<arch>:<weights>")
     p.add_argument("--lm", default="tiny", help="tiny | hf:<path>")
-    p.add_argument("--cross-attn-every-n-layers", type=int, default=1)
-    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument(
+        "--cross-attn-every-n-layers",
+        type=int,
+        default=1,
+        help="a gated cross-attention block every N language-model layers",
+    )
+    p.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines")
     p.add_argument("--log-keys", action="store_true", help="log rank 0's sample keys per step")
     p.add_argument(
         "--wandb", action="store_true", help="also log to Weights & Biases (if installed)"
