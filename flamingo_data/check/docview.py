@@ -10,7 +10,7 @@ from typing import Any
 from flamingo_data.core.records import decode_base64
 from flamingo_data.loader.config import LoaderConfig
 from flamingo_data.loader.gpt import PLACEHOLDER, plan_gpt
-from flamingo_data.loader.interleaved import Reject, plan_interleaved, shape_problem
+from flamingo_data.loader.interleaved import Dropped, Reject, plan_interleaved, shape_problem
 from flamingo_data.loader.record import parse_json
 from flamingo_data.storage.shard_reader import (
     DECODED_EXTS,
@@ -30,9 +30,10 @@ class ImageView:
     data: bytes | None
     kept: bool
     where: int | None = None
-    similarity: float | None = None
+    similarity: float | None = None  # with the sentence the assignment gave it, when it got one
     reason: str | None = None
     name: str = ""
+    best: tuple[int, float, int | None] | None = None  # (sentence, similarity, image it went to)
 
 
 @dataclass
@@ -146,6 +147,10 @@ def _interleaved_view(sample: Sample, record: dict[str, Any], config: LoaderConf
                 name=infos[p.image_index].get("image_name", ""),
             )
         )
+    taken = {p.sentence_index: p.image_index for p in plan.placements}
+    taken.update(
+        (d.sentence_index, d.image_index) for d in plan.dropped if d.sentence_index is not None
+    )
     for d in plan.dropped:
         info = infos[d.image_index]
         sims = record["similarity_matrix"][d.image_index]
@@ -156,15 +161,29 @@ def _interleaved_view(sample: Sample, record: dict[str, Any], config: LoaderConf
                 _bytes(info.get("image_base64")),
                 False,
                 where,
-                max(sims) if sims else None,
+                d.similarity if d.similarity is not None else (max(sims) if sims else None),
                 d.reason,
                 info.get("image_name", ""),
+                _best_elsewhere(sims, d, taken),
             )
         )
     view.images.sort(key=lambda i: (i.where if i.where is not None else 0, not i.kept, i.index))
     if view.rejected is None and any(i.kept and i.data is None for i in view.images):
         view.rejected = "bad_base64"  # placed_image_bytes refuses the whole document
     return view
+
+
+def _best_elsewhere(
+    sims: list[float], dropped: Dropped, taken: dict[int, int]
+) -> tuple[int, float, int | None] | None:
+    """The image's best sentence when the assignment gave it another one: (sentence, similarity,
+    the image that sentence went to)."""
+    if dropped.sentence_index is None or not sims:
+        return None
+    best = max(range(len(sims)), key=lambda i: sims[i])
+    if best == dropped.sentence_index:
+        return None
+    return best, float(sims[best]), taken.get(best)
 
 
 def _matched_sentence(info: dict[str, Any], n_sentences: int) -> int:

@@ -126,6 +126,10 @@ def render_image(image: ImageView) -> str:
     label = f"sim {image.similarity:.2f}" if image.similarity is not None else str(image.name)
     if not image.kept:
         label += f" · {image.reason}"
+    if image.best is not None:  # the drop was decided on the assigned sentence, not the best one
+        sentence, similarity, other = image.best
+        went = f", given to image {other}" if other is not None else ""
+        label += f" (best {similarity:.2f} at sentence {sentence}{went})"
     fmt = sniff_format(image.data) if image.data else None
     if fmt in MIME:
         src = f"data:{MIME[fmt]};base64,{encode_base64(image.data)}"

@@ -32,8 +32,13 @@ class Placement:
 
 @dataclass(frozen=True, slots=True)
 class Dropped:
+    """An image the loader leaves out; ``sentence_index``/``similarity``: the sentence the
+    one-to-one assignment gave it and their similarity, when it got one."""
+
     image_index: int
     reason: str
+    sentence_index: int | None = None
+    similarity: float | None = None
 
 
 @dataclass
@@ -103,12 +108,13 @@ def _assign(
         if sim[r, c] >= config.sim_threshold:
             candidates.append(Placement(usable[r], int(c), float(sim[r, c])))
         else:
-            plan.dropped.append(Dropped(usable[r], "below_threshold"))
+            plan.dropped.append(Dropped(usable[r], "below_threshold", int(c), float(sim[r, c])))
     plan.dropped.extend(Dropped(i, "not_matched") for i in usable if i not in matched)
     candidates.sort(key=lambda p: p.sentence_index)
     plan.placements = candidates[: config.max_images]
     plan.dropped.extend(
-        Dropped(p.image_index, "over_max_images") for p in candidates[config.max_images :]
+        Dropped(p.image_index, "over_max_images", p.sentence_index, p.similarity)
+        for p in candidates[config.max_images :]
     )
 
 

@@ -163,3 +163,27 @@ def test_an_unwritable_out_is_one_line_exit_2_and_a_url_out_is_written_there(
     with fsspec.open(url, "rb") as handle:
         assert b"data-key='doc1'" in handle.read()
     assert not list(tmp_path.glob("memory*")) and not Path("memory:").exists()
+
+
+def test_a_dropped_image_shows_its_assigned_sentence_and_the_best_one(tmp_path: Path) -> None:
+    """Image 0's best sentence (0.30, sentence 1) went to image 1 (0.90); the assignment gave image
+    0 sentence 2 at 0.19, under the 0.24 threshold: the label says so."""
+    record = interleaved_record(
+        ["a.", "b.", "c."],
+        [[0.05, 0.30, 0.19], [0.10, 0.90, 0.05]],
+        [solid_jpeg((200, 0, 0)), solid_jpeg((0, 0, 200))],
+    )
+    write_json_shard(tmp_path, "s", {"doc": record})
+    page = tmp_path / "preview.html"
+    write_preview(str(tmp_path / "s-00000.tar"), str(page))
+    html = page.read_text()
+    assert "sim 0.19 · below_threshold (best 0.30 at sentence 1, given to image 1)" in html
+    assert "sim 0.90</figcaption>" in html  # the kept image: the sentence it is placed before
+
+
+def test_a_drop_on_the_best_sentence_shows_one_similarity() -> None:
+    from flamingo_data.check.docview import ImageView
+    from flamingo_data.check.preview import render_image
+
+    image = ImageView(0, None, False, 0, 0.19, "below_threshold", "x.jpg")
+    assert "<figcaption>sim 0.19 · below_threshold</figcaption>" in render_image(image)
