@@ -20,9 +20,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from flamingo_data.core.schema import record_kind
 from flamingo_data.errors import EmptyDataset
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+from flamingo_data.loader.interleaved import Reject
+from flamingo_data.loader.record import parse_json
 from flamingo_data.model import FlamingoConfig, build_flamingo
+from flamingo_data.storage.shard_reader import iter_samples
+from flamingo_data.storage.specs import expand_specs
 from flamingo_data.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -134,6 +139,31 @@ def make_scheduler(optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.L
         return 1.0 - progress if config.schedule == "linear" else 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_dataset_kinds(config: TrainConfig) -> None:
+    """A dataset given as one kind (``laion_shards``: pairs) must hold that kind, or every sample
+    would be rejected one by one: the first record of its first shard is read to make sure."""
+    for dataset in config.datasets:
+        found = first_record_kind(dataset.shards) if dataset.kind != "auto" else None
+        if found is not None and found != dataset.kind:
+            raise StartError(
+                f"dataset {dataset.name!r} is given as {dataset.kind} records but {dataset.shards}"
+                f" holds {found} ones: give interleaved shards as `mmc4_shards`, pairs as"
+                " `laion_shards`, GPT sequences as `gpt_shards`, or any as `dataset` NAME=auto:SPEC"
+            )
+
+
+def first_record_kind(shards: str) -> str | None:
+    """The record kind of the first sample of the first shard ``shards`` names, or None when there
+    is none to read (the loader reports why)."""
+    for path in expand_specs(shards)[:1]:
+        for sample in iter_samples(path, lambda issue: None, read=frozenset({"json"})):
+            try:
+                return record_kind(parse_json(sample.members.get("json") or b""))
+            except Reject:  # not JSON: the loader counts it
+                return None
+    return None
 
 
 def make_loaders(config: TrainConfig, tokenizer, rank: int, world: int) -> dict[str, Any]:
@@ -360,6 +390,7 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
 def run(config: TrainConfig) -> dict[str, Any]:
     """The training loop; returns a summary (first/last loss, fixed-batch loss before and after, steps)."""
     rank, world, device = setup_distributed()
+    check_dataset_kinds(config)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(config.tokenizer)
     model = build_model(config, tokenizer, device)

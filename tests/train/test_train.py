@@ -573,3 +573,18 @@ def test_a_failing_rank_stops_the_run_instead_of_hanging_it(shards: Path, tmp_pa
         pytest.fail("one rank failed and the run hung instead of exiting")
     assert proc.returncode != 0
     assert "yields no usable sample" in stderr and "not_a_tar" in stderr
+
+
+@pytest.mark.parametrize("flag", ["--laion-shards", "--gpt-shards"])
+def test_a_kind_named_option_refuses_shards_of_another_kind(
+    shards: Path, tmp_path: Path, flag: str, capsys
+) -> None:
+    """Interleaved shards given as pairs or GPT sequences: one line before any training, naming
+    the option to use, instead of every sample rejected one by one."""
+    from flamingo_data.cli.main import main as cli
+
+    argv = ["train", flag, str(shards), "--run-dir", str(tmp_path / "run"), "--steps", "1"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds interleaved ones: give interleaved shards as --mmc4-shards" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
