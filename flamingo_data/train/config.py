@@ -17,6 +17,9 @@ class DatasetArg:
     shards: str
 
 
+MAX_DEFAULT_WARMUP = 10
+
+
 @dataclass
 class TrainConfig:
     datasets: list[DatasetArg]
@@ -27,7 +30,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-4
-    warmup_steps: int = 10
+    warmup_steps: int | None = None  # None: a tenth of steps, at most MAX_DEFAULT_WARMUP
     schedule: str = "cosine"
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
@@ -49,6 +52,10 @@ class TrainConfig:
     log_keys: bool = False
     wandb: bool = False
     stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps is None:  # a short run is not spent warming up
+            self.warmup_steps = min(MAX_DEFAULT_WARMUP, self.steps // 10)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +93,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=10, help="steps of linear warmup up to --lr")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help=f"steps of linear warmup up to --lr (default: a tenth of --steps, at most "
+        f"{MAX_DEFAULT_WARMUP})",
+    )
     p.add_argument(
         "--schedule",
         choices=("cosine", "linear", "constant"),

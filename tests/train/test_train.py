@@ -175,6 +175,8 @@ def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -
             "--gradient-checkpointing",
             "--grad-accum",
             "2",
+            "--warmup-steps",
+            "10",
         ]
     )
     assert summary["steps"] == 3
@@ -182,7 +184,7 @@ def test_in_process_training_step_and_checkpoint(shards: Path, tmp_path: Path) -
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000003"
     logged = [e for e in log_entries(tmp_path) if "loss" in e]
     assert [e["step"] for e in logged] == [1, 2, 3]
-    # the rate each step used: warmup (default 10 steps) gives step k the factor k / 11
+    # the rate each step used: a 10-step warmup gives step k the factor k / 11
     assert [e["lr"] for e in logged] == pytest.approx([1e-4 * k / 11 for k in (1, 2, 3)])
 
 
@@ -588,3 +590,13 @@ def test_a_kind_named_option_refuses_shards_of_another_kind(
     err = capsys.readouterr().err.strip()
     assert "holds interleaved ones: give interleaved shards as --mmc4-shards" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("steps", "given", "warmup"),
+    [(10, [], 1), (5, [], 0), (100, [], 10), (1000, [], 10), (10, ["--warmup-steps", "5"], 5)],
+)
+def test_warmup_fits_a_short_run(steps: int, given: list[str], warmup: int) -> None:
+    """With the default, `train --steps 10` spent every step warming up (the loss stayed flat)."""
+    argv = ["--mmc4-shards", "a/", "--run-dir", "r", "--steps", str(steps), *given]
+    assert parse_args(argv).warmup_steps == warmup
