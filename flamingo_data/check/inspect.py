@@ -80,13 +80,25 @@ class InspectReport:
         }
 
 
+SIZE_BUCKET = 128  # px of image short side per histogram bar
+
+
 def _sorted(counter: Counter) -> dict[str, int]:
     return {str(k): counter[k] for k in sorted(counter)}
 
 
 def size_bucket(side: int) -> int:
     """Short-side histogram buckets: 0-127, 128-255, ... (lower bound)."""
-    return (side // 128) * 128
+    return (side // SIZE_BUCKET) * SIZE_BUCKET
+
+
+def size_label(lower: int | str) -> str:
+    """A bucket as the range of sides it holds: ``128-255 px``."""
+    return f"{int(lower)}-{int(lower) + SIZE_BUCKET - 1} px"
+
+
+def size_labels(buckets: dict) -> dict[str, int]:
+    return {size_label(lower): count for lower, count in buckets.items()}
 
 
 def inspect_shards(
@@ -222,7 +234,7 @@ def format_report(report: InspectReport) -> str:
         ("images/doc", _inline(data["images_per_doc"])),
         ("sentences/doc", _inline(data["sentences_per_doc"])),
         ("image formats", _inline(data["image_formats"])),
-        ("image short side", _inline(data["image_short_side"])),
+        ("image short side", _inline(size_labels(data["image_short_side"]))),
         ("tokens mean/p50/p90/max", "{mean:.0f} / {p50} / {p90} / {max}".format(**data["tokens"])),
         (
             f"loader keeps (threshold {report.filters['threshold']}, max {report.filters['max_images']} images, "
@@ -262,7 +274,8 @@ def plot_report(report: InspectReport, out: str) -> None:
         strict=False,
     ):
         keys = sorted(counter)
-        ax.bar([str(k) for k in keys], [counter[k] for k in keys], color="#c2477f")
+        labels = [size_label(k) if counter is report.image_short_side else str(k) for k in keys]
+        ax.bar(labels, [counter[k] for k in keys], color="#c2477f")
         ax.set_title(title)
     axes[3].hist(report.tokens, bins=30, color="#2d2a32")
     axes[3].set_title("tokens per document")

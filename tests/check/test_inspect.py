@@ -73,6 +73,14 @@ def test_counts_histograms_and_loader_survival(shards: Path) -> None:
     assert report["source_stats"]["mmc4"]["counts"] == {"documents": {"in": 5}}
 
 
+def test_the_terminal_table_labels_short_side_buckets_as_ranges(shards: Path) -> None:
+    from flamingo_data.check.inspect import format_report
+
+    table = format_report(inspect_shards(str(shards)))
+    (line,) = [row for row in table.splitlines() if row.startswith("image short side")]
+    assert line.split("  ")[-1].strip() == "0-127 px: 4, 128-255 px: 2"
+
+
 def test_a_named_shard_that_does_not_exist_is_counted(shards: Path) -> None:
     present = sorted(p.name for p in shards.glob("*.tar"))
     spec = [str(shards / name) for name in present] + [str(shards / "gone-00000.tar")]
