@@ -49,16 +49,14 @@ def default_processes() -> int:
 
 
 def run_local(
-    units: Sequence[Unit],
-    fn: UnitFn,
-    options: RunOptions,
-    processes: int | None = None,
-    progress: bool = True,
+    units: Sequence[Unit], fn: UnitFn, options: RunOptions, execution: Execution
 ) -> list[dict[str, Any]]:
     """Run units in a process pool (in-process when one process); markers in unit order."""
-    processes = min(processes or default_processes(), max(1, len(units)))
+    processes = min(execution.processes or default_processes(), max(1, len(units)))
     task = partial(run_unit, fn=fn, options=options)
-    bar = tqdm(total=len(units), unit="unit", desc=options.converter, disable=not progress)
+    bar = tqdm(
+        total=len(units), unit="unit", desc=options.converter, disable=not execution.progress
+    )
     markers: list[dict[str, Any]] = []
     with bar:
         for marker in _map(task, units, processes):
@@ -76,12 +74,7 @@ def _map(task: Callable[[Unit], dict], units: Sequence[Unit], processes: int) ->
 
 
 def run_spark(
-    units: Sequence[Unit],
-    fn: UnitFn,
-    options: RunOptions,
-    processes: int | None = None,
-    progress: bool = True,
-    master: str | None = None,
+    units: Sequence[Unit], fn: UnitFn, options: RunOptions, execution: Execution
 ) -> list[dict[str, Any]]:
     """One Spark task per unit, on a cluster master or ``local[N]``; the driver only collects markers.
 
@@ -92,7 +85,7 @@ def run_spark(
     except ImportError as exc:
         raise MissingExtra("executor 'spark'", "PySpark", "spark") from exc
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    master = master or f"local[{processes or default_processes()}]"
+    master = execution.master or f"local[{execution.processes or default_processes()}]"
     builder = SparkSession.builder.appName(f"flamingo-data {options.converter}").master(master)
     if master.startswith("local"):
         builder = builder.config("spark.driver.host", "127.0.0.1").config(
@@ -126,19 +119,15 @@ def _looks_like_python_error(line: str) -> bool:
 
 
 def run_ray(
-    units: Sequence[Unit],
-    fn: UnitFn,
-    options: RunOptions,
-    processes: int | None = None,
-    progress: bool = True,
-    master: str | None = None,
+    units: Sequence[Unit], fn: UnitFn, options: RunOptions, execution: Execution
 ) -> list[dict[str, Any]]:
-    """One Ray task per unit on an existing cluster (``master`` = its address); never started in tests."""
+    """One Ray task per unit on an existing cluster (``execution.master`` = its address); never started
+    in tests."""
     try:
         import ray
     except ImportError as exc:
         raise MissingExtra("executor 'ray'", "Ray", "ray") from exc
-    ray.init(address=master or "auto", ignore_reinit_error=True)
+    ray.init(address=execution.master or "auto", ignore_reinit_error=True)
     task = ray.remote(run_unit)
     return _in_unit_order(ray.get([task.remote(unit, fn, options) for unit in units]), units)
 
@@ -148,7 +137,8 @@ def _in_unit_order(markers: list[dict[str, Any]], units: Sequence[Unit]) -> list
     return sorted(markers, key=lambda m: order[m["unit"]])
 
 
-EXECUTORS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+Executor = Callable[[Sequence[Unit], UnitFn, RunOptions, Execution], list[dict[str, Any]]]
+EXECUTORS: dict[str, Executor] = {
     "local": run_local,
     "spark": run_spark,
     "ray": run_ray,
@@ -159,12 +149,6 @@ def run_units(
     units: Sequence[Unit], fn: UnitFn, options: RunOptions, execution: Execution
 ) -> list[dict[str, Any]]:
     """Run every unit on ``execution``'s executor; each writes its own shards and marker."""
-    if execution.executor == "local":
-        markers = run_local(units, fn, options, execution.processes, execution.progress)
-    else:
-        run = EXECUTORS[execution.executor]
-        markers = run(
-            units, fn, options, execution.processes, execution.progress, master=execution.master
-        )
+    markers = EXECUTORS[execution.executor](units, fn, options, execution)
     check_markers_visible(options.out_dir, markers)
     return markers
