@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
+from collections.abc import Mapping
 
 from flamingo_data.core.stats import Stats
 from flamingo_data.errors import InputError, NothingWritten
@@ -59,16 +61,20 @@ def check_output(
 def top_reasons(stats: Stats, limit: int = TOP_REASONS) -> str:
     """The most frequent reject reasons over every category (``missing_image 45, no_images 5``),
     or what else explains an empty output."""
-    totals: dict[str, int] = {}
+    totals: Counter[str] = Counter()
     for by_reason in stats.reasons.values():
-        for reason, count in by_reason.items():
-            totals[reason] = totals.get(reason, 0) + count
-    ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
-    if not ranked:
+        totals.update(by_reason)
+    if not totals:
         return "the input held no records (see stats.json)"
+    return f"{ranked_reasons(totals, limit)} (see stats.json)"
+
+
+def ranked_reasons(counts: Mapping[str, int], limit: int) -> str:
+    """``a 7, b 6, 2 more reasons``: the ``limit`` most frequent, ties by name, and how many more."""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     shown = ", ".join(f"{reason} {count}" for reason, count in ranked[:limit])
-    more = f", {len(ranked) - limit} more reasons" if len(ranked) > limit else ""
-    return f"{shown}{more} (see stats.json)"
+    hidden = len(ranked) - limit
+    return f"{shown}, {hidden} more reasons" if hidden > 0 else shown
 
 
 SUMMARY_REASONS = 5  # reasons shown per category at the end of a run
@@ -95,12 +101,8 @@ def summary(
     for category in sorted(stats.reasons):
         if category in _BOOKKEEPING or not stats.reasons[category]:
             continue
-        ranked = sorted(stats.reasons[category].items(), key=lambda item: (-item[1], item[0]))
-        shown = ", ".join(f"{reason} {count}" for reason, count in ranked[:SUMMARY_REASONS])
-        hidden = len(ranked) - SUMMARY_REASONS
-        more = f", {hidden} more reasons" if hidden > 0 else ""
-        rejected = stats.get(category, "rejected")
-        lines.append(f"  {category}: {rejected} rejected ({shown}{more})")
+        reasons = ranked_reasons(stats.reasons[category], SUMMARY_REASONS)
+        lines.append(f"  {category}: {stats.get(category, 'rejected')} rejected ({reasons})")
     files = "sizes.json, stats.json" + (", rejects.jsonl" if rejects else "")
     lines.append(f"  in {out}: the shards, {files}")
     return lines
