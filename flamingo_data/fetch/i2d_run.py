@@ -59,7 +59,7 @@ def run_img2dataset(
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download
 
-    with _bounded_fetch(options.max_bytes), _interrupt_raises():
+    with _img2dataset_hooks(options.max_bytes), _interrupt_raises():
         download(
             url_list=url_list,
             input_format=input_format,
@@ -85,9 +85,10 @@ def run_img2dataset(
 
 
 @contextlib.contextmanager
-def _bounded_fetch(max_bytes: int) -> Iterator[None]:
-    """img2dataset builds its downloader by the name ``Downloader`` in its ``main``: ours while
-    the download runs (its workers then fetch with ``fetch``), upstream's again afterwards."""
+def _img2dataset_hooks(max_bytes: int) -> Iterator[None]:
+    """img2dataset builds its downloader, progress logger and pool by names in its ``main`` and
+    ``distributor``: ours while the download runs (its workers fetch with ``fetch``, its processes
+    leave Ctrl-C to this one and end with it), upstream's again afterwards."""
     from flamingo_data.fetch.i2d_worker import (
         BoundedDownloader,
         TiedLoggerProcess,
@@ -107,7 +108,6 @@ def _bounded_fetch(max_bytes: int) -> Iterator[None]:
         )
     upstream = i2d_main.Downloader, i2d_main.LoggerProcess, i2d_distributor.get_context
     i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes)
-    # its spawned processes leave Ctrl-C to this one and die with it (see flamingo_data.fetch.i2d_worker)
     i2d_main.LoggerProcess = TiedLoggerProcess
     i2d_distributor.get_context = tied_spawn_context
     try:
