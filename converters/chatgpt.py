@@ -153,7 +153,7 @@ def build_record(
         else:
             reason, result = _image(store, url, options.policy)
         if result is None:
-            ctx.reject("images", f"{key}/{n}", reason, url or "")
+            ctx.reject("images", f"{key}/{n}", reason, url=url or "")
             if options.missing == "drop":
                 raise SequenceError(f"image_{reason}")
             continue
@@ -216,7 +216,16 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: ChatGptOptions, images: 
 def convert_sequence(
     item: Any, key: str, store: ImageStore, options: ChatGptOptions, ctx: UnitContext
 ) -> None:
-    """One sequence -> one written record or one counted reject."""
+    """One sequence -> one written record or one counted reject; its images' lines in
+    ``rejects.jsonl`` say which it was."""
+    since = len(ctx.rejects)
+    written = _convert_sequence(item, key, store, options, ctx)
+    ctx.settle_images(since, "written" if written else "rejected")
+
+
+def _convert_sequence(
+    item: Any, key: str, store: ImageStore, options: ChatGptOptions, ctx: UnitContext
+) -> bool:
     ctx.stats.add("documents", "in")
     try:
         if isinstance(item, SequenceError):
@@ -227,12 +236,13 @@ def convert_sequence(
         encoded = encode_record(record)
     except (SequenceError, RecordEncodingError) as exc:
         ctx.reject("documents", key, exc.args[0])
-        return
+        return False
     ctx.write_record(key, encoded)
     ctx.stats.add("documents", "written")
     ctx.stats.add("images", "embedded", len(record["image_map"]))  # only images that were written
     for outcome in outcomes:  # kept, trimmed, converted or resized
         ctx.stats.add("images", outcome)
+    return True
 
 
 def _download(urls: list[str], root: Path, images: str, options: DownloadOptions) -> None:

@@ -382,17 +382,19 @@ def attach_images(
     """Load, check and attach each image's bytes; returns how many have bytes. Every outcome counted."""
     found = 0
     for info in doc.image_info:
+        image_key = f"{key}/{info.image_name}"
         if not _safe_image_name(info.image_name):
-            ctx.reject("images", f"{key}/{info.image_name}", "unsafe_image_name")
+            ctx.reject("images", image_key, "unsafe_image_name", url=info.raw_url)
             continue
         try:
             data = remote.read_bytes(remote.join(folder, info.image_name), policy.max_bytes + 1)
         except OSError:  # absent, a folder, a name too long for the filesystem...
             ctx.stats.add("images", "missing")
+            ctx.list_reject("images", image_key, "missing", url=info.raw_url)
             continue
         result = process_image(data, policy)
         if not result.ok:
-            ctx.reject("images", f"{key}/{info.image_name}", result.reason or "rejected")
+            ctx.reject("images", image_key, result.reason or "rejected", url=info.raw_url)
             continue
         ctx.stats.add("images", "found")
         ctx.stats.add("images", result.outcome)
@@ -404,36 +406,46 @@ def attach_images(
 def convert_line(
     line: bytes | None, key: str, folder: str, ctx: UnitContext, options: Mmc4Options
 ) -> None:
-    """One jsonl line (None: over ``MAX_LINE_BYTES``) -> one written record or one counted reject."""
+    """One jsonl line (None: over ``MAX_LINE_BYTES``) -> one written record or one counted reject;
+    its images' lines in ``rejects.jsonl`` say which it was."""
+    since = len(ctx.rejects)
+    written = _convert_document(line, key, folder, ctx, options)
+    ctx.settle_images(since, "written" if written else "rejected")
+
+
+def _convert_document(
+    line: bytes | None, key: str, folder: str, ctx: UnitContext, options: Mmc4Options
+) -> bool:
     ctx.stats.add("documents", "in")
     if line is None:
         ctx.reject("documents", key, "line_too_long", f"over {MAX_LINE_BYTES} bytes")
-        return
+        return False
     try:
         doc = InterleavedDoc.from_json(parse_document(line))
     except DocumentError as exc:
         ctx.reject("documents", key, exc.args[0])
-        return
+        return False
     ctx.stats.add("images", "in", len(doc.image_info))
     found = attach_images(doc, folder, ctx, key, options.policy)
     if found == 0 and not options.keep_docs_without_images:
         ctx.reject("documents", key, "no_images")
-        return
+        return False
     if found < len(doc.image_info) and options.drop_docs_with_missing_images:
         ctx.reject("documents", key, "missing_images")
-        return
+        return False
     record = doc.to_json()
     errors = schema_errors("interleaved", record) if options.schema_check else []
     if errors:
         ctx.reject("documents", key, "schema", "; ".join(errors))
-        return
+        return False
     try:
         encoded = encode_record(record)
     except RecordEncodingError as exc:
         ctx.reject("documents", key, exc.args[0], exc.args[1])
-        return
+        return False
     ctx.write_record(key, encoded)
     ctx.stats.add("documents", "written")
+    return True
 
 
 def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str) -> None:

@@ -42,7 +42,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="delete an earlier run's output first"
     )
-    parser.add_argument("--rejects", action="store_true", help="write rejects.jsonl (key + reason)")
+    parser.add_argument(
+        "--rejects",
+        action="store_true",
+        help="write rejects.jsonl: each rejected record, and each image not embedded (missing too) "
+        "with its url and its document's fate",
+    )
     add_reject_share_option(parser)
     add_unit_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -99,13 +99,28 @@ class UnitContext:
         if record.non_finite_as_null:
             self.stats.add("values", NON_FINITE_AS_NULL, record.non_finite_as_null)
 
-    def reject(self, category: str, key: str, reason: str, detail: str = "") -> None:
+    def reject(self, category: str, key: str, reason: str, detail: str = "", **extra: str) -> None:
         """Count a rejected item and keep its reason for ``rejects.jsonl``."""
         self.stats.reject(category, reason)
+        self.list_reject(category, key, reason, detail, **extra)
+
+    def list_reject(
+        self, category: str, key: str, reason: str, detail: str = "", **extra: str
+    ) -> None:
+        """Keep a line for ``rejects.jsonl`` only: the caller counts the outcome itself (a missing
+        image is ``images.missing``, not a rejection)."""
         entry = {"unit": self.unit.name, "key": key, "kind": category, "reason": reason}
         if detail:
             entry["detail"] = detail[:500]
+        entry.update({name: value for name, value in extra.items() if value})
         self.rejects.append(entry)
+
+    def settle_images(self, since: int, document: str) -> None:
+        """Give the image lines listed since ``len(rejects) == since`` their document's outcome
+        (``written`` or ``rejected``): a kept document's missing images are the ones to re-fetch."""
+        for entry in self.rejects[since:]:
+            if entry["kind"] == "images":
+                entry["document"] = document
 
 
 UnitFn = Callable[[Unit, UnitContext], None]

@@ -119,7 +119,11 @@ def test_drop_mode_end_to_end(setup) -> None:
         "bad_json": 1,
     }
     rejects = [json.loads(r) for r in (root / "drop" / "rejects.jsonl").read_text().splitlines()]
-    assert {"key": "seq-000-0000002/2", "detail": server.url("missing.jpg")}.items() <= next(
+    assert {
+        "key": "seq-000-0000002/2",
+        "url": server.url("missing.jpg"),
+        "document": "rejected",
+    }.items() <= next(
         r for r in rejects if r["kind"] == "images" and r["reason"] == "http_404"
     ).items()
     assert {r["key"] for r in rejects if r["kind"] == "documents"} == {
@@ -136,10 +140,21 @@ def test_strip_renumbers_and_images_from_joins_by_url(setup) -> None:
     stats = convert_chatgpt(
         str(root / "seq-000.json"),
         ChatGptOptions(missing="strip", images_from=str(root / "drop" / "_images")),
-        RunOptions(out_dir=str(root / "strip"), converter="chatgpt"),
+        RunOptions(out_dir=str(root / "strip"), converter="chatgpt", write_rejects=True),
         execution=Execution(processes=1, progress=False),
     )
     assert server.hits == hits_before  # joined against the existing download, nothing fetched
+    rejects = [json.loads(r) for r in (root / "strip" / "rejects.jsonl").read_text().splitlines()]
+    assert rejects == [  # the stripped image of a written sequence: what to fetch again
+        {
+            "unit": "seq-000",
+            "key": "seq-000-0000002/2",
+            "kind": "images",
+            "reason": "http_404",
+            "url": server.url("missing.jpg"),
+            "document": "written",
+        }
+    ]
     record = read_records(root / "strip")["seq-000-0000002"]
     assert record["example"] == "x _!_IMAGE1_!_ y z _!_IMAGE2_!_ w"
     assert image(record, 1) == served[3] and image(record, 2) == served[4]

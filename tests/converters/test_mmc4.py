@@ -237,7 +237,9 @@ def test_every_bad_input_is_a_counted_reasoned_skip(tmp_path: Path) -> None:
         and stats["counts"]["units"]["missing_input"] == 1
     )
     rejects = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
-    assert len(rejects) == 9 + 3 + 1  # documents + images + the unit
+    assert (
+        len(rejects) == 9 + 3 + 1 + 1
+    )  # documents + rejected images + the unit + the missing image
     assert list(read_records(tmp_path / "out")) == [
         "shard_0-0000010"
     ]  # the line of b.jsonl: every member read
@@ -292,6 +294,17 @@ def test_keep_and_drop_options_decide_each_document_as_documented(
     assert stats["counts"]["documents"]["in"] == 5
     assert stats["counts"]["documents"].get("rejected", 0) == 5 - len(written)
     assert stats["reasons"].get("documents", {}) == reasons
+    image_lines = [
+        (r["key"], r["reason"], r["document"])
+        for r in map(json.loads, (tmp_path / "out" / "rejects.jsonl").read_text().splitlines())
+        if r["kind"] == "images"
+    ]
+    fate = {name: "written" if name in written else "rejected" for name in "BCD"}
+    assert image_lines == [  # every image not embedded, with its document's fate
+        ("shard_0-0000002/gone.jpg", "missing", fate["B"]),
+        ("shard_0-0000003/corrupt.jpg", "undecodable", fate["C"]),
+        ("shard_0-0000004/gone.jpg", "missing", fate["D"]),
+    ]
     n_a = len(sample["documents"][0][0]["image_info"])  # A: the sample's own document
     assert stats["counts"]["images"] == {
         "in": n_a + 5,
