@@ -123,6 +123,18 @@ def check_metadata(path: Path) -> None:
             raise StartError(f"checkpoint {file} is not metadata DCP writes: {exc}") from exc
 
 
+def check_model_keys(path: Path, names: set[str]) -> None:
+    """Refuse a checkpoint holding weights the model has no place for: dcp.load skips them silently."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {key.removeprefix("model.") for key in metadata if key.startswith("model.")}
+    if extra := sorted(saved - names):
+        raise StartError(
+            f"checkpoint {path} holds `{extra[0]}`, which this version's model does not have (its"
+            " resampler and added tokens are open_flamingo's, see CHANGELOG): finish that run with"
+            " the flamingo-data version that wrote it, or start a new `run_dir`"
+        )
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
     """Restore weights and optimizer in place; returns this rank's trainer state (weights_only load)."""
     check_metadata(path)
@@ -130,6 +142,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
         "model": _trainable_model_state(model),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
+    check_model_keys(path, set(state["model"]))
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"])
