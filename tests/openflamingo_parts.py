@@ -8,6 +8,7 @@ with a stub ``open_clip`` in ``sys.modules`` for the import alone, and builds ``
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import types
 from typing import Any
@@ -56,11 +57,17 @@ def import_open_flamingo() -> types.SimpleNamespace:
     """open_flamingo 2.0.1's Flamingo, FlamingoLMMixin and extend_instance (no open_clip needed)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(sys.modules, "open_clip", types.ModuleType("open_clip"))
+        if importlib.util.find_spec("wandb") is None:  # train_utils imports it, never used here
+            patch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
         from open_flamingo.src.flamingo import Flamingo as OFFlamingo
         from open_flamingo.src.flamingo_lm import FlamingoLMMixin
         from open_flamingo.src.utils import extend_instance
+        from open_flamingo.train.train_utils import filter_state_dict_to_trainable
     return types.SimpleNamespace(
-        Flamingo=OFFlamingo, FlamingoLMMixin=FlamingoLMMixin, extend_instance=extend_instance
+        Flamingo=OFFlamingo,
+        FlamingoLMMixin=FlamingoLMMixin,
+        extend_instance=extend_instance,
+        filter_state_dict_to_trainable=filter_state_dict_to_trainable,
     )
 
 
@@ -173,18 +180,28 @@ def tiny_hf_clip() -> nn.Module:
     return transformers.CLIPVisionModel(config).eval()
 
 
-def build_open_flamingo(of: Any, family: str, vit: nn.Module, every: int, seed: int = 0):
-    """open_flamingo's Flamingo as ``create_model_and_transforms`` makes it, around ``vit``."""
-    lm = make_lm(family, seed)
+def build_open_flamingo(
+    of: Any,
+    family: str,
+    vit: nn.Module,
+    every: int,
+    seed: int = 0,
+    lm: nn.Module | None = None,
+    tokens: tuple[int, int, int] = (EOC_ID, IMAGE_ID, VOCAB),
+):
+    """open_flamingo's Flamingo as ``create_model_and_transforms`` makes it, around ``vit`` and
+    ``lm`` (default: ``make_lm(family, seed)``); ``tokens``: the eoc and image ids, the vocabulary."""
+    lm = make_lm(family, seed) if lm is None else lm
+    eoc_id, image_id, vocab = tokens
     vit.output_tokens = True  # create_model_and_transforms sets it on open_clip's tower
     of.extend_instance(lm, of.FlamingoLMMixin)
     lm.set_decoder_layers_attr_name(LAYERS_ATTR[family])
-    lm.resize_token_embeddings(VOCAB)
+    lm.resize_token_embeddings(vocab)
     model = of.Flamingo(
         types.SimpleNamespace(visual=vit),
         lm,
-        EOC_ID,
-        IMAGE_ID,
+        eoc_id,
+        image_id,
         vis_dim=vit.transformer.width,
         cross_attn_every_n_layers=every,
     )
@@ -220,34 +237,30 @@ def randomize_trainable(model: nn.Module, seed: int) -> None:
 
 
 def published_checkpoint(of_model: nn.Module) -> dict[str, torch.Tensor]:
-    """open_flamingo's ``filter_state_dict_to_trainable`` (train_utils.py), what its checkpoint.pt
-    holds: trainable weights and every weight named "embed", without the aliases open_flamingo's
-    model registers twice (old_decoder_blocks, gated_cross_attn_layers) or the vision tower."""
-    state = of_model.state_dict()
-    for name, param in of_model.named_parameters():
-        if "embed" not in name and not param.requires_grad:
-            state.pop(name, None)
-    drop = ("lang_encoder.old_decoder_blocks", "lang_encoder.gated_cross_attn_layers")
-    return {
-        k: v.clone()
-        for k, v in state.items()
-        if not any(d in k for d in drop) and "vision_encoder" not in k
-    }
+    """What open_flamingo's checkpoint.pt holds: its own ``filter_state_dict_to_trainable`` over
+    its model's state dict (trainable weights and every weight named "embed", without the aliases
+    it registers twice or the vision tower)."""
+    of = import_open_flamingo()
+    state = of.filter_state_dict_to_trainable(of_model, of_model.state_dict())
+    return {key: value.clone() for key, value in state.items()}
 
 
-def batch(seed: int = 0) -> dict[str, torch.Tensor]:
+def batch(seed: int = 0, tokenizer=None) -> dict[str, torch.Tensor]:
     """Three samples with 3, 1 and 2 images, text before the first image, right padding."""
     from flamingo_data.loader import make_tokenizer
 
-    tokenizer = make_tokenizer(None)
+    tokenizer = make_tokenizer(None) if tokenizer is None else tokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
     texts = [
         "Look: <image>a red cat<|endofchunk|>then <image>a dog<|endofchunk|><image>a bird",
         "A long caption before its only image <image>: a boat on the sea<|endofchunk|>",
         "<image>two<|endofchunk|>words <image>and more text here",
     ]
-    encoded = tokenizer(texts, max_length=96, padding="longest")
+    encoded = tokenizer(
+        texts, max_length=96, padding="longest", truncation=True, return_tensors="pt"
+    )
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    labels = ids.masked_fill(mask == 0, -100).masked_fill(ids == IMAGE_ID, -100)
+    labels = ids.masked_fill(mask == 0, -100).masked_fill(ids == image_id, -100)
     generator = torch.Generator().manual_seed(seed)
     vision_x = torch.randn(3, 3, 1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     vision_x[1, 1:] = 0  # padding images of the one-image sample

@@ -58,6 +58,6 @@ def load_run_model(path: Path) -> tuple[Flamingo, int]:
         load_openflamingo_checkpoint(model, settings["init_from"].removeprefix("openflamingo:"))
     check_metadata(path)
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    check_model_keys(path, set(trained))
+    check_model_keys(path, {name: tuple(t.shape) for name, t in trained.items()})
     dcp.load({"model": trained}, checkpoint_id=str(path))
     return model, int(saved["step"])
