@@ -29,6 +29,11 @@ LM_FAMILIES = {
     "model.decoder.layers": "OPT",
     "transformer.h": "GPT-J",
 }
+# GPT-NeoX's output table is `embed_out` in transformers 4 (OpenFlamingo-4B's checkpoints) and
+# `lm_head` in transformers 5: either name loads, and exports carry both
+RENAMED_OUTPUT = {
+    "gpt_neox.layers": ("lang_encoder.embed_out.weight", "lang_encoder.lm_head.weight")
+}
 XATTN_KEY = re.compile(r"lang_encoder\.(.+)\.(\d+)\.gated_cross_attn_layer\.(.+)")
 
 
@@ -122,6 +127,7 @@ def read_openflamingo_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def load_openflamingo_state(model: Flamingo, state: dict[str, torch.Tensor]) -> list[str]:
     """``load_openflamingo_checkpoint`` for a state dict already read."""
     slots = openflamingo_slots(model)
+    state = with_output_name(state, model, slots)
     for key in state:
         if key not in slots:
             raise InputError(unknown_key_message(key, model, state))
@@ -157,6 +163,19 @@ def load_openflamingo_state(model: Flamingo, state: dict[str, torch.Tensor]) -> 
                 slot.base[: slot.base_size].copy_(value[: slot.base_size])
                 slot.param.copy_(value[slot.base_size :])
     return notes
+
+
+def with_output_name(
+    state: dict[str, torch.Tensor], model: Flamingo, slots: dict[str, Slot]
+) -> dict[str, torch.Tensor]:
+    """``state`` with a renamed output table under this transformers' name for it."""
+    names = RENAMED_OUTPUT.get(getattr(model.lm, "layers_path", ""))
+    if names is None:
+        return state
+    theirs, ours = names if names[1] in slots else names[::-1]
+    if theirs not in state or ours in state:
+        return state
+    return {ours if key == theirs else key: value for key, value in state.items()}
 
 
 def shape_hint(slot: Slot) -> str:
@@ -240,6 +259,9 @@ def openflamingo_state_dict(model: Flamingo) -> dict[str, torch.Tensor]:
         if slot.base is not None:
             value = torch.cat((slot.base.detach()[: slot.base_size], value.to(slot.base.dtype)))
         state[key] = value.clone().cpu()
+    names = RENAMED_OUTPUT.get(model.lm.layers_path, ())
+    if present := [name for name in names if name in state]:
+        state.update((name, state[present[0]]) for name in names)
     return state
 
 

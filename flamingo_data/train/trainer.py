@@ -68,14 +68,14 @@ def build_model(config: TrainConfig, tokenizer, device: torch.device):
         gradient_checkpointing=config.gradient_checkpointing,
     )
     model = build_flamingo(flamingo_config, tokenizer)
+    check_sequence_length(config.max_tokens, model.lm)
+    check_image_size(config.image_size, model.vision)
     if config.init_from is not None:
         path = config.init_from.removeprefix("openflamingo:")
         for note in load_openflamingo_checkpoint(model, path):
             if dist.get_rank() == 0:
                 print(f"flamingo-data: note: {note}", file=sys.stderr)
     model = model.to(device)
-    check_sequence_length(config.max_tokens, model.lm)
-    check_image_size(config.image_size, model.vision)
     if config.fsdp:
         shard_model(model, config.precision)
     elif dist.get_world_size() > 1:

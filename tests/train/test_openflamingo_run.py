@@ -124,6 +124,11 @@ def test_train_from_an_openflamingo_checkpoint_then_export_it_for_open_flamingo(
     assert (mine.logits - other.logits).abs().max() <= 1e-5
     assert (mine.loss - other.loss).abs() <= 1e-5
 
+    # the LM's embedding rows came from --init-from, not the checkpoint: a resume needs it again
+    capsys.readouterr()
+    assert cli([*train_args(assets, tmp_path / "run"), "--steps", "2", "--resume"]) == 2
+    assert "init_from: 'openflamingo:" in capsys.readouterr().err
+
 
 def test_a_wrong_init_from_is_one_line_before_training(assets: Path, tmp_path, capsys) -> None:
     init = f"openflamingo:{assets / 'init.pt'}"
