@@ -57,6 +57,11 @@ NOT_RUN = {
         "flamingo-data convert mmc4 --docs 's3://bucket/mmc4/docs_shard_{0..99}_v2.jsonl.zip' "
         "--images gs://bucket/images \\",
     ): "needs cloud buckets and s3fs/gcsfs; the memory:// example on the same page runs the same code path",
+    (
+        "docs/openflamingo-checkpoints.md",
+        "model, image_processor, tokenizer = create_model_and_transforms(",
+    ): "needs open_clip and downloaded weights; tests/train/test_openflamingo_run.py loads an exported"
+    " file into open_flamingo's own model the same way",
 }
 
 # pages whose blocks read outputs another page makes: copied in from the prebuilt ones first
@@ -65,6 +70,7 @@ NEEDS = {
     "docs/inspect-preview.md": ["shards"],
     "docs/loader.md": ["shards", "gpt-shards"],
     "docs/training.md": ["shards", "laion-shards"],
+    "docs/openflamingo-checkpoints.md": ["shards"],
     "docs/convert-laion.md": ["existing-i2d-output"],
     "docs/convert-chatgpt.md": ["i2d-output"],
 }
@@ -78,6 +84,7 @@ SLOW_PAGES = {
     "docs/convert-chatgpt.md",
     "docs/training.md",
     "docs/scale-out.md",
+    "docs/openflamingo-checkpoints.md",
 }
 
 

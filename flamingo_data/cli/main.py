@@ -25,6 +25,7 @@ COMMANDS = {
     "inspect": "Summarise a dataset: counts, histograms, what the loader would keep",
     "preview": "Render documents as HTML, the way the loader will see them",
     "train": "Train a Flamingo model on shards (run under torchrun for several processes)",
+    "export-openflamingo": "Write a training run's weights as an OpenFlamingo checkpoint.pt",
     "demo": "Build a small sample, convert, validate, preview and train a tiny model (no network)",
 }
 CONVERTERS = {
@@ -81,7 +82,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         _add(convert_sub, name, help_text, f"flamingo_data.cli.convert_{name}", wanted)
     for name, help_text in COMMANDS.items():
         wanted = argv is None or list(argv[:1]) == [name]
-        _add(sub, name, help_text, f"flamingo_data.cli.{name}", wanted)
+        _add(sub, name, help_text, f"flamingo_data.cli.{name.replace('-', '_')}", wanted)
     return parser
 
 

@@ -14,6 +14,9 @@ _EXPORTS: dict[str, str] = {
     "FlamingoConfig": "flamingo_data.model.flamingo",
     "FlamingoOutput": "flamingo_data.model.flamingo",
     "build_flamingo": "flamingo_data.model.build",
+    "model_config": "flamingo_data.model.openflamingo",
+    "load_openflamingo_checkpoint": "flamingo_data.model.openflamingo",
+    "save_openflamingo_checkpoint": "flamingo_data.model.openflamingo",
 }
 
 __all__ = sorted(_EXPORTS)

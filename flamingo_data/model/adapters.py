@@ -51,7 +51,7 @@ class HFCausalLM(nn.Module):
         )
         for path in _LAYER_PATHS:
             if (layers := _find(source, path)) is not None:
-                self.layers = layers
+                self.layers, self.layers_path = layers, path
                 break
         else:
             raise InputError(f"cannot find the decoder layers of {type(source).__name__}")
@@ -60,12 +60,25 @@ class HFCausalLM(nn.Module):
     def input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
 
+    def output_embeddings(self) -> nn.Module | None:
+        """The output projection, or None where the model computes logits from its input table."""
+        return self.model.get_output_embeddings()
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Logits come from the input table (GPT-2, MPT, OPT), so added tokens share one row too."""
+        out = self.output_embeddings()
+        return out is None or out.weight is self.input_embeddings().weight
+
     def run(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Positions count only unmasked tokens, so a left-padded prompt reads as the prompt alone:
-        HF models number positions 0..l-1 when given none, which moves GPT-2's absolute ones."""
+        HF models number positions 0..l-1 when given none, which moves GPT-2's absolute ones.
+        Masked tokens keep their index, as they have when no positions are given."""
         extra = {}
         if attention_mask is not None and self.takes_positions:
-            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            counted = attention_mask.long().cumsum(-1) - 1
+            index = torch.arange(counted.shape[-1], device=counted.device).expand_as(counted)
+            extra["position_ids"] = torch.where(attention_mask.bool(), counted, index)
         out = self.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -77,7 +90,9 @@ class HFCausalLM(nn.Module):
 
 
 class HFVisionEncoder(nn.Module):
-    """A Hugging Face ``CLIPVisionModel`` (path or instance): patch features from the last layer."""
+    """A Hugging Face ``CLIPVisionModel`` (path or instance): the last layer's patch tokens, without
+    the class token and the final LayerNorm: what open_clip's ``visual(x)[1]`` gives open_flamingo
+    under open_clip 2.16-2.22, which OpenFlamingo's released models were trained with."""
 
     def __init__(self, source) -> None:
         super().__init__()
@@ -89,21 +104,27 @@ class HFVisionEncoder(nn.Module):
         self.image_size = source.config.image_size  # its position embeddings fit this size only
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=images).last_hidden_state
+        return self.model(pixel_values=images).last_hidden_state[:, 1:]
 
 
 class OpenClipVisionEncoder(nn.Module):
-    """An open_clip vision tower (``pip install flamingo-data[openclip]``); weights from a local file."""
+    """An open_clip vision tower's tokens, ``visual(x)[1]`` with ``output_tokens``: open_flamingo's
+    own call, so both models get the same features from the same open_clip."""
 
-    def __init__(self, arch: str, weights: str) -> None:
+    def __init__(self, visual: nn.Module) -> None:
         super().__init__()
+        self.visual = visual
+        self.visual.output_tokens = True
+        self.dim = visual.transformer.width
+        size = getattr(visual, "image_size", None)  # open_clip's ViTs keep (h, w)
+        self.image_size = size[0] if isinstance(size, tuple | list) else size
+
+    @classmethod
+    def load(cls, arch: str, weights: str) -> OpenClipVisionEncoder:
+        """``arch`` with weights from a local file (``pip install flamingo-data[openclip]``)."""
         open_clip = import_extra("open_clip", f"vision encoder open_clip:{arch}", "openclip")
         model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=weights)
-        self.visual = model.visual
-        self.visual.output_tokens = True
-        self.dim = self.visual.transformer.width
-        size = getattr(self.visual, "image_size", None)  # open_clip's ViTs keep (h, w)
-        self.image_size = size[0] if isinstance(size, tuple | list) else size
+        return cls(model.visual)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)[1]

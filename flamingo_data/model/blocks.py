@@ -38,7 +38,8 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """Any number of visual features -> ``num_latents`` tokens per image."""
+    """Any number of visual features -> ``num_latents`` tokens per image; open_flamingo's resampler
+    (no frame or media-time embeddings: open_flamingo builds it without them)."""
 
     def __init__(
         self,
@@ -48,11 +49,9 @@ class PerceiverResampler(nn.Module):
         heads: int = 4,
         dim_head: int = 32,
         num_latents: int = 16,
-        max_frames: int = 8,
     ) -> None:
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
-        self.frame_embs = nn.Parameter(torch.zeros(max_frames, dim))
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [PerceiverAttention(dim=dim, heads=heads, dim_head=dim_head), feed_forward(dim)]
@@ -64,7 +63,7 @@ class PerceiverResampler(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [b, t, f, n, d] -> [b, t, num_latents, d]
         b, t, f, n, d = x.shape
-        x = (x + self.frame_embs[:f].view(1, 1, f, 1, d)).reshape(b * t, f * n, d)
+        x = x.reshape(b * t, f * n, d)
         latents = self.latents.unsqueeze(0).expand(b * t, -1, -1)
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents

@@ -42,7 +42,7 @@ def build_vision(config: FlamingoConfig) -> nn.Module:
         from flamingo_data.model.adapters import OpenClipVisionEncoder
 
         _, arch, weights = config.vision.split(":", 2)
-        return OpenClipVisionEncoder(arch, weights)
+        return OpenClipVisionEncoder.load(arch, weights)
     raise InputError(
         f"unknown vision encoder {config.vision!r}: use tiny, hf:<path> or open_clip:<arch>:<weights>"
     )

@@ -76,9 +76,11 @@ class AddedTokens(nn.Module):
 
     ``base_size`` is the LM's vocabulary, not its embedding rows: many LMs pad the table (NeoX: 50304
     rows for 50277 tokens) and Flamingo's tokens must get their own trainable rows, not a padding row.
+    With ``tied`` (an LM whose logits come from its input table) a token's output row is its input
+    row, as in open_flamingo's resized table; otherwise ``head`` holds the output rows.
     """
 
-    def __init__(self, base: nn.Embedding, base_size: int, n_new: int) -> None:
+    def __init__(self, base: nn.Embedding, base_size: int, n_new: int, tied: bool = False) -> None:
         super().__init__()
         if not 0 < base_size <= base.num_embeddings or n_new < 0:
             raise InputError(
@@ -90,7 +92,7 @@ class AddedTokens(nn.Module):
         self.embed = nn.Parameter(
             base.weight.detach()[:base_size].mean(0, keepdim=True).repeat(n_new, 1).clone()
         )
-        self.head = nn.Parameter(torch.randn(n_new, base.embedding_dim) * 0.02)
+        self.head = None if tied else nn.Parameter(torch.randn(n_new, base.embedding_dim) * 0.02)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         is_new = ids >= self.base_size
@@ -99,7 +101,8 @@ class AddedTokens(nn.Module):
         return torch.where(is_new.unsqueeze(-1), new.to(out.dtype), out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.head.to(hidden.dtype).T
+        rows = self.embed if self.head is None else self.head
+        return hidden @ rows.to(hidden.dtype).T
 
 
 class Flamingo(nn.Module):
@@ -122,7 +125,8 @@ class Flamingo(nn.Module):
             param.requires_grad_(False)
         base = lm.input_embeddings()
         base_size = base.num_embeddings if base_vocab_size is None else base_vocab_size
-        self.tokens = AddedTokens(base, base_size, vocab_size - base_size)
+        tied = getattr(lm, "tied_embeddings", False)
+        self.tokens = AddedTokens(base, base_size, vocab_size - base_size, tied)
         self.resampler = PerceiverResampler(
             dim=vision.dim,
             depth=config.resampler_depth,

@@ -123,6 +123,28 @@ def check_metadata(path: Path) -> None:
             raise StartError(f"checkpoint {file} is not metadata DCP writes: {exc}") from exc
 
 
+def check_model_keys(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint whose weights are not the model's (name -> shape): dcp.load would skip a
+    weight the model lacks silently, and fail with a traceback on one it lacks or sizes otherwise."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {
+        key.removeprefix("model."): tuple(getattr(entry, "size", ()))
+        for key, entry in metadata.items()
+        if key.startswith("model.")
+    }
+    extra = sorted(saved.keys() - shapes.keys())
+    missing = sorted(shapes.keys() - saved.keys())
+    resized = sorted(k for k in saved.keys() & shapes.keys() if saved[k] != tuple(shapes[k]))
+    if extra or missing or resized:
+        name = (extra or missing or resized)[0]
+        what = "holds" if extra else "lacks" if missing else "holds another shape of"
+        raise StartError(
+            f"checkpoint {path} {what} `{name}`, unlike this version's model (its resampler and"
+            " added tokens are open_flamingo's, see CHANGELOG): finish that run with the"
+            " flamingo-data version that wrote it, or start a new `run_dir`"
+        )
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
     """Restore weights and optimizer in place; returns this rank's trainer state (weights_only load)."""
     check_metadata(path)
@@ -130,6 +152,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
         "model": _trainable_model_state(model),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
+    check_model_keys(path, {name: tuple(t.shape) for name, t in state["model"].items()})
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -48,6 +48,7 @@ class TrainConfig:
     vision: str = "tiny"
     lm: str = "tiny"
     cross_attn_every_n_layers: int = 1
+    init_from: str | None = None
     log_every: int = 1
     log_keys: bool = False
     wandb: bool = False
@@ -146,6 +147,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="a gated cross-attention block every N language-model layers",
     )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="openflamingo:PATH",
+        help="start from an OpenFlamingo checkpoint.pt (over --vision, --lm and --tokenizer)",
+    )
     p.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines")
     p.add_argument("--log-keys", action="store_true", help="log rank 0's sample keys per step")
     p.add_argument(
@@ -224,6 +231,13 @@ def check(config: TrainConfig) -> None:
         raise StartError(
             f"`lm` {config.lm} needs `tokenizer` (that LM's own): the built-in tokenizer's byte ids"
             " are other tokens to it"
+        )
+    if config.init_from is not None and not (
+        config.init_from.startswith("openflamingo:") and config.lm.startswith("hf:")
+    ):
+        raise StartError(
+            f"`init_from` wants openflamingo:PATH with an `lm` hf:<path>, got {config.init_from}"
+            f" with `lm` {config.lm}"
         )
     names = [d.name for d in config.datasets]
     if duplicates := sorted({n for n in names if names.count(n) > 1}):

@@ -25,7 +25,7 @@ from flamingo_data.errors import EmptyDataset
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
 from flamingo_data.loader.interleaved import Reject
 from flamingo_data.loader.record import parse_json
-from flamingo_data.model import FlamingoConfig, build_flamingo
+from flamingo_data.model import build_flamingo, load_openflamingo_checkpoint, model_config
 from flamingo_data.storage.shard_reader import iter_samples
 from flamingo_data.storage.specs import expand_specs
 from flamingo_data.train.checkpoint import (
@@ -36,7 +36,7 @@ from flamingo_data.train.checkpoint import (
 )
 from flamingo_data.train.config import StartError, TrainConfig, parse_args
 
-NO_DECAY_MARKERS = ("tokens.", "latents", "frame_embs", "_gate", "norm", "bias")
+NO_DECAY_MARKERS = ("tokens.", "latents", "_gate", "norm", "bias")
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -60,16 +60,22 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def build_model(config: TrainConfig, tokenizer, device: torch.device):
     torch.manual_seed(config.seed)  # same initial weights on every rank
-    model_config = FlamingoConfig(
+    flamingo_config = model_config(
         vision=config.vision,
         lm=config.lm,
         image_size=config.image_size,
         cross_attn_every_n_layers=config.cross_attn_every_n_layers,
         gradient_checkpointing=config.gradient_checkpointing,
     )
-    model = build_flamingo(model_config, tokenizer).to(device)
+    model = build_flamingo(flamingo_config, tokenizer)
     check_sequence_length(config.max_tokens, model.lm)
     check_image_size(config.image_size, model.vision)
+    if config.init_from is not None:
+        path = config.init_from.removeprefix("openflamingo:")
+        for note in load_openflamingo_checkpoint(model, path):
+            if dist.get_rank() == 0:
+                print(f"flamingo-data: note: {note}", file=sys.stderr)
+    model = model.to(device)
     if config.fsdp:
         shard_model(model, config.precision)
     elif dist.get_world_size() > 1:
@@ -322,6 +328,8 @@ def run_settings(config: TrainConfig) -> dict[str, Any]:
     settings["datasets"] = sorted(ds.name for ds in config.datasets)
     if config.cross_attn_every_n_layers > 1:  # a checkpoint without it placed other blocks
         settings["cross_attn_placement"] = CROSS_ATTN_PLACEMENT
+    if config.init_from is not None:  # the LM's embedding rows come from it, not the checkpoint
+        settings["init_from"] = config.init_from
     return settings
 
 
