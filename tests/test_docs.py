@@ -28,8 +28,8 @@ from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.run.executors import Execution
-from flamingo_data.run.units import RunOptions
-from tests.conftest import Route, serve
+from flamingo_data.run.units import RunOptions, drop_work
+from tests.conftest import Route, serve, work_kept
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -221,15 +221,17 @@ def _download_every_url(built: Path, urls: dict[str, str]) -> None:
     ``--from-img2dataset`` and ``--images-from`` adopt."""
     every_url = built / "urls.parquet"
     pd.DataFrame({"url": list(urls.values()), "caption": list(urls)}).to_parquet(every_url)
-    convert_laion(
-        str(every_url),
-        LaionOptions(download=FAST),
-        RunOptions(out_dir=str(built / "laion-shards"), converter="laion"),
-    )
+    with work_kept():
+        convert_laion(
+            str(every_url),
+            LaionOptions(download=FAST),
+            RunOptions(out_dir=str(built / "laion-shards"), converter="laion"),
+        )
     for name in ("existing-i2d-output", "i2d-output"):
         (built / name).mkdir()
-        for path in (built / "laion-shards" / "_download").glob("0*"):
+        for path in (built / "laion-shards" / "_work" / "_download").glob("0*"):
             shutil.copyfile(path, built / name / path.name)
+    drop_work(built / "laion-shards")
 
 
 @pytest.fixture(scope="module")
