@@ -36,8 +36,8 @@ REJECTS_DIR = "_rejects"
 FINAL_FILES = ("sizes.json", "stats.json", "rejects.jsonl")  # written by finalize at the end
 SETTINGS_FILE = "_settings.json"  # LAION: the output settings of the run, for --resume
 WORK_DIR = "_work"  # a run's work files, kept for --resume until the run succeeds (see work_dir)
-# work files that runs kept directly in the output folder: --resume and --overwrite gather them
-# into WORK_DIR, so a run begun that way resumes with its downloads and ends as tidy as any other
+# work files that may lie directly in a local output folder: --resume and --overwrite gather them
+# into WORK_DIR, so such a run resumes with its downloads and ends as tidy as any other
 LOOSE_WORK = ("_download", "_inputs", "_web_only", "_fetched", "_images", "_urls.parquet")
 
 
