@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,11 @@ from tests.conftest import LocalServer, serve
 FAST = DownloadOptions(processes=1, threads=2, timeout=2, retries=0, samples_per_shard=2)
 ONE = Execution(processes=1, progress=False)
 CONVERTERS = ("mmc4", "laion", "chatgpt", "conversations")
+# img2dataset runs take seconds each: those converters' cases are slow
+BY_CONVERTER = [
+    pytest.param(n, marks=[pytest.mark.slow] if n in ("laion", "chatgpt") else [])
+    for n in CONVERTERS
+]
 WORK = {"mmc4": set(), "laion": {"_download"}, "chatgpt": {"_images"}, "conversations": {"_chunks"}}
 
 Convert = Callable[..., object]  # (out, rejects, resume=, overwrite=) -> Stats
@@ -148,30 +154,34 @@ def same_output(got: Path, want: Path, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One successful run per converter and --rejects setting: (out, stats)."""
-    runs = {}
-    for name in CONVERTERS:
-        for rejects in (False, True):
+def finished(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable:
+    """(out, stats) of one successful run per converter and --rejects setting, made when first
+    asked for."""
+    runs: dict[tuple[str, bool], tuple[Path, dict]] = {}
+
+    def get(name: str, rejects: bool) -> tuple[Path, dict]:
+        if (name, rejects) not in runs:
             out = tmp_path_factory.mktemp(f"{name}-{rejects}") / "out"
             runs[name, rejects] = out, runner(name, inputs)(out, rejects).to_json()
-    return runs
+        return runs[name, rejects]
+
+    return get
 
 
 @pytest.mark.parametrize("rejects", [False, True], ids=["plain", "rejects"])
-@pytest.mark.parametrize("name", CONVERTERS)
+@pytest.mark.parametrize("name", BY_CONVERTER)
 def test_a_successful_run_leaves_the_documented_files_only(finished, name, rejects) -> None:
-    out, stats = finished[name, rejects]
+    out, stats = finished(name, rejects)
     assert_tidy(out, name, rejects)
     assert not (out / WORK_DIR).exists()
     assert stats["counts"]["units"]["done"] == 2
 
 
-@pytest.mark.parametrize("name", CONVERTERS)
+@pytest.mark.parametrize("name", BY_CONVERTER)
 def test_resume_of_a_finished_run_changes_nothing_and_fetches_nothing(
     finished, inputs, server, name
 ) -> None:
-    out, stats = finished[name, True]
+    out, stats = finished(name, True)
     before, hits = files_of(out), dict(server.hits)
     again = runner(name, inputs)(out, True, resume=True).to_json()
     assert again == stats  # every unit reported done, with the counts of the run
@@ -191,7 +201,7 @@ def interrupted_after_one_unit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("how", ["resume", "overwrite"])
-@pytest.mark.parametrize("name", CONVERTERS)
+@pytest.mark.parametrize("name", BY_CONVERTER)
 def test_an_interrupted_run_keeps_its_work_folder_until_it_succeeds(
     finished, inputs, tmp_path, monkeypatch, name, how
 ) -> None:
@@ -206,4 +216,25 @@ def test_an_interrupted_run_keeps_its_work_folder_until_it_succeeds(
     assert len(list((out / "_done").iterdir())) == 1
     convert(out, True, **{how: True})
     assert_tidy(out, name, True)
-    same_output(out, finished[name, True][0], name)
+    same_output(out, finished(name, True)[0], name)
+
+
+@pytest.mark.slow
+def test_a_download_loose_in_the_folder_is_resumed_without_fetching_again(
+    finished, inputs, server, tmp_path, monkeypatch
+) -> None:
+    """An interrupted LAION run whose img2dataset output lies directly in --out (``_download/``)
+    resumes from it: nothing is fetched again, and the run ends as tidy as any other."""
+    convert = runner("laion", inputs)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        interrupted_after_one_unit(patch)
+        with pytest.raises(KeyboardInterrupt):
+            convert(out, True)
+    (out / WORK_DIR / "_download").rename(out / "_download")
+    shutil.rmtree(out / WORK_DIR)
+    hits = dict(server.hits)
+    convert(out, True, resume=True)
+    assert server.hits == hits
+    assert_tidy(out, "laion", True)
+    same_output(out, finished("laion", True)[0], "laion")
