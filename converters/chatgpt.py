@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,8 +41,9 @@ from flamingo_data.run.units import (
     RunOptions,
     Unit,
     UnitContext,
-    drop_work_dir,
+    all_done,
     duplicate_inputs,
+    earlier_work,
     unit_names,
     work_dir,
 )
@@ -251,6 +251,7 @@ def _download(urls: list[str], root: Path, images: str, options: DownloadOptions
     A shard img2dataset could not finish stops the run (RunIncomplete): its urls would otherwise be
     ``not_downloaded``, and the units committed with those losses would be skipped by --resume."""
     if urls:
+        root.mkdir(parents=True, exist_ok=True)
         _check_same_urls(root / "_urls.parquet", images, urls)
         pd.DataFrame({"url": urls}).to_parquet(root / "_urls.parquet")
         run_img2dataset(
@@ -293,7 +294,8 @@ def plan_chatgpt(
     specs: str | list[str], options: ChatGptOptions, run: RunOptions, overwrite: bool
 ) -> ConversionPlan:
     """One unit per sequence file; the images are downloaded first (``before``) into the local
-    work folder, kept until the run has written records, or joined from ``options.images_from``."""
+    work folder, kept until the run succeeds, or joined from ``options.images_from``. A --resume
+    whose every unit is done downloads nothing: the run finished, and its downloads are gone."""
     if options.missing not in ("drop", "strip"):
         raise InputError(f"missing must be drop or strip, not {options.missing!r}")
     if options.images_from is None:
@@ -316,22 +318,21 @@ def plan_chatgpt(
     if options.images_from is not None:
         check_sidecars(options.images_from)
     work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
-    if (work / "_images").exists() and not (run.resume or overwrite):
+    if earlier_work(run.out_dir, "_images") and not (run.resume or overwrite):
         raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass `resume` or `overwrite`")
     images = options.images_from or str(work / "_images")
+    units = unit_names(sources, unit_stem)
 
     def download(run: RunOptions, overwrite: bool) -> None:
-        if overwrite:  # img2dataset's incremental mode would otherwise reuse the old downloads
-            shutil.rmtree(work / "_images", ignore_errors=True)
-        if options.images_from is None:
+        finished = run.resume and all_done(run.out_dir, (unit.name for unit in units))
+        if options.images_from is None and not finished:
             _download(collect_urls(sources, options.url_key), work, images, options.download)
 
     return ConversionPlan(
         converter="chatgpt",
         settings={"url_key": options.url_key, "missing": options.missing, "policy": options.policy},
-        units=lambda run: unit_names(sources, unit_stem),
+        units=lambda run: units,
         convert_unit=partial(convert_unit, options=options, images=images),
         input_counts=duplicate_inputs(duplicates, "chatgpt"),
         before=download,
-        after=lambda run: drop_work_dir(run.out_dir),
     )

@@ -23,7 +23,6 @@ from flamingo_data.converters.jsonchunks import (
     chunk_units,
     read_chunk,
     record_chunk_size,
-    remove_chunks,
 )
 from flamingo_data.converters.mmc4 import unit_stem
 from flamingo_data.core.records import (
@@ -360,5 +359,4 @@ def plan_conversations(
         units=units,
         convert_unit=partial(convert_unit, options=options),
         input_counts=duplicate_inputs(duplicates, "conversations"),
-        after=lambda run: remove_chunks(run.out_dir),
     )

@@ -4,7 +4,8 @@ A LLaVA-style dataset is usually ONE large JSON array (hundreds of thousands of 
 per file would convert it on one core, and letting every worker parse the whole file would cost
 its memory once per worker. Instead the driver parses each file once, gives every item its key
 (an id is only known to be unique once the whole file has been seen), and writes chunks of at
-most ``chunk_size`` items as JSONL under ``<out>/_chunks`` (local or remote); each worker reads only its own chunk.
+most ``chunk_size`` items as JSONL under ``<out>/_work/_chunks`` (local or remote); each worker reads only
+its own chunk.
 Chunk files are a deterministic function of the input, so reruns and ``--resume`` see the same units.
 """
 
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from flamingo_data.errors import InputError, SettingsMismatch
-from flamingo_data.run.units import Unit, unit_names
+from flamingo_data.run.units import Unit, unit_names, work_url
 from flamingo_data.storage import remote
 from flamingo_data.storage.atomic import write_atomic
 
-CHUNK_DIR = "_chunks"
+CHUNK_DIR = "_chunks"  # inside the run's work folder in the output folder (``work_url``)
 CHUNKING_FILE = "_chunking.json"  # kept beside the shards so a resume can check it
 DEFAULT_CHUNK_SIZE = 10_000
 MAX_DEPTH = 100  # real items nest a few levels; the JSON parser gives up near 1000
@@ -155,7 +156,7 @@ def chunk_units(
     """Units for every chunk of every source, in input order; stale chunk files are removed first."""
     if chunk_size < 1:
         raise InputError("chunk_size must be at least 1")
-    chunk_dir = remote.join(str(out_dir), CHUNK_DIR)
+    chunk_dir = remote.join(work_url(out_dir), CHUNK_DIR)
     remove_chunks(out_dir)
     if not remote.is_remote(chunk_dir):
         Path(chunk_dir).mkdir(parents=True)
@@ -198,8 +199,8 @@ def read_chunk(path: str) -> Iterator[dict[str, Any]]:
 
 
 def remove_chunks(out_dir: str | Path) -> None:
-    """Chunks are scratch: once every unit is committed they are removed."""
-    chunk_dir = remote.join(str(out_dir), CHUNK_DIR)
+    """Chunks are scratch: rewritten by every run, removed with the work folder once it succeeds."""
+    chunk_dir = remote.join(work_url(out_dir), CHUNK_DIR)
     if remote.is_remote(chunk_dir):
         remote.remove_tree(chunk_dir)
     else:

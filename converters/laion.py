@@ -1,18 +1,18 @@
 """LAION-style parquet -> image-text pair shards, downloaded by img2dataset and then checked by us.
 
-img2dataset downloads into ``<out>/_download`` (its incremental mode is the resume). Every finished
+img2dataset downloads into ``<out>/_work/_download`` (its incremental mode is the resume). Every finished
 shard is then checked sample by sample (image sniffs as JPEG/PNG/WebP and decodes within the pixel
 cap, caption is UTF-8, metadata passes the pair schema) and placed in ``<out>`` unchanged — hard-linked
 from our own download folder (no second copy on disk), copied (or with ``link``, hard-linked) from an
 adopted output — or, if any sample fails, rewritten without it. ``sizes.json``/``stats.json``/
 ``rejects.jsonl`` go beside the shards; every input row ends up written or counted with a reason.
+Once the run succeeds the work folder (downloads, input copies) is removed.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +43,10 @@ from flamingo_data.run.units import (
     RunOptions,
     Unit,
     UnitContext,
-    drop_work_dir,
+    all_done,
+    drop_work,
+    earlier_work,
+    local_out,
     record_settings,
     upload_files,
     work_dir,
@@ -168,7 +171,7 @@ def convert_laion(
     Downloading (no ``from_img2dataset``) needs the [download] extra: without it MissingExtra is
     raised before anything is written."""
     plan = plan_laion(parquet, options, run, from_img2dataset, overwrite)
-    local = replace(run, out_dir=str(work_dir(run.out_dir)))  # a remote out is filled at the end
+    local = replace(run, out_dir=str(local_out(run.out_dir)))  # a remote out is filled at the end
     return run_conversion(plan, local, overwrite=overwrite, execution=execution)
 
 
@@ -180,12 +183,13 @@ def plan_laion(
     overwrite: bool,
 ) -> ConversionPlan:
     """One unit per finished img2dataset shard: checked, then placed in the output folder under
-    its own name. The download (``before``) runs once the folder is ready; a remote out receives
-    the shards and sidecars at the end (``after``)."""
+    its own name. The download (``before``) runs once the folder is ready, unless a --resume
+    finds every shard it would give done (the run finished, and its downloads are gone); a remote
+    out receives the shards and sidecars at the end (``after``)."""
     if from_img2dataset is None:
         require_extra("download", "convert_laion without from_img2dataset")
-    out, root = run.out_dir, work_dir(run.out_dir)
-    _check_earlier_run(out, root, run.resume or overwrite)
+    out, folder, root = run.out_dir, local_out(run.out_dir), work_dir(run.out_dir)
+    _check_earlier_run(out, folder, run.resume or overwrite)
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
     if from_img2dataset is not None and not finished_shards(staging):
         raise SpecError(f"no finished img2dataset shard (tar + _stats.json) in {from_img2dataset}")
@@ -194,21 +198,27 @@ def plan_laion(
 
     def download(local: RunOptions, overwrite: bool) -> None:
         if overwrite:
-            _clear_earlier_run(out, root)
+            _clear_earlier_run(out, folder)
         if from_img2dataset is None:
             if local.resume:
-                _fetch_remote_settings(out, root)
-            record_settings(root, _output_settings(options), local.resume)
-            check_finished(staging, _download(parquet, root, staging, options))
+                _fetch_remote_settings(out, folder)
+            record_settings(folder, _output_settings(options), local.resume)
+            sources = _local_inputs(parquet, root)
+            columns = input_columns(sources, options)  # every file readable, alike
+            expected = _shard_count(sources, options.download.samples_per_shard)
+            if local.resume and all_done(local.out_dir, (f"{n:05d}" for n in range(expected))):
+                return
+            _download(sources, columns, root, staging, options)
+            check_finished(staging, expected)
 
     def units(local: RunOptions) -> list[Unit]:
         return [Unit(t.stem, str(t), i) for i, t in enumerate(finished_shards(staging))]
 
     def publish(local: RunOptions) -> None:
         if remote.is_remote(out):
-            sizes = json.loads((root / "sizes.json").read_bytes())
-            upload_files(root, out, _published(root, sizes))
-            drop_work_dir(out)
+            sizes = json.loads((folder / "sizes.json").read_bytes())
+            upload_files(folder, out, _published(folder, sizes))
+            drop_work(out)
 
     adopted = from_img2dataset is not None
     return ConversionPlan(
@@ -241,23 +251,21 @@ def check_unit(
         ctx.place(result.name, result.written)
 
 
-def _check_earlier_run(out: str, root: Path, allowed: bool) -> None:
+def _check_earlier_run(out: str, folder: Path, allowed: bool) -> None:
     """An earlier run (its download folder or sizes.json, here or in a remote out) is only reused
     with resume or overwrite."""
-    earlier = (root / "_download").exists() or (root / "sizes.json").exists()
+    earlier = earlier_work(out, "_download") or (folder / "sizes.json").exists()
     if remote.is_remote(out):
         earlier = earlier or remote.exists(remote.join(out, "sizes.json"))
     if earlier and not allowed:
         raise OutputExistsError(f"{out} holds an earlier run: pass `resume` or `overwrite`")
 
 
-def _clear_earlier_run(out: str, root: Path) -> None:
-    """What an earlier run left besides the unit outputs: downloads, input copies, img2dataset's
-    sidecars, the settings file; in a remote out, its shards and sidecars."""
-    for path in (root / "_download", root / LINKS_DIR, root / FETCHED_DIR, root / WEB_ONLY_DIR):
-        shutil.rmtree(path, ignore_errors=True)
+def _clear_earlier_run(out: str, folder: Path) -> None:
+    """What an earlier run left besides the unit outputs and the work folder (which the driver
+    clears): img2dataset's sidecars, the settings file; in a remote out, its shards and sidecars."""
     for pattern in ("*.parquet", "*_stats.json", SETTINGS_FILE):
-        for path in root.glob(pattern):
+        for path in folder.glob(pattern):
             path.unlink()
     if remote.is_remote(out):
         for pattern in ("*.tar", "*.parquet", "*_stats.json", "*.json", "*.jsonl"):
@@ -265,28 +273,28 @@ def _clear_earlier_run(out: str, root: Path) -> None:
                 remote.remove(path)
 
 
-def _fetch_remote_settings(out: str, root: Path) -> None:
+def _fetch_remote_settings(out: str, folder: Path) -> None:
     """A remote --out keeps its run's settings: the local work folder is removed once a run
     succeeds (or was on another machine), yet --resume must still refuse other options, or
     shards of two kinds (and stale ones, when the shard count changes) would mix in the bucket."""
-    local = root / SETTINGS_FILE
+    local = folder / SETTINGS_FILE
     if not remote.is_remote(out) or local.exists():
         return
     if (data := remote.read_if_exists(remote.join(out, SETTINGS_FILE))) is not None:
         write_atomic(local, data)
 
 
-def _published(root: Path, sizes: dict[str, int]) -> list[str]:
+def _published(folder: Path, sizes: dict[str, int]) -> list[str]:
     """What a remote --out receives, in upload order: each shard with its img2dataset sidecars,
     then rejects, stats and settings, and sizes.json last (the file that says the set is complete)."""
     names = []
     for shard in sorted(sizes):
         stem = shard.removesuffix(".tar")
         names += [
-            n for n in (shard, f"{stem}.parquet", f"{stem}_stats.json") if (root / n).exists()
+            n for n in (shard, f"{stem}.parquet", f"{stem}_stats.json") if (folder / n).exists()
         ]
     sidecars = ("rejects.jsonl", "stats.json", SETTINGS_FILE, "sizes.json")
-    return names + [n for n in sidecars if (root / n).exists()]
+    return names + [n for n in sidecars if (folder / n).exists()]
 
 
 def web_urls_only(source: str, url_col: str, target: Path, extra: Iterable[str] = ()) -> str:
@@ -367,14 +375,31 @@ def _fetch_inputs(sources: list[str], folder: Path) -> list[str]:
     return local
 
 
-def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) -> int:
-    """Run img2dataset over the inputs; returns how many shards it should have finished."""
+def _local_inputs(parquet: Any, root: Path) -> list[str]:
+    """The parquet inputs as local files (remote ones copied into the work folder ``root``)."""
     sources = expand_specs(parquet, folder_suffix=".parquet") if parquet else []
     if not sources:
         raise SpecError(f"no parquet file matches {parquet!r}")
     if any(remote.is_remote(s) for s in sources):  # pyarrow and img2dataset read them locally
         sources = _fetch_inputs(sources, root / FETCHED_DIR)
-    url_col, caption_col, extra = input_columns(sources, options)
+    return sources
+
+
+def _shard_count(sources: list[str], per_shard: int) -> int:
+    """How many shards img2dataset gives these inputs: each file's rows, ``per_shard`` a shard."""
+    return sum(math.ceil(pq.ParquetFile(s).metadata.num_rows / per_shard) for s in sources)
+
+
+def _download(
+    sources: list[str],
+    columns: tuple[str, str, list[str]],
+    root: Path,
+    staging: Path,
+    options: LaionOptions,
+) -> None:
+    """Run img2dataset over the local ``sources`` (``columns`` as ``input_columns`` gives them),
+    its input copies in the work folder ``root``."""
+    url_col, caption_col, extra = columns
     sources = [
         web_urls_only(source, url_col, root / WEB_ONLY_DIR / f"{i:05d}.parquet", extra)
         for i, source in enumerate(sources)
@@ -382,7 +407,7 @@ def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) ->
     url_list = sources[0]
     if len(sources) > 1:  # img2dataset takes one file or one folder: link the inputs, in order
         inputs = root / LINKS_DIR
-        inputs.mkdir(exist_ok=True)
+        inputs.mkdir(parents=True, exist_ok=True)
         for i, source in enumerate(sources):
             link = inputs / f"{i:05d}.parquet"
             link.unlink(missing_ok=True)  # an earlier run's link may point elsewhere
@@ -396,5 +421,3 @@ def _download(parquet: Any, root: Path, staging: Path, options: LaionOptions) ->
         extra_columns=extra,
         options=options.download,
     )
-    per_shard = options.download.samples_per_shard
-    return sum(math.ceil(pq.ParquetFile(s).metadata.num_rows / per_shard) for s in sources)

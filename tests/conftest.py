@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import threading
 import time
@@ -95,3 +96,14 @@ def jpeg_bytes() -> bytes:
 @pytest.fixture
 def png_bytes() -> bytes:
     return make_image(2, 64, 48, "PNG")
+
+
+@contextlib.contextmanager
+def work_kept() -> Iterator[None]:
+    """Runs inside keep their work folder (``_work/``: img2dataset's own output among it) at the
+    end, for tests that adopt a real download: the driver's clean-up is held back."""
+    from flamingo_data.run import driver
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(driver, "drop_work", lambda out_dir: None)
+        yield

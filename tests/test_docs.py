@@ -28,8 +28,8 @@ from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.run.executors import Execution
-from flamingo_data.run.units import RunOptions
-from tests.conftest import Route, serve
+from flamingo_data.run.units import OUTPUT_FILES, RunOptions, drop_work
+from tests.conftest import Route, serve, work_kept
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -228,15 +228,17 @@ def _download_every_url(built: Path, urls: dict[str, str]) -> None:
     ``--from-img2dataset`` and ``--images-from`` adopt."""
     every_url = built / "urls.parquet"
     pd.DataFrame({"url": list(urls.values()), "caption": list(urls)}).to_parquet(every_url)
-    convert_laion(
-        str(every_url),
-        LaionOptions(download=FAST),
-        RunOptions(out_dir=str(built / "laion-shards"), converter="laion"),
-    )
+    with work_kept():
+        convert_laion(
+            str(every_url),
+            LaionOptions(download=FAST),
+            RunOptions(out_dir=str(built / "laion-shards"), converter="laion"),
+        )
     for name in ("existing-i2d-output", "i2d-output"):
         (built / name).mkdir()
-        for path in (built / "laion-shards" / "_download").glob("0*"):
+        for path in (built / "laion-shards" / "_work" / "_download").glob("0*"):
             shutil.copyfile(path, built / name / path.name)
+    drop_work(built / "laion-shards")
 
 
 @pytest.fixture(scope="module")
@@ -481,6 +483,27 @@ def test_the_reason_table_has_one_meaning_per_row() -> None:
         if line.startswith("| ") and "---" not in line and not line.startswith("| category |")
     ]
     assert len(rows) == len(reason_table()), "a (category, reason) row is listed twice"
+
+
+# ---------------------------------------------------------------- the files beside the shards
+
+
+def output_file_table() -> list[tuple[str, str]]:
+    """(file, written by) rows of the table in docs/formats.md's "Files beside the shards"."""
+    text = (ROOT / "docs" / "formats.md").read_text()
+    section = text.split("## Files beside the shards", 1)[1].split("\n#", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.append((cells[0], cells[1]))
+    return rows
+
+
+def test_the_table_of_files_beside_the_shards_is_output_files() -> None:
+    """tests/converters/test_output_files.py holds every converter's output folder to
+    OUTPUT_FILES, so the table that users read is that list, row for row."""
+    assert output_file_table() == [(f"`{f.name}`", f.when) for f in OUTPUT_FILES]
 
 
 # ---------------------------------------------------------------- no history in the guide or the code

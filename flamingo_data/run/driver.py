@@ -17,6 +17,7 @@ from flamingo_data.run.units import (
     RunOptions,
     Unit,
     UnitFn,
+    drop_work,
     finalize,
     output_settings,
     prepare_out_dir,
@@ -31,7 +32,8 @@ class ConversionPlan:
     ``units`` lists the units once the output folder is ready; ``convert_unit`` turns one unit into
     records; ``input_counts`` are counts known before any unit runs (missing or duplicate inputs);
     ``before`` runs once the folder is ready (downloads, chunking), with ``overwrite``; ``after``
-    runs once the run has written records (removing work files). ``records`` is the stats
+    runs once the run has written records (a remote upload), before the driver removes the work
+    files (``drop_work``). ``records`` is the stats
     category whose ``written`` count is the output, ``read_from`` the one whose ``in`` count is
     the input (see ``check_output``).
     """
@@ -66,4 +68,5 @@ def run_conversion(
     check_output(stats, run.max_reject_share, plan.records, plan.read_from)
     if plan.after is not None:
         plan.after(run)
+    drop_work(run.out_dir)  # the output folder now holds OUTPUT_FILES only
     return stats

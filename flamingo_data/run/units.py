@@ -11,6 +11,7 @@ so a marker never exists without its shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,39 @@ from flamingo_data.storage.shard_writer import ShardWriter
 MARKER_DIR = "_done"
 REJECTS_DIR = "_rejects"
 FINAL_FILES = ("sizes.json", "stats.json", "rejects.jsonl")  # written by finalize at the end
-SETTINGS_FILE = "_settings.json"  # converters without unit markers: the options of the run
+SETTINGS_FILE = "_settings.json"  # LAION: the output settings of the run, for --resume
+WORK_DIR = "_work"  # a run's work files, kept for --resume until the run succeeds (see work_dir)
+# work files that may lie directly in a local output folder: --resume and --overwrite gather them
+# into WORK_DIR, so such a run resumes with its downloads and ends as tidy as any other
+LOOSE_WORK = ("_download", "_inputs", "_web_only", "_fetched", "_images", "_urls.parquet")
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFile:
+    """A file a successful run leaves in its output folder, as docs/formats.md's table names it:
+    ``name`` (``<...>`` is any name, ``NNNNN`` five digits), ``when`` (which runs write it) and
+    ``converters`` (empty: every converter)."""
+
+    name: str
+    when: str
+    converters: tuple[str, ...] = ()
+    rejects_only: bool = False
+
+
+UNIT_CONVERTERS = ("mmc4", "chatgpt", "conversations")
+OUTPUT_FILES = (
+    OutputFile("<unit>-NNNNN.tar", "MMC4, ChatGPT, conversations", UNIT_CONVERTERS),
+    OutputFile("<shard>.tar", "LAION", ("laion",)),
+    OutputFile("<shard>.parquet", "LAION", ("laion",)),
+    OutputFile("<shard>_stats.json", "LAION", ("laion",)),
+    OutputFile("sizes.json", "every run"),
+    OutputFile("stats.json", "every run"),
+    OutputFile("rejects.jsonl", "with `--rejects`", rejects_only=True),
+    OutputFile(f"{REJECTS_DIR}/<unit>.jsonl", "with `--rejects`", rejects_only=True),
+    OutputFile(f"{MARKER_DIR}/<unit>.json", "every run"),
+    OutputFile(SETTINGS_FILE, "LAION", ("laion",)),
+    OutputFile("_chunking.json", "conversations", ("conversations",)),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +280,7 @@ def _write_unit(
     shards = {**writer.close(), **ctx.placed}
     if options.write_rejects:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in ctx.rejects)
+        (out / REJECTS_DIR).mkdir(exist_ok=True)
         write_atomic(out / REJECTS_DIR / f"{unit.name}.jsonl", lines.encode(), fsync)
     marker = {
         "unit": unit.name,
@@ -303,6 +337,13 @@ def _put(folder: str, name: str, data: bytes) -> None:
         write_atomic(Path(folder) / name, data)
 
 
+def _remove_tree(path: str) -> None:
+    if remote.is_remote(path):
+        remote.remove_tree(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _remove(path: str) -> None:
     if remote.is_remote(path):
         remote.remove(path)
@@ -310,23 +351,80 @@ def _remove(path: str) -> None:
         Path(path).unlink(missing_ok=True)
 
 
-def work_dir(out_dir: str | Path) -> Path:
-    """Local folder for a converter's scratch files (downloads): the output folder itself when it
-    is local; for a remote --out, ``$FLAMINGO_DATA_WORK/<hash of the url>`` (default
-    ``~/.cache/flamingo-data/work``), kept until the run succeeds so that --resume can reuse it."""
+def local_out(out_dir: str | Path) -> Path:
+    """The local folder that stands for ``out_dir``: the folder itself when it is local; for a
+    remote out ``$FLAMINGO_DATA_WORK/<hash of the url>`` (default ``~/.cache/flamingo-data/work``),
+    where downloads go and LAION builds its output before the upload."""
     out = str(out_dir)
     if not remote.is_remote(out):
         return Path(out)
     base = os.environ.get("FLAMINGO_DATA_WORK") or Path.home() / ".cache" / "flamingo-data" / "work"
-    path = Path(base) / hashlib.sha256(out.encode()).hexdigest()[:16]
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(base) / hashlib.sha256(out.encode()).hexdigest()[:16]
 
 
-def drop_work_dir(out_dir: str | Path) -> None:
-    """After a successful remote run its local scratch folder is removed."""
-    if remote.is_remote(str(out_dir)):
-        shutil.rmtree(work_dir(out_dir), ignore_errors=True)
+def work_dir(out_dir: str | Path) -> Path:
+    """Local folder for a run's work files (downloads, input copies): ``_work/`` in
+    ``local_out``, kept for --resume until the run succeeds, then removed (``drop_work``). It
+    sits inside the output folder so that LAION's checked downloads are hard-linked into place on
+    the same file system, and one hidden folder holds all of them."""
+    return local_out(out_dir) / WORK_DIR
+
+
+def work_url(out_dir: str | Path) -> str:
+    """``_work/`` inside ``out_dir`` itself, local or remote: work files that executors on other
+    machines read (conversation chunks)."""
+    return remote.join(str(out_dir), WORK_DIR)
+
+
+def earlier_work(out_dir: str | Path, name: str) -> bool:
+    """Whether an earlier run left the work file ``name``: in the work folder, or directly in a
+    local ``out_dir`` (see ``LOOSE_WORK``)."""
+    out = str(out_dir)
+    loose = not remote.is_remote(out) and (Path(out) / name).exists()
+    return loose or (local_out(out) / WORK_DIR / name).exists()
+
+
+def drop_work(out_dir: str | Path) -> None:
+    """After a successful run: its work folders go (a remote out's local folder whole, and the
+    ``_work/`` in the bucket), and so does an empty ``_rejects/``, leaving ``OUTPUT_FILES``."""
+    out = str(out_dir)
+    if remote.is_remote(out):
+        shutil.rmtree(local_out(out), ignore_errors=True)
+        remote.remove_tree(work_url(out))
+        return
+    shutil.rmtree(Path(out) / WORK_DIR, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty, or not there
+        (Path(out) / REJECTS_DIR).rmdir()
+
+
+def gather_loose_work(out_dir: Path) -> None:
+    """Move ``LOOSE_WORK`` files found directly in ``out_dir`` into its work folder."""
+    for name in LOOSE_WORK:
+        loose = out_dir / name
+        if loose.exists() or loose.is_symlink():
+            target = work_dir(out_dir) / name
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():  # the work folder's own copy is the newer one
+                _remove_local(loose)
+            else:
+                os.replace(loose, target)
+
+
+def _remove_local(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def all_done(out_dir: str | Path, unit_names: Iterable[str]) -> bool:
+    """Whether every one of these units has a whole marker and read its input whole, i.e.
+    ``run_unit`` would skip each under --resume: a finished run, whose work files are gone."""
+    for name in unit_names:
+        marker = load_marker(out_dir, name)
+        if marker is None or input_was_unreadable(marker):
+            return False
+    return True
 
 
 def upload_files(local: Path, out_dir: str, names: Iterable[str]) -> None:
@@ -416,7 +514,6 @@ def prepare_out_dir(
         remote.makedirs(remote.join(out, MARKER_DIR))
     else:
         (Path(out) / MARKER_DIR).mkdir(parents=True, exist_ok=True)
-        (Path(out) / REJECTS_DIR).mkdir(exist_ok=True)
     earlier = _glob(out, f"{MARKER_DIR}/*.json")
     if earlier and not (resume or overwrite):
         raise OutputExistsError(
@@ -424,8 +521,12 @@ def prepare_out_dir(
         )
     if resume and settings and not overwrite:
         check_resume_settings(out, settings)
+    if (resume or overwrite) and not remote.is_remote(out):
+        gather_loose_work(Path(out))
+    _remove_tree(remote.join(out, "_chunks"))  # chunks loose in the folder: rewritten every run
     stale = _glob(out, f"*{TMP_SUFFIX}")
     if overwrite:
+        drop_work(out)
         stale += [*earlier, *_glob(out, "*.tar"), *_glob(out, f"{REJECTS_DIR}/*")]
         # a run without --rejects writes no rejects.jsonl to replace it, and a killed run no
         # sizes.json: the earlier run's would give the loader counts of deleted shards

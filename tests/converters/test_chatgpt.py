@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import pytest
 from flamingo_data.check.validate import validate_shards
 from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.run import driver
 from flamingo_data.run.executors import Execution
-from flamingo_data.run.units import OutputExistsError, RunOptions
-from tests.conftest import Route, serve
+from flamingo_data.run.units import OutputExistsError, RunOptions, drop_work
+from tests.conftest import Route, serve, work_kept
 
 FAST = DownloadOptions(processes=1, threads=4, timeout=1, retries=0)
 
@@ -72,12 +74,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
         "\n".join(json.dumps(s) for s in sequences[3:]) + "\n{broken\n"
     )
     out = root / "drop"
-    stats = convert_chatgpt(
-        str(root / "seq-{000..001}.json"),
-        ChatGptOptions(download=FAST),
-        RunOptions(out_dir=str(out), converter="chatgpt", write_rejects=True),
-        execution=Execution(processes=1, progress=False),
-    )
+    with work_kept():  # img2dataset's output kept for --images-from
+        stats = convert_chatgpt(
+            str(root / "seq-{000..001}.json"),
+            ChatGptOptions(download=FAST),
+            RunOptions(out_dir=str(out), converter="chatgpt", write_rejects=True),
+            execution=Execution(processes=1, progress=False),
+        )
+    shutil.copytree(out / "_work" / "_images", root / "images")
+    drop_work(out)
     yield root, served, stats.to_json(), server
     generator.close()
 
@@ -139,7 +144,7 @@ def test_strip_renumbers_and_images_from_joins_by_url(setup) -> None:
     hits_before = dict(server.hits)
     stats = convert_chatgpt(
         str(root / "seq-000.json"),
-        ChatGptOptions(missing="strip", images_from=str(root / "drop" / "_images")),
+        ChatGptOptions(missing="strip", images_from=str(root / "images")),
         RunOptions(out_dir=str(root / "strip"), converter="chatgpt", write_rejects=True),
         execution=Execution(processes=1, progress=False),
     )
@@ -168,7 +173,7 @@ def test_explicit_url_key(setup) -> None:
     root, served, _, _ = setup
     stats = convert_chatgpt(
         str(root / "seq-001.json"),
-        ChatGptOptions(url_key="link", images_from=str(root / "drop" / "_images")),
+        ChatGptOptions(url_key="link", images_from=str(root / "images")),
         RunOptions(out_dir=str(root / "link"), converter="chatgpt"),
         execution=Execution(processes=1, progress=False),
     ).to_json()
@@ -201,7 +206,7 @@ def test_placeholders_loader_tokens_and_jsonl_lines(setup) -> None:
     (root / "edge.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
     stats = convert_chatgpt(
         str(root / "edge.jsonl"),
-        ChatGptOptions(images_from=str(root / "drop" / "_images")),
+        ChatGptOptions(images_from=str(root / "images")),
         RunOptions(out_dir=str(root / "edge"), converter="chatgpt"),
         execution=Execution(processes=1, progress=False),
     ).to_json()
@@ -221,7 +226,7 @@ def test_cli_takes_the_unit_converters_options(setup, tmp_path: Path) -> None:
     root, _, _, _ = setup
     out = tmp_path / "out"
     args = ["convert", "chatgpt", "--sequences", str(root / "seq-000.json"), "--out", str(out)]
-    args += ["--images-from", str(root / "drop" / "_images"), "--no-progress", "--no-fsync"]
+    args += ["--images-from", str(root / "images"), "--no-progress", "--no-fsync"]
     args += [
         "--executor",
         "local",
@@ -250,7 +255,7 @@ def test_cli_resume_after_a_killed_run(setup, tmp_path: Path) -> None:
         start_new_session=True,
     )
     deadline = time.monotonic() + 60
-    while not (out / "_images" / "_tmp").exists() and time.monotonic() < deadline:
+    while not (out / "_work" / "_images" / "_tmp").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -336,7 +341,7 @@ def test_a_download_shard_img2dataset_could_not_finish_stops_the_run(tmp_path: P
         entry = {"_!_IMAGE1_!_": {"url": server.url(f"{k}.jpg")}}
         sequences.append({"example": f"s{k} _!_IMAGE1_!_", "image_map": entry})
     (tmp_path / "seq.json").write_text(json.dumps(sequences))
-    blocker = tmp_path / "out" / "_images" / "00001.tar"
+    blocker = tmp_path / "out" / "_work" / "_images" / "00001.tar"
     blocker.mkdir(parents=True)  # img2dataset cannot open this shard for writing
     options = ChatGptOptions(download=DownloadOptions(**{**FAST.__dict__, "samples_per_shard": 2}))
     run = RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt", resume=True)
@@ -366,7 +371,7 @@ def test_a_pretty_printed_sequence_file_is_one_sequence(setup, tmp_path: Path) -
     (tmp_path / "one.json").write_text(json.dumps(sequence, indent=2))
     stats = convert_chatgpt(
         str(tmp_path / "one.json"),
-        ChatGptOptions(images_from=str(root / "drop" / "_images")),
+        ChatGptOptions(images_from=str(root / "images")),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
         execution=Execution(processes=1, progress=False),
     ).to_json()
@@ -385,7 +390,7 @@ def test_strip_leaves_the_rest_of_the_text_as_it_was(setup, tmp_path: Path) -> N
     (tmp_path / "s.json").write_text(json.dumps([{"example": text, "image_map": image_map}]))
     convert_chatgpt(
         str(tmp_path / "s.json"),
-        ChatGptOptions(missing="strip", images_from=str(root / "drop" / "_images")),
+        ChatGptOptions(missing="strip", images_from=str(root / "images")),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
         execution=Execution(processes=1, progress=False),
     )
@@ -411,7 +416,6 @@ def test_resume_refuses_sequence_files_whose_urls_changed(
 ) -> None:
     """Changed between a killed run and --resume, new urls sorted into shards img2dataset had
     finished were never fetched: their sequences were dropped as not_downloaded, exit 0."""
-    from flamingo_data.run import driver
 
     root, _, _, _ = setup
     sequences = json.loads((root / "seq-000.json").read_text())
@@ -464,7 +468,7 @@ def test_a_folder_of_jsonl_sequence_files_is_read(setup, tmp_path) -> None:
     (folder / "notes.txt").write_text("not a sequence file")
     got = convert_chatgpt(
         str(folder),
-        ChatGptOptions(images_from=str(root / "drop" / "_images")),
+        ChatGptOptions(images_from=str(root / "images")),
         RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
         execution=Execution(processes=1, progress=False),
     ).to_json()
@@ -479,7 +483,7 @@ def test_images_from_reads_no_more_of_an_image_than_the_byte_cap(setup, monkeypa
     from flamingo_data.fetch.i2d_output import ImageStore
     from flamingo_data.images.stage import ImagePolicy
 
-    store = ImageStore(setup[0] / "drop" / "_images")
+    store = ImageStore(setup[0] / "images")
     url, (_, _, size) = next(iter(store.found.items()))
     handed = []
     real = chatgpt.process_image

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,9 +37,9 @@ from flamingo_data.fetch.i2d_pairs import check_sample
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.images.stage import ImagePolicy
 from flamingo_data.run.executors import Execution
-from flamingo_data.run.units import OutputExistsError, RunIncomplete, RunOptions
+from flamingo_data.run.units import OutputExistsError, RunIncomplete, RunOptions, drop_work
 from flamingo_data.storage.specs import SpecError
-from tests.conftest import Route, serve
+from tests.conftest import Route, serve, work_kept
 from tests.test_upstream_compat import write_img2dataset_output
 
 FAST = DownloadOptions(processes=1, threads=4, timeout=1, retries=0, samples_per_shard=4)
@@ -103,7 +104,9 @@ def same_picture(got: bytes, want: bytes) -> bool:
 @pytest.fixture(scope="module")
 def downloaded(server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     """Two parquet files (4 rows each, half failing) downloaded into 2 shards; ``punsafe`` holds
-    NaN and Infinity, which JSON has not (img2dataset wrote them, validate refused the sample)."""
+    NaN and Infinity, which JSON has not (img2dataset wrote them, validate refused the sample).
+    img2dataset's own output is kept in ``i2d/`` (the run's clean-up of its work folder is held
+    back once) for the tests that adopt it."""
     root = tmp_path_factory.mktemp("laion")
     urls, captions, served = serve_routes(server)
     for part, rows in enumerate((slice(0, 2), slice(2, 4))):
@@ -112,11 +115,14 @@ def downloaded(server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
         frame["similarity"] = [0.25 + i / 100 for i in picked]
         frame["punsafe"] = [float("nan") if part else float("inf"), 0.1, 0.1, 0.1]
         pd.DataFrame(frame).to_parquet(root / f"part-{part:05d}.parquet")
-    stats = convert_laion(
-        str(root / "part-{00000..00001}.parquet"),
-        LaionOptions(download=FAST),
-        RunOptions(out_dir=str(root / "out"), converter="laion", write_rejects=True),
-    )
+    with work_kept():
+        stats = convert_laion(
+            str(root / "part-{00000..00001}.parquet"),
+            LaionOptions(download=FAST),
+            RunOptions(out_dir=str(root / "out"), converter="laion", write_rejects=True),
+        )
+    shutil.copytree(root / "out" / "_work" / "_download", root / "i2d")
+    drop_work(root / "out")
     return root, served, stats.to_json()
 
 
@@ -153,7 +159,7 @@ def test_adopting_an_img2dataset_output_checks_and_rewrites_bad_samples(
     root, served, _ = downloaded
     source = tmp_path / "i2d"
     source.mkdir()
-    for path in (root / "out" / "_download").glob("0*"):
+    for path in (root / "i2d").glob("0*"):
         (source / path.name).write_bytes(path.read_bytes())
     shard = source / "00000.tar"
     with tarfile.open(shard) as tar:
@@ -358,8 +364,8 @@ def test_resume_after_a_killed_run(server, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "out" / "_download" / "_tmp").exists() and time.monotonic() < deadline:
+    deadline, started = time.monotonic() + 60, tmp_path / "out" / "_work" / "_download" / "_tmp"
+    while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -515,7 +521,7 @@ def test_a_shard_img2dataset_could_not_finish_stops_the_run_and_resume_completes
     urls = [server.url(f"part{i}.jpg") for i in range(4)]
     pd.DataFrame({"url": urls, "caption": list("abcd")}).to_parquet(tmp_path / "p.parquet")
     options = LaionOptions(download=replace(FAST, samples_per_shard=2))
-    blocker = tmp_path / "out" / "_download" / "00001.tar"
+    blocker = tmp_path / "out" / "_work" / "_download" / "00001.tar"
     blocker.mkdir(parents=True)  # img2dataset cannot open this shard for writing
     resumed = RunOptions(out_dir=str(tmp_path / "out"), converter="laion", resume=True)
     run = partial(convert_laion, str(tmp_path / "p.parquet"), options, resumed)

@@ -24,7 +24,7 @@ from flamingo_data.demo.sample_data import make_image
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.fetch.web import TooManyBytes, fetch, request_url
 from flamingo_data.run.executors import Execution
-from tests.conftest import Route
+from tests.conftest import Route, work_kept
 
 JPEG = make_image(3, 64, 48, "JPEG")
 CAP = 1 << 20
@@ -135,17 +135,21 @@ def test_chatgpt_download_counts_slow_huge_and_ftp_redirected_urls(server, tmp_p
     (tmp_path / "s.json").write_text(json.dumps(sequences))
     download = DownloadOptions(threads=4, timeout=1, retries=0, max_bytes=CAP)
     start = time.monotonic()
-    stats = convert_chatgpt(
-        str(tmp_path / "s.json"),
-        ChatGptOptions(download=download),
-        RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
-        execution=Execution(processes=1, progress=False),
-    ).to_json()
+    with work_kept():  # the downloads, whose size is checked below
+        stats = convert_chatgpt(
+            str(tmp_path / "s.json"),
+            ChatGptOptions(download=download),
+            RunOptions(out_dir=str(tmp_path / "out"), converter="chatgpt"),
+            execution=Execution(processes=1, progress=False),
+        ).to_json()
     assert time.monotonic() - start < 25
     assert stats["counts"]["documents"] == {"in": 4, "written": 1, "rejected": 3}
     assert stats["reasons"]["images"] == {"timeout": 1, "too_many_bytes": 1, "bad_url": 1}
     assert ftp_hits == []
-    assert sum(p.stat().st_size for p in Path(tmp_path / "out" / "_images").glob("*.tar")) < CAP
+    assert (
+        sum(p.stat().st_size for p in Path(tmp_path / "out" / "_work" / "_images").glob("*.tar"))
+        < CAP
+    )
 
 
 NO_NETWORK = """

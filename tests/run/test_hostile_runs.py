@@ -26,8 +26,8 @@ from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.errors import NothingWritten
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.run.executors import Execution
-from flamingo_data.run.units import RunOptions
-from tests.conftest import Route, serve
+from flamingo_data.run.units import RunOptions, drop_work
+from tests.conftest import Route, serve, work_kept
 
 CLI = [sys.executable, "-m", "flamingo_data.cli.main"]
 GONE_WITHIN_S = 30  # generous: the property is "they exit", not how fast
@@ -343,14 +343,17 @@ def chatgpt_done(tmp_path_factory: pytest.TempPathFactory):
             sequences.append({"example": f"{name}{k} _!_IMAGE1_!_", "image_map": entry})
         (root / f"seq-{name}.json").write_text(json.dumps(sequences))
     try:
-        convert_chatgpt(
-            str(root / "seq-*.json"),
-            ChatGptOptions(download=FAST),
-            RunOptions(out_dir=str(root / "clean"), converter="chatgpt", write_rejects=True),
-            execution=Execution(processes=1, progress=False),
-        )
+        with work_kept():
+            convert_chatgpt(
+                str(root / "seq-*.json"),
+                ChatGptOptions(download=FAST),
+                RunOptions(out_dir=str(root / "clean"), converter="chatgpt", write_rejects=True),
+                execution=Execution(processes=1, progress=False),
+            )
     finally:
         generator.close()
+    shutil.copytree(root / "clean" / "_work" / "_images", root / "images")
+    drop_work(root / "clean")
     return root, root / "clean"
 
 
@@ -361,11 +364,11 @@ def test_chatgpt_resume_redoes_a_unit_whose_marker_is_damaged(
 ) -> None:
     root, clean = chatgpt_done
     out = tmp_path / "out"
-    shutil.copytree(clean, out, ignore=shutil.ignore_patterns("_images"))
+    shutil.copytree(clean, out)
     _damage_marker(out, "seq-a", DAMAGE[damage])
     convert_chatgpt(
         str(root / "seq-*.json"),
-        ChatGptOptions(images_from=str(clean / "_images")),
+        ChatGptOptions(images_from=str(root / "images")),
         RunOptions(out_dir=str(out), converter="chatgpt", write_rejects=True, resume=True),
         execution=Execution(processes=1, progress=False),
     )

@@ -12,9 +12,12 @@ import pytest
 from flamingo_data.core.schema import schema_errors
 from flamingo_data.run.executors import Execution, run_units
 from flamingo_data.run.units import (
+    LOOSE_WORK,
+    WORK_DIR,
     OutputExistsError,
     RunOptions,
     Unit,
+    drop_work,
     finalize,
     prepare_out_dir,
     run_unit,
@@ -194,3 +197,38 @@ def test_overwrite_removes_the_earlier_sizes_and_stats(tmp_path: Path) -> None:
     assert (tmp_path / "sizes.json").exists() and (tmp_path / "stats.json").exists()
     prepare_out_dir(tmp_path, resume=False, overwrite=True)
     assert not (tmp_path / "sizes.json").exists() and not (tmp_path / "stats.json").exists()
+
+
+def loose_work(out: Path) -> None:
+    """The work files as they lie directly in an output folder: img2dataset tars among them."""
+    for name in LOOSE_WORK:
+        if name.endswith(".parquet"):
+            (out / name).write_bytes(b"PAR1")
+        else:
+            (out / name).mkdir(parents=True)
+            (out / name / "00000.tar").write_bytes(b"t" * 1024)
+    (out / "_chunks").mkdir()
+    (out / "_chunks" / "a-c00000.jsonl").write_text("{}\n")
+
+
+@pytest.mark.parametrize("how", ["resume", "overwrite"])
+def test_work_files_loose_in_the_folder_are_gathered_and_then_dropped(
+    tmp_path: Path, how: str
+) -> None:
+    """--resume keeps them for the run, in _work/ (its own newer copy wins); --overwrite deletes
+    them with the rest of the earlier run; a success leaves neither them nor an empty _rejects/."""
+    prepare_out_dir(tmp_path, resume=False, overwrite=False)
+    loose_work(tmp_path)
+    (tmp_path / WORK_DIR / "_images").mkdir(parents=True)  # the work folder's own, kept
+    (tmp_path / "_rejects").mkdir()
+    prepare_out_dir(tmp_path, resume=how == "resume", overwrite=how == "overwrite")
+    assert not any((tmp_path / name).exists() for name in (*LOOSE_WORK, "_chunks"))
+    gathered = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.tar"))
+    if how == "resume":
+        dirs = [n for n in LOOSE_WORK if n not in ("_images", "_urls.parquet")]
+        assert gathered == sorted(f"{WORK_DIR}/{n}/00000.tar" for n in dirs)
+        assert (tmp_path / WORK_DIR / "_urls.parquet").read_bytes() == b"PAR1"
+    else:
+        assert gathered == [] and not (tmp_path / WORK_DIR).exists()
+    drop_work(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_done"]

@@ -182,6 +182,46 @@ def test_conversations_from_and_to_remote_storage(tmp_path, memory_out) -> None:
     assert not any("_chunks" in name for name in files(memory_out))  # scratch removed at the end
 
 
+def test_remote_conversations_keep_their_chunks_in_the_bucket_until_they_succeed(
+    tmp_path, memory_out, monkeypatch
+) -> None:
+    """An interrupted run leaves its chunks in the bucket's _work/ for --resume; the resumed run
+    ends with the same files as an uninterrupted one, _work/ gone."""
+    from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
+    from flamingo_data.run import driver
+    from tests.converters.test_conversations import ITEMS, write_images
+
+    write_images(tmp_path / "src" / "images")
+    (tmp_path / "src" / "data.json").write_text(json.dumps(ITEMS, ensure_ascii=True))
+
+    def run(out: str, resume: bool = False) -> None:
+        options = ConversationOptions(images=str(tmp_path / "src" / "images"))
+        run = RunOptions(out_dir=out, converter="conversations", write_rejects=True, resume=resume)
+        convert_conversations(
+            str(tmp_path / "src" / "data.json"),
+            options,
+            run,
+            chunk_size=3,
+            execution=Execution(processes=1, progress=False),
+        )
+
+    real = driver.run_units
+
+    def one_unit_then_stop(units, *rest) -> None:
+        real(units[:1], *rest)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(driver, "run_units", one_unit_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run(memory_out)
+    assert any(name.startswith("_work/_chunks/") for name in files(memory_out))
+    run(memory_out, resume=True)
+    run(str(tmp_path / "local"))
+    assert without_sources(files(memory_out)) == without_sources(files(str(tmp_path / "local")))
+    assert not any(name.startswith("_work") for name in files(memory_out))
+
+
 def test_validate_inspect_and_loader_read_remote_shards(sample, tmp_path, memory_out) -> None:
     from flamingo_data.check.inspect import inspect_shards
     from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
