@@ -28,7 +28,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from photos import write_photo_mmc4  # noqa: E402
+from weblike import write_web_mmc4  # noqa: E402
 
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4  # noqa: E402
 from flamingo_data.images.stage import ImagePolicy  # noqa: E402
@@ -178,7 +178,7 @@ def main() -> None:
         return child(args.child, args.shards, args.workers)
     root = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:
-        docs, images = write_photo_mmc4(root / "src", 4, args.docs_per_shard)
+        docs, images, _ = write_web_mmc4(root / "src", 4, args.docs_per_shard)
         kept = convert(docs, images, root / "kept", ImagePolicy())
         small = convert(docs, images, root / "small", ImagePolicy(short_side=256))
         print(f"ours: median of {args.repeats} runs; baseline: 1 run (each lasts 7-13 s)")
