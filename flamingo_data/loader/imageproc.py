@@ -123,13 +123,15 @@ def vision_batch(
 
 def padded_uint8(pixels: torch.Tensor, counts: list[int], slots: int) -> torch.Tensor:
     """uint8 images back to back [N, 3, S, S] -> [B, slots, 1, 3, S, S] uint8, zeros in the
-    padding slots: a copy, no arithmetic (``normalize_vision`` does that on the device)."""
-    out = torch.zeros((len(counts), slots, 1, *pixels.shape[1:]), dtype=torch.uint8)
+    padding slots: a copy, no arithmetic (``normalize_vision`` does that on the device); numpy for
+    the reason ``vision_batch`` gives."""
+    out = np.zeros((len(counts), slots, 1, *pixels.shape[1:]), dtype=np.uint8)
+    source = pixels.contiguous().numpy()
     start = 0
     for row, count in enumerate(counts):
-        out[row, :count, 0] = pixels[start : start + count]
+        out[row, :count, 0] = source[start : start + count]
         start += count
-    return out
+    return torch.from_numpy(out)
 
 
 def normalize_vision(
