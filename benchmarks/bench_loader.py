@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from photos import write_photo_mmc4  # noqa: E402
+from weblike import write_web_mmc4  # noqa: E402
 
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4  # noqa: E402
 from flamingo_data.images.stage import ImagePolicy  # noqa: E402
@@ -85,8 +86,10 @@ def run_baseline(shards: list[str], workers: int) -> int:
     return sum(batch[0].shape[0] for batch in loader)
 
 
-def run_ours(shards: list[str], workers: int) -> int:
-    config = LoaderConfig(batch_size=BATCH, num_workers=workers, shuffle_buffer=1, flip_prob=0.0)
+def run_ours(shards: list[str], workers: int, pixels: str = "float") -> int:
+    config = LoaderConfig(
+        batch_size=BATCH, num_workers=workers, shuffle_buffer=1, flip_prob=0.0, pixels=pixels
+    )
     loader = build_loader([DatasetSpec("mmc4", shards)], make_tokenizer(None), config)
     return sum(batch["vision_x"].shape[0] for batch in loader)
 
@@ -127,15 +130,16 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 def child(kind: str, shards: list[str], workers: int) -> None:
     """Runs in its own process so that each config's workers are measured on their own."""
-    fn = run_ours if kind == "ours" else run_baseline
+    runners = {"ours": run_ours, "ours-uint8": partial(run_ours, pixels="uint8")}
+    fn = runners.get(kind, run_baseline)
     watcher = WorkerPeaks()
     watcher.start()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     n = fn(shards, workers)
-    seconds = time.perf_counter() - start
+    seconds, main_cpu = time.perf_counter() - start, time.process_time() - cpu
     watcher.stopped.set()
     rss = max(watcher.peaks.values(), default=0.0)
-    print(json.dumps({"samples": n, "seconds": seconds, "rss_mb": rss}))
+    print(json.dumps({"samples": n, "seconds": seconds, "rss_mb": rss, "main_cpu": main_cpu}))
 
 
 def measure(kind: str, shards: list[str], workers: int) -> dict:
@@ -172,35 +176,59 @@ def main() -> None:
     parser.add_argument("--child", default=None)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="runs of ours per config (median)")
+    parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("shards", nargs="*")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.shards, args.workers)
     root = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:
-        docs, images = write_photo_mmc4(root / "src", 4, args.docs_per_shard)
+        docs, images, _ = write_web_mmc4(root / "src", 4, args.docs_per_shard)
         kept = convert(docs, images, root / "kept", ImagePolicy())
         small = convert(docs, images, root / "small", ImagePolicy(short_side=256))
-        print(f"ours: median of {args.repeats} runs; baseline: 1 run (each lasts 7-13 s)")
-        print(f"{'config':<40} {'samples/s':>10} {'worker peak RSS MB':>20}")
+        print(f"ours: median of {args.repeats} runs; baseline: 1 run")
+        print(
+            f"{'config':<44} {'samples/s':>10} {'worker peak RSS MB':>20} {'main CPU ms/sample':>19}"
+        )
+        results: dict[str, dict] = {}
         for workers in (1, 2):
-            base = measure("baseline", kept, workers)
-            for label, shards in (("bytes-kept shards", kept), ("--short-side 256 shards", small)):
-                ours = measure_median("ours", shards, workers, args.repeats)
-                print(
-                    f"{'baseline, ' + str(workers) + ' workers':<40} {base['samples'] / base['seconds']:10.1f} "
-                    f"{base['rss_mb']:20.0f}"
+            runs = {
+                f"baseline, bytes-kept shards, {workers} workers": measure(
+                    "baseline", kept, workers
                 )
-                print(
-                    f"{'ours, ' + label + ', ' + str(workers) + ' workers':<40} "
-                    f"{ours['samples'] / ours['seconds']:10.1f} {ours['rss_mb']:20.0f}"
-                )
-                ratio = (ours["samples"] / ours["seconds"]) / (base["samples"] / base["seconds"])
-                print(
-                    f"  -> {ratio:.1f}x the baseline's samples/s; memory {ours['rss_mb'] / base['rss_mb']:.2f}x"
-                )
+            }
+            for kind in ("ours", "ours-uint8"):
+                for label, shards in (("bytes-kept shards", kept), ("--short-side 256", small)):
+                    name = f"{kind}, {label}, {workers} workers"
+                    runs[name] = measure_median(kind, shards, workers, args.repeats)
+            for name, run in runs.items():
+                rate = run["samples"] / run["seconds"]
+                cpu_ms = 1000 * run["main_cpu"] / max(1, run["samples"])
+                print(f"{name:<44} {rate:10.1f} {run['rss_mb']:20.0f} {cpu_ms:19.2f}")
+                results[name] = {**run, "samples_per_s": rate, "main_cpu_ms_per_sample": cpu_ms}
+        report(results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def report(results: dict[str, dict]) -> None:
+    rate = {name: row["samples_per_s"] for name, row in results.items()}
+    for label in ("bytes-kept shards", "--short-side 256"):
+        one, two = rate[f"ours, {label}, 1 workers"], rate[f"ours, {label}, 2 workers"]
+        base = rate["baseline, bytes-kept shards, 1 workers"]
+        print(
+            f"ours, {label}: {one / base:.1f}x the baseline's samples/s (1 worker); "
+            f"the second worker adds {100 * (two / one - 1):.0f}% (goal >= 60%)"
+        )
+        cpu = {
+            p: results[f"{p}, {label}, 2 workers"]["main_cpu_ms_per_sample"]
+            for p in ("ours", "ours-uint8")
+        }
+        print(
+            f"  main process CPU per sample: {cpu['ours']:.2f} ms float, {cpu['ours-uint8']:.2f} ms uint8"
+        )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ import math
 import os
 import posixpath
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -24,8 +26,12 @@ import orjson
 from flamingo_data.check.keyindex import KeyIndex
 from flamingo_data.core.records import decode_base64
 from flamingo_data.core.schema import record_kind, schema_errors
-from flamingo_data.errors import SizesFileError  # noqa: F401 -- importable from here too
+from flamingo_data.errors import (
+    InputError,
+    SizesFileError,  # noqa: F401 -- importable from here too
+)
 from flamingo_data.images.stage import DEFAULT_MAX_PIXELS, decode_at_least, sniff_format
+from flamingo_data.run.procpool import map_in_processes
 from flamingo_data.storage import remote
 from flamingo_data.storage.shard_reader import (
     DECODED_EXTS,
@@ -71,6 +77,16 @@ class ValidationReport:
     def reasons(self) -> Counter:
         return Counter(f.reason for f in self.failures)
 
+    def merge(self, other: ValidationReport) -> None:
+        """Add one shard's report (checked in a worker process) to this one."""
+        self.shards += other.shards
+        self.samples += other.samples
+        self.kinds.update(other.kinds)
+        self.images += other.images
+        self.failures.extend(other.failures)
+        self.sizes.update(other.sizes)
+        self.open_flamingo_skips.update(other.open_flamingo_skips)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
@@ -111,6 +127,16 @@ class ValidateOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+@dataclass
+class ShardCheck:
+    """One shard's part of the report, its sample count (None: the shard itself is unreadable)
+    and its keys in reading order, for the duplicate-key check across shards."""
+
+    report: ValidationReport
+    count: int | None
+    keys: list[str]
+
+
 def validate_shards(
     specs: str | list[str],
     *,
@@ -119,8 +145,12 @@ def validate_shards(
     write_sizes: bool = False,
     sizes_path: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    processes: int = 1,
 ) -> ValidationReport:
-    """Validate every shard named by ``specs`` (brace patterns, globs, folders)."""
+    """Validate every shard named by ``specs`` (brace patterns, globs, folders), ``processes``
+    shards at a time; the report is the same for any ``processes``."""
+    if processes < 1:
+        raise InputError("`processes` must be at least 1")
     paths, missing = _named_shards(specs)
     _check_sizes_target(paths, write_sizes, sizes_path)
     options = ValidateOptions(deep=deep, kind=kind, max_pixels=max_pixels)
@@ -130,40 +160,49 @@ def validate_shards(
         report.failures.append(Failure(name, "", "missing_shard", path))
     keys = KeyIndex()
     counts: dict[str, int | None] = {}  # by path: two folders may hold shards of the same name
-    for path in paths:
-        report.shards += 1
-        counts[path] = _validate_shard(path, options, report, keys)
-        if counts[path] is not None:
-            report.sizes[os.path.basename(path)] = counts[path]
+    for path, shard in zip(paths, _checked_shards(paths, options, processes), strict=True):
+        report.merge(shard.report)
+        keys.start_shard()
+        for key in shard.keys:
+            keys.add(key)
+        counts[path] = shard.count
+        if shard.count is not None:
+            report.sizes[os.path.basename(path)] = shard.count
     _report_duplicate_keys(keys, paths, report)
     _check_sizes(counts, report, write_sizes, sizes_path)
     _check_stats(paths, report)
     return report
 
 
-def _validate_shard(
-    path: str, options: ValidateOptions, report: ValidationReport, keys: KeyIndex
-) -> int | None:
-    """Returns the shard's sample count, or None when the shard itself is unreadable."""
-    shard = os.path.basename(path)
-    shard_broken = False
+def _checked_shards(
+    paths: list[str], options: ValidateOptions, processes: int
+) -> Iterator[ShardCheck]:
+    """Each shard's check, in the order of ``paths``."""
+    task = partial(check_shard, options=options)
+    if processes == 1 or len(paths) == 1:
+        return map(task, paths)
+    start_method = "fork" if sys.platform == "linux" else "spawn"
+    return map_in_processes(task, paths, processes, start_method, ordered=True)
+
+
+def check_shard(path: str, options: ValidateOptions) -> ShardCheck:
+    """Every check of one shard that needs no other shard."""
+    shard, report = os.path.basename(path), ValidationReport(shards=1)
+    shard_broken, keys = False, []
 
     def on_issue(issue: ReadIssue) -> None:
         nonlocal shard_broken
         shard_broken = shard_broken or not issue.key
         report.failures.append(Failure(shard, issue.key, issue.reason, issue.detail))
 
-    count, failures_before = 0, len(report.failures)
-    keys.start_shard()
     for sample in iter_samples(path, on_issue, read=DECODED_EXTS):
-        count += 1
         report.samples += 1
-        keys.add(sample.key)
+        keys.append(sample.key)
         for reason, detail in check_sample(sample, options, report):
             report.failures.append(Failure(shard, sample.key, reason, detail))
-    if count == 0 and len(report.failures) == failures_before:  # only an end-of-archive block
+    if not keys and not report.failures:  # only an end-of-archive block
         report.failures.append(Failure(shard, "", "empty_tar", "no samples"))
-    return None if shard_broken else count
+    return ShardCheck(report, None if shard_broken else len(keys), keys)
 
 
 def _report_duplicate_keys(keys: KeyIndex, paths: list[str], report: ValidationReport) -> None:

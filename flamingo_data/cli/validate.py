@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from flamingo_data.cli.options import UsageError, non_negative, positive
 from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
+from flamingo_data.run.executors import default_processes
 
 if TYPE_CHECKING:
     from flamingo_data.check.validate import ValidationReport
@@ -38,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", dest="json_out", default=None, help="write the full report as JSON (- for stdout)"
     )
     parser.add_argument(
+        "--processes",
+        type=positive,
+        default=default_processes(),
+        help="shards checked in parallel (default: cores)",
+    )
+    parser.add_argument(
         "--max-failures-shown",
         type=non_negative,
         default=20,
@@ -56,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         write_sizes=args.write_sizes,
         sizes_path=args.sizes,
         max_pixels=args.max_pixels,
+        processes=args.processes,
     )
     if args.json_out == "-":
         json.dump(report.to_json(), sys.stdout, indent=1)

@@ -121,6 +121,32 @@ def vision_batch(
     return torch.from_numpy(out)
 
 
+def padded_uint8(pixels: torch.Tensor, counts: list[int], slots: int) -> torch.Tensor:
+    """uint8 images back to back [N, 3, S, S] -> [B, slots, 1, 3, S, S] uint8, zeros in the
+    padding slots: a copy, no arithmetic (``normalize_vision`` does that on the device); numpy for
+    the reason ``vision_batch`` gives."""
+    out = np.zeros((len(counts), slots, 1, *pixels.shape[1:]), dtype=np.uint8)
+    source = pixels.contiguous().numpy()
+    start = 0
+    for row, count in enumerate(counts):
+        out[row, :count, 0] = source[start : start + count]
+        start += count
+    return torch.from_numpy(out)
+
+
+def normalize_vision(
+    vision_x: torch.Tensor, image_counts: torch.Tensor, mean: tuple, std: tuple
+) -> torch.Tensor:
+    """A ``pixels="uint8"`` batch's ``vision_x`` and ``image_counts``, on any device -> the
+    float32 ``vision_x`` the default loader gives, bit for bit (the same two float32 operations;
+    padding slots zero). On a GPU this is the only per-pixel work, after a 4x smaller copy."""
+    scale, shift = (torch.from_numpy(a).to(vision_x.device) for a in _scale_shift(mean, std))
+    out = vision_x.float().mul_(scale).sub_(shift)
+    slots = torch.arange(vision_x.shape[1], device=vision_x.device)
+    padding = slots[None, :] >= image_counts.to(vision_x.device)[:, None]
+    return out.masked_fill_(padding[:, :, None, None, None, None], 0.0)
+
+
 @functools.cache
 def _scale_shift(mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
     std_a = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flamingo_data.errors import EmptyDataset, InputError
 from flamingo_data.loader.config import DatasetSpec, LoaderConfig
-from flamingo_data.loader.imageproc import vision_batch
+from flamingo_data.loader.imageproc import padded_uint8, vision_batch
 from flamingo_data.loader.interleaved import Reject
 from flamingo_data.loader.sample import TextContext, preprocess, sample_rng
 from flamingo_data.loader.stream import Dataset, mixed, resolve
@@ -199,15 +199,14 @@ def _collate(
 
 
 def _finish_batch(batch: dict[str, Any], config: LoaderConfig) -> dict[str, Any]:
-    """Main side: normalized float32 ``vision_x`` [B, T, 1, 3, S, S] first, as the model takes it."""
-    vision = vision_batch(
-        batch.pop("_pixels"),
-        batch.pop("_image_counts"),
-        batch.pop("_image_slots"),
-        config.mean,
-        config.std,
-    )
-    return {"vision_x": vision, **batch}
+    """Main side: ``vision_x`` [B, T, 1, 3, S, S] first, as the model takes it: normalized float32,
+    or with ``pixels="uint8"`` the pixels as they are plus ``image_counts`` for
+    ``normalize_vision`` on the device."""
+    pixels, counts, slots = (batch.pop(k) for k in ("_pixels", "_image_counts", "_image_slots"))
+    if config.pixels == "uint8":
+        vision = padded_uint8(pixels, counts, slots)
+        return {"vision_x": vision, "image_counts": torch.tensor(counts), **batch}
+    return {"vision_x": vision_batch(pixels, counts, slots, config.mean, config.std), **batch}
 
 
 class FlamingoLoader:

@@ -627,3 +627,41 @@ def test_tars_joined_with_cat_fail_as_trailing_data(good: Path, tmp_path: Path) 
     padded = tmp_path / "padded" / "padded.tar"
     padded.write_bytes(first.read_bytes() + bytes(100_000))
     assert validate_shards(str(padded)).ok
+
+
+def test_processes_check_shards_in_parallel_with_the_same_report(
+    good: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Good shards, broken ones, a shard repeated (duplicate keys across workers) and a stale
+    sizes.json: the report with 3 processes equals the one-process report, order included."""
+    import flamingo_data.check.validate as validate
+
+    dataset = tmp_path / "mixed"
+    dataset.mkdir()
+    shards = sorted(good.glob("*.tar"))
+    for n, shard in enumerate(shards):
+        shutil.copy(shard, dataset / f"{n:05d}.tar")
+    shutil.copy(shards[0], dataset / "00002.tar")
+    cases = broken_cases(good)
+    for n, case in enumerate(("matrix", "gpt_repeated", "pickle", "deep_cut_jpeg"), start=3):
+        write_tar(dataset / f"{n:05d}.tar", cases[case][0])
+    (dataset / "sizes.json").write_text(json.dumps({"00000.tar": 1}))
+    pools = []
+
+    def recorded(*args, **kwargs):
+        pools.append(args[2])
+        return map_in_processes(*args, **kwargs)
+
+    map_in_processes = validate.map_in_processes
+    monkeypatch.setattr(validate, "map_in_processes", recorded)
+    one = validate_shards(str(dataset), deep=True).to_json()
+    assert pools == []
+    three = validate_shards(str(dataset), deep=True, processes=3).to_json()
+    assert pools == [3]
+    assert three == one and not one["ok"]
+    assert {"duplicate_key", "count_mismatch", "bad_matrix_shape", "undecodable_image"} <= set(
+        one["failures_by_reason"]
+    )
+    assert cli(["validate", str(dataset), "--deep", "--processes", "2"]) == 1
+    with pytest.raises(ValueError, match="`processes` must be at least 1"):
+        validate_shards(str(dataset), processes=0)

@@ -1,4 +1,5 @@
-"""The resize kernel choice: OpenCV after a DCT-scaled decode, PIL's antialiased filters elsewhere."""
+"""The resize kernel choice: OpenCV (after a box reduce over a factor of 2), PIL's antialiased filters
+for the others."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flamingo_data.images.resize import RESIZE_FILTERS, resize_pixels
+from flamingo_data.images.resize import RESIZE_FILTERS, box_reduce, resize_pixels
 
 
 def _photo_like(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -32,13 +33,28 @@ def test_small_factors_use_a_kernel_as_good_as_pils(name: str) -> None:
     assert _psnr(ours, pils) > 35  # ...giving nearly the same picture
 
 
+@pytest.mark.parametrize("name", ["lanczos", "area"])
+def test_other_filters_are_pils_antialiased_resize(name: str) -> None:
+    pixels = _photo_like(420, 300)
+    expected = Image.fromarray(pixels).resize((358, 256), RESIZE_FILTERS[name])
+    assert resize_pixels(pixels, (358, 256), name).tobytes() == expected.tobytes()
+
+
 @pytest.mark.parametrize(
-    ("name", "size"),
-    [("bicubic", (1200, 800)), ("lanczos", (420, 300)), ("area", (420, 300))],
-    ids=["factor-over-2", "lanczos", "area"],
+    ("size", "block"), [((1200, 800), 2), ((2400, 1600), 4), ((4800, 3200), 8)]
 )
-def test_large_factors_and_other_filters_are_pils_antialiased_resize(name, size) -> None:
+def test_large_factors_average_blocks_first_as_a_dct_scaled_decode_does(size, block) -> None:
+    """Over a factor of 2, ``block`` x ``block`` averages first (every source pixel counts), then
+    the kernel: the same picture as the antialiased resize, far from a kernel that skips pixels."""
     pixels = _photo_like(*size)
     target = (size[0] * 256 // size[1], 256)
-    expected = Image.fromarray(pixels).resize(target, RESIZE_FILTERS[name])
-    assert resize_pixels(pixels, target, name).tobytes() == expected.tobytes()
+    reduced = box_reduce(pixels, target)
+    assert reduced.shape[:2] == (size[1] // block, size[0] // block)
+    height, width = reduced.shape[:2]
+    blocks = pixels.reshape(height, block, width, block, 3).mean(axis=(1, 3))
+    assert np.abs(reduced.astype(float) - blocks).max() <= 1  # rounding only
+    ours = resize_pixels(pixels, target, "bicubic")
+    antialiased = Image.fromarray(pixels).resize(target, Image.Resampling.BICUBIC)
+    skipping = Image.fromarray(pixels).resize(target, Image.Resampling.NEAREST)
+    assert ours.size == target
+    assert _psnr(ours, antialiased) > 35 > _psnr(skipping, antialiased)

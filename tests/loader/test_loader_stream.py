@@ -17,6 +17,7 @@ import torch
 from flamingo_data.core.records import encode_base64
 from flamingo_data.errors import EmptyDataset
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+from flamingo_data.loader.imageproc import normalize_vision
 from tests.loader_data import interleaved_record, simple_docs, solid_jpeg, write_json_shard
 
 CONFIG = LoaderConfig(batch_size=3, image_size=32, shuffle_buffer=8, seed=7)
@@ -300,6 +301,44 @@ def test_workers_send_uint8_pixels_without_padding_and_batches_get_float_vision_
     )
     assert torch.allclose(batch["vision_x"][1, :2, 0, :, 0, 0], white.expand(2, 3), atol=1e-5)
     assert not batch["vision_x"][0, 1:].any()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_pixels_normalized_on_the_device_equal_the_float_batches_bit_for_bit(
+    tmp_path: Path, workers: int
+) -> None:
+    """``pixels="uint8"`` delivers the pixels as they are (a quarter of the bytes) and
+    ``normalize_vision`` gives exactly the float vision_x, padding slots zero; everything else in
+    the batch is the same."""
+    images = [solid_jpeg((255, 0, 0)), solid_jpeg((10, 200, 30)), solid_jpeg((0, 0, 0))]
+    docs = {
+        f"d{i}": interleaved_record(
+            ["A.", "B.", "C."],
+            [[0.3, 0.1, 0.1], [0.1, 0.3, 0.1], [0.1, 0.1, 0.3]][: 1 + i % 3],
+            images[: 1 + i % 3],
+        )
+        for i in range(9)
+    }
+    write_json_shard(tmp_path, "mix", docs)
+    spec = [DatasetSpec("d", str(tmp_path))]
+    cfg = config(batch_size=4, num_workers=workers, max_images=3)
+    floats = list(build_loader(spec, make_tokenizer(None), cfg))
+    raw = list(
+        build_loader(spec, make_tokenizer(None), config(**{**cfg.__dict__, "pixels": "uint8"}))
+    )
+    assert len(raw) == len(floats) == 3
+    for plain, compact in zip(floats, raw, strict=True):
+        assert compact["vision_x"].dtype == torch.uint8
+        assert compact["vision_x"].shape == plain["vision_x"].shape
+        counts = [1 + int(key[1:]) % 3 for key in compact["keys"]]
+        assert compact.pop("image_counts").tolist() == counts
+        normalized = normalize_vision(compact["vision_x"], torch.tensor(counts), cfg.mean, cfg.std)
+        assert torch.equal(normalized, plain["vision_x"])
+        assert normalized.dtype == torch.float32 and bool((normalized[:, 0] != 0).any())
+        for name in ("lang_x", "attention_mask", "labels"):
+            assert torch.equal(compact[name], plain[name])
+    with pytest.raises(ValueError, match="`pixels` must be float or uint8"):
+        config(pixels="fp16")
 
 
 def test_samples_whose_literal_special_tokens_were_broken_are_counted(tmp_path: Path) -> None:

@@ -600,3 +600,32 @@ def test_warmup_fits_a_short_run(steps: int, given: list[str], warmup: int) -> N
     """With the default, `train --steps 10` spent every step warming up (the loss stayed flat)."""
     argv = ["--mmc4-shards", "a/", "--run-dir", "r", "--steps", str(steps), *given]
     assert parse_args(argv).warmup_steps == warmup
+
+
+def test_a_gpu_gets_uint8_batches_and_the_trainer_normalizes_them_as_the_loader_does(
+    tmp_path: Path,
+) -> None:
+    """On a GPU the loader delivers uint8 pixels and ``model_vision`` normalizes them on the
+    device; the model then sees exactly the CPU path's float vision_x (run here on the CPU)."""
+    import torch
+
+    from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+    from flamingo_data.train.trainer import loader_pixels, model_vision
+
+    assert loader_pixels(torch.device("cuda", 0)) == "uint8"
+    assert loader_pixels(torch.device("cpu")) == "float"
+    sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=6, missing_rate=0.0)
+    convert_mmc4(
+        sample["docs"],
+        Mmc4Options(images=sample["images"]),
+        RunOptions(out_dir=str(tmp_path / "shards"), converter="mmc4"),
+        execution=Execution(processes=1, progress=False),
+    )
+    spec = [DatasetSpec("d", str(tmp_path / "shards"))]
+    batches = {
+        pixels: next(iter(build_loader(spec, make_tokenizer(None), LoaderConfig(pixels=pixels))))
+        for pixels in ("float", "uint8")
+    }
+    assert batches["uint8"]["vision_x"].dtype == torch.uint8
+    cpu = torch.device("cpu")
+    assert torch.equal(model_vision(batches["uint8"], cpu), model_vision(batches["float"], cpu))

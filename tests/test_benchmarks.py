@@ -1,0 +1,76 @@
+"""Every benchmark script runs end to end on a tiny input, so none of them rots between releases.
+
+Timings are never asserted (the machine running the suite is not the one the figures are for);
+the scripts' own result files and lines are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+TINY_ARGS = {
+    "bench_convert_mmc4.py": [
+        "--shards",
+        "1",
+        "--docs-per-shard",
+        "6",
+        "--repeats",
+        "1",
+        "--quick",
+    ],
+    "bench_validate.py": ["--shards", "1", "--docs-per-shard", "6"],
+    "bench_decode_scales.py": ["--images", "3"],
+    "bench_hostile_inputs.py": ["--pax-digits", "2000", "--runs", "1"],
+    "bench_loader.py": ["--docs-per-shard", "4", "--repeats", "1"],
+    "bench_quality_at_224.py": ["--images", "3"],
+    "bench_resize_filters.py": ["--images", "3"],
+}
+JSON_RESULTS = {"bench_convert_mmc4.py", "bench_validate.py"}
+
+
+def test_every_benchmark_script_is_listed_here() -> None:
+    assert {p.name for p in BENCHMARKS.glob("bench_*.py")} == set(TINY_ARGS)
+
+
+def run(script: str, tmp_path: Path, extra: list[str]) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *TINY_ARGS[script], *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(set(TINY_ARGS) - JSON_RESULTS))
+def test_benchmark_runs_on_a_tiny_input(script: str, tmp_path: Path) -> None:
+    assert run(script, tmp_path, []).strip()
+
+
+@pytest.mark.slow
+def test_convert_benchmark_reports_its_ratios_on_web_like_input(tmp_path: Path) -> None:
+    out = run("bench_convert_mmc4.py", tmp_path, ["--json", str(tmp_path / "r.json")])
+    assert "web-like images" in out and "dd conv=fsync" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["input"] == "web"
+    assert result["keep"]["speedup"] > 0 and result["keep"]["vs_dd"] > 0
+    assert 0 < result["resized"]["--short-side 256"]["bytes_ratio"] < 1
+
+
+@pytest.mark.slow
+def test_validate_benchmark_reports_both_modes_and_process_counts(tmp_path: Path) -> None:
+    run("bench_validate.py", tmp_path, ["--json", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    for mode in ("default", "deep"):
+        assert result[mode]["baseline_seconds"] > 0
+        assert {"processes_1", "processes_2"} <= set(result[mode])
