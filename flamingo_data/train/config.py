@@ -44,6 +44,7 @@ class TrainConfig:
     max_tokens: int = 128
     max_images: int = 6
     sim_threshold: float = 0.24
+    loss_on: str = "assistant"
     tokenizer: str | None = None
     vision: str = "tiny"
     lm: str = "tiny"
@@ -135,6 +136,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.24,
         help="interleaved: similarity under which an image is dropped",
+    )
+    p.add_argument(
+        "--loss-on",
+        choices=("assistant", "all"),
+        default="assistant",
+        help="assistant (default): records that name their turns' roles (converted"
+        " conversations) train on the assistant's turns only; all: on all their text",
     )
     p.add_argument(
         "--tokenizer", default=None, help="local Hugging Face tokenizer path (default: built-in)"

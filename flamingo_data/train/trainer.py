@@ -184,6 +184,7 @@ def make_loaders(config: TrainConfig, tokenizer, rank: int, world: int) -> dict[
             max_images=config.max_images,
             image_size=config.image_size,
             sim_threshold=config.sim_threshold,
+            loss_on=config.loss_on,
         )
         loaders[ds.name] = build_loader(
             [DatasetSpec(ds.name, ds.shards, ds.kind)], tokenizer, loader_config, rank, world
