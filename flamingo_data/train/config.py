@@ -15,6 +15,7 @@ class DatasetArg:
     name: str
     kind: str
     shards: str
+    option: str = "dataset"  # the parameter that named it, for messages
 
 
 MAX_DEFAULT_WARMUP = 10
@@ -202,7 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The parsed trainer options as a checked TrainConfig; raises StartError on a bad value."""
     datasets = [
-        DatasetArg(n, k, s)
+        DatasetArg(n, k, s, f"{n}_shards")
         for n, k, s in (
             ("mmc4", "interleaved", args.mmc4_shards),
             ("laion", "pair", args.laion_shards),
