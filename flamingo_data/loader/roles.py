@@ -77,19 +77,27 @@ def sentence_roles(record: dict[str, Any], loss_on: str) -> list[str] | None:
     return roles
 
 
+def is_span(span: Any) -> bool:
+    """``[role, start, end]``: a role name and whole-number bounds."""
+    return (
+        isinstance(span, list)
+        and len(span) == 3
+        and isinstance(span[0], str)
+        and all(isinstance(bound, int) and not isinstance(bound, bool) for bound in span[1:])
+    )
+
+
 def example_spans(record: dict[str, Any], loss_on: str) -> list[tuple[str, int, int]] | None:
     """The record's ``role_spans`` when they decide its labels, else None; bad ones: Reject."""
     spans = record.get("role_spans")
     if loss_on == "all" or spans is None:
         return None
     size = len(record["example"])
-    try:
-        checked = [(role, int(start), int(end)) for role, start, end in spans]
-    except (TypeError, ValueError) as exc:
-        raise Reject("bad_roles") from exc
-    if not all(isinstance(role, str) and 0 <= start <= end <= size for role, start, end in checked):
+    if not (isinstance(spans, list) and all(is_span(span) for span in spans)):
         raise Reject("bad_roles")
-    return checked
+    if not all(0 <= start <= end <= size for _, start, end in spans):
+        raise Reject("bad_roles")
+    return [(role, start, end) for role, start, end in spans]
 
 
 def shift_spans(

@@ -31,6 +31,7 @@ from flamingo_data.loader.roles import (
     example_spans,
     gpt_owned_text,
     interleaved_owned_text,
+    is_span,
     sentence_roles,
     shift_spans,
     trained_tokens,
@@ -108,7 +109,7 @@ def _record_as_text(record: dict[str, Any], text: TextContext) -> tuple[dict[str
         if not changed:
             return record, 0
         spans = record.get("role_spans")
-        if isinstance(spans, list) and all(isinstance(s, list) and len(s) == 3 for s in spans):
+        if isinstance(spans, list) and all(is_span(span) for span in spans):
             inserted = [found.start() + 1 for found in text.specials.finditer(example)]
             spans = [list(span) for span in shift_spans(spans, inserted)]
             return {**record, "example": broken, "role_spans": spans}, changed

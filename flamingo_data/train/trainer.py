@@ -163,9 +163,9 @@ def check_dataset_kinds(config: TrainConfig) -> None:
 
 
 def check_run_dir(config: TrainConfig, rank: int) -> None:
-    """A run dir that holds a run is continued with ``resume`` only: training into it afresh
-    appended to its log and repointed ``latest``, and a later resume continued the wrong run.
-    ``resume`` on a dir without a checkpoint says, once, that it starts fresh."""
+    """A run dir that holds a run is continued with ``resume`` only, since a fresh run there would
+    mix its log and ``latest`` with the earlier run's; ``resume`` on a dir without a checkpoint
+    says, once, that it starts fresh."""
     run_dir = Path(config.run_dir)
     if config.resume:
         if latest_checkpoint(run_dir) is None and rank == 0:

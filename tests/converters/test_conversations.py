@@ -710,3 +710,54 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_shards(
     assert result("whole")[2]["documents"]["in"] == 300
     assert not (tmp_path / "killed/_chunks").exists()
     assert validate_shards(str(tmp_path / "killed")).ok
+
+
+def test_resuming_a_run_whose_records_carry_no_roles_is_refused(tmp_path: Path, capsys) -> None:
+    """An earlier run's markers recorded no turn roles and the old system-turn default (reject):
+    finishing it now would mix records with and without roles, and system turns kept in some
+    units and rejected in others. One line and exit 2; --overwrite converts it again."""
+    system = {"from": "system", "value": "Be brief."}
+    items = [
+        {"id": f"i{k}", "image": "a.jpg", "conversations": [system, turn(H, "<image> hi")]}
+        for k in range(4)
+    ]
+    write_images(tmp_path / "images")
+    (tmp_path / "e.json").write_text(json.dumps(items))
+    out = tmp_path / "out"
+    common = ["--json", str(tmp_path / "e.json"), "--images", str(tmp_path / "images")]
+    common += ["--out", str(out), "--chunk-size", "2"]
+    assert run_cli(*common) == 0
+    markers = sorted((out / "_done").glob("*.json"))
+    for marker in markers:  # as the earlier version wrote them
+        written = json.loads(marker.read_text())
+        del written["settings"]["turn_roles"], written["settings"]["system_template"]
+        marker.write_text(json.dumps(written))
+    markers[1].unlink()  # that unit was cut short
+    capsys.readouterr()
+    assert run_cli(*common, "--resume") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"flamingo-data: error: {out} holds units converted without turn roles in their records"
+        " (and with a system turn rejecting its item by default): convert it again with"
+        " --overwrite or into a new output folder"
+    ]
+    assert run_cli(*common, "--overwrite") == 0
+    records = {k: json.loads(v) for k, v in read_records(out).items()}
+    assert len(records) == 4
+    assert all(r["text_roles"] == ["system", "user", "user"] for r in records.values())
+
+
+def test_resume_with_another_system_template_is_refused(tmp_path: Path, capsys) -> None:
+    """The system template decides the records' text: it is an output setting --resume checks."""
+    items = [
+        {"id": "s", "image": "a.jpg", "conversations": [turn("system", "x"), turn(H, "<image>")]}
+    ]
+    write_images(tmp_path / "images")
+    (tmp_path / "s.json").write_text(json.dumps(items))
+    common = ["--json", str(tmp_path / "s.json"), "--images", str(tmp_path / "images")]
+    common += ["--out", str(tmp_path / "out")]
+    assert run_cli(*common) == 0
+    capsys.readouterr()
+    assert run_cli(*common, "--resume", "--system-template", "reject") == 2
+    assert 'system_template: "{value}" in the run, "reject" now' in capsys.readouterr().err
+    assert run_cli(*common, "--resume") == 0

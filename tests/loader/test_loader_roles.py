@@ -157,3 +157,45 @@ def test_the_role_aware_text_is_the_loaders_text() -> None:
 def test_an_unknown_loss_on_is_refused() -> None:
     with pytest.raises(ValueError, match="`loss_on` must be one of assistant, all"):
         LoaderConfig(loss_on="human")
+
+
+@pytest.mark.parametrize("as_", ["interleaved", "gpt"])
+def test_a_literal_special_token_in_an_answer_keeps_the_answer_trained(
+    tmp_path: Path, as_: str
+) -> None:
+    """``<PAD>`` in the text is broken into text (a zero-width space after ``<``), which moves
+    every later character of a GPT example: the role spans move with it."""
+    chat = {
+        "id": "pad",
+        "image": "r.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image> Say <PAD> twice."},
+            {"from": "gpt", "value": "<PAD> <PAD>"},
+            {"from": "human", "value": "Again?"},
+        ],
+    }
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "r.jpg").write_bytes(solid_jpeg((250, 0, 0), (64, 48)))
+    (tmp_path / "pad.json").write_text(json.dumps([chat]))
+    out = tmp_path / "out"
+    args = ["--json", str(tmp_path / "pad.json"), "--images", str(tmp_path / "images")]
+    assert cli(["convert", "conversations", *args, "--out", str(out), "--as", as_]) == 0
+    tokenizer = make_tokenizer(None)
+    broken = "<\u200bPAD>"
+    # the conversation ends with the user's turn: the closing <|endofchunk|> is theirs
+    assert trained_runs(one_batch(out, tokenizer), tokenizer) == [f"Assistant: {broken} {broken}"]
+
+
+def test_role_spans_that_are_not_numbers_are_a_counted_reject(tmp_path: Path) -> None:
+    shards = convert_chat(tmp_path, "gpt")
+    [shard] = shards.glob("*.tar")
+    with tarfile.open(shard) as tar:
+        record = json.loads(tar.extractfile(tar.next()).read())
+    record["example"] = "<PAD>" + record["example"]  # broken into text: the spans move
+    record["role_spans"][0][1] = "0"
+    (tmp_path / "bad").mkdir()
+    write_json_shard(tmp_path / "bad", "bad", {"spans": record})
+    options = LoaderConfig(batch_size=1, image_size=32)
+    loader = build_loader([DatasetSpec("c", str(tmp_path / "bad"))], make_tokenizer(None), options)
+    assert list(loader) == []
+    assert loader.rejections() == {"bad_roles": 1}
