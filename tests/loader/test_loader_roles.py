@@ -13,9 +13,10 @@ import torch
 
 from flamingo_data.cli.main import main as cli
 from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
+from flamingo_data.loader.gpt import plan_gpt
 from flamingo_data.loader.interleaved import InterleavedPlan, Placement, interleaved_text
 from flamingo_data.loader.labels import IGNORE
-from flamingo_data.loader.roles import interleaved_owned_text
+from flamingo_data.loader.roles import gpt_owned_text, interleaved_owned_text
 from tests.loader_data import solid_jpeg, write_json_shard
 
 SYSTEM = "Be brief."
@@ -199,3 +200,27 @@ def test_role_spans_that_are_not_numbers_are_a_counted_reject(tmp_path: Path) ->
     loader = build_loader([DatasetSpec("c", str(tmp_path / "bad"))], make_tokenizer(None), options)
     assert list(loader) == []
     assert loader.rejections() == {"bad_roles": 1}
+
+
+def test_the_role_aware_gpt_text_is_the_loaders_text() -> None:
+    """Placeholders next to spaces, at the start, more of them than max_images (the cut)."""
+    rng = random.Random(5)
+    pieces = ["", " ", "a", " b ", "\n", "é", "_!_IMAGE{}_!_", " _!_IMAGE{}_!_ "]
+    for _ in range(500):
+        parts = [rng.choice(pieces) for _ in range(rng.randint(1, 8))]
+        numbers = iter(range(1, 20))
+        example = "".join(p.format(next(numbers)) if "{}" in p else p for p in parts)
+        n_images = example.count("_!_IMAGE")
+        record = {
+            "example": example,
+            "image_map": {
+                f"_!_IMAGE{k}_!_": {"base64_image": "AAAA"} for k in range(1, n_images + 1)
+            },
+        }
+        middle = rng.randint(0, len(example))
+        spans = [("user", 0, middle), ("assistant", middle, len(example))]
+        max_images = rng.randint(1, 4)
+        plan = plan_gpt(record, LoaderConfig(max_images=max_images))
+        owned = gpt_owned_text(example, spans, max_images, "<|endoftext|>")
+        assert owned.text == f"{plan.text}<|endofchunk|><|endoftext|>", example
+        assert len(owned.owners) == len(owned.text)

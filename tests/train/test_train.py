@@ -690,3 +690,33 @@ def test_training_on_no_shards_or_a_source_file_is_one_line_and_exit_2(
     assert line.startswith(f"flamingo-data: error: {option} ")
     assert message.format(path=path) in line
     assert not (tmp_path / "run").exists()
+
+
+def test_loss_on_reaches_the_loader_of_a_conversation_dataset(tmp_path: Path) -> None:
+    """The same converted conversations, the same initial weights: the loss over the assistant's
+    turns alone is another number than the loss over the whole conversation."""
+    from flamingo_data.cli.main import main as cli
+    from flamingo_data.train.trainer import main
+
+    write_llava_source(tmp_path)
+    item = {
+        "id": "2",
+        "image": "a.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image> What colour is it?"},
+            {"from": "gpt", "value": "Red, mostly."},
+        ],
+    }
+    (tmp_path / "llava.json").write_text(json.dumps([item]))
+    shards = tmp_path / "conv-shards"
+    args = ["--json", str(tmp_path / "llava.json"), "--images", str(tmp_path / "images")]
+    assert cli(["convert", "conversations", *args, "--out", str(shards), "--no-progress"]) == 0
+    losses = {}
+    for loss_on in ("assistant", "all"):
+        summary = main(
+            ["--dataset", f"conv=interleaved:{shards}", "--run-dir", str(tmp_path / loss_on)]
+            + ["--steps", "1", "--batch-size", "1", "--max-tokens", "64", "--loss-on", loss_on]
+        )
+        losses[loss_on] = summary["fixed_batch_loss_start"]
+    assert losses["assistant"] != pytest.approx(losses["all"])
+    assert parse_args(["--mmc4-shards", "a/", "--run-dir", "r"]).loss_on == "assistant"
