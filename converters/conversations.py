@@ -6,7 +6,12 @@ reject, never a guess. A turn is kept as its text *segments* between tags, so th
 exact in both forms. Interleaved form makes each segment after a tag its own sentence, so every
 image owns one sentence (one-to-one matching cannot put two images on one sentence), and its
 similarity row is 1.0 there and 0.0 elsewhere: the loader's matching with the usual threshold
-reproduces the placement exactly. GPT form puts ``_!_IMAGEk_!_`` exactly where the k-th tag was.
+reproduces the placement exactly. An image with no text before the next tag or the end of its turn
+owns the sentence ``IMAGE_ONLY_SENTENCE`` (a newline), because only text standing between two images
+keeps both exactly where they were, and a newline is what LLaVA writes there (``<image>\n``).
+GPT form puts ``_!_IMAGEk_!_`` exactly where the k-th tag was. Every record says which turn each
+piece of text came from (``text_roles`` per sentence, ``role_spans`` over the GPT example), so the
+loader can train on the assistant's turns only.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from flamingo_data.core.records import (
 )
 from flamingo_data.core.schema import schema_errors
 from flamingo_data.core.stats import Stats
-from flamingo_data.errors import InputError
+from flamingo_data.errors import InputError, SettingsMismatch
 from flamingo_data.images.stage import ImagePolicy, ImageResult, process_image
 from flamingo_data.run.driver import ConversionPlan, run_conversion
 from flamingo_data.run.executors import Execution
@@ -46,6 +51,7 @@ from flamingo_data.run.units import (
     UnitContext,
     duplicate_inputs,
     list_markers,
+    read_marker,
 )
 from flamingo_data.storage import remote
 from flamingo_data.storage.specs import SpecError, expand_specs, missing_folder
@@ -54,9 +60,20 @@ TAG = "<image>"
 SPECIAL_TOKENS = ("<|endofchunk|>", "<|endoftext|>")  # would be read as the loader's own tokens
 GPT_PLACEHOLDER = re.compile(r"_!_IMAGE\d+_!_")
 ROLES = {"human": 0, "user": 0, "gpt": 1, "assistant": 1, "system": 2}
+ROLE_NAMES = ("user", "assistant", "system")  # by ROLES number: the names records carry
 DEFAULT_TEMPLATE = ("User: {value}", "Assistant: {value}")
+DEFAULT_SYSTEM_TEMPLATE = "{value}"  # the system prompt as plain text, as LLaVA renders it
+REJECT_SYSTEM = "reject"  # the --system-template that makes a system turn reject its item
+ROLES_SETTING = "turn_roles"  # in every marker of a run whose records name their turns' roles
+IMAGE_ONLY_SENTENCE = "\n"  # the sentence of an image followed by no text in its turn
 
 Segments = list[str]  # a turn's text between its <image> tags: n tags -> n + 1 segments
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    role: str  # one of ROLE_NAMES
+    segments: Segments
 
 
 class ItemError(ValueError):
@@ -79,9 +96,11 @@ class ConversationOptions:
     as_: str = "interleaved"
     template: tuple[str, str] = DEFAULT_TEMPLATE
     policy: ImagePolicy = field(default_factory=ImagePolicy)
-    system_template: str | None = None  # None: a system turn is an unknown_role reject
+    system_template: str | None = DEFAULT_SYSTEM_TEMPLATE  # None: an unknown_role reject
 
     def __post_init__(self) -> None:
+        if self.system_template == REJECT_SYSTEM:
+            object.__setattr__(self, "system_template", None)
         if self.as_ not in ("interleaved", "gpt"):
             raise InputError(f"as_ must be interleaved or gpt, not {self.as_!r}")
         for template in self.role_templates():
@@ -108,7 +127,7 @@ def image_paths(item: dict[str, Any]) -> list[str]:
     raise ItemError("bad_image_field")
 
 
-def render_turns(item: dict[str, Any], template: tuple[str, ...]) -> list[Segments]:
+def render_turns(item: dict[str, Any], template: tuple[str, ...]) -> list[Turn]:
     """Each turn's segments between ``<image>`` tags, wrapped in its role's template."""
     conversations = item.get("conversations")
     if not isinstance(conversations, list) or not conversations:
@@ -128,15 +147,15 @@ def render_turns(item: dict[str, Any], template: tuple[str, ...]) -> list[Segmen
         segments[-1] += suffix
         if any(token in s for s in segments for token in (TAG, *SPECIAL_TOKENS)):
             raise ItemError("special_token_in_text")  # formed by the template and the text together
-        turns.append(segments)
+        turns.append(Turn(ROLE_NAMES[role], segments))
     return turns
 
 
-def place_images(turns: list[Segments], n_images: int) -> list[Segments]:
+def place_images(turns: list[Turn], n_images: int) -> list[Turn]:
     """Tags must match images one for one; with no tag at all, the images go before the first turn."""
-    tags = sum(len(segments) - 1 for segments in turns)
+    tags = sum(len(turn.segments) - 1 for turn in turns)
     if tags == 0 and n_images:
-        return [[""] * n_images + turns[0], *turns[1:]]
+        return [Turn(turns[0].role, [""] * n_images + turns[0].segments), *turns[1:]]
     if tags != n_images:
         raise ItemError("tag_count_mismatch", f"{tags} <image> tags, {n_images} images")
     return turns
@@ -177,17 +196,23 @@ _DRIVE = re.compile(r"^[A-Za-z]:")  # C:\x is a folder here, but another drive j
 
 
 def interleaved_record(
-    turns: list[Segments], names: list[str], blobs: list[bytes], provenance: dict[str, Any]
+    turns: list[Turn], names: list[str], blobs: list[bytes], provenance: dict[str, Any]
 ) -> dict[str, Any]:
-    """A turn's text before its first tag is one sentence; each tag starts the next image's sentence."""
+    """A turn's text before its first tag is one sentence; each tag starts the next image's
+    sentence (``IMAGE_ONLY_SENTENCE`` when no text follows it); ``text_roles`` names each
+    sentence's turn."""
     sentences: list[str] = []
+    roles: list[str] = []
     image_sentence: list[int] = []
-    for segments in turns:
-        if segments[0].strip() or len(segments) == 1:
-            sentences.append(segments[0].strip())
-        for segment in segments[1:]:
+    for turn in turns:
+        first, *after_tags = turn.segments
+        if first.strip() or not after_tags:
+            sentences.append(first.strip())
+            roles.append(turn.role)
+        for segment in after_tags:
             image_sentence.append(len(sentences))
-            sentences.append(segment.strip())
+            sentences.append(segment.strip() or IMAGE_ONLY_SENTENCE)
+            roles.append(turn.role)
     infos = [
         ImageInfo(image_name=name, matched_text_index=s, matched_sim=1.0, image_bytes=blob)
         for name, blob, s in zip(names, blobs, image_sentence, strict=True)
@@ -197,30 +222,39 @@ def interleaved_record(
         text_list=sentences,
         image_info=infos,
         similarity_matrix=matrix,
-        extra=provenance,
+        extra={**provenance, "text_roles": roles},
     )
     return doc.to_json()
 
 
 def gpt_record(
-    turns: list[Segments], names: list[str], blobs: list[bytes], provenance: dict[str, Any]
+    turns: list[Turn], names: list[str], blobs: list[bytes], provenance: dict[str, Any]
 ) -> dict[str, Any]:
-    """The conversation as one text, turns joined by newlines, ``_!_IMAGEk_!_`` at the k-th tag."""
-    example = gpt_example(turns)
+    """The conversation as one text, turns joined by newlines, ``_!_IMAGEk_!_`` at the k-th tag;
+    ``role_spans`` holds ``[role, start, end]`` of each turn in ``example`` (code points, end
+    excluded; the newlines between turns are in none)."""
+    example, spans = gpt_example(turns)
     image_map = {
         f"_!_IMAGE{k}_!_": GptImage(image_bytes=blob, extra={"image_name": name})
         for k, (name, blob) in enumerate(zip(names, blobs, strict=True), start=1)
     }
-    return GptSequence(example=example, image_map=image_map, extra=provenance).to_json()
+    extra = {**provenance, "role_spans": spans}
+    return GptSequence(example=example, image_map=image_map, extra=extra).to_json()
 
 
-def gpt_example(turns: list[Segments]) -> str:
-    """The turns joined by newlines, ``_!_IMAGEk_!_`` at the k-th tag."""
+def gpt_example(turns: list[Turn]) -> tuple[str, list[list[Any]]]:
+    """The turns joined by newlines, ``_!_IMAGEk_!_`` at the k-th tag, and each turn's
+    ``[role, start, end]`` in that text."""
     numbers = itertools.count(1)
-    return "\n".join(
-        "".join(s if i == 0 else f"_!_IMAGE{next(numbers)}_!_{s}" for i, s in enumerate(segments))
-        for segments in turns
-    )
+    texts, spans, start = [], [], 0
+    for turn in turns:
+        text = "".join(
+            s if i == 0 else f"_!_IMAGE{next(numbers)}_!_{s}" for i, s in enumerate(turn.segments)
+        )
+        texts.append(text)
+        spans.append([turn.role, start, start + len(text)])
+        start += len(text) + 1
+    return "\n".join(texts), spans
 
 
 def placeholders_exact(example: str, n_images: int) -> bool:
@@ -238,7 +272,7 @@ def convert_item(item: Any, options: ConversationOptions) -> tuple[dict[str, Any
     if not names:
         raise ItemError("no_images")
     turns = place_images(render_turns(item, options.role_templates()), len(names))
-    if options.as_ == "gpt" and not placeholders_exact(gpt_example(turns), len(names)):
+    if options.as_ == "gpt" and not placeholders_exact(gpt_example(turns)[0], len(names)):
         raise ItemError("placeholder_in_text")  # the loader would bind an image to it
     images = [load_image(options.images, name, options.policy) for name in names]
     build = gpt_record if options.as_ == "gpt" else interleaved_record
@@ -317,6 +351,19 @@ def check_resume_units(out_dir: str, units: list[Unit]) -> None:
         )
 
 
+def refuse_units_without_roles(out_dir: str) -> None:
+    """Units whose records carry no turn roles (and whose system turns were rejected by default)
+    would mix with this run's: resuming them is refused, naming how to go on."""
+    for path in list_markers(out_dir):
+        settings = (read_marker(path) or {}).get("settings")
+        if isinstance(settings, dict) and ROLES_SETTING not in settings:
+            raise SettingsMismatch(
+                f"{out_dir} holds units converted without turn roles in their records (and with a"
+                " system turn rejecting its item by default): convert it again with `overwrite`"
+                " or into a new output folder"
+            )
+
+
 def convert_conversations(
     json_specs: str | list[str],
     options: ConversationOptions,
@@ -328,6 +375,8 @@ def convert_conversations(
 ) -> Stats:
     """Convert conversation files, ``chunk_size`` items per unit, into shards in ``run.out_dir``."""
     plan = plan_conversations(json_specs, options, chunk_size)
+    if run.resume and not overwrite:
+        refuse_units_without_roles(run.out_dir)
     return run_conversion(plan, run, overwrite=overwrite, execution=execution)
 
 
@@ -339,7 +388,6 @@ def plan_conversations(
     sources = conversation_sources(json_specs, duplicates)
     if not remote.isdir(options.images):
         raise SpecError(missing_folder("images", options.images))
-    system = {} if options.system_template is None else {"system_template": options.system_template}
 
     def units(run: RunOptions) -> list[Unit]:
         record_chunk_size(run.out_dir, chunk_size, run.resume)
@@ -354,7 +402,8 @@ def plan_conversations(
             "as_": options.as_,
             "template": options.template,
             "policy": options.policy,
-            **system,
+            "system_template": options.system_template or REJECT_SYSTEM,
+            ROLES_SETTING: True,
         },
         units=units,
         convert_unit=partial(convert_unit, options=options),

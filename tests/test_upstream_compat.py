@@ -367,6 +367,15 @@ CONVERSATIONS = [
         ],
     },
     {
+        "id": "llava-adjacent",
+        "image": ["a.jpg", "b.png", "c.jpg"],
+        "conversations": [
+            {"from": "system", "value": "Answer briefly."},
+            {"from": "human", "value": "<image>\n<image>\nCompare these."},
+            {"from": "gpt", "value": "The second is darker <image>"},
+        ],
+    },
+    {
         "id": "notag",
         "image": ["a.jpg", "b.png", "c.jpg"],
         "conversations": [
@@ -379,7 +388,8 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("as_", ["interleaved", "gpt"])
 def test_conversation_shards_read_by_open_flamingo_steps(tmp_path: Path, as_: str) -> None:
-    """Both forms: every item is read; interleaved ones place each image at its own sentence."""
+    """Both forms: every item is read; interleaved ones place each image at its own sentence, none
+    of them empty (an image followed by no text owns a newline), and carry their turns' roles."""
     (tmp_path / "images").mkdir()
     for seed, name in enumerate(("a.jpg", "b.png", "c.jpg")):
         fmt = "PNG" if name.endswith(".png") else "JPEG"
@@ -394,13 +404,40 @@ def test_conversation_shards_read_by_open_flamingo_steps(tmp_path: Path, as_: st
     if as_ == "interleaved":
         read = assert_upstream_reads_what_we_plan(tmp_path / "out")
         assert read["data-adjacent"] == {(0, 1), (1, 2)}
+        assert read["data-llava-adjacent"] == {(0, 2), (1, 3), (2, 5)}
+        written = records(tmp_path / "out")
+        assert written["data-llava-adjacent"]["text_list"] == [
+            "Answer briefly.",
+            "User:",
+            "\n",
+            "Compare these.",
+            "Assistant: The second is darker",
+            "\n",
+        ]
+        assert written["data-llava-adjacent"]["text_roles"] == [
+            "system",
+            "user",
+            "user",
+            "user",
+            "assistant",
+            "assistant",
+        ]
+        assert all(s.strip() or s == "\n" for r in written.values() for s in r["text_list"])
     else:
         read, drops = read_like_open_flamingo(shards_of(tmp_path / "out"))
         assert not drops
+        record = records(tmp_path / "out")["data-llava-adjacent"]
+        turns = [(role, record["example"][start:end]) for role, start, end in record["role_spans"]]
+        assert turns == [
+            ("system", "Answer briefly."),
+            ("user", "User: _!_IMAGE1_!_\n_!_IMAGE2_!_\nCompare these."),
+            ("assistant", "Assistant: The second is darker _!_IMAGE3_!_"),
+        ]
     assert {k: len(v) if isinstance(v, set) else v for k, v in read.items()} == {
         "data-start": 1,
         "data-end": 1,
         "data-adjacent": 2,
+        "data-llava-adjacent": 3,
         "data-notag": 3,
     }
 

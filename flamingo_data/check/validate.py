@@ -327,6 +327,9 @@ def _check_interleaved(
                 problems.append((problem[0], f"image {i}: {problem[1]}"))
     if not with_bytes:
         problems.append(("no_images", "no image_info entry has image_base64"))
+    roles = record.get("text_roles")
+    if roles is not None and len(roles) != n_sentences:
+        problems.append(("bad_roles", f"{len(roles)} text_roles for {n_sentences} sentences"))
     if not problems:
         _count_open_flamingo_skips(with_bytes, report)
     return problems
@@ -363,6 +366,11 @@ def _check_gpt(record: dict, sample: Sample, options: ValidateOptions, report: V
         problems.append(("placeholder_numbering", _clip(f"{numbers} is not 1..{len(names)}")))
     if len(placed) != len(set(placed)):
         problems.append(("placeholder_repeated", _clip(str(sorted(placed)))))
+    size = len(record["example"])
+    for role, start, end in record.get("role_spans", []):  # the schema holds their shape
+        if not 0 <= start <= end <= size:
+            problems.append(("bad_roles", f"{role} span {start}..{end} in {size} characters"))
+            break
     for name in sorted(names):
         if (
             problem := _check_image_b64(record["image_map"][name]["base64_image"], options, report)

@@ -14,7 +14,9 @@ from flamingo_data.cli.options import (
     run_options,
 )
 from flamingo_data.converters.conversations import (
+    DEFAULT_SYSTEM_TEMPLATE,
     DEFAULT_TEMPLATE,
+    REJECT_SYSTEM,
     ConversationOptions,
     convert_conversations,
     split_template,
@@ -29,6 +31,11 @@ def template_arg(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return text
+
+
+def system_template_arg(text: str) -> str:
+    """argparse type: ``reject``, or a template as ``template_arg`` takes it."""
+    return text if text == REJECT_SYSTEM else template_arg(text)
 
 
 def positive_int(text: str) -> int:
@@ -62,11 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--system-template",
-        type=template_arg,
-        default=None,
+        type=system_template_arg,
+        default=DEFAULT_SYSTEM_TEMPLATE,
         metavar="SYSTEM",
-        help="how a system turn is rendered, e.g. '{value}' (default: a system turn rejects its item,"
-        " unknown_role)",
+        help=f"how a system turn is rendered (default: {DEFAULT_SYSTEM_TEMPLATE!r}, the system"
+        f" prompt as plain text); {REJECT_SYSTEM!r}: a system turn rejects its item (unknown_role)",
     )
     parser.add_argument(
         "--chunk-size",

@@ -173,6 +173,7 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("validate", "placeholder_mismatch", "the placeholders differ from image_map's keys"),
     Reason("validate", "placeholder_numbering", "placeholders are not numbered 1..n"),
     Reason("validate", "placeholder_repeated", "a placeholder appears more than once"),
+    Reason("validate", "bad_roles", "text_roles or role_spans do not fit the record's text"),
     Reason("validate", "missing_image", "a pair sample has no image member"),
     Reason("validate", "missing_caption", "a pair sample has no txt member"),
     Reason("validate", "caption_not_utf8", "a caption is not UTF-8"),
@@ -194,6 +195,7 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("loader", "too_few_images_after_truncation", "truncation at max_tokens cut every image"),
     Reason("loader", "single_image_subsampled", "a one-image document left out by subsampling"),
     Reason("loader", "no_trainable_tokens", "no token of the sample would be trained on"),
+    Reason("loader", "bad_roles", "text_roles or role_spans do not fit the record's text"),
     Reason("loader", "missing_caption", "a pair sample has no txt member"),
     Reason("loader", "bad_caption", "a pair's caption is not UTF-8"),
     # loader_images: images the loader drops from a document it keeps (preview greys them)

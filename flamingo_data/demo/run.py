@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -137,6 +138,7 @@ def _demo_train(shards: Path, root: Path, steps: int, seed: int, result: DemoRes
     from flamingo_data.train.trainer import main as train_main
 
     run_dir = root / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run, remade like its shards
     argv = [
         "--mmc4-shards",
         str(shards),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from flamingo_data.errors import InputError
 
+LOSS_ON = ("assistant", "all")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -39,10 +40,15 @@ class LoaderConfig:
     # "float": normalized float32 vision_x; "uint8": pixels as they are, normalized on the device
     # by normalize_vision (4x less to copy to a GPU, no per-pixel work in the training process)
     pixels: str = "float"
+    # "assistant": records that name their turns' roles (converted conversations) train on the
+    # assistant's text only; "all": every record trains on all its text
+    loss_on: str = "assistant"
 
     def __post_init__(self) -> None:
         if self.pixels not in ("float", "uint8"):
             raise InputError(f"`pixels` must be float or uint8, not {self.pixels!r}")
+        if self.loss_on not in LOSS_ON:
+            raise InputError(f"`loss_on` must be one of {', '.join(LOSS_ON)}, not {self.loss_on!r}")
 
 
 @dataclass(frozen=True)

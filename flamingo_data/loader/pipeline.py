@@ -26,7 +26,7 @@ from flamingo_data.loader.imageproc import padded_uint8, vision_batch
 from flamingo_data.loader.interleaved import Reject
 from flamingo_data.loader.sample import TextContext, preprocess, sample_rng
 from flamingo_data.loader.stream import Dataset, mixed, resolve
-from flamingo_data.loader.tokenizer import special_ids
+from flamingo_data.loader.tokenizer import check_offsets, special_ids
 from flamingo_data.storage.shard_reader import DECODED_EXTS, ReadIssue
 
 log = logging.getLogger("flamingo_data.loader")
@@ -228,6 +228,7 @@ class FlamingoLoader:
             world_size,
         )
         special_ids(tokenizer)  # fail now, not in a worker, if the special tokens are missing
+        check_offsets(tokenizer, config.loss_on)
         self.epoch = 0
         self._positions: dict[int, int] = {}
         self._delivered: dict[int, int] = {}

@@ -26,6 +26,16 @@ from flamingo_data.loader.interleaved import (
 )
 from flamingo_data.loader.labels import IGNORE, make_labels
 from flamingo_data.loader.record import parse_json
+from flamingo_data.loader.roles import (
+    OwnedText,
+    example_spans,
+    gpt_owned_text,
+    interleaved_owned_text,
+    is_span,
+    sentence_roles,
+    shift_spans,
+    trained_tokens,
+)
 from flamingo_data.loader.tokenizer import (
     EOC_TOKEN,
     IMAGE_TOKEN,
@@ -95,8 +105,15 @@ def _record_as_text(record: dict[str, Any], text: TextContext) -> tuple[dict[str
     over the joined sentences first: almost every document has no literal special token."""
     example, sentences = record.get("example"), record.get("text_list")
     if record.get("is_gpt") and isinstance(example, str):
-        example, changed = as_text(example, text.specials)
-        return ({**record, "example": example} if changed else record), changed
+        broken, changed = as_text(example, text.specials)
+        if not changed:
+            return record, 0
+        spans = record.get("role_spans")
+        if isinstance(spans, list) and all(is_span(span) for span in spans):
+            inserted = [found.start() + 1 for found in text.specials.finditer(example)]
+            spans = [list(span) for span in shift_spans(spans, inserted)]
+            return {**record, "example": broken, "role_spans": spans}, changed
+        return {**record, "example": broken}, changed
     if not (isinstance(sentences, list) and all(isinstance(s, str) for s in sentences)):
         return record, 0  # not a list of strings: bad_record
     if not text.specials.search("\n".join(sentences)):
@@ -112,6 +129,25 @@ def _tokenize(text: TextContext, string: str, max_tokens: int) -> tuple[torch.Te
     return enc["input_ids"][0], enc["attention_mask"][0]
 
 
+def _tokenize_owned(
+    text: TextContext, owned: OwnedText, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_tokenize`` of ``owned.text``, and which of its tokens hold assistant text."""
+    enc = text.tokenizer(
+        owned.text,
+        max_length=max_tokens,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+        return_offsets_mapping=True,
+    )
+    return (
+        enc["input_ids"][0],
+        enc["attention_mask"][0],
+        trained_tokens(enc["offset_mapping"][0], owned),
+    )
+
+
 def _finish(
     ids: torch.Tensor,
     mask: torch.Tensor,
@@ -120,7 +156,10 @@ def _finish(
     config: LoaderConfig,
     rng: np.random.Generator,
     pad_images: int,
+    trained: torch.Tensor | None = None,
 ) -> dict[str, Any]:
+    """The sample's tensors; ``trained`` [T] (when the record names its turns' roles): the tokens
+    that keep their labels, on top of ``make_labels``."""
     if len(images) < config.min_images:
         raise Reject("too_few_images_after_truncation")
     if (
@@ -130,6 +169,8 @@ def _finish(
     ):
         raise Reject("single_image_subsampled")
     labels = make_labels(ids, text.ids["image"], text.ids["eoc"], text.ids["pad"])
+    if trained is not None:
+        labels = labels.masked_fill(~trained, IGNORE)
     if not bool((labels != IGNORE).any()):
         raise Reject("no_trainable_tokens")
     return {
@@ -158,6 +199,7 @@ def _interleaved(
     record: dict[str, Any], text: TextContext, config: LoaderConfig, rng: np.random.Generator
 ):
     _check_interleaved_shape(record)
+    roles = sentence_roles(record, config.loss_on)
     flip = rng.random() < config.flip_prob
     excluded: set[int] = set()
     while True:
@@ -168,14 +210,18 @@ def _interleaved(
                 if excluded and plan.rejected_reason == "no_images"
                 else plan.rejected_reason
             )
-        ids, mask = _tokenize(
-            text, interleaved_text(plan, text.tokenizer.eos_token), config.max_tokens
-        )
+        eos = text.tokenizer.eos_token
+        trained = None
+        if roles is None:
+            ids, mask = _tokenize(text, interleaved_text(plan, eos), config.max_tokens)
+        else:
+            owned = interleaved_owned_text(plan, roles, eos)
+            ids, mask, trained = _tokenize_owned(text, owned, config.max_tokens)
         n_tokens = int((ids == text.ids["image"]).sum())
         placed = placed_image_bytes(record, plan)[:n_tokens]
         tensors, bad = _decode_all([data for _, data in placed], config, flip)
         if bad is None:
-            return _finish(ids, mask, tensors, text, config, rng, config.max_images)
+            return _finish(ids, mask, tensors, text, config, rng, config.max_images, trained)
         excluded.add(placed[bad][0])
 
 
@@ -191,16 +237,20 @@ def _gpt(record: dict[str, Any], text: TextContext, config: LoaderConfig, rng: n
         raise Reject("bad_record") from exc
     if plan.rejected_reason:
         raise Reject(plan.rejected_reason)
-    ids, mask = _tokenize(
-        text, f"{plan.text}{EOC_TOKEN}{text.tokenizer.eos_token}", config.max_tokens
-    )
+    eos, trained = text.tokenizer.eos_token, None
+    spans = example_spans(record, config.loss_on)
+    if spans is None:
+        ids, mask = _tokenize(text, f"{plan.text}{EOC_TOKEN}{eos}", config.max_tokens)
+    else:
+        owned = gpt_owned_text(record["example"], spans, config.max_images, eos)
+        ids, mask, trained = _tokenize_owned(text, owned, config.max_tokens)
     n_tokens = int((ids == text.ids["image"]).sum())
     tensors, bad = _decode_all(
         gpt_image_bytes(record, plan)[:n_tokens], config, rng.random() < config.flip_prob
     )
     if bad is not None:
         raise Reject("undecodable_image")
-    return _finish(ids, mask, tensors, text, config, rng, config.max_images)
+    return _finish(ids, mask, tensors, text, config, rng, config.max_images, trained)
 
 
 def _pair(sample: Sample, text: TextContext, config: LoaderConfig, rng: np.random.Generator):

@@ -63,6 +63,24 @@ class ByteTokenizer:
                 ids.extend(part.encode("utf-8"))
         return ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and, per id, the (start, end) characters of ``text`` it stands for (each UTF-8
+        byte of a character stands for that character)."""
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        at = 0
+        for part in self._split.split(text):
+            if part in self._special:
+                ids.append(self._special[part])
+                offsets.append((at, at + len(part)))
+            else:
+                for i, char in enumerate(part):
+                    data = char.encode("utf-8")
+                    ids.extend(data)
+                    offsets += [(at + i, at + i + 1)] * len(data)
+            at += len(part)
+        return ids, offsets
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         out, buf = [], bytearray()
         for i in (int(x) for x in ids):
@@ -83,19 +101,29 @@ class ByteTokenizer:
         padding: str = "max_length",
         truncation: bool = True,
         return_tensors: str = "pt",
+        return_offsets_mapping: bool = False,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         import torch
 
         texts = [texts] if isinstance(texts, str) else texts
-        rows = [self.encode(t)[:max_length] if truncation else self.encode(t) for t in texts]
-        width = max_length if padding == "max_length" else max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
+        encoded = [
+            self.encode_with_offsets(t) if return_offsets_mapping else (self.encode(t), [])
+            for t in texts
+        ]
+        if truncation:
+            encoded = [(row[:max_length], spans[:max_length]) for row, spans in encoded]
+        width = max_length if padding == "max_length" else max(len(r) for r, _ in encoded)
+        ids = torch.full((len(encoded), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        offsets = torch.zeros((len(encoded), width, 2), dtype=torch.long)
+        for i, (row, spans) in enumerate(encoded):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+            if return_offsets_mapping and row:
+                offsets[i, : len(row)] = torch.tensor(spans, dtype=torch.long)
+        out = {"input_ids": ids, "attention_mask": mask}
+        return {**out, "offset_mapping": offsets} if return_offsets_mapping else out
 
 
 def make_tokenizer(name_or_path: str | None = None):
@@ -167,6 +195,16 @@ def special_ids(tokenizer) -> dict[str, int]:
             " make_tokenizer / add_flamingo_tokens add <image>, <|endofchunk|> and a pad token"
         )
     return ids
+
+
+def check_offsets(tokenizer, loss_on: str) -> None:
+    """``loss_on`` assistant finds each token's characters: a Hugging Face tokenizer must be a fast
+    one (a slow one gives no offsets), refused here rather than in a worker."""
+    if loss_on == "assistant" and getattr(tokenizer, "is_fast", True) is False:
+        raise InputError(
+            "`loss_on` assistant needs a tokenizer that maps tokens to characters (a fast Hugging"
+            " Face tokenizer); this one is slow: pass `loss_on` all, or a fast tokenizer"
+        )
 
 
 def literal_specials(tokenizer) -> re.Pattern:

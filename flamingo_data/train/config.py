@@ -15,6 +15,7 @@ class DatasetArg:
     name: str
     kind: str
     shards: str
+    option: str = "dataset"  # the parameter that named it, for messages
 
 
 MAX_DEFAULT_WARMUP = 10
@@ -44,6 +45,7 @@ class TrainConfig:
     max_tokens: int = 128
     max_images: int = 6
     sim_threshold: float = 0.24
+    loss_on: str = "assistant"
     tokenizer: str | None = None
     vision: str = "tiny"
     lm: str = "tiny"
@@ -137,6 +139,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="interleaved: similarity under which an image is dropped",
     )
     p.add_argument(
+        "--loss-on",
+        choices=("assistant", "all"),
+        default="assistant",
+        help="assistant (default): records that name their turns' roles (converted"
+        " conversations) train on the assistant's turns only; all: on all their text",
+    )
+    p.add_argument(
         "--tokenizer", default=None, help="local Hugging Face tokenizer path (default: built-in)"
     )
     p.add_argument("--vision", default="tiny", help="tiny | hf:<path> | open_clip:<arch>:<weights>")
@@ -194,7 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The parsed trainer options as a checked TrainConfig; raises StartError on a bad value."""
     datasets = [
-        DatasetArg(n, k, s)
+        DatasetArg(n, k, s, f"{n}_shards")
         for n, k, s in (
             ("mmc4", "interleaved", args.mmc4_shards),
             ("laion", "pair", args.laion_shards),

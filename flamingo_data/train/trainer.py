@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from flamingo_data.loader.imageproc import normalize_vision
 from flamingo_data.loader.interleaved import Reject
 from flamingo_data.loader.record import parse_json
 from flamingo_data.model import build_flamingo, load_openflamingo_checkpoint, model_config
+from flamingo_data.storage import remote
 from flamingo_data.storage.shard_reader import iter_samples
 from flamingo_data.storage.specs import expand_specs
 from flamingo_data.train.checkpoint import (
@@ -161,6 +163,50 @@ def check_dataset_kinds(config: TrainConfig) -> None:
             )
 
 
+def check_run_dir(config: TrainConfig, rank: int) -> None:
+    """A run dir that holds a run is continued with ``resume`` only, since a fresh run there would
+    mix its log and ``latest`` with the earlier run's; ``resume`` on a dir without a checkpoint
+    says, once, that it starts fresh."""
+    run_dir = Path(config.run_dir)
+    if config.resume:
+        if latest_checkpoint(run_dir) is None and rank == 0:
+            print(f"{run_dir} holds no checkpoint to resume: starting a fresh run", file=sys.stderr)
+        return
+    checkpoints = run_dir / "checkpoints"
+    if (run_dir / "log.jsonl").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        raise StartError(
+            f"`run_dir` {run_dir} already holds a run: pass `resume` to continue it, or give a"
+            " new `run_dir`"
+        )
+
+
+SOURCE_SUFFIXES = (".json", ".jsonl", ".zip", ".parquet")  # what the converters read
+
+
+def check_shards(config: TrainConfig) -> None:
+    """Every dataset names at least one shard, and a local first shard is a tar file: a source
+    file (the LLaVA JSON, an MMC4 zip) given instead of the converted shards is refused here."""
+    for dataset in config.datasets:
+        named = [p for p in expand_specs(dataset.shards, keep_missing=True) if remote.exists(p)]
+        given = dataset.shards
+        if dataset.option == "dataset":
+            given = f"{dataset.name}={dataset.kind}:{dataset.shards}"
+        if not named:
+            raise StartError(
+                f"`{dataset.option}` {given} names no shard: give the .tar shards, or the folder"
+                " a conversion wrote them to"
+            )
+        first = named[0]
+        if not remote.is_remote(first) and not tarfile.is_tarfile(first):
+            kind = next((s for s in SOURCE_SUFFIXES if first.lower().endswith(s)), None)
+            what = f"a {kind} source file" if kind else "which is not a tar file"
+            raise StartError(
+                f"`{dataset.option}` {given} names {first}, {what}: training reads shards; convert"
+                " it first (flamingo-data convert conversations, mmc4, chatgpt or laion) and give"
+                " the folder that writes"
+            )
+
+
 def first_record_kind(shards: str) -> str | None:
     """The record kind of the first sample of the first shard ``shards`` names, or None when there
     is none to read (the loader reports why)."""
@@ -194,6 +240,7 @@ def make_loaders(
             image_size=config.image_size,
             sim_threshold=config.sim_threshold,
             pixels=pixels,
+            loss_on=config.loss_on,
         )
         loaders[ds.name] = build_loader(
             [DatasetSpec(ds.name, ds.shards, ds.kind)], tokenizer, loader_config, rank, world
@@ -419,6 +466,8 @@ def restore(config: TrainConfig, model, optimizer, scheduler, loaders: dict[str,
 def run(config: TrainConfig) -> dict[str, Any]:
     """The training loop; returns a summary (first/last loss, fixed-batch loss before and after, steps)."""
     rank, world, device = setup_distributed()
+    check_run_dir(config, rank)
+    check_shards(config)
     check_dataset_kinds(config)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(config.tokenizer)

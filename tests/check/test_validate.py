@@ -154,6 +154,29 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         ),
         "no_images": ({"k.json": dumps(no_images)}, "k", "no_images"),
         "gpt_bad_base64": ({"k.json": dumps(gpt_bad_b64)}, "k", "bad_base64"),
+        "roles_short": (
+            {"k.json": dumps({**rec, "text_roles": ["user"] * (len(rec["text_list"]) + 1)})},
+            "k",
+            "bad_roles",
+        ),
+        "spans_outside": (
+            {
+                "k.json": dumps(
+                    {**gpt_record("_!_IMAGE1_!_ x", [1]), "role_spans": [["user", 0, 99]]}
+                )
+            },
+            "k",
+            "bad_roles",
+        ),
+        "spans_not_numbers": (
+            {
+                "k.json": dumps(
+                    {**gpt_record("_!_IMAGE1_!_ x", [1]), "role_spans": [["user", "0", 2]]}
+                )
+            },
+            "k",
+            "schema",
+        ),
         "gpt_repeated": (
             {"k.json": dumps(gpt_record("_!_IMAGE1_!_ x _!_IMAGE1_!_", [1]))},
             "k",
@@ -199,6 +222,9 @@ def broken_cases(good: Path) -> dict[str, tuple[dict[str, bytes], str, str]]:
         "no_images",
         "gpt_bad_base64",
         "gpt_repeated",
+        "roles_short",
+        "spans_outside",
+        "spans_not_numbers",
         "caption_not_utf8",
         "pickle",
         "dotdot",

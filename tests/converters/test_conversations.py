@@ -96,7 +96,7 @@ ITEMS = [
     {"id": "absolute", "image": "/etc/passwd", "conversations": [turn(H, "<image>")]},
     {"id": "start", "image": "a.jpg", "conversations": [turn(H, "<image> duplicate id")]},
     {"id": "text-only", "conversations": [turn(H, "hello")]},
-    {"id": "system", "image": "a.jpg", "conversations": [turn("system", "<image> be brief")]},
+    {"id": "narrator", "image": "a.jpg", "conversations": [turn("narrator", "<image> brief")]},
     {"id": "eoc", "image": "a.jpg", "conversations": [turn(H, "<image> x <|endofchunk|> y")]},
     {"id": "surrogate", "image": "a.jpg", "conversations": [turn(H, "<image> \ud800")]},
     {"id": "a.b/c", "image": "b.png", "conversations": [turn(H, "<image> unsafe id")]},
@@ -109,7 +109,7 @@ REJECTED = {
     "escape": "unsafe_image_path",
     "absolute": "unsafe_image_path",
     "text-only": "no_images",
-    "system": "unknown_role",
+    "narrator": "unknown_role",
     "eoc": "special_token_in_text",
     "surrogate": "invalid_unicode",
 }
@@ -177,11 +177,12 @@ def rendered(item: dict) -> list[str]:
 
 
 def expected_sentences(item: dict) -> list[str]:
-    """The text each image should introduce: after its tag up to the next tag or the turn's end."""
+    """The text each image should introduce: after its tag up to the next tag or the turn's end,
+    a newline when that is blank."""
     turns = rendered(item)
     if "<image>" not in "".join(turns):
-        return [""] * (len(names_of(item)) - 1) + [turns[0]]
-    return [part.strip() for text in turns for part in text.split("<image>")[1:]]
+        return ["\n"] * (len(names_of(item)) - 1) + [turns[0]]
+    return [part.strip() or "\n" for text in turns for part in text.split("<image>")[1:]]
 
 
 def expected_example(item: dict) -> str:
@@ -356,7 +357,7 @@ def test_cli_jsonl_folder_template_and_resume(data: Path) -> None:
     assert records["items-one-turn"]["conversation_id"] == "turn"
     assert records["items-0000004"]["conversation_id"] == "one-turn"
     assert records["items-start"]["text_list"] == ["Q:", "What is this?", "A: A bird."]
-    assert records["bom-end"]["text_list"] == ["Q: Look at this", "", "A: Nice."]
+    assert records["bom-end"]["text_list"] == ["Q: Look at this", "\n", "A: Nice."]
     assert records["items-unicode"]["text_list"][1] == "Что это? 这是什么 🦩"
 
     before = read_records(out)
@@ -416,7 +417,7 @@ def test_openflamingo_guide_shape_needs_no_change(tmp_path: Path) -> None:
     assert cli(["validate", str(out), "--deep"]) == 0
     records = {k: json.loads(v) for k, v in read_records(out).items()}
     second = records["train-0b2c8f0e-43f4-4c8a-9d1a-6f0c7f5e2b11"]
-    assert second["text_list"] == ["User:", "", "What changed?", "Assistant: The colours."]
+    assert second["text_list"] == ["User:", "\n", "What changed?", "Assistant: The colours."]
     assert [i["matched_text_index"] for i in second["image_info"]] == [1, 2]
 
 
@@ -519,7 +520,8 @@ def test_a_symlinked_image_folder_is_followed_and_paths_are_judged_as_written(
 
 def test_images_key_and_system_turns(tmp_path: Path) -> None:
     """``images`` (Mantis, LLaMA-Factory) reads as ``image`` did (every such item was no_images);
-    both keys at once is refused; a system turn is rendered with --system-template when given."""
+    both keys at once is refused; a system turn is rendered as plain text, or with
+    --system-template, and ``--system-template reject`` rejects its item."""
     system = {"from": "system", "value": "Be brief."}
     items = [
         {
@@ -538,12 +540,18 @@ def test_images_key_and_system_turns(tmp_path: Path) -> None:
     text = json.dumps(items)
     _, records, rejects = convert_file(tmp_path / "a", "i.json", text)
     assert len(records["i-plural"]["image_info"]) == 2
+    assert [(r["key"], r["reason"]) for r in rejects] == [("i-both", "bad_image_field")]
+    assert records["i-sys"]["text_list"] == ["Be brief.", "User:", "hi"]
+    assert records["i-sys"]["text_roles"] == ["system", "user", "user"]
+    _, records, _ = convert_file(tmp_path / "b", "i.json", text, "--system-template", "S: {value}")
+    assert records["i-sys"]["text_list"] == ["S: Be brief.", "User:", "hi"]
+    _, records, rejects = convert_file(
+        tmp_path / "c", "i.json", text, "--system-template", "reject"
+    )
     assert [(r["key"], r["reason"]) for r in rejects] == [
         ("i-both", "bad_image_field"),
         ("i-sys", "unknown_role"),
     ]
-    _, records, _ = convert_file(tmp_path / "b", "i.json", text, "--system-template", "{value}")
-    assert records["i-sys"]["text_list"] == ["Be brief.", "User:", "hi"]
 
 
 def test_an_image_file_over_the_byte_cap_is_a_reject_read_no_further(tmp_path: Path) -> None:
@@ -702,3 +710,54 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_shards(
     assert result("whole")[2]["documents"]["in"] == 300
     assert not (tmp_path / "killed/_chunks").exists()
     assert validate_shards(str(tmp_path / "killed")).ok
+
+
+def test_resuming_a_run_whose_records_carry_no_roles_is_refused(tmp_path: Path, capsys) -> None:
+    """An earlier run's markers recorded no turn roles and the old system-turn default (reject):
+    finishing it now would mix records with and without roles, and system turns kept in some
+    units and rejected in others. One line and exit 2; --overwrite converts it again."""
+    system = {"from": "system", "value": "Be brief."}
+    items = [
+        {"id": f"i{k}", "image": "a.jpg", "conversations": [system, turn(H, "<image> hi")]}
+        for k in range(4)
+    ]
+    write_images(tmp_path / "images")
+    (tmp_path / "e.json").write_text(json.dumps(items))
+    out = tmp_path / "out"
+    common = ["--json", str(tmp_path / "e.json"), "--images", str(tmp_path / "images")]
+    common += ["--out", str(out), "--chunk-size", "2"]
+    assert run_cli(*common) == 0
+    markers = sorted((out / "_done").glob("*.json"))
+    for marker in markers:  # as the earlier version wrote them
+        written = json.loads(marker.read_text())
+        del written["settings"]["turn_roles"], written["settings"]["system_template"]
+        marker.write_text(json.dumps(written))
+    markers[1].unlink()  # that unit was cut short
+    capsys.readouterr()
+    assert run_cli(*common, "--resume") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"flamingo-data: error: {out} holds units converted without turn roles in their records"
+        " (and with a system turn rejecting its item by default): convert it again with"
+        " --overwrite or into a new output folder"
+    ]
+    assert run_cli(*common, "--overwrite") == 0
+    records = {k: json.loads(v) for k, v in read_records(out).items()}
+    assert len(records) == 4
+    assert all(r["text_roles"] == ["system", "user", "user"] for r in records.values())
+
+
+def test_resume_with_another_system_template_is_refused(tmp_path: Path, capsys) -> None:
+    """The system template decides the records' text: it is an output setting --resume checks."""
+    items = [
+        {"id": "s", "image": "a.jpg", "conversations": [turn("system", "x"), turn(H, "<image>")]}
+    ]
+    write_images(tmp_path / "images")
+    (tmp_path / "s.json").write_text(json.dumps(items))
+    common = ["--json", str(tmp_path / "s.json"), "--images", str(tmp_path / "images")]
+    common += ["--out", str(tmp_path / "out")]
+    assert run_cli(*common) == 0
+    capsys.readouterr()
+    assert run_cli(*common, "--resume", "--system-template", "reject") == 2
+    assert 'system_template: "{value}" in the run, "reject" now' in capsys.readouterr().err
+    assert run_cli(*common, "--resume") == 0

@@ -569,7 +569,7 @@ def test_train_on_no_shards_is_one_line_exit_2_in_trainer_wording(
     assert cli.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flamingo-data: error: "), lines
-    assert "no shard matches" in lines[0] and "committed units" not in lines[0]
+    assert f"--mmc4-shards {spec} names no shard" in lines[0] and "committed units" not in lines[0]
 
 
 def test_train_on_an_empty_folder_in_a_real_process(tmp_path: Path) -> None:
@@ -583,7 +583,7 @@ def test_train_on_an_empty_folder_in_a_real_process(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no shard matches" in lines[0], result.stderr
+    assert len(lines) == 1 and "names no shard" in lines[0], result.stderr
     assert "committed units" not in result.stderr and "Traceback" not in result.stderr
 
 

@@ -19,6 +19,7 @@ from flamingo_data.demo.sample_data import write_mmc4_sample
 from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import RunOptions
 from flamingo_data.train.config import StartError, parse_args
+from tests.loader_data import solid_jpeg
 
 
 @pytest.fixture(scope="module")
@@ -629,3 +630,122 @@ def test_a_gpu_gets_uint8_batches_and_the_trainer_normalizes_them_as_the_loader_
     assert batches["uint8"]["vision_x"].dtype == torch.uint8
     cpu = torch.device("cpu")
     assert torch.equal(model_vision(batches["uint8"], cpu), model_vision(batches["float"], cpu))
+
+
+def train_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``flamingo-data train ARGS`` in a process of its own (the command a user runs)."""
+    command = [sys.executable, "-m", "flamingo_data", "train", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_a_run_dir_that_holds_a_run_is_refused_without_resume(shards: Path, tmp_path: Path) -> None:
+    """Training again into a run's dir appended to its log.jsonl and repointed ``latest``, and a
+    later --resume continued the wrong run: without --resume it is one line and exit 2."""
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--batch-size", "2"]
+    args += ["--max-tokens", "160"]
+    first = train_cli(*args, "--steps", "1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    log, latest = (tmp_path / "log.jsonl").read_text(), tmp_path / "checkpoints" / "latest"
+    assert latest.read_text() == "step_0000001"
+    again = train_cli(*args, "--steps", "2")
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [
+        f"flamingo-data: error: --run-dir {tmp_path} already holds a run: pass --resume to"
+        " continue it, or give a new --run-dir"
+    ]
+    assert (tmp_path / "log.jsonl").read_text() == log and latest.read_text() == "step_0000001"
+    resumed = train_cli(*args, "--steps", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "starting a fresh run" not in resumed.stderr
+    assert latest.read_text() == "step_0000002"
+    assert [e["step"] for e in log_entries(tmp_path) if "loss" in e] == [1, 2]
+
+
+def test_a_run_dir_with_only_a_log_is_a_run_too(shards: Path, tmp_path: Path, capsys) -> None:
+    """A run stopped before its first checkpoint left log.jsonl: a fresh start there would mix two
+    runs' lines in it."""
+    from flamingo_data.cli.main import main as cli
+
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    argv = ["train", "--mmc4-shards", str(shards), "--run-dir", str(tmp_path), "--steps", "1"]
+    assert cli(argv) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_on_a_new_run_dir_says_it_starts_fresh(shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "new"
+    args = ["--mmc4-shards", str(shards), "--run-dir", str(run_dir), "--batch-size", "2"]
+    resumed = train_cli(*args, "--max-tokens", "160", "--steps", "1", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    notes = [line for line in resumed.stderr.splitlines() if "starting a fresh run" in line]
+    assert notes == [f"{run_dir} holds no checkpoint to resume: starting a fresh run"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000001"
+
+
+def write_llava_source(folder: Path) -> Path:
+    """A LLaVA-style JSON and its image folder: the input of a conversion, not shards."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.jpg").write_bytes(solid_jpeg((200, 10, 10)))
+    item = {"id": "1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"}]}
+    (folder / "llava.json").write_text(json.dumps([item]))
+    return folder / "llava.json"
+
+
+@pytest.mark.parametrize(
+    ("named", "option", "message"),
+    [
+        ("empty", "--mmc4-shards", "names no shard: give the .tar shards"),
+        ("llava.json", "--mmc4-shards", "names {path}, a .json source file: training reads shards"),
+        ("llava.json", "--dataset", "names {path}, a .json source file: training reads shards"),
+        ("images/a.jpg", "--laion-shards", "names {path}, which is not a tar file"),
+        ("json-folder", "--gpt-shards", "names no shard"),
+    ],
+)
+def test_training_on_no_shards_or_a_source_file_is_one_line_and_exit_2(
+    tmp_path: Path, named: str, option: str, message: str
+) -> None:
+    """Today a source JSON trained on was the converters' wording or a traceback after the model
+    was built: one line in the trainer's words, naming the flag, before anything is written."""
+    write_llava_source(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "json-folder").mkdir()
+    (tmp_path / "json-folder" / "llava.json").write_text((tmp_path / "llava.json").read_text())
+    path = str(tmp_path / named)
+    given = ["--dataset", f"conv=auto:{path}"] if option == "--dataset" else [option, path]
+    refused = train_cli(*given, "--run-dir", str(tmp_path / "run"), "--steps", "1")
+    assert refused.returncode == 2
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"flamingo-data: error: {option} ")
+    assert message.format(path=path) in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_loss_on_reaches_the_loader_of_a_conversation_dataset(tmp_path: Path) -> None:
+    """The same converted conversations, the same initial weights: the loss over the assistant's
+    turns alone is another number than the loss over the whole conversation."""
+    from flamingo_data.cli.main import main as cli
+    from flamingo_data.train.trainer import main
+
+    write_llava_source(tmp_path)
+    item = {
+        "id": "2",
+        "image": "a.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image> What colour is it?"},
+            {"from": "gpt", "value": "Red, mostly."},
+        ],
+    }
+    (tmp_path / "llava.json").write_text(json.dumps([item]))
+    shards = tmp_path / "conv-shards"
+    args = ["--json", str(tmp_path / "llava.json"), "--images", str(tmp_path / "images")]
+    assert cli(["convert", "conversations", *args, "--out", str(shards), "--no-progress"]) == 0
+    losses = {}
+    for loss_on in ("assistant", "all"):
+        summary = main(
+            ["--dataset", f"conv=interleaved:{shards}", "--run-dir", str(tmp_path / loss_on)]
+            + ["--steps", "1", "--batch-size", "1", "--max-tokens", "64", "--loss-on", loss_on]
+        )
+        losses[loss_on] = summary["fixed_batch_loss_start"]
+    assert losses["assistant"] != pytest.approx(losses["all"])
+    assert parse_args(["--mmc4-shards", "a/", "--run-dir", "r"]).loss_on == "assistant"
