@@ -62,6 +62,11 @@ NOT_RUN = {
         "model, image_processor, tokenizer = create_model_and_transforms(",
     ): "needs open_clip and downloaded weights; tests/train/test_openflamingo_run.py loads an exported"
     " file into open_flamingo's own model the same way",
+    (
+        "docs/openflamingo-checkpoints.md",
+        "flamingo-data convert conversations --json llava/data.json --images llava/images --out conv-shards/",
+    ): "needs the released weights on disk and GPUs; the stand-in block above it runs the same commands,"
+    " and tests/train/test_seed_workflow.py checks the exported file in open_flamingo's own model",
 }
 
 # pages whose blocks read outputs another page makes: copied in from the prebuilt ones first
