@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="runs of ours per config (median)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="one worker only (a smoke run)")
     parser.add_argument("shards", nargs="*")
     args = parser.parse_args()
     if args.child:
@@ -191,7 +192,7 @@ def main() -> None:
             f"{'config':<44} {'samples/s':>10} {'worker peak RSS MB':>20} {'main CPU ms/sample':>19}"
         )
         results: dict[str, dict] = {}
-        for workers in (1, 2):
+        for workers in (1,) if args.quick else (1, 2):
             runs = {
                 f"baseline, bytes-kept shards, {workers} workers": measure(
                     "baseline", kept, workers
@@ -206,7 +207,8 @@ def main() -> None:
                 cpu_ms = 1000 * run["main_cpu"] / max(1, run["samples"])
                 print(f"{name:<44} {rate:10.1f} {run['rss_mb']:20.0f} {cpu_ms:19.2f}")
                 results[name] = {**run, "samples_per_s": rate, "main_cpu_ms_per_sample": cpu_ms}
-        report(results)
+        if not args.quick:
+            report(results)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     finally:

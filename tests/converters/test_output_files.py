@@ -35,6 +35,7 @@ BY_CONVERTER = [
     pytest.param(n, marks=[pytest.mark.slow] if n in ("laion", "chatgpt") else [])
     for n in CONVERTERS
 ]
+HOWS = ("resume", "overwrite")
 WORK = {"mmc4": set(), "laion": {"_download"}, "chatgpt": {"_images"}, "conversations": {"_chunks"}}
 
 Convert = Callable[..., object]  # (out, rejects, resume=, overwrite=) -> Stats
@@ -200,8 +201,15 @@ def interrupted_after_one_unit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(driver, "run_units", one_unit_then_stop)
 
 
-@pytest.mark.parametrize("how", ["resume", "overwrite"])
-@pytest.mark.parametrize("name", BY_CONVERTER)
+# the downloading converters once each way (they share the work-folder code and cost ~7 s a run)
+INTERRUPTED = [
+    *[pytest.param(n, how, id=f"{n}-{how}") for n in ("mmc4", "conversations") for how in HOWS],
+    pytest.param("laion", "resume", id="laion-resume", marks=pytest.mark.slow),
+    pytest.param("chatgpt", "overwrite", id="chatgpt-overwrite", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("name", "how"), INTERRUPTED)
 def test_an_interrupted_run_keeps_its_work_folder_until_it_succeeds(
     finished, inputs, tmp_path, monkeypatch, name, how
 ) -> None:
