@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -43,8 +44,9 @@ def ms_per_call(fn: Callable[[], object], repeats: int = 200) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def decode_scales(photo: Image.Image) -> None:
+def decode_scales(photo: Image.Image) -> dict[str, dict[str, float]]:
     print("part 1: decode ms at each DCT scale M/8 (8/8 = full size)")
+    results = {}
     for size, quality in (((1000, 667), 88), ((384, 256), 90)):
         data = jpeg(photo, size, quality)
         row = []
@@ -54,6 +56,8 @@ def decode_scales(photo: Image.Image) -> None:
         print(
             f"  {size[0]}x{size[1]}: " + "  ".join(f"{m}/8 {t:.2f}" for m, t in enumerate(row, 1))
         )
+        results[f"{size[0]}x{size[1]}"] = {f"{m}/8": t for m, t in enumerate(row, 1)}
+    return results
 
 
 def target_of(width: int, height: int) -> tuple[int, int]:
@@ -61,7 +65,7 @@ def target_of(width: int, height: int) -> tuple[int, int]:
     return round(width * scale), round(height * scale)
 
 
-def resize_kernels(images: list[bytes]) -> None:
+def resize_kernels(images: list[bytes]) -> dict[str, dict[str, float]]:
     cases = []
     for data in images:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
@@ -86,6 +90,7 @@ def resize_kernels(images: list[bytes]) -> None:
         "OpenCV INTER_CUBIC": lambda p, t: cv2.resize(p, t, interpolation=cv2.INTER_CUBIC),
         "OpenCV INTER_LINEAR": lambda p, t: cv2.resize(p, t, interpolation=cv2.INTER_LINEAR),
     }
+    results = {}
     for name, kernel in kernels.items():
         start = time.perf_counter()
         outputs = [kernel(pixels, target) for pixels, target, _ in cases]
@@ -93,19 +98,25 @@ def resize_kernels(images: list[bytes]) -> None:
         mse = [np.mean((out - ref) ** 2) for out, (_, _, ref) in zip(outputs, cases, strict=True)]
         db = np.mean([10 * np.log10(255.0**2 / e) for e in mse])
         print(f"  {name:<28} {ms:6.2f} ms/image  {db:6.2f} dB")
+        results[name] = {"ms_per_image": ms, "psnr_db": float(db)}
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)
     photos = load_photos()
-    decode_scales(photos[1])
+    scales = decode_scales(photos[1])
     rng = np.random.default_rng(0)
-    resize_kernels(
+    kernels = resize_kernels(
         [web_jpeg(photos[int(rng.integers(len(photos)))], rng) for _ in range(args.images)]
     )
+    if args.json:
+        results = {"decode_ms_by_scale": scales, "resize_kernels": kernels}
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

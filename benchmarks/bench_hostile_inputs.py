@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pax-digits", type=int, default=60_000, help="digits in the pax header")
     parser.add_argument("--limit", type=float, default=120.0, help="seconds tarfile may take")
     parser.add_argument("--runs", type=int, default=5, help="runs per command-line timing")
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     data = pax_digits_tar(args.pax_digits)
@@ -124,6 +126,17 @@ def main(argv: list[str] | None = None) -> None:
         f"start-up: import torch {torch:.2f} s; flamingo-data --help {help_s:.2f} s, "
         f"validate one shard {validate:.2f} s"
     )
+    if args.json:
+        results = {
+            "pax_header": {
+                "digits": args.pax_digits,
+                "tarfile_seconds": stdlib,
+                "ours_seconds": ours,
+            },
+            "blank_lines_20mib": {"line_loop_seconds": loop, "ours_seconds": lines},
+            "start_up": {"import_torch": torch, "help": help_s, "validate_one_shard": validate},
+        }
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -152,6 +153,7 @@ def measure(convert: Callable[[bytes], bytes], sources: list[bytes], refs: list[
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(3)
     photos = load_photos()
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
             "baseline (full size, quality 75)", 1.0, base_db, base_ssim, nan, base_small, base_ms
         )
     )
+    names = ("bytes_ratio", "psnr_db_224", "ssim_224", "psnr_db_stored", "under_11kb", "decode_ms")
+    baseline_row = (1.0, base_db, base_ssim, None, base_small, base_ms)
+    results = {"baseline": dict(zip(names, baseline_row, strict=True))}
     resized = [
         (src, ref)
         for src, ref in zip(sources, refs, strict=True)
@@ -183,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, policy in settings():
         size, *figures = measure(lambda data, p=policy: process_image(data, p).data, sources, refs)
         print(row.format(label, size / base_bytes, *figures))
+        results[label] = dict(zip(names, (size / base_bytes, *figures), strict=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ def measure(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     photos = load_photos()
@@ -68,12 +70,16 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(images)} web-size photos -> short side {SHORT_SIDE}; PSNR vs full decode + Lanczos"
     )
     print(f"{'filter':<9} {'quality':>7} {'ms/image':>9} {'bytes':>8} {'PSNR dB':>8}")
+    results = {}
     for quality in (90, 75):
         for name in RESIZE_FILTERS:
             policy = ImagePolicy(short_side=SHORT_SIDE, quality=quality, resize_filter=name)
             measure(images[:20], refs[:20], policy)  # warm-up
             ms, size, db = measure(images, refs, policy)
             print(f"{name:<9} {quality:>7} {ms:9.2f} {size:8.0f} {db:8.2f}")
+            results[f"{name} q{quality}"] = {"ms_per_image": ms, "bytes": size, "psnr_db": db}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":
