@@ -389,16 +389,34 @@ def _png_16_bit(fmt: str, data: bytes) -> bool:
     return fmt == "png" and data[12:16] == b"IHDR" and data[24:25] == b"\x10"
 
 
-# Where a PNG can hold an orientation for PIL (eXIf chunk, ImageMagick's text profile, XMP); the
-# keywords are never compressed, so a PNG without any of them has none.
-_PNG_ORIENTATION_SOURCES = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+# Where a PNG can hold an orientation for PIL: an eXIf chunk, or a text chunk keyed as
+# ImageMagick's EXIF profile or XMP (a keyword is never compressed).
+_PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+_PNG_ORIENTATION_KEYWORDS = (b"Raw profile type exif\x00", b"XML:com.adobe.xmp\x00")
+
+
+def _png_may_hold_orientation(data: bytes) -> bool:
+    """Walks the chunk headers only (a few dozen per image, not the megabytes of pixel data):
+    True at a chunk that may hold an orientation before IEND. A walk that runs off the end finds
+    none: the file is cut off there, which ``image_end``'s same walk then rejects as truncated."""
+    pos, end = 8, len(data)
+    while pos + 8 <= end:
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"eXIf":
+            return True
+        if kind in _PNG_TEXT_CHUNKS and data.startswith(_PNG_ORIENTATION_KEYWORDS, pos + 8):
+            return True
+        if kind == b"IEND":
+            return False
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+    return False
 
 
 def _orientation(fmt: str, image: Image.Image, data: bytes) -> int:
     """The EXIF orientation PIL's ``exif_transpose`` would apply, in any format (a PNG or WebP
     may carry one too). A PNG is asked only when it may hold one: PIL decodes the whole image to
     find an eXIf chunk that follows the pixels."""
-    if fmt == "png" and not any(tag in data for tag in _PNG_ORIENTATION_SOURCES):
+    if fmt == "png" and not _png_may_hold_orientation(data):
         return 1
     return image.getexif().get(0x0112, 1)
 

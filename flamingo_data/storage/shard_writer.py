@@ -30,6 +30,9 @@ def shard_name(prefix: str, index: int) -> str:
 WRITEBACK_CHUNK = 8 * 2**20
 
 
+COPY_BUFFER = 64 * 2**20
+
+
 def _blocks(size: int) -> int:
     """``size`` bytes rounded up to whole tar blocks."""
     return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
@@ -103,6 +106,8 @@ class ShardWriter:
         self._tmp = self.out_dir / (name + TMP_SUFFIX)
         self._handle = open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._handle, mode="w", format=tarfile.GNU_FORMAT)
+        # a member's bytes in one write instead of 16 KiB pieces (12% of the bytes-kept run's time)
+        self._tar.copybufsize = COPY_BUFFER
         self._count = 0
         self._written_back = 0
 

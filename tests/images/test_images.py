@@ -483,3 +483,49 @@ def test_a_pixel_cap_above_pils_own_limit_is_honoured(monkeypatch: pytest.Monkey
     assert before == Image.MAX_IMAGE_PIXELS
     assert process_image(big, ImagePolicy(max_pixels=300_000_000)).reason != "too_many_pixels"
     assert process_image(png_bomb(20000, 20000), ImagePolicy()).reason == "too_many_pixels"
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        chunks.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def _png_from(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(
+        len(payload).to_bytes(4, "big")
+        + kind
+        + payload
+        + zlib.crc32(kind + payload).to_bytes(4, "big")
+        for kind, payload in chunks
+    )
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+@pytest.mark.parametrize("where", ["exif_after_pixels", "imagemagick_text", "xmp"])
+def test_a_png_orientation_is_found_wherever_pil_finds_it(where: str) -> None:
+    """The orientation check reads chunk headers only; each place PIL takes an orientation from
+    is still found, and the stored picture shows what the source displays."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = [c for c in _png_chunks(encode(_quadrant_image(), "PNG")) if c[0] != b"IEND"]
+    if where == "exif_after_pixels":
+        extra = (b"eXIf", exif.tobytes()[6:])
+    elif where == "imagemagick_text":
+        raw = exif.tobytes().hex()
+        extra = (
+            b"tEXt",
+            b"Raw profile type exif\x00\nexif\n" + f"{len(raw) // 2:8d}\n{raw}".encode(),
+        )
+    else:
+        xmp = '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+        extra = (b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp.encode())
+    data = _png_from([*plain, extra, (b"IEND", b"")])
+    assert Image.open(io.BytesIO(data)).getexif().get(0x0112) == 6  # PIL reads it there
+    result = process_image(data, POLICY)
+    assert result.outcome == "converted"
+    stored = np.asarray(Image.open(io.BytesIO(result.data)).convert("RGB"), int)
+    assert stored.shape == _displayed(data).shape == (60, 30, 3)
