@@ -604,7 +604,7 @@ def _layout_message(options: Mmc4Options, rates: dict[str, float], checked: int)
     return (
         f"nearly every image is missing under `images` {options.images} ({found} of {checked} "
         f"sampled images found). Check the folder and `layout`: indexed = <images>/<shard number in the "
-        f"zip's name, or its position in a brace pattern when the name has none>/<image_name>, "
+        f"document file's name, or its position in a brace pattern when the name has none>/<image_name>, "
         f"flat = <images>/<shard>_images/<image_name>"
     )
 
@@ -613,7 +613,7 @@ def _no_number_message(units: list[Unit]) -> str:
     unnumbered = next(u.source for u in units if shard_number(u.source) is None)
     return (
         f"{unnumbered} has no shard number in its name, so its `layout` indexed folder is "
-        "unknown: give `docs` as a brace pattern listing the zips in the order their images were "
+        "unknown: give `docs` as a brace pattern listing the document files in the order their images were "
         "downloaded in (e.g. 'docs/{a,b,c}.zip') or use `layout` flat"
     )
 
