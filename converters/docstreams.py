@@ -81,11 +81,15 @@ class _GzipReader:
     what one step of inflation gives, so the bytes before a break are returned before its error."""
 
     def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
         self.file = gzip.GzipFile(fileobj=raw, mode="rb")
 
     def read(self, size: int = -1) -> bytes:
         try:
-            return self.file.read1(size)
+            block = self.file.read1(size)
+            if not block and size != 0 and self.raw.tell() == 0:
+                raise CorruptStream("gzip: an empty file, not a gzip stream")
+            return block
         except EOFError as exc:
             raise TruncatedStream(f"gzip: {exc}") from exc
         except (OSError, zlib.error) as exc:  # BadGzipFile: not gzip, or a failed CRC or size
@@ -104,6 +108,7 @@ class _ZstdReader:
         self.decompressor = zstandard.ZstdDecompressor()
         self.frame = self.decompressor.decompressobj()
         self.started = False  # the current frame has taken input
+        self.read_any = False  # the file has given bytes
         self.pending = b""  # compressed bytes not yet fed
         self.out = bytearray()
         self.done = False
@@ -127,9 +132,12 @@ class _ZstdReader:
             self.pending = self.raw.read(RAW_BLOCK)
             if not self.pending:
                 self.done = True
+                if not self.read_any:
+                    raise CorruptStream("zstd: an empty file, not a zstd stream")
                 if self.started:
                     raise TruncatedStream("zstd: the stream ends inside a frame")
                 return
+        self.read_any = True
         piece, self.pending = self.pending[:ZSTD_PIECE], self.pending[ZSTD_PIECE:]
         try:
             self.out += self.frame.decompress(piece)

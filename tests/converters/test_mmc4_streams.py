@@ -130,8 +130,10 @@ def test_a_cut_off_file_keeps_its_first_lines_and_resume_redoes_it(
         ("jsonl.gz", lambda data: b"<html>404 not found</html>"),
         ("jsonl.zst", lambda data: data[:-4] + bytes([data[-4] ^ 1]) + data[-3:]),  # checksum
         ("jsonl.zst", lambda data: b"<html>404 not found</html>"),
+        ("jsonl.gz", lambda data: b""),  # a download that never started
+        ("jsonl.zst", lambda data: b""),
     ],
-    ids=["gz-crc", "gz-html", "zst-checksum", "zst-html"],
+    ids=["gz-crc", "gz-html", "zst-checksum", "zst-html", "gz-empty", "zst-empty"],
 )
 def test_a_file_failing_its_format_checks_is_refused_whole(kind, damage, tmp_path: Path) -> None:
     sample, contents = released_sample(tmp_path, n_shards=2)
