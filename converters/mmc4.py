@@ -1,6 +1,8 @@
-"""MMC4 zips + downloaded images -> interleaved (MMC4-form) shards with embedded base64 images.
+"""MMC4 document files + downloaded images -> interleaved (MMC4-form) shards with embedded base64
+images.
 
-One unit per input zip. Each jsonl line becomes one record keyed ``<unit>-<line>`` or a counted,
+One unit per document file: a zip of jsonl members, or one ``.jsonl``, ``.jsonl.gz`` or
+``.jsonl.zst`` file. Each jsonl line becomes one record keyed ``<unit>-<line>`` or a counted,
 reasoned reject. Image layouts: ``indexed`` (``<images>/<shard number in the zip's name>/<name>``,
 or the zip's position in a brace pattern when its name has none) and ``flat`` (``<images>/<shard>_images/<name>``); ``auto`` picks the one where images are found
 and fails loudly when nearly every image is missing under both.
@@ -21,6 +23,15 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
+from flamingo_data.converters.docstreams import (
+    SUFFIXES,
+    CorruptStream,
+    InflationBomb,
+    StreamError,
+    TruncatedStream,
+    kind_of,
+    open_documents,
+)
 from flamingo_data.core.records import InterleavedDoc, RecordEncodingError, encode_record
 from flamingo_data.core.schema import schema_errors
 from flamingo_data.core.stats import Stats
@@ -81,7 +92,11 @@ class DocumentError(ValueError):
 
 
 def unit_stem(path: str) -> str:
+    """The unit's name: the file's name less ``.zip``, ``.gz``/``.zst`` after ``.jsonl``,
+    ``.jsonl`` and ``.json`` (``x.jsonl.zip`` and ``x.jsonl.gz`` are both ``x``)."""
     name = Path(path).name
+    if kind_of(name) in ("gz", "zst"):
+        name = name.rsplit(".", 1)[0]
     for suffix in (".zip", ".jsonl", ".json"):
         name = name.removesuffix(suffix)
     return safe_stem(name)
@@ -135,9 +150,15 @@ def image_folder(images: str, unit: Unit, layout: str) -> str:
 
 def iter_lines(path: str) -> Iterator[tuple[str, int, bytes | None]]:
     """(member, line number, raw line) for every non-blank line of every .jsonl member of the zip
-    (see ``jsonl_members``). A line over ``MAX_LINE_BYTES`` is None: it is skipped unread, so one
+    (see ``jsonl_members``), or of the jsonl file (its member name is its path; see
+    ``inflation_cap``). A line over ``MAX_LINE_BYTES`` is None: it is skipped unread, so one
     huge line (a zip bomb) never has to fit in memory; BadZipFile for a compression bomb (see
     ``inflation_problem``). Members are not CRC-checked here."""
+    if kind_of(path) is not None:
+        with open_documents(path, inflation_cap(path)) as reader:
+            for number, line in _numbered_lines(reader):
+                yield path, number, line
+        return
     with remote.open_binary(path) as handle, _open_zip(handle) as zf:
         members = jsonl_members(zf)
         if (problem := inflation_problem(members)) is not None:
@@ -169,6 +190,29 @@ def inflation_problem(members: list[zipfile.ZipInfo]) -> str | None:
     compressed = sum(info.compress_size for info in members)
     if inflated > BOMB_MIN_BYTES and inflated > MAX_INFLATION * max(compressed, 1):
         return f"{inflated} bytes of jsonl from {compressed} compressed (over {MAX_INFLATION}x)"
+    return None
+
+
+def inflation_cap(path: str) -> int | None:
+    """How many bytes a compressed jsonl file may inflate to (the zip rule: ``BOMB_MIN_BYTES``, or
+    ``MAX_INFLATION`` times its size if more); None for a plain .jsonl."""
+    if kind_of(path) in (None, "jsonl"):
+        return None
+    return max(BOMB_MIN_BYTES, MAX_INFLATION * remote.size(path))
+
+
+def stream_problem(path: str, cap: int | None) -> StreamError | None:
+    """What stops the compressed file from being converted, found by inflating it once
+    (bounded by ``cap``, a block at a time): InflationBomb or CorruptStream refuse it whole;
+    TruncatedStream (or None) lets its lines before the break be converted."""
+    if cap is None:
+        return None
+    try:
+        with open_documents(path, cap) as reader:
+            while reader.read(READ_BLOCK):
+                pass
+    except StreamError as exc:
+        return exc
     return None
 
 
@@ -449,12 +493,13 @@ def _convert_document(
 
 
 def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str) -> None:
-    """Convert every line of one zip; an unreadable or truncated zip is a counted unit-level reject.
+    """Convert every line of one document file; an unreadable or truncated zip is a counted unit-level reject.
 
     Only errors from *reading* the zip are caught: a write error (full disk) must stop the run.
     """
     folder = image_folder(options.images, unit, layout)
-    for key, line in _unit_lines(unit, ctx):
+    lines = _unit_lines if kind_of(unit.source) is None else _stream_unit_lines
+    for key, line in lines(unit, ctx):
         convert_line(line, key, folder, ctx, options)
 
 
@@ -483,6 +528,30 @@ def _unit_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[str, bytes | Non
         cut_off = before + count.lines > 0 or isinstance(exc, CutOffZipError)
         reason = "truncated_zip" if cut_off else "unreadable_zip"
         ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
+
+
+def _stream_unit_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[str, bytes | None]]:
+    """(key, line) for each non-blank line of a .jsonl, .jsonl.gz or .jsonl.zst file, keyed as a
+    zip's (lines from 1, blank ones included). A compressed file that inflates past its cap
+    (compression_bomb) or fails its format's checks (unreadable_stream) is refused before a line
+    is converted; one cut off (truncated_stream) keeps the lines before the break."""
+    cap = inflation_cap(unit.source)
+    problem = stream_problem(unit.source, cap)
+    if isinstance(problem, InflationBomb):
+        ctx.reject("units", unit.name, "compression_bomb", f"{problem}: over {MAX_INFLATION}x")
+        return
+    if isinstance(problem, CorruptStream):
+        ctx.reject("units", unit.name, "unreadable_stream", str(problem))
+        return
+    try:
+        with open_documents(unit.source, cap) as reader:
+            for number, line in _numbered_lines(reader):
+                yield f"{unit.name}-{number:07d}", line
+    except StreamError as exc:  # also a file that changed since the check above
+        reason = "truncated_stream" if isinstance(exc, TruncatedStream) else "unreadable_stream"
+        ctx.reject("units", unit.name, reason, str(exc))
+    except OSError as exc:
+        ctx.reject("units", unit.name, "unreadable_stream", f"{type(exc).__name__}: {exc}")
 
 
 def _reject_damaged(
@@ -535,7 +604,7 @@ def _layout_message(options: Mmc4Options, rates: dict[str, float], checked: int)
     return (
         f"nearly every image is missing under `images` {options.images} ({found} of {checked} "
         f"sampled images found). Check the folder and `layout`: indexed = <images>/<shard number in the "
-        f"zip's name, or its position in a brace pattern when the name has none>/<image_name>, "
+        f"document file's name, or its position in a brace pattern when the name has none>/<image_name>, "
         f"flat = <images>/<shard>_images/<image_name>"
     )
 
@@ -544,7 +613,7 @@ def _no_number_message(units: list[Unit]) -> str:
     unnumbered = next(u.source for u in units if shard_number(u.source) is None)
     return (
         f"{unnumbered} has no shard number in its name, so its `layout` indexed folder is "
-        "unknown: give `docs` as a brace pattern listing the zips in the order their images were "
+        "unknown: give `docs` as a brace pattern listing the document files in the order their images were "
         "downloaded in (e.g. 'docs/{a,b,c}.zip') or use `layout` flat"
     )
 
@@ -601,16 +670,21 @@ def convert_mmc4(
 
 
 def plan_mmc4(docs: str | list[str], options: Mmc4Options) -> ConversionPlan:
-    """One unit per zip, its images found under the detected layout; inputs checked here."""
+    """One unit per document file (zip, .jsonl, .jsonl.gz, .jsonl.zst), its images found under the
+    detected layout; inputs checked here."""
     if options.layout not in LAYOUTS:
         raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, not {options.layout!r}")
     duplicates: list[str] = []
     sources = expand_specs(
-        docs, folder_suffix=".zip", keep_missing=True, ignore_case=True, duplicates=duplicates
+        docs,
+        folder_suffix=(".zip", *SUFFIXES),
+        keep_missing=True,
+        ignore_case=True,
+        duplicates=duplicates,
     )
     units = [u for u in unit_names(sources, unit_stem) if remote.isfile(u.source)]
     if not units:
-        raise SpecError(f"no MMC4 zip matches {docs!r}")
+        raise SpecError(f"no MMC4 zip, .jsonl, .jsonl.gz or .jsonl.zst file matches {docs!r}")
     if not remote.isdir(options.images):
         raise SpecError(missing_folder("images", options.images))
     numbered = indexed_units(units, listed=not lists_folder_or_glob(docs))

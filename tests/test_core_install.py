@@ -26,7 +26,7 @@ from flamingo_data.run.units import RunOptions
 from tests.test_upstream_compat import write_img2dataset_output
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "pandas", "pyarrow", "img2dataset", "transformers", "matplotlib")
+HEAVY = ("torch", "pandas", "pyarrow", "img2dataset", "transformers", "matplotlib", "zstandard")
 PUBLIC = {
     "convert_mmc4": "flamingo_data.converters.mmc4",
     "Mmc4Options": "flamingo_data.converters.mmc4",

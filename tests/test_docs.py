@@ -5,6 +5,7 @@ emits, and neither the guide nor the code's comments carry dates or history."""
 from __future__ import annotations
 
 import ast
+import gzip
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import jsonschema
 import pandas as pd
 import pytest
+import zstandard
 
 from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
 from flamingo_data.converters.laion import LaionOptions, convert_laion
@@ -143,14 +145,22 @@ def _serve_images(server) -> dict[str, str]:
 
 
 def _write_mmc4(root: Path) -> None:
-    """``mmc4/docs_shard_{0..1}_v2.jsonl.zip`` + ``mmc4/images/<position>/<name>`` (indexed)."""
+    """``mmc4/docs_shard_{0..1}_v2.jsonl.zip`` + ``mmc4/images/<position>/<name>`` (indexed), and
+    the same lines re-hosted as ``mmc4-jsonl/docs_shard_0_v2.jsonl.gz`` and ``..._1_v2.jsonl.zst``."""
     sample = write_mmc4_sample(root / "_gen", n_shards=2, docs_per_shard=8, image_size=(160, 120))
     (root / "mmc4").mkdir()
+    (root / "mmc4-jsonl").mkdir()
     for shard in range(2):
         with zipfile.ZipFile(root / "_gen" / "docs" / f"shard_{shard}.zip") as source:
             lines = source.read(f"shard_{shard}.jsonl")
         with zipfile.ZipFile(root / "mmc4" / f"docs_shard_{shard}_v2.jsonl.zip", "w") as zf:
             zf.writestr(f"docs_shard_{shard}_v2.jsonl", lines)
+        rehosted = root / "mmc4-jsonl" / f"docs_shard_{shard}_v2.jsonl"
+        if shard == 0:
+            rehosted.with_name(rehosted.name + ".gz").write_bytes(gzip.compress(lines))
+        else:
+            zst = zstandard.ZstdCompressor().compress(lines)
+            rehosted.with_name(rehosted.name + ".zst").write_bytes(zst)
     shutil.move(sample["images"], root / "mmc4" / "images")
     shutil.rmtree(root / "_gen")
 

@@ -11,6 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm import tqdm
+
 from flamingo_data.check.docview import DocView, iter_path_docs
 from flamingo_data.core.extras import require_extra
 from flamingo_data.core.stats import Stats
@@ -109,8 +111,10 @@ def inspect_shards(
     max_images: int = 6,
     max_tokens: int = 256,
     min_images: int = 1,
+    progress: bool = False,
 ) -> InspectReport:
-    """Walk every sample once; nothing is decoded beyond image headers."""
+    """Walk every sample once; nothing is decoded beyond image headers. ``progress``: a bar of
+    shards done on stderr."""
     tokenizer = tokenizer or make_tokenizer(None)
     config = LoaderConfig(
         sim_threshold=threshold, max_images=max_images, max_tokens=max_tokens, min_images=min_images
@@ -132,8 +136,11 @@ def inspect_shards(
         report.read_issues["missing_shard"] = len(named) - len(paths)
     issues: list[ReadIssue] = []
     specials = literal_specials(tokenizer)
-    for doc in iter_path_docs(paths, config, issues):
-        _count_doc(report, doc, (tokenizer, specials), config)
+    with tqdm(total=len(paths), unit="shard", desc="inspect", disable=not progress) as bar:
+        for path in paths:
+            for doc in iter_path_docs([path], config, issues):
+                _count_doc(report, doc, (tokenizer, specials), config)
+            bar.update(1)
     report.read_issues.update(issue.reason for issue in issues)
     report.source_stats = merged_stats(paths, report.read_issues)
     return report

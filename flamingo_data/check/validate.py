@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any
 
 import orjson
+from tqdm import tqdm
 
 from flamingo_data.check.keyindex import KeyIndex
 from flamingo_data.core.records import decode_base64
@@ -146,9 +147,11 @@ def validate_shards(
     sizes_path: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     processes: int = 1,
+    progress: bool = False,
 ) -> ValidationReport:
     """Validate every shard named by ``specs`` (brace patterns, globs, folders), ``processes``
-    shards at a time; the report is the same for any ``processes``."""
+    shards at a time; the report is the same for any ``processes``. ``progress``: a bar of shards
+    done on stderr, counting each shard as it finishes."""
     if processes < 1:
         raise InputError("`processes` must be at least 1")
     paths, missing = _named_shards(specs)
@@ -160,7 +163,8 @@ def validate_shards(
         report.failures.append(Failure(name, "", "missing_shard", path))
     keys = KeyIndex()
     counts: dict[str, int | None] = {}  # by path: two folders may hold shards of the same name
-    for path, shard in zip(paths, _checked_shards(paths, options, processes), strict=True):
+    checks = _checked_shards(paths, options, processes, progress)
+    for path, shard in zip(paths, checks, strict=True):
         report.merge(shard.report)
         keys.start_shard()
         for key in shard.keys:
@@ -175,14 +179,36 @@ def validate_shards(
 
 
 def _checked_shards(
-    paths: list[str], options: ValidateOptions, processes: int
+    paths: list[str], options: ValidateOptions, processes: int, progress: bool
 ) -> Iterator[ShardCheck]:
-    """Each shard's check, in the order of ``paths``."""
-    task = partial(check_shard, options=options)
-    if processes == 1 or len(paths) == 1:
-        return map(task, paths)
-    start_method = "fork" if sys.platform == "linux" else "spawn"
-    return map_in_processes(task, paths, processes, start_method, ordered=True)
+    """Each shard's check, in the order of ``paths``; the bar counts shards as they finish."""
+    with tqdm(total=len(paths), unit="shard", desc="validate", disable=not progress) as bar:
+        if processes == 1 or len(paths) == 1:
+            for path in paths:
+                yield check_shard(path, options)
+                bar.update(1)
+            return
+        task = partial(_numbered_check, options=options)
+        start_method = "fork" if sys.platform == "linux" else "spawn"
+        finished = map_in_processes(task, list(enumerate(paths)), processes, start_method)
+        yield from _in_input_order(finished, bar)
+
+
+def _numbered_check(item: tuple[int, str], options: ValidateOptions) -> tuple[int, ShardCheck]:
+    return item[0], check_shard(item[1], options)
+
+
+def _in_input_order(finished: Iterator[tuple[int, ShardCheck]], bar: tqdm) -> Iterator[ShardCheck]:
+    """The checks in input order from (position, check) pairs in the order they finish; each
+    arrival ticks ``bar``."""
+    waiting: dict[int, ShardCheck] = {}
+    next_position = 0
+    for position, check in finished:
+        bar.update(1)
+        waiting[position] = check
+        while next_position in waiting:
+            yield waiting.pop(next_position)
+            next_position += 1
 
 
 def check_shard(path: str, options: ValidateOptions) -> ShardCheck:

@@ -1,4 +1,4 @@
-"""``flamingo-data convert mmc4``: MMC4 zips + downloaded images -> interleaved shards."""
+"""``flamingo-data convert mmc4``: MMC4 document shards + downloaded images -> interleaved shards."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from flamingo_data.converters.mmc4 import LAYOUTS, Mmc4Options, convert_mmc4
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--docs", required=True, nargs="+", help="zips: brace pattern, glob or folder"
+        "--docs",
+        required=True,
+        nargs="+",
+        help=".zip, .jsonl, .jsonl.gz or .jsonl.zst document shards: brace pattern, glob or folder",
     )
     parser.add_argument("--images", required=True, help="folder of downloaded images")
     parser.add_argument(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flamingo_data.cli.options import UsageError, finite, positive
+from flamingo_data.cli.options import UsageError, add_progress_option, finite, positive
 from flamingo_data.errors import InputError
 
 
@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PNG",
         help="write histograms to this PNG (needs matplotlib)",
     )
+    add_progress_option(parser)
 
 
 def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -47,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         max_images=args.max_images,
         max_tokens=args.max_tokens,
+        progress=not args.no_progress,
     )
     print(json.dumps(report.to_json(), indent=1) if args.json else format_report(report))
     if args.plot:

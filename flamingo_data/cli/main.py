@@ -29,7 +29,7 @@ COMMANDS = {
     "demo": "Build a small sample, convert, validate, preview and train a tiny model (no network)",
 }
 CONVERTERS = {
-    "mmc4": "MMC4 zips + downloaded images -> interleaved shards",
+    "mmc4": "MMC4 document shards + downloaded images -> interleaved shards",
     "laion": "LAION-style parquet -> image-text pair shards (downloads with img2dataset)",
     "chatgpt": "ChatGPT-generated sequences -> GPT shards with embedded images",
     "conversations": "LLaVA-style conversation JSON + image folder -> interleaved or GPT shards",

@@ -50,6 +50,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     add_reject_share_option(parser)
     add_unit_options(parser)
+    add_progress_option(parser)
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """The progress bar on stderr, on unless ``--no-progress``: the same in every subcommand."""
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

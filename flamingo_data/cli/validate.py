@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from flamingo_data.cli.options import UsageError, non_negative, positive
+from flamingo_data.cli.options import UsageError, add_progress_option, non_negative, positive
 from flamingo_data.images.stage import DEFAULT_MAX_PIXELS
 from flamingo_data.run.executors import default_processes
 
@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=20,
         help="failures listed on stdout (--json holds them all)",
     )
+    add_progress_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         sizes_path=args.sizes,
         max_pixels=args.max_pixels,
         processes=args.processes,
+        progress=not args.no_progress,
     )
     if args.json_out == "-":
         json.dump(report.to_json(), sys.stdout, indent=1)

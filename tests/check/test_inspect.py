@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -378,3 +380,14 @@ def test_a_url_this_machine_cannot_open_is_one_line_exit_2(
     for url in urls:
         assert cli([command, url, *extra]) == 2
         assert f"error: cannot use {url}" in capsys.readouterr().err
+
+
+def test_progress_reaches_every_shard_on_stderr_and_json_stdout_stays_pure(shards: Path) -> None:
+    argv = [sys.executable, "-m", "flamingo_data", "inspect", str(shards), "--json"]
+    shown = subprocess.run(argv, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "inspect: 100%" in shown.stderr and "2/2" in shown.stderr
+    assert json.loads(shown.stdout)["shards"] == 2  # the whole of stdout is the report
+    quiet = subprocess.run([*argv, "--no-progress"], capture_output=True, text=True)
+    assert quiet.stdout == shown.stdout
+    assert "2/2" not in quiet.stderr and "inspect:" not in quiet.stderr

@@ -691,3 +691,40 @@ def test_processes_check_shards_in_parallel_with_the_same_report(
     assert cli(["validate", str(dataset), "--deep", "--processes", "2"]) == 1
     with pytest.raises(ValueError, match="`processes` must be at least 1"):
         validate_shards(str(dataset), processes=0)
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_progress_reaches_every_shard_on_stderr_and_json_stdout_stays_pure(
+    processes: str, good: Path, tmp_path: Path
+) -> None:
+    for shard in good.glob("*.tar"):
+        shutil.copy(shard, tmp_path / shard.name)
+    write_tar(tmp_path / "z-bad.tar", {"x.json": b"{"})
+    argv = [sys.executable, "-m", "flamingo_data", "validate", str(tmp_path), "--json", "-"]
+    argv += ["--processes", processes]
+    shown = subprocess.run(argv, capture_output=True, text=True)
+    assert shown.returncode == 1
+    assert "validate: 100%" in shown.stderr and "3/3" in shown.stderr
+    assert json.loads(shown.stdout)["shards"] == 3  # the whole of stdout is the report
+    quiet = subprocess.run([*argv, "--no-progress"], capture_output=True, text=True)
+    assert quiet.stdout == shown.stdout
+    assert "3/3" not in quiet.stderr and "validate:" not in quiet.stderr
+
+
+def test_progress_counts_a_shard_when_it_finishes_not_when_its_turn_comes() -> None:
+    """In parallel, shards finish out of order: each is counted on arrival, and the checks still
+    come out in input order."""
+    from flamingo_data.check.validate import _in_input_order
+
+    class Bar:
+        count = 0
+
+        def update(self, n: int) -> None:
+            self.count += n
+
+    bar = Bar()
+    finished = iter([(2, "c"), (1, "b"), (0, "a"), (3, "d")])
+    in_order = _in_input_order(finished, bar)
+    assert next(in_order) == "a"
+    assert bar.count == 3  # c and b had finished before a
+    assert list(in_order) == ["b", "c", "d"] and bar.count == 4

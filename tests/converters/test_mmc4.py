@@ -331,7 +331,7 @@ def test_bad_command_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None
         )
         == 2
     )
-    assert "no MMC4 zip matches" in capsys.readouterr().err
+    assert "no MMC4 zip, .jsonl, .jsonl.gz or .jsonl.zst file matches" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
     sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=2)
