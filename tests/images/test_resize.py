@@ -40,14 +40,13 @@ def test_other_filters_are_pils_antialiased_resize(name: str) -> None:
     assert resize_pixels(pixels, (358, 256), name).tobytes() == expected.tobytes()
 
 
-@pytest.mark.parametrize(
-    ("size", "block"), [((1200, 800), 2), ((2400, 1600), 4), ((4800, 3200), 8)]
-)
-def test_large_factors_average_blocks_first_as_a_dct_scaled_decode_does(size, block) -> None:
+@pytest.mark.parametrize(("short", "block"), [(256, 2), (128, 4), (64, 8)])
+def test_large_factors_average_blocks_first_as_a_dct_scaled_decode_does(short, block) -> None:
     """Over a factor of 2, ``block`` x ``block`` averages first (every source pixel counts), then
     the kernel: the same picture as the antialiased resize, far from a kernel that skips pixels."""
+    size = (1200, 800)
     pixels = _photo_like(*size)
-    target = (size[0] * 256 // size[1], 256)
+    target = (size[0] * short // size[1], short)
     reduced = box_reduce(pixels, target)
     assert reduced.shape[:2] == (size[1] // block, size[0] // block)
     height, width = reduced.shape[:2]
