@@ -122,6 +122,12 @@ def interleaved_owned_text(plan: InterleavedPlan, roles: list[str], eos_token: s
         if i in placed:
             text.append(f"{EOC_TOKEN}{IMAGE_TOKEN}")
         text.append(sentence, role)
+    return _joined_as_the_loader_does(text, eos_token)
+
+
+def _joined_as_the_loader_does(text: OwnedText, eos_token: str) -> OwnedText:
+    """The loader's clean-up of a text with its image tokens placed (``interleaved_text`` and
+    ``plan_gpt`` do the same to a plain string), then the closing end-of-chunk and eos."""
     text.sub(EOC_TOKEN, "", 1)
     for old, new in ((f" {EOC_TOKEN}", EOC_TOKEN), (f"{IMAGE_TOKEN} ", IMAGE_TOKEN)):
         text.sub(old, new)
@@ -158,10 +164,4 @@ def gpt_owned_text(
     if len(found) > max_images:
         text.cut(found[max_images].start())
     text.sub(PLACEHOLDER, f"{EOC_TOKEN}{IMAGE_TOKEN}")
-    text.sub(EOC_TOKEN, "", 1)
-    for old, new in ((f" {EOC_TOKEN}", EOC_TOKEN), (f"{IMAGE_TOKEN} ", IMAGE_TOKEN)):
-        text.sub(old, new)
-    text.sub(f" {IMAGE_TOKEN}", IMAGE_TOKEN)
-    text.append(f"{EOC_TOKEN}{eos_token}")
-    text.own_chunk_ends()
-    return text
+    return _joined_as_the_loader_does(text, eos_token)
