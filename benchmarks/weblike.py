@@ -9,16 +9,12 @@ side; ~2% of image files are missing and ~1% cut off mid-stream.
 from __future__ import annotations
 
 import io
-import json
-import zipfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from photos import load_photos
+from photos import load_photos, web_crop, write_mmc4
 from PIL import Image
-
-from flamingo_data.demo.sample_data import make_document
 
 # (kind, share); the shares add up to 1
 MIX = (
@@ -32,16 +28,6 @@ MIX = (
     ("missing", 0.02),
     ("truncated", 0.01),
 )
-
-
-def web_crop(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A random crop scaled so its longer side is 300-1,200 px."""
-    w, h = photo.size
-    cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    crop = photo.crop((left, top, left + cw, top + ch))
-    scale = rng.uniform(300, 1200) / max(crop.size)
-    return crop.resize((max(1, int(cw * scale)), max(1, int(ch * scale))), Image.Resampling.BICUBIC)
 
 
 def cut_out(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -87,22 +73,11 @@ def write_web_mmc4(
     photos = load_photos()
     kinds, shares = zip(*MIX, strict=True)
     made: Counter = Counter()
-    (root / "docs").mkdir(parents=True, exist_ok=True)
-    for shard in range(n_shards):
-        folder = root / "images" / str(shard)
-        folder.mkdir(parents=True, exist_ok=True)
-        lines = []
-        for d in range(docs_per_shard):
-            doc = make_document(
-                rng, f"w{shard}d{d}", int(rng.integers(3, 8)), int(rng.integers(1, 6))
-            )
-            for info in doc["image_info"]:
-                kind = str(rng.choice(kinds, p=shares))
-                data = web_image(kind, photos[int(rng.integers(len(photos)))], rng)
-                made[kind] += 1
-                if data is not None:
-                    (folder / info["image_name"]).write_bytes(data)
-            lines.append(json.dumps(doc))
-        with zipfile.ZipFile(root / "docs" / f"shard_{shard}.zip", "w") as zf:
-            zf.writestr(f"shard_{shard}.jsonl", "\n".join(lines) + "\n")
-    return str(root / "docs" / f"shard_{{0..{n_shards - 1}}}.zip"), str(root / "images"), made
+
+    def image() -> bytes | None:
+        kind = str(rng.choice(kinds, p=shares))
+        made[kind] += 1
+        return web_image(kind, photos[int(rng.integers(len(photos)))], rng)
+
+    docs, images = write_mmc4(root, n_shards, docs_per_shard, rng, "w", 5, image)
+    return docs, images, made
