@@ -14,7 +14,6 @@ import math
 import os
 import posixpath
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -189,8 +188,7 @@ def _checked_shards(
                 bar.update(1)
             return
         task = partial(_numbered_check, options=options)
-        start_method = "fork" if sys.platform == "linux" else "spawn"
-        finished = map_in_processes(task, list(enumerate(paths)), processes, start_method)
+        finished = map_in_processes(task, list(enumerate(paths)), processes)
         yield from _in_input_order(finished, bar)
 
 

@@ -69,8 +69,7 @@ def _map(task: Callable[[Unit], dict], units: Sequence[Unit], processes: int) ->
     if processes <= 1:
         yield from map(task, units)
         return
-    start_method = "fork" if sys.platform == "linux" else "spawn"
-    yield from map_in_processes(task, units, processes, start_method)
+    yield from map_in_processes(task, units, processes)
 
 
 def run_spark(

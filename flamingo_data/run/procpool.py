@@ -28,11 +28,15 @@ from flamingo_data.errors import WorkerDied  # noqa: F401 -- importable from her
 Item = TypeVar("Item")
 
 
+# fork where it is safe and cheap (workers inherit the parent's imports); spawn elsewhere
+LOCAL_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+
+
 def map_in_processes(
     task: Callable[[Item], Any],
     items: Sequence[Item],
     processes: int,
-    start_method: str,
+    start_method: str = LOCAL_START_METHOD,
     ordered: bool = False,
 ) -> Iterator[Any]:
     """``task(item)`` for every item in ``processes`` worker processes; results in input order when
