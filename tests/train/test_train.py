@@ -604,7 +604,7 @@ def test_warmup_fits_a_short_run(steps: int, given: list[str], warmup: int) -> N
 
 
 def test_a_gpu_gets_uint8_batches_and_the_trainer_normalizes_them_as_the_loader_does(
-    tmp_path: Path,
+    shards: Path,
 ) -> None:
     """On a GPU the loader delivers uint8 pixels and ``model_vision`` normalizes them on the
     device; the model then sees exactly the CPU path's float vision_x (run here on the CPU)."""
@@ -615,14 +615,7 @@ def test_a_gpu_gets_uint8_batches_and_the_trainer_normalizes_them_as_the_loader_
 
     assert loader_pixels(torch.device("cuda", 0)) == "uint8"
     assert loader_pixels(torch.device("cpu")) == "float"
-    sample = write_mmc4_sample(tmp_path / "src", n_shards=1, docs_per_shard=6, missing_rate=0.0)
-    convert_mmc4(
-        sample["docs"],
-        Mmc4Options(images=sample["images"]),
-        RunOptions(out_dir=str(tmp_path / "shards"), converter="mmc4"),
-        execution=Execution(processes=1, progress=False),
-    )
-    spec = [DatasetSpec("d", str(tmp_path / "shards"))]
+    spec = [DatasetSpec("d", str(shards))]
     batches = {
         pixels: next(iter(build_loader(spec, make_tokenizer(None), LoaderConfig(pixels=pixels))))
         for pixels in ("float", "uint8")
@@ -705,8 +698,8 @@ def write_llava_source(folder: Path) -> Path:
 def test_training_on_no_shards_or_a_source_file_is_one_line_and_exit_2(
     tmp_path: Path, named: str, option: str, message: str, capsys
 ) -> None:
-    """Today a source JSON trained on was the converters' wording or a traceback after the model
-    was built: one line in the trainer's words, naming the flag, before anything is written."""
+    """A dataset naming no shard, or a source file instead of shards, is one line in the trainer's
+    words, naming the flag, before the model is built or anything is written."""
     write_llava_source(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "json-folder").mkdir()
