@@ -32,10 +32,20 @@ from flamingo_data.converters.docstreams import (
     kind_of,
     open_documents,
 )
-from flamingo_data.core.records import InterleavedDoc, RecordEncodingError, encode_record
+from flamingo_data.converters.downloads import DownloadStep
+from flamingo_data.core.records import (
+    ImageInfo,
+    InterleavedDoc,
+    RecordEncodingError,
+    encode_record,
+)
 from flamingo_data.core.schema import schema_errors
 from flamingo_data.core.stats import Stats
 from flamingo_data.errors import InputError, LayoutError
+from flamingo_data.fetch.i2d_output import finished_shards
+from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.fetch.url_images import UrlImages, UrlStore, attempt_folders
+from flamingo_data.fetch.web import is_web_url
 from flamingo_data.images.stage import ImagePolicy, process_image
 from flamingo_data.run.driver import ConversionPlan, run_conversion
 from flamingo_data.run.executors import Execution
@@ -49,7 +59,7 @@ from flamingo_data.storage.specs import (
     missing_folder,
 )
 
-LAYOUTS = ("auto", "indexed", "flat")
+LAYOUTS = ("auto", "indexed", "flat", "url")
 # A document line longer than this is counted line_too_long and never held whole: MMC4 lines are
 # kilobytes (a few MB at most), while a zip bomb's one line took 4x its size to read and parse.
 MAX_LINE_BYTES = 64 * 2**20
@@ -85,6 +95,8 @@ class Mmc4Options:
     schema_check: bool = (
         False  # parse_document already enforces the schema; this re-checks with jsonschema
     )
+    download: DownloadOptions | None = None  # fetch each raw_url into ``images`` (layout url)
+    retry_failed: tuple[str, ...] = ()  # with download: re-attempt urls failed with these reasons
 
 
 class DocumentError(ValueError):
@@ -421,20 +433,19 @@ def _safe_image_name(name: str) -> bool:
 
 
 def attach_images(
-    doc: InterleavedDoc, folder: str, ctx: UnitContext, key: str, policy: ImagePolicy
+    doc: InterleavedDoc, images: str | UrlStore, ctx: UnitContext, key: str, policy: ImagePolicy
 ) -> int:
-    """Load, check and attach each image's bytes; returns how many have bytes. Every outcome counted."""
+    """Load, check and attach each image's bytes, from the unit's image folder (by
+    ``image_name``) or a url store (by ``raw_url``); returns how many have bytes. Every outcome
+    counted."""
     found = 0
     for info in doc.image_info:
         image_key = f"{key}/{info.image_name}"
-        if not _safe_image_name(info.image_name):
-            ctx.reject("images", image_key, "unsafe_image_name", url=info.raw_url)
-            continue
-        try:
-            data = remote.read_bytes(remote.join(folder, info.image_name), policy.max_bytes + 1)
-        except OSError:  # absent, a folder, a name too long for the filesystem...
-            ctx.stats.add("images", "missing")
-            ctx.list_reject("images", image_key, "missing", url=info.raw_url)
+        if isinstance(images, UrlStore):
+            data = _image_by_url(images, info.raw_url, ctx, image_key, policy)
+        else:
+            data = _image_by_name(images, info, ctx, image_key, policy)
+        if data is None:
             continue
         result = process_image(data, policy)
         if not result.ok:
@@ -447,8 +458,37 @@ def attach_images(
     return found
 
 
+def _image_by_name(
+    folder: str, info: ImageInfo, ctx: UnitContext, image_key: str, policy: ImagePolicy
+) -> bytes | None:
+    if not _safe_image_name(info.image_name):
+        ctx.reject("images", image_key, "unsafe_image_name", url=info.raw_url)
+        return None
+    try:
+        return remote.read_bytes(remote.join(folder, info.image_name), policy.max_bytes + 1)
+    except OSError:  # absent, a folder, a name too long for the filesystem...
+        ctx.stats.add("images", "missing")
+        ctx.list_reject("images", image_key, "missing", url=info.raw_url)
+        return None
+
+
+def _image_by_url(
+    store: UrlStore, url: str, ctx: UnitContext, image_key: str, policy: ImagePolicy
+) -> bytes | None:
+    """The fetched bytes of ``url``, or None with the reason it has none counted (``no_url``,
+    ``bad_url`` for a url that is not http(s), else the download's reason)."""
+    if not is_web_url(url):
+        reason = "no_url" if not url else "bad_url"
+    else:
+        data, reason = store.get(url, policy.max_bytes + 1)
+        if data is not None:
+            return data
+    ctx.reject("images", image_key, reason, url=url)
+    return None
+
+
 def convert_line(
-    line: bytes | None, key: str, folder: str, ctx: UnitContext, options: Mmc4Options
+    line: bytes | None, key: str, folder: str | UrlStore, ctx: UnitContext, options: Mmc4Options
 ) -> None:
     """One jsonl line (None: over ``MAX_LINE_BYTES``) -> one written record or one counted reject;
     its images' lines in ``rejects.jsonl`` say which it was."""
@@ -458,7 +498,7 @@ def convert_line(
 
 
 def _convert_document(
-    line: bytes | None, key: str, folder: str, ctx: UnitContext, options: Mmc4Options
+    line: bytes | None, key: str, folder: str | UrlStore, ctx: UnitContext, options: Mmc4Options
 ) -> bool:
     ctx.stats.add("documents", "in")
     if line is None:
@@ -497,7 +537,9 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str
 
     Only errors from *reading* the zip are caught: a write error (full disk) must stop the run.
     """
-    folder = image_folder(options.images, unit, layout)
+    folder = (
+        url_store(options.images) if layout == "url" else image_folder(options.images, unit, layout)
+    )
     lines = _unit_lines if kind_of(unit.source) is None else _stream_unit_lines
     for key, line in lines(unit, ctx):
         convert_line(line, key, folder, ctx, options)
@@ -671,9 +713,14 @@ def convert_mmc4(
 
 def plan_mmc4(docs: str | list[str], options: Mmc4Options) -> ConversionPlan:
     """One unit per document file (zip, .jsonl, .jsonl.gz, .jsonl.zst), its images found under the
-    detected layout; inputs checked here."""
+    detected layout, or by url in ``images`` (layout url; fetched there first with ``download``);
+    inputs checked here."""
     if options.layout not in LAYOUTS:
         raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, not {options.layout!r}")
+    if options.download is not None and options.layout not in ("auto", "url"):
+        raise InputError(
+            f"`download` finds images by url: `layout` {options.layout} cannot be used"
+        )
     duplicates: list[str] = []
     sources = expand_specs(
         docs,
@@ -685,22 +732,16 @@ def plan_mmc4(docs: str | list[str], options: Mmc4Options) -> ConversionPlan:
     units = [u for u in unit_names(sources, unit_stem) if remote.isfile(u.source)]
     if not units:
         raise SpecError(f"no MMC4 zip, .jsonl, .jsonl.gz or .jsonl.zst file matches {docs!r}")
-    if not remote.isdir(options.images):
+    if options.download is None and not remote.isdir(options.images):
         raise SpecError(missing_folder("images", options.images))
-    numbered = indexed_units(units, listed=not lists_folder_or_glob(docs))
-    if numbered is None and options.layout == "indexed":
-        raise SpecError(_no_number_message(units))
-    try:
-        layout, _rates = detect_layout(numbered or units, options, indexed_ok=numbered is not None)
-    except LayoutError as exc:
-        if numbered is None:  # the indexed layout could not be tried: say how to make it work
-            raise LayoutError(f"{exc}. {_no_number_message(units)}") from exc
-        raise
-    units = numbered or units
     counts = Stats(converter="mmc4")
     counts.add("units", "missing_input", len(sources) - len(units))
     if duplicates:
         counts.add("units", "duplicate_input", len(duplicates))
+    if options.download is not None or _is_url_folder(options):
+        layout, before = "url", _download_step(units, options, counts)
+    else:
+        layout, units, before = *_file_layout(docs, units, options), None
     counts.add("units", f"layout_{layout}")
     settings = {
         "layout": layout,
@@ -714,4 +755,65 @@ def plan_mmc4(docs: str | list[str], options: Mmc4Options) -> ConversionPlan:
         units=lambda run: units,
         convert_unit=partial(convert_unit, options=options, layout=layout),
         input_counts=counts,
+        before=before,
     )
+
+
+def _is_url_folder(options: Mmc4Options) -> bool:
+    """Images by url: asked for, or ``auto`` and ``images`` is an img2dataset output."""
+    if options.layout == "url":
+        if not finished_shards(options.images):
+            raise SpecError(
+                f"no finished img2dataset shard (tar + _stats.json) in `images` {options.images}"
+            )
+        return True
+    return options.layout == "auto" and bool(finished_shards(options.images))
+
+
+def _download_step(units: list[Unit], options: Mmc4Options, counts: Stats) -> DownloadStep:
+    source = UrlImages(options.images, options.download, options.retry_failed)
+    return DownloadStep(units, unit_raw_urls, source, counts)
+
+
+def _file_layout(
+    docs: str | list[str], units: list[Unit], options: Mmc4Options
+) -> tuple[str, list[Unit]]:
+    """The indexed or flat layout the images are found under, and the units (indexed: numbered)."""
+    numbered = indexed_units(units, listed=not lists_folder_or_glob(docs))
+    if numbered is None and options.layout == "indexed":
+        raise SpecError(_no_number_message(units))
+    try:
+        layout, _rates = detect_layout(numbered or units, options, indexed_ok=numbered is not None)
+    except LayoutError as exc:
+        if numbered is None:  # the indexed layout could not be tried: say how to make it work
+            raise LayoutError(f"{exc}. {_no_number_message(units)}") from exc
+        raise
+    return layout, numbered or units
+
+
+def unit_raw_urls(unit: Unit) -> Iterator[str]:
+    """Every image ``raw_url`` (a string) of the unit's readable documents; what cannot be read
+    gives none (the conversion counts it)."""
+    try:
+        for _member, _number, line in iter_lines(unit.source):
+            for info in _image_infos(line):
+                if isinstance(url := info.get("raw_url"), str) and url:
+                    yield url
+    except (*ZIP_READ_ERRORS, StreamError):
+        return
+
+
+_STORES: dict[tuple[str, tuple[tuple[str, int], ...]], UrlStore] = {}
+
+
+def url_store(folder: str) -> UrlStore:
+    """The url store of ``folder``, read once per process while its shards stay the same."""
+    signature = tuple(
+        (str(p), p.stat().st_mtime_ns)
+        for attempt in attempt_folders(folder)
+        for p in sorted(attempt.glob("*_stats.json"))
+    )
+    if (folder, signature) not in _STORES:
+        _STORES.clear()
+        _STORES[(folder, signature)] = UrlStore(folder)
+    return _STORES[(folder, signature)]

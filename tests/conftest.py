@@ -22,6 +22,7 @@ class Route:
     content_type: str = "image/jpeg"
     status: int = 200
     delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. X-Robots-Tag, Location
 
 
 @dataclass
@@ -56,6 +57,8 @@ def _handler(server: LocalServer) -> type[http.server.BaseHTTPRequestHandler]:
                 self.send_response(route.status)
                 self.send_header("Content-Type", route.content_type)
                 self.send_header("Content-Length", str(len(route.body)))
+                for name, value in route.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(route.body)
             except (BrokenPipeError, ConnectionResetError):

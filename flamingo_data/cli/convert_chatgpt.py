@@ -11,13 +11,13 @@ from flamingo_data.cli.options import (
     add_reject_share_option,
     add_unit_options,
     check_writable,
+    download_options,
     execution,
     image_policy,
     positive,
     print_summary,
     run_options,
 )
-from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.storage import remote
 
 
@@ -68,12 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 
     check_writable(args.out)
-    download = DownloadOptions(
-        processes=args.download_processes,
-        threads=args.threads,
-        timeout=args.timeout,
-        retries=args.retries,
-    )
+    download = download_options(args)
     options = ChatGptOptions(
         url_key=args.url_key,
         images_from=args.images_from,

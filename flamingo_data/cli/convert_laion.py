@@ -7,32 +7,23 @@ from dataclasses import replace
 
 from flamingo_data.cli.options import (
     add_executor_options,
+    add_fetch_options,
     add_image_options,
     add_processes_option,
     add_reject_share_option,
     check_writable,
+    download_options,
     execution,
     image_policy,
-    non_negative,
     positive,
     print_summary,
 )
 from flamingo_data.errors import UsageError
-from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.storage import remote
 
 
 def add_download_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--download-processes", type=positive, default=1, help="img2dataset processes"
-    )
-    parser.add_argument(
-        "--threads", type=positive, default=16, help="img2dataset threads per process"
-    )
-    parser.add_argument("--timeout", type=positive, default=10, help="seconds per download")
-    parser.add_argument(
-        "--retries", type=non_negative, default=1, help="extra tries per url (default 1)"
-    )
+    add_fetch_options(parser)
     parser.add_argument(
         "--resume", action="store_true", help="reuse img2dataset's incremental mode"
     )
@@ -107,12 +98,7 @@ def run(args: argparse.Namespace) -> int:
             "--image-size and --resize-mode are gone: LAION images go through the image stage; "
             "use --max-side N (what keep_ratio_largest did) or --short-side N"
         )
-    download = DownloadOptions(
-        processes=args.download_processes,
-        threads=args.threads,
-        timeout=args.timeout,
-        retries=args.retries,
-    )
+    download = download_options(args)
     if args.max_side is None and args.short_side is None:
         args.max_side = LAION_MAX_SIDE
     options = LaionOptions(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from flamingo_data.core.stats import Stats
 from flamingo_data.errors import UsageError
+from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.images.jpeg_encoders import (
     DEFAULT_ENCODER,
     DEFAULT_TABLES,
@@ -83,6 +84,29 @@ def execution(args: argparse.Namespace) -> Execution:
         processes=args.processes,
         master=getattr(args, "executor_master", None),
         progress=not args.no_progress,
+    )
+
+
+def add_fetch_options(parser: argparse.ArgumentParser) -> None:
+    """How img2dataset fetches urls: the same flags wherever a converter downloads."""
+    parser.add_argument(
+        "--download-processes", type=positive, default=1, help="img2dataset processes"
+    )
+    parser.add_argument(
+        "--threads", type=positive, default=16, help="img2dataset threads per process"
+    )
+    parser.add_argument("--timeout", type=positive, default=10, help="seconds per download")
+    parser.add_argument(
+        "--retries", type=non_negative, default=1, help="extra tries per url (default 1)"
+    )
+
+
+def download_options(args: argparse.Namespace) -> DownloadOptions:
+    return DownloadOptions(
+        processes=args.download_processes,
+        threads=args.threads,
+        timeout=args.timeout,
+        retries=args.retries,
     )
 
 
@@ -246,6 +270,7 @@ def run_options(args: argparse.Namespace, converter: str) -> RunOptions:
         resume=args.resume,
         fsync=not args.no_fsync,
         max_reject_share=args.max_reject_share,
+        progress=not args.no_progress,
     )
 
 

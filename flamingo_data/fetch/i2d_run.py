@@ -15,7 +15,7 @@ import importlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -51,15 +51,21 @@ def run_img2dataset(
     options: DownloadOptions,
     extra_columns: list[str] | None = None,
     input_format: str = "parquet",
+    journal: str | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> None:
-    """Download into ``output`` (webdataset jpg/txt/json); finished shards are skipped on a rerun.
-    Without the [download] extra raises MissingExtra."""
+    """Download into ``output`` (webdataset jpg/txt/json); finished shards are skipped on a rerun,
+    and with a ``journal`` folder no url logged there is fetched again
+    (``flamingo_data.fetch.journal``). ``progress`` replaces img2dataset's shard counter: called
+    about twice a second while the download runs. Without the [download] extra raises
+    MissingExtra."""
     require_extra("download", "run_img2dataset")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download
 
-    with _img2dataset_hooks(options.max_bytes), _interrupt_raises():
+    hooks = _img2dataset_hooks(options.max_bytes, journal, quiet=progress is not None)
+    with hooks, _interrupt_raises(), _every_half_second(progress):
         download(
             url_list=url_list,
             input_format=input_format,
@@ -85,10 +91,11 @@ def run_img2dataset(
 
 
 @contextlib.contextmanager
-def _img2dataset_hooks(max_bytes: int) -> Iterator[None]:
+def _img2dataset_hooks(max_bytes: int, journal: str | None, quiet: bool) -> Iterator[None]:
     """img2dataset builds its downloader, progress logger and pool by names in its ``main`` and
     ``distributor``: ours while the download runs (its workers fetch with ``fetch``, its processes
-    leave Ctrl-C to this one and end with it), upstream's again afterwards."""
+    leave Ctrl-C to this one and end with it; ``quiet``: no shard counter), upstream's again
+    afterwards."""
     from flamingo_data.fetch.i2d_worker import (
         BoundedDownloader,
         TiedLoggerProcess,
@@ -106,14 +113,52 @@ def _img2dataset_hooks(max_bytes: int) -> Iterator[None]:
             "img2dataset>=1.47,<1.48",
             "download",
         )
-    upstream = i2d_main.Downloader, i2d_main.LoggerProcess, i2d_distributor.get_context
-    i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes)
+    upstream = (
+        i2d_main.Downloader,
+        i2d_main.LoggerProcess,
+        i2d_distributor.get_context,
+        i2d_distributor.tqdm,
+    )
+    i2d_main.Downloader = partial(BoundedDownloader, max_bytes=max_bytes, journal=journal)
     i2d_main.LoggerProcess = TiedLoggerProcess
     i2d_distributor.get_context = tied_spawn_context
+    if quiet:
+        i2d_distributor.tqdm = _no_bar
     try:
         yield
     finally:
-        i2d_main.Downloader, i2d_main.LoggerProcess, i2d_distributor.get_context = upstream
+        (
+            i2d_main.Downloader,
+            i2d_main.LoggerProcess,
+            i2d_distributor.get_context,
+            i2d_distributor.tqdm,
+        ) = upstream
+
+
+def _no_bar(iterable: Any, *args: Any, **kwargs: Any) -> Any:
+    return iterable
+
+
+@contextlib.contextmanager
+def _every_half_second(tick: Callable[[], None] | None) -> Iterator[None]:
+    """``tick()`` from a daemon thread about twice a second meanwhile, and once at the end."""
+    if tick is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(0.5):
+            tick()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        tick()
 
 
 class _InterruptingSignals:

@@ -23,20 +23,51 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from img2dataset import downloader as i2d  # noqa: E402 (after the line above)
 from img2dataset.logger import LoggerProcess  # noqa: E402
 
+from flamingo_data.fetch.journal import Journal, logged_body  # noqa: E402
 from flamingo_data.fetch.web import USER_AGENT, fetch  # noqa: E402
 from flamingo_data.run.procpool import die_with_parent  # noqa: E402
 
+UPSTREAM_WITH_RETRY = i2d.download_image_with_retry
+_JOURNALS: dict[str, Journal] = {}  # this process's journal, by folder
+
 
 class BoundedDownloader(i2d.Downloader):
-    """img2dataset's Downloader whose every fetch is bounded by ``--timeout`` and ``max_bytes``."""
+    """img2dataset's Downloader whose every fetch is bounded by ``--timeout`` and ``max_bytes``;
+    with a ``journal`` folder, each url's final outcome is logged there and a url logged by an
+    interrupted run is answered from the log (see ``flamingo_data.fetch.journal``)."""
 
-    def __init__(self, *args: Any, max_bytes: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_bytes: int, journal: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_bytes = max_bytes
+        self.journal = journal
 
     def __call__(self, row: Any) -> Any:
         i2d.download_image = partial(download_image, max_bytes=self.max_bytes)
+        if self.journal is not None:
+            if self.journal not in _JOURNALS:
+                _JOURNALS[self.journal] = Journal.open(self.journal)
+            i2d.download_image_with_retry = partial(
+                journaled_download, journal=_JOURNALS[self.journal]
+            )
         return super().__call__(row)
+
+
+def journaled_download(row: tuple[int, str], *args: Any, journal: Journal, **kwargs: Any) -> Any:
+    """img2dataset's ``download_image_with_retry``, answered from ``journal`` for a url it holds;
+    otherwise fetched (with img2dataset's retries) and its outcome logged."""
+    key, url = row
+    if (logged := journal.lookup(url)) is not None:
+        if logged.error is not None:
+            return key, None, logged.error
+        return key, io.BytesIO(logged_body(logged)), None
+    key, stream, error = UPSTREAM_WITH_RETRY(row, *args, **kwargs)
+    if stream is None:
+        journal.record(url, None, str(error or "failed"))
+    else:
+        journal.record(url, stream.getvalue(), None)
+    return key, stream, error
 
 
 @contextlib.contextmanager

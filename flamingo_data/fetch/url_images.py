@@ -12,20 +12,24 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
 from flamingo_data.core.stats import Stats
 from flamingo_data.errors import InputError, OutputExistsError
 from flamingo_data.fetch.i2d_output import ImageStore, check_finished, finished_shards
 from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
+from flamingo_data.fetch.journal import JournalCounter
 
 URL_LIST = "_urls.parquet"  # the attempt's sorted url list: a resumed attempt shards it alike
 RETRY_PREFIX = "_retry-"
 JOURNAL_DIR = "_journal"  # see flamingo_data.fetch.journal
+DONE_FILE = "_done.json"  # an attempt every shard of which img2dataset finished
 # Reason families --retry-failed accepts beside exact reason codes.
 REASON_FAMILIES = {"http_5xx": re.compile(r"http_5\d\d"), "http_4xx": re.compile(r"http_4\d\d")}
 
@@ -100,54 +104,80 @@ def matches_reason(reason: str, wanted: Iterable[str]) -> bool:
 
 
 def fetch_url_images(
-    urls: Iterable[str], source: UrlImages, *, resume: bool, progress: bool = False
+    urls: Iterable[str], source: UrlImages, *, progress: bool = False
 ) -> list[str]:
     """Download ``urls`` (http(s) only, each distinct url once) into ``source.folder``; with
     ``source.retry_failed``, re-attempt only the urls an earlier attempt failed with one of those
     reasons, in a new ``_retry-NN`` attempt. Returns the urls this call attempted. An interrupted
-    attempt resumes (``resume``) without fetching a url again."""
+    attempt over the same urls continues without fetching a url again; a finished one fetches
+    nothing."""
     if source.download is None:
         raise InputError("`download` is not set: nothing to fetch")
     wanted = sorted(set(urls))
     folder = Path(source.folder)
     if source.retry_failed:
         return _retry(wanted, folder, source, progress)
-    _attempt(wanted, folder, source.download, resume, progress)
+    _attempt(wanted, folder, source.download, progress)
     return wanted
 
 
 def _retry(urls: list[str], folder: Path, source: UrlImages, progress: bool) -> list[str]:
+    """The failed urls again, in a new attempt (or the interrupted retry attempt, continued)."""
+    if not (folder / DONE_FILE).exists():
+        raise InputError(
+            f"the download in `images` {folder} is unfinished: resume it before `retry_failed`"
+        )
     store = UrlStore(folder)
     again = [u for u in urls if matches_reason(store.failed.get(u, ""), source.retry_failed)]
     attempts = attempt_folders(folder)
     last = attempts[-1]
-    if last != folder and not (last / "_done.json").exists():
-        target = last  # an interrupted retry attempt: resume it with its own url list
+    if last != folder and (last / URL_LIST).exists() and not (last / DONE_FILE).exists():
+        target = last  # an interrupted retry attempt: continued over its own url list
         again = pd.read_parquet(last / URL_LIST)["url"].tolist()
     else:
         target = folder / f"{RETRY_PREFIX}{len(attempts):02d}"
     if again:
-        _attempt(again, target, source.download, True, progress)
+        _attempt(again, target, source.download, progress)
     return again
 
 
-def _attempt(
-    urls: list[str], folder: Path, options: DownloadOptions, resume: bool, progress: bool
-) -> None:
-    """One img2dataset run over ``urls`` into ``folder``, resumable; ``_done.json`` marks it done."""
-    if not urls:
+def _attempt(urls: list[str], folder: Path, options: DownloadOptions, progress: bool) -> None:
+    """One img2dataset run over ``urls`` into ``folder``; an interrupted one resumes without
+    fetching a url again (its journal), and ``_done.json`` marks it finished."""
+    if not urls or _finished_with(folder, urls):
         return
     folder.mkdir(parents=True, exist_ok=True)
-    _check_same_urls(folder / URL_LIST, folder, urls, resume)
+    _check_same_urls(folder / URL_LIST, folder, urls)
     pd.DataFrame({"url": urls}).to_parquet(folder / URL_LIST)
-    run_img2dataset(
-        str(folder / URL_LIST), str(folder), url_col="url", caption_col=None, options=options
-    )
+    journal = folder / JOURNAL_DIR
+    with tqdm(total=len(urls), unit="img", desc="download", disable=not progress) as bar:
+        counter = JournalCounter(journal)
+
+        def tick() -> None:
+            bar.update(min(counter.count(), len(urls)) - bar.n)
+
+        run_img2dataset(
+            str(folder / URL_LIST),
+            str(folder),
+            url_col="url",
+            caption_col=None,
+            options=options,
+            journal=str(journal),
+            progress=tick if progress else None,
+        )
     check_finished(folder, math.ceil(len(urls) / options.samples_per_shard))
-    (folder / "_done.json").write_text(json.dumps({"urls": len(urls)}) + "\n")
+    (folder / DONE_FILE).write_text(json.dumps({"urls": len(urls)}) + "\n")
+    shutil.rmtree(journal, ignore_errors=True)  # its bodies are in the finished shards now
 
 
-def _check_same_urls(previous: Path, folder: Path, urls: list[str], resume: bool) -> None:
+def _finished_with(folder: Path, urls: list[str]) -> bool:
+    """An attempt over these very urls already finished: nothing to start img2dataset for."""
+    if not (folder / DONE_FILE).exists() or not (folder / URL_LIST).exists():
+        return False
+    return pd.read_parquet(folder / URL_LIST)["url"].tolist() == urls
+
+
+def _check_same_urls(previous: Path, folder: Path, urls: list[str]) -> None:
     """img2dataset's incremental mode skips the shards it finished, by number: a changed url list
     would sort other urls into them, never fetched. Refuse instead."""
     if not previous.exists() or not finished_shards(folder):

@@ -96,6 +96,7 @@ class RunOptions:
     settings: dict[str, Any] = field(default_factory=dict)
     # share of records not written above which the run ends with a warning (see outcome.py)
     max_reject_share: float = DEFAULT_MAX_REJECT_SHARE
+    progress: bool = False  # progress bars on stderr for the steps before the units (downloads)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", remote.local_form(self.out_dir))
