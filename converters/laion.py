@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from flamingo_data.converters.laion_shards import place_shard
 from flamingo_data.core.extras import require_extra
 from flamingo_data.core.stats import Stats
 from flamingo_data.fetch.i2d_output import (
@@ -32,7 +33,6 @@ from flamingo_data.fetch.i2d_output import (
     finished_shards,
     shard_rows,
 )
-from flamingo_data.fetch.i2d_pairs import place_shard
 from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
 from flamingo_data.images.stage import ImagePolicy
 from flamingo_data.run.driver import ConversionPlan, run_conversion

@@ -165,6 +165,32 @@ def _write_mmc4(root: Path) -> None:
     shutil.rmtree(root / "_gen")
 
 
+def _write_mmc4_web(root: Path, urls: dict[str, str]) -> None:
+    """``mmc4-web/docs_shard_{0..1}_v2.jsonl.gz``: MMC4 documents whose images are urls on the
+    local server (one shared by both shards, one dead)."""
+    (root / "mmc4-web").mkdir()
+    shards = (("cat", "dog"), ("bird", "cat", "gone"))
+    for number, names in enumerate(shards):
+        doc = {
+            "url": f"https://example.com/page-{number}",
+            "text_list": [f"Picture {name} on the page." for name in names],
+            "image_info": [
+                {
+                    "image_name": f"{name}.jpg",
+                    "raw_url": urls[name],
+                    "matched_text_index": i,
+                    "matched_sim": 0.3,
+                }
+                for i, name in enumerate(names)
+            ],
+            "similarity_matrix": [
+                [0.3 if j == i else 0.1 for j in range(len(names))] for i in range(len(names))
+            ],
+        }
+        path = root / "mmc4-web" / f"docs_shard_{number}_v2.jsonl.gz"
+        path.write_bytes(gzip.compress((json.dumps(doc) + "\n").encode()))
+
+
 def _write_laion(root: Path, urls: dict[str, str]) -> None:
     (root / "laion").mkdir()
     rows = [("cat", "a cat"), ("dog", "a dog"), ("gone", "a lost picture"), ("bird", "a bird")]
@@ -272,6 +298,7 @@ def workspace(server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     built.mkdir()
     urls = _serve_images(server)
     _write_mmc4(inputs)
+    _write_mmc4_web(inputs, urls)
     _write_laion(inputs, urls)
     _write_gpt(inputs, urls)
     _write_conversations(inputs)
@@ -428,7 +455,6 @@ REASON_SOURCES = [
             "images/stage.py",
             "check/validate.py",
             "storage/shard_reader.py",
-            "fetch/i2d_pairs.py",
             "fetch/i2d_output.py",
             "check/inspect.py",
             "core/records.py",

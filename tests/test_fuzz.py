@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from flamingo_data.check.validate import ValidateOptions, ValidationReport, check_sample
 from flamingo_data.converters import chatgpt, conversations, mmc4
+from flamingo_data.converters import laion_shards as paircheck
 from flamingo_data.core.stats import Stats
 from flamingo_data.demo.sample_data import make_document, make_image
-from flamingo_data.fetch import i2d_pairs as paircheck
 from flamingo_data.images.stage import ImagePolicy, process_image, sniff_format
 from flamingo_data.run.units import Unit, UnitContext
 from flamingo_data.storage.shard_reader import Sample

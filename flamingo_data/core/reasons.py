@@ -106,6 +106,10 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("units", "layout_auto", "the image layout was detected"),
     Reason("units", "layout_indexed", "images were read as <images>/<shard index>/<name>"),
     Reason("units", "layout_flat", "images were read as <images>/<name>"),
+    Reason("units", "layout_url", "images were read by url from an img2dataset output"),
+    # urls: the distinct image urls of a document converter's download
+    Reason("urls", "in", "distinct http(s) image urls the documents name"),
+    Reason("urls", "fetched", "urls whose image was downloaded"),
     Reason("units", "unreadable_json", "the sequence or conversation file is not JSON"),
     Reason("units", "truncated_zip", "the zip ends before its central directory: a cut-off copy"),
     Reason("units", "unreadable_zip", "the zip cannot be read"),
@@ -221,6 +225,8 @@ def _derived() -> tuple[Reason, ...]:
             for code, meaning in images.items()
         ),
         *(Reason("rows", code, meaning) for code, meaning in _IMG2DATASET),
+        *(Reason("urls", code, meaning) for code, meaning in _IMG2DATASET),
+        Reason("urls", "not_downloaded", "the url is in no attempt of the download folder"),
     )
 
 

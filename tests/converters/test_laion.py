@@ -31,9 +31,9 @@ from flamingo_data.converters.laion import (
     detect_columns,
     input_columns,
 )
+from flamingo_data.converters.laion_shards import check_sample
 from flamingo_data.demo.sample_data import make_image
 from flamingo_data.errors import NothingWritten
-from flamingo_data.fetch.i2d_pairs import check_sample
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.images.stage import ImagePolicy
 from flamingo_data.run.executors import Execution

@@ -25,9 +25,9 @@ import pytest
 from flamingo_data.check.validate import validate_shards
 from flamingo_data.cli.main import main as cli
 from flamingo_data.converters.laion import LaionOptions, convert_laion, web_urls_only
+from flamingo_data.converters.laion_shards import check_sample, finite_json
 from flamingo_data.demo.sample_data import make_image
 from flamingo_data.fetch.i2d_output import failure_reason
-from flamingo_data.fetch.i2d_pairs import check_sample, finite_json
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.fetch.i2d_worker import download_image
 from flamingo_data.fetch.web import RefusedUrl, fetch, web_only_opener
