@@ -35,6 +35,7 @@ REASON_CODES = (
     ("image area too large", "too_many_pixels"),
     ("aspect ratio too large", "aspect_ratio_too_large"),
     ("x-robots-tag", "opted_out"),
+    ("disallowed by robots.txt", "opted_out"),
     ("name or service not known", "dns_error"),
     ("name resolution", "dns_error"),
     ("connection refused", "connection_refused"),
@@ -155,6 +156,8 @@ def check_finished(staging: Path, expected: int) -> None:
 def failure_reason(message: Any, status: str) -> str:
     """A stable reason code for one of img2dataset's error messages."""
     text = str(message or "").lower()
+    if text.startswith("robots.txt unreachable"):  # its own cause (a 503, a timeout) follows
+        return "robots_unreachable"
     if match := re.search(r"http error (\d{3})", text):
         return f"http_{match.group(1)}"
     return next((code for fragment, code in REASON_CODES if fragment in text), status)

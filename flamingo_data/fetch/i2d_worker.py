@@ -12,6 +12,10 @@ import contextlib
 import io
 import os
 import signal
+import threading
+import urllib.error
+import urllib.parse
+import urllib.robotparser
 from collections.abc import Iterator
 from functools import partial
 from multiprocessing.context import SpawnContext, SpawnProcess
@@ -24,7 +28,7 @@ from img2dataset import downloader as i2d  # noqa: E402 (after the line above)
 from img2dataset.logger import LoggerProcess  # noqa: E402
 
 from flamingo_data.fetch.journal import Journal, logged_body  # noqa: E402
-from flamingo_data.fetch.web import USER_AGENT, fetch  # noqa: E402
+from flamingo_data.fetch.web import USER_AGENT, fetch, is_web_url, request_url  # noqa: E402
 from flamingo_data.run.procpool import die_with_parent  # noqa: E402
 
 UPSTREAM_WITH_RETRY = i2d.download_image_with_retry
@@ -137,6 +141,8 @@ def download_image(
         agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
     check = partial(_opt_out, token=user_agent_token, directives=disallowed_header_directives)
     try:
+        if user_agent_token:
+            ROBOTS.check(url, user_agent_token, agent, timeout)
         body = fetch(
             url, timeout=timeout, max_bytes=max_bytes, headers={"User-Agent": agent}, check=check
         )
@@ -146,7 +152,70 @@ def download_image(
 
 
 class OptedOut(ValueError):
-    """The site's X-Robots-Tag asks that its images not be used."""
+    """The site's X-Robots-Tag or robots.txt asks that its images not be used."""
+
+
+ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309 asks crawlers to read at least 500 KiB of a robots.txt
+
+
+class RobotsRules:
+    """Each site's robots.txt, fetched once per process (bounded like an image) and obeyed:
+    a path it disallows for the user agent token is refused unfetched. A robots.txt answered with
+    a 4xx allows everything; one that cannot be fetched (5xx, timeout) refuses the site's urls
+    (RFC 9309), with a reason ``--retry-failed`` can name."""
+
+    def __init__(self) -> None:
+        self.rules: dict[str, urllib.robotparser.RobotFileParser | str | None] = {}
+        self.locks: dict[str, threading.Lock] = {}
+        self.guard = threading.Lock()
+
+    def check(self, url: str, token: str, agent: str, timeout: float) -> None:
+        """Raise OptedOut (or RobotsUnreachable) unless the site's robots.txt lets ``token`` fetch."""
+        if not is_web_url(url):
+            return  # never fetched: ``fetch`` refuses it (bad_url)
+        parts = urllib.parse.urlsplit(request_url(url))
+        if not parts.hostname:
+            return  # no host: ``fetch`` refuses it (bad_url)
+        origin = f"{parts.scheme}://{parts.netloc}".lower()
+        with self.guard:
+            lock = self.locks.setdefault(origin, threading.Lock())
+        with lock:
+            if origin not in self.rules:
+                self.rules[origin] = _robots_rules(origin, agent, timeout)
+        rules = self.rules[origin]
+        if isinstance(rules, str):
+            raise RobotsUnreachable(rules)
+        if rules is not None and not rules.can_fetch(token, request_url(url)):
+            raise OptedOut("Use of image disallowed by robots.txt")
+
+
+class RobotsUnreachable(OSError):
+    """The site's robots.txt could not be fetched: its urls are not fetched either."""
+
+
+def _robots_rules(
+    origin: str, agent: str, timeout: float
+) -> urllib.robotparser.RobotFileParser | str | None:
+    """The parsed rules, None (no rules: a 4xx), or why they could not be fetched."""
+    try:
+        body = fetch(
+            f"{origin}/robots.txt",
+            timeout=timeout,
+            max_bytes=ROBOTS_MAX_BYTES,
+            headers={"User-Agent": agent},
+        )
+    except urllib.error.HTTPError as exc:
+        if 400 <= exc.code < 500:
+            return None
+        return f"robots.txt unreachable: HTTP Error {exc.code}"
+    except Exception as exc:  # noqa: BLE001 (any failure: the site's urls are refused, counted)
+        return f"robots.txt unreachable: {exc}"
+    rules = urllib.robotparser.RobotFileParser()
+    rules.parse(body.decode("utf-8", "replace").splitlines())
+    return rules
+
+
+ROBOTS = RobotsRules()
 
 
 def _opt_out(response: Any, token: str | None, directives: set[str] | None) -> None:

@@ -102,6 +102,9 @@ def test_download_counts_every_failure_once_per_url_and_writes_trainable_shards(
     http_server.routes["/to-file.jpg"] = Route(
         b"", status=302, headers={"Location": "file:///etc/passwd"}
     )
+    http_server.routes["/robots.txt"] = Route(b"User-agent: *\nDisallow: /private/\n", "text/plain")
+    http_server.routes["/private/x.jpg"] = Route(noisy_image(9))
+    private = http_server.url("private/x.jpg")
     missing, slow = http_server.url("gone.jpg"), http_server.url("slow.jpg")
     opted, to_file = http_server.url("opted-out.jpg"), http_server.url("to-file.jpg")
     docs_a = write_docs(
@@ -116,7 +119,7 @@ def test_download_counts_every_failure_once_per_url_and_writes_trainable_shards(
         tmp_path / "docs_00001.jsonl.gz",
         [
             document([shared, png, to_file]),
-            document([good[2], good[3], "ftp://example.com/x.jpg"]),
+            document([good[2], good[3], "ftp://example.com/x.jpg", private]),
         ],
     )
     out, images = tmp_path / "out", tmp_path / "downloads"
@@ -134,19 +137,20 @@ def test_download_counts_every_failure_once_per_url_and_writes_trainable_shards(
 
     assert all(hits == 1 for hits in http_server.hits.values()), http_server.hits
     assert http_server.hits["/shared.jpg"] == 1  # named by three documents, fetched once
+    assert "/private/x.jpg" not in http_server.hits  # robots.txt disallows it: never requested
     assert "/etc/passwd" not in done.stderr
-    assert "10/10" in done.stderr and "img" in done.stderr  # the download's progress bar
+    assert "11/11" in done.stderr and "img" in done.stderr  # the download's progress bar
     stats = json.loads((out / "stats.json").read_text())
     assert stats["counts"]["documents"] == {"in": 5, "written": 4, "rejected": 1}
     assert stats["reasons"]["documents"] == {"no_images": 1}
     assert stats["reasons"]["images"] == {
         "http_404": 1,
         "timeout": 1,
-        "opted_out": 1,
+        "opted_out": 2,
         "bad_url": 2,
     }
-    assert stats["counts"]["urls"] == {"in": 10, "fetched": 6, "rejected": 4}
-    assert stats["counts"]["images"] == {"in": 13, "found": 8, "kept": 8, "rejected": 5}
+    assert stats["counts"]["urls"] == {"in": 11, "fetched": 6, "rejected": 5}
+    assert stats["counts"]["images"] == {"in": 14, "found": 8, "kept": 8, "rejected": 6}
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert {r["url"] for r in rejects if r.get("kind") == "images"} >= {missing, slow, opted}
 
@@ -207,8 +211,9 @@ def test_an_interrupted_download_resumes_without_fetching_a_url_twice(
     convert(*args, "--resume", "--timeout", "5")
     # a url whose fetch the interrupted run finished is never fetched again; the one in flight
     # at the interruption (one thread) may be
-    twice = {path: n for path, n in http_server.hits.items() if n != 1}
-    assert len(http_server.hits) == 16 and len(twice) <= 1, twice
+    images_hit = {path: n for path, n in http_server.hits.items() if path != "/robots.txt"}
+    twice = {path: n for path, n in images_hit.items() if n != 1}
+    assert len(images_hit) == 16 and len(twice) <= 1, twice
     assert not logged & {path.lstrip("/") for path in twice}, twice
     assert not (images / JOURNAL_DIR).exists()  # its bodies are in the finished shards
 

@@ -173,3 +173,28 @@ def test_importing_the_img2dataset_hook_contacts_no_server() -> None:
     )
     assert result.stdout.strip() == "imported", result.stderr[-1000:]
     assert "NETWORK" not in result.stderr
+
+
+def test_robots_txt_is_fetched_once_per_site_and_obeyed(http_server) -> None:
+    """Disallowed paths are refused unfetched; a robots.txt answered 4xx allows everything; one
+    that cannot be fetched refuses the site's urls with its own reason (RFC 9309)."""
+    pytest.importorskip("img2dataset")
+    from flamingo_data.fetch.i2d_output import failure_reason
+    from flamingo_data.fetch.i2d_worker import OptedOut, RobotsRules, RobotsUnreachable
+
+    http_server.routes["/robots.txt"] = Route(b"User-agent: *\nDisallow: /private/\n", "text/plain")
+    rules = RobotsRules()
+    rules.check(http_server.url("public/a.jpg"), "img2dataset", "agent", 5)
+    for _ in range(3):
+        with pytest.raises(OptedOut) as refused:
+            rules.check(http_server.url("private/b.jpg"), "img2dataset", "agent", 5)
+    assert failure_reason(str(refused.value), "failed") == "opted_out"
+    assert http_server.hits == {"/robots.txt": 1}
+
+    http_server.routes["/robots.txt"] = Route(b"busy", "text/plain", status=503)
+    with pytest.raises(RobotsUnreachable) as unreachable:
+        RobotsRules().check(http_server.url("public/a.jpg"), "img2dataset", "agent", 5)
+    assert failure_reason(str(unreachable.value), "failed") == "robots_unreachable"
+
+    del http_server.routes["/robots.txt"]  # a 404: no rules
+    RobotsRules().check(http_server.url("private/b.jpg"), "img2dataset", "agent", 5)
