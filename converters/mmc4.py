@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from flamingo_data.converters.docstreams import (
     SUFFIXES,
@@ -32,7 +32,6 @@ from flamingo_data.converters.docstreams import (
     kind_of,
     open_documents,
 )
-from flamingo_data.converters.downloads import DownloadStep
 from flamingo_data.core.records import (
     ImageInfo,
     InterleavedDoc,
@@ -42,9 +41,6 @@ from flamingo_data.core.records import (
 from flamingo_data.core.schema import schema_errors
 from flamingo_data.core.stats import Stats
 from flamingo_data.errors import InputError, LayoutError
-from flamingo_data.fetch.i2d_output import finished_shards
-from flamingo_data.fetch.i2d_run import DownloadOptions
-from flamingo_data.fetch.url_images import UrlImages, UrlStore, attempt_folders
 from flamingo_data.fetch.web import is_web_url
 from flamingo_data.images.stage import ImagePolicy, process_image
 from flamingo_data.run.driver import ConversionPlan, run_conversion
@@ -58,6 +54,11 @@ from flamingo_data.storage.specs import (
     lists_folder_or_glob,
     missing_folder,
 )
+
+if TYPE_CHECKING:  # pandas and pyarrow load only when images are read by url
+    from flamingo_data.converters.downloads import DownloadStep
+    from flamingo_data.fetch.i2d_run import DownloadOptions
+    from flamingo_data.fetch.url_images import UrlStore
 
 LAYOUTS = ("auto", "indexed", "flat", "url")
 # A document line longer than this is counted line_too_long and never held whole: MMC4 lines are
@@ -441,10 +442,10 @@ def attach_images(
     found = 0
     for info in doc.image_info:
         image_key = f"{key}/{info.image_name}"
-        if isinstance(images, UrlStore):
-            data = _image_by_url(images, info.raw_url, ctx, image_key, policy)
-        else:
+        if isinstance(images, str):
             data = _image_by_name(images, info, ctx, image_key, policy)
+        else:
+            data = _image_by_url(images, info.raw_url, ctx, image_key, policy)
         if data is None:
             continue
         result = process_image(data, policy)
@@ -761,6 +762,8 @@ def plan_mmc4(docs: str | list[str], options: Mmc4Options) -> ConversionPlan:
 
 def _is_url_folder(options: Mmc4Options) -> bool:
     """Images by url: asked for, or ``auto`` and ``images`` is an img2dataset output."""
+    from flamingo_data.fetch.i2d_output import finished_shards
+
     if options.layout == "url":
         if not finished_shards(options.images):
             raise SpecError(
@@ -771,6 +774,9 @@ def _is_url_folder(options: Mmc4Options) -> bool:
 
 
 def _download_step(units: list[Unit], options: Mmc4Options, counts: Stats) -> DownloadStep:
+    from flamingo_data.converters.downloads import DownloadStep
+    from flamingo_data.fetch.url_images import UrlImages
+
     source = UrlImages(options.images, options.download, options.retry_failed)
     return DownloadStep(units, unit_raw_urls, source, counts)
 
@@ -808,6 +814,8 @@ _STORES: dict[tuple[str, tuple[tuple[str, int], ...]], UrlStore] = {}
 
 def url_store(folder: str) -> UrlStore:
     """The url store of ``folder``, read once per process while its shards stay the same."""
+    from flamingo_data.fetch.url_images import UrlStore, attempt_folders
+
     signature = tuple(
         (str(p), p.stat().st_mtime_ns)
         for attempt in attempt_folders(folder)
