@@ -265,9 +265,7 @@ def _write_obelics(root: Path, urls: dict[str, str]) -> None:
         doc("https://example.com/pets", "cat", "A cat on a mat.", "dog", "bird", "Two more pets."),
         doc("https://example.com/lost", "A lost picture:", "gone"),
     ]
-    rows = [
-        {**d, **{k: json.dumps(d[k]) for k in ("metadata", "general_metadata")}} for d in first
-    ]
+    rows = [{**d, **{k: json.dumps(d[k]) for k in ("metadata", "general_metadata")}} for d in first]
     schema = pa.schema(
         [
             ("images", pa.list_(pa.string())),
@@ -276,8 +274,13 @@ def _write_obelics(root: Path, urls: dict[str, str]) -> None:
             ("texts", pa.list_(pa.string())),
         ]
     )
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "obelics" / "web-00000.parquet")
-    second = [doc("https://example.com/bird", "Birds sing.", "bird"), doc("https://example.com/x", "dog")]
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schema), root / "obelics" / "web-00000.parquet"
+    )
+    second = [
+        doc("https://example.com/bird", "Birds sing.", "bird"),
+        doc("https://example.com/x", "dog"),
+    ]
     text = "".join(json.dumps(d) + "\n" for d in second)
     (root / "obelics" / "web-00001.jsonl").write_text(text)
 

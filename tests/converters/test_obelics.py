@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -168,22 +167,40 @@ def server() -> Iterator[LocalServer]:
     generator.close()
 
 
+def existing_output(folder: Path, url: dict[str, str], data: dict[str, bytes]) -> None:
+    """An img2dataset output of the pictures written directly (what a download of ``url`` gives,
+    the dead url failed with img2dataset's 404 message), so most tests need no download."""
+    rows = [(url[name], "", data[name], name.rsplit(".", 1)[1]) for name in IMAGES]
+    write_img2dataset_output(folder, [*rows, (url["gone"], "", None, "jpg")])
+    table = pq.read_table(folder / "00000.parquet").to_pandas()
+    table.loc[table["url"] == url["gone"], "error_message"] = "HTTP Error 404: Not Found"
+    table.to_parquet(folder / "00000.parquet")
+
+
 @pytest.fixture(scope="module")
-def downloaded(server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One real CLI run with --download-images over the three files."""
+def sources(server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The three document files, their pictures served, and an img2dataset output of them."""
     root = tmp_path_factory.mktemp("obelics")
     url, data = serve_images(server)
-    docs = write_inputs(root, url)
-    args = ["--docs", str(docs), "--images", str(root / "i2d"), "--download-images"]
-    args += ["--threads", "2", "--timeout", "5", "--retries", "0", "--processes", "1"]
-    result = cli(*args, "--out", str(root / "out"), "--rejects", cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    stats = json.loads((root / "out" / "stats.json").read_text())
-    return {"root": root, "url": url, "data": data, "stats": stats, "stdout": result.stdout}
+    existing_output(root / "i2d", url, data)
+    return {"root": root, "docs": write_inputs(root, url), "url": url, "data": data}
 
 
-def test_every_bad_shape_is_counted_with_its_reason(downloaded) -> None:
-    stats = downloaded["stats"]
+@pytest.fixture(scope="module")
+def converted(sources: dict[str, Any]) -> dict[str, Any]:
+    """One run over the three files, images read by url from the existing output, --rejects."""
+    out = sources["root"] / "out"
+    stats = convert_obelics(
+        str(sources["docs"]),
+        ObelicsOptions(images=UrlImages(str(sources["root"] / "i2d"))),
+        RunOptions(out_dir=str(out), converter="obelics", write_rejects=True),
+        execution=ONE,
+    ).to_json()
+    return {**sources, "out": out, "stats": stats}
+
+
+def test_every_bad_shape_is_counted_with_its_reason(converted) -> None:
+    stats = converted["stats"]
     reasons = stats["reasons"]["documents"]
     want = {r: 3 * n for r, n in SHAPE_REASONS.items()} | JSONL_REASONS
     assert reasons == want
@@ -194,16 +211,15 @@ def test_every_bad_shape_is_counted_with_its_reason(downloaded) -> None:
     assert images["in"] == 3 * (3 + 1 + 2 + 1)  # documents rejected for their shape: none looked at
     assert images["found"] == images["kept"] == 3 * (3 + 1 + 1)
     assert stats["counts"]["units"]["done"] == 3
-    assert "obelics: 9 of 36 documents written into 3 shards" in downloaded["stdout"]
 
 
-def test_each_image_owns_the_sentence_after_it_and_metadata_is_kept(downloaded) -> None:
-    out = downloaded["root"] / "out"
+def test_each_image_owns_the_sentence_after_it_and_metadata_is_kept(converted) -> None:
+    out = converted["out"]
     written = records(out)
     assert sorted(written) == sorted(
         f"{unit}-{row:07d}" for unit in ("obelics", "lines", "packed") for row in (1, 2, 3)
     )
-    url, data = downloaded["url"], downloaded["data"]
+    url, data = converted["url"], converted["data"]
     for unit in ("obelics", "lines", "packed"):
         good = written[f"{unit}-0000001"]
         assert good["text_list"] == ["A cat on a mat.", "\n", "Two more cats."]
@@ -230,8 +246,8 @@ def test_each_image_owns_the_sentence_after_it_and_metadata_is_kept(downloaded) 
     assert base64.b64decode(first) == data["a.jpg"]  # the fetched bytes, kept as they are
 
 
-def test_outputs_pass_validate_deep_and_open_flamingo_keeps_every_image(downloaded) -> None:
-    out = downloaded["root"] / "out"
+def test_outputs_pass_validate_deep_and_open_flamingo_keeps_every_image(converted) -> None:
+    out = converted["out"]
     report = validate_shards(str(out), deep=True)
     assert report.ok, report.to_json()
     read, drops = read_like_open_flamingo(shards_of(out))
@@ -244,11 +260,11 @@ def test_outputs_pass_validate_deep_and_open_flamingo_keeps_every_image(download
     assert sum(len(pairs) for pairs in read.values()) == 3 * 5
 
 
-def test_our_loader_places_every_image(downloaded) -> None:
+def test_our_loader_places_every_image(converted) -> None:
     pytest.importorskip("torch")
     from flamingo_data.loader import DatasetSpec, LoaderConfig, build_loader, make_tokenizer
 
-    out = downloaded["root"] / "out"
+    out = converted["out"]
     tokenizer = make_tokenizer(None)
     config = LoaderConfig(batch_size=9, image_size=32, shuffle_shards=False, max_images=4)
     [batch] = list(build_loader([DatasetSpec("o", str(out))], tokenizer, config))
@@ -260,9 +276,9 @@ def test_our_loader_places_every_image(downloaded) -> None:
     assert placed == {key: len(r["image_info"]) for key, r in written.items()}
 
 
-def test_rejects_list_the_images_not_embedded_with_their_document_fate(downloaded) -> None:
-    root, url = downloaded["root"], downloaded["url"]
-    lines = [json.loads(x) for x in (root / "out" / "rejects.jsonl").read_text().splitlines()]
+def test_rejects_list_the_images_not_embedded_with_their_document_fate(converted) -> None:
+    url = converted["url"]
+    lines = [json.loads(x) for x in (converted["out"] / "rejects.jsonl").read_text().splitlines()]
     images = sorted((r["key"], r["reason"], r["document"]) for r in lines if r["kind"] == "images")
     assert images == sorted(
         [(f"{u}-0000003/1", "http_404", "written") for u in ("obelics", "lines", "packed")]
@@ -271,19 +287,33 @@ def test_rejects_list_the_images_not_embedded_with_their_document_fate(downloade
     assert {r["url"] for r in lines if r.get("reason") == "http_404"} == {url["gone"]}
 
 
-def test_an_existing_img2dataset_output_gives_the_same_records(downloaded, tmp_path) -> None:
-    """--images without --download-images reads the folder by url and fetches nothing."""
-    root = downloaded["root"]
-    images = tmp_path / "i2d"
-    shutil.copytree(root / "i2d", images)
-    stats = convert_obelics(
-        str(root / "docs"),
-        ObelicsOptions(images=UrlImages(str(images))),
-        RunOptions(out_dir=str(tmp_path / "out"), converter="obelics"),
-        execution=ONE,
-    ).to_json()
-    assert records(tmp_path / "out") == records(root / "out")
-    assert stats["reasons"] == downloaded["stats"]["reasons"]
+@pytest.mark.slow  # img2dataset's processes take seconds to start
+def test_cli_download_images_fetches_each_url_and_gives_the_same_records(
+    converted, server: LocalServer, tmp_path: Path
+) -> None:
+    """A real CLI run with --download-images from the local server: each distinct url fetched once
+    into --images (an img2dataset output), then the same records and reasons as from an existing
+    output; a --resume of the finished run fetches nothing."""
+    before = dict(server.hits)
+    args = [
+        "--docs",
+        str(converted["docs"]),
+        "--images",
+        str(tmp_path / "i2d"),
+        "--download-images",
+    ]
+    args += ["--threads", "2", "--timeout", "5", "--retries", "0", "--processes", "1"]
+    result = cli(*args, "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "obelics: 9 of 36 documents written into 3 shards" in result.stdout
+    fetched = {path: n - before.get(path, 0) for path, n in server.hits.items()}
+    assert fetched == {f"/{name}": 1 for name in [*IMAGES, "gone.jpg"]}
+    assert records(tmp_path / "out") == records(converted["out"])
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats == converted["stats"]
+    again = cli(*args, "--out", str(tmp_path / "out"), "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sum(server.hits.values()) == sum(before.values()) + len(fetched)
 
 
 def local_images(folder: Path) -> dict[str, str]:
