@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
+from flamingo_data.converters.downloads import DownloadStep
+from flamingo_data.converters.mmc4 import url_store
 from flamingo_data.converters.obelics_docs import (
     Document,
     DocumentError,
@@ -30,19 +32,12 @@ from flamingo_data.core.extras import require_extra
 from flamingo_data.core.records import RecordEncodingError, encode_record
 from flamingo_data.core.stats import Stats
 from flamingo_data.fetch.i2d_output import check_sidecars, finished_shards
-from flamingo_data.fetch.url_images import UrlImages, UrlStore, fetch_url_images, open_url_store
+from flamingo_data.fetch.url_images import UrlImages, UrlStore
 from flamingo_data.fetch.web import is_web_url
 from flamingo_data.images.stage import ImagePolicy, process_image
 from flamingo_data.run.driver import ConversionPlan, run_conversion
 from flamingo_data.run.executors import Execution
-from flamingo_data.run.units import (
-    RunOptions,
-    Unit,
-    UnitContext,
-    all_done,
-    duplicate_inputs,
-    unit_names,
-)
+from flamingo_data.run.units import RunOptions, Unit, UnitContext, unit_names
 from flamingo_data.storage.specs import SpecError, expand_specs
 
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -60,7 +55,7 @@ class ObelicsOptions:
 
 def convert_unit(unit: Unit, ctx: UnitContext, options: ObelicsOptions) -> None:
     """Convert every document of one file; a file that cannot be read is a unit reject."""
-    store = open_url_store(options.images.folder)
+    store = url_store(options.images.folder)
     for key, item in unit_items(unit, ctx):
         since = len(ctx.rejects)
         written = convert_document(item, key, store, ctx, options)
@@ -126,20 +121,13 @@ def attach_images(
     return kept
 
 
-def collect_urls(units: list[Unit]) -> list[str]:
-    """Every distinct http(s) image url of the units' documents, sorted; documents and files that
-    cannot be read give none (their units count them)."""
-    urls: set[str] = set()
-    for unit in units:
-        for _key, item in unit_items(unit, _discarding(unit)):
-            urls.update(u for u in _item_urls(item) if is_web_url(u))
-    return sorted(urls)
-
-
-def _item_urls(item: Item) -> Iterator[str]:
-    images = item.get("images") if isinstance(item, dict) else None
-    if isinstance(images, list):
-        yield from (url for url in images if isinstance(url, str))
+def unit_image_urls(unit: Unit) -> Iterator[str]:
+    """Every image url (a string) of the unit's documents; documents and files that cannot be
+    read give none (the conversion counts them)."""
+    for _key, item in unit_items(unit, _discarding(unit)):
+        images = item.get("images") if isinstance(item, dict) else None
+        if isinstance(images, list):
+            yield from (url for url in images if isinstance(url, str))
 
 
 def _discarding(unit: Unit) -> UnitContext:
@@ -163,8 +151,9 @@ def convert_obelics(
 
 
 def plan_obelics(docs: str | list[str], options: ObelicsOptions) -> ConversionPlan:
-    """One unit per document file, inputs checked here; with a download, every url is fetched
-    into the image folder first (``before``). A --resume whose every unit is done fetches nothing."""
+    """One unit per document file, inputs checked here; before the units run (``DownloadStep``),
+    every distinct http(s) url is fetched into the image folder when ``options.images.download``
+    is set, and the urls are counted by outcome (``urls``)."""
     source = options.images
     if source.download is not None:
         require_extra("download", "convert_obelics with `images` download")
@@ -172,12 +161,9 @@ def plan_obelics(docs: str | list[str], options: ObelicsOptions) -> ConversionPl
     units = unit_names(sources, document_stem)
     if source.download is None:
         _check_image_folder(source.folder)
-
-    def download(run: RunOptions, overwrite: bool) -> None:
-        finished = run.resume and all_done(run.out_dir, (unit.name for unit in units))
-        if source.download is not None and not finished:
-            fetch_url_images(collect_urls(units), source, resume=run.resume)
-
+    counts = Stats(converter="obelics")
+    if duplicates:
+        counts.add("units", "duplicate_input", len(duplicates))
     return ConversionPlan(
         converter="obelics",
         settings={
@@ -187,8 +173,8 @@ def plan_obelics(docs: str | list[str], options: ObelicsOptions) -> ConversionPl
         },
         units=lambda run: units,
         convert_unit=partial(convert_unit, options=options),
-        input_counts=duplicate_inputs(duplicates, "obelics"),
-        before=download,
+        input_counts=counts,
+        before=DownloadStep(units, unit_image_urls, source, counts),
     )
 
 

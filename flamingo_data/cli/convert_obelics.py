@@ -5,30 +5,16 @@ from __future__ import annotations
 import argparse
 
 from flamingo_data.cli.options import (
+    add_fetch_options,
     add_image_options,
     add_run_options,
     check_writable,
+    download_options,
     execution,
     image_policy,
-    non_negative,
-    positive,
     print_summary,
     run_options,
 )
-
-
-def add_fetch_options(parser: argparse.ArgumentParser) -> None:
-    """img2dataset's settings for ``--download-images`` (``convert laion``'s names)."""
-    parser.add_argument(
-        "--download-processes", type=positive, default=1, help="img2dataset processes"
-    )
-    parser.add_argument(
-        "--threads", type=positive, default=16, help="img2dataset threads per process"
-    )
-    parser.add_argument("--timeout", type=positive, default=10, help="seconds per download")
-    parser.add_argument(
-        "--retries", type=non_negative, default=1, help="extra tries per url (default 1)"
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,18 +58,12 @@ def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.obelics import ObelicsOptions, convert_obelics
-    from flamingo_data.fetch.i2d_run import DownloadOptions
     from flamingo_data.fetch.url_images import UrlImages
 
     check_writable(args.out)
-    download = DownloadOptions(
-        processes=args.download_processes,
-        threads=args.threads,
-        timeout=args.timeout,
-        retries=args.retries,
-    )
+    download = download_options(args) if args.download_images else None
     options = ObelicsOptions(
-        images=UrlImages(args.images, download=download if args.download_images else None),
+        images=UrlImages(args.images, download=download),
         keep_docs_without_images=args.keep_docs_without_images,
         drop_docs_with_missing_images=args.drop_docs_with_missing_images,
         policy=image_policy(args),

@@ -211,6 +211,11 @@ def test_every_bad_shape_is_counted_with_its_reason(converted) -> None:
     assert images["in"] == 3 * (3 + 1 + 2 + 1)  # documents rejected for their shape: none looked at
     assert images["found"] == images["kept"] == 3 * (3 + 1 + 1)
     assert stats["counts"]["units"]["done"] == 3
+    # each distinct http(s) url once, whatever the number of files and documents naming it
+    assert (stats["counts"]["urls"], stats["reasons"]["urls"]) == (
+        {"in": 5, "fetched": 4, "rejected": 1},
+        {"http_404": 1},
+    )
 
 
 def test_each_image_owns_the_sentence_after_it_and_metadata_is_kept(converted) -> None:
