@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from flamingo_data.converters.downloads import DownloadStep
-from flamingo_data.converters.mmc4 import url_store
+from flamingo_data.converters.mmc4 import MAX_LINE_BYTES, url_store
 from flamingo_data.converters.obelics_docs import (
     Document,
     DocumentError,
@@ -70,7 +70,7 @@ def convert_document(
     ctx.stats.add("documents", "in")
     try:
         if item is None:
-            raise DocumentError("line_too_long", "over MMC4's line cap")
+            raise DocumentError("line_too_long", f"over {MAX_LINE_BYTES} bytes")
         if isinstance(item, DocumentError):
             raise item
         doc = check_document(item)

@@ -27,6 +27,7 @@ from flamingo_data.run.units import RunOptions
 from tests.conftest import LocalServer, Route, serve
 from tests.test_upstream_compat import (
     UPSTREAM_MIN_BYTES,
+    assert_upstream_reads_what_we_plan,
     photo_like,
     read_like_open_flamingo,
     records,
@@ -263,6 +264,9 @@ def test_outputs_pass_validate_deep_and_open_flamingo_keeps_every_image(converte
         for key, r in written.items()
     }
     assert sum(len(pairs) for pairs in read.values()) == 3 * 5
+    assert (
+        assert_upstream_reads_what_we_plan(out) == read
+    )  # our loader's plan agrees, pair for pair
 
 
 def test_our_loader_places_every_image(converted) -> None:
