@@ -49,10 +49,11 @@ def unit_items(unit: Unit, ctx: UnitContext) -> Iterator[tuple[str, Item]]:
         yield from _parquet_items(unit, ctx)
         return
     for key, line in stream_unit_lines(unit, ctx):
-        yield key, None if line is None else _line_item(line)
+        yield key, None if line is None else line_item(line)
 
 
-def _line_item(line: bytes) -> Item:
+def line_item(line: bytes) -> Item:
+    """The line's JSON value, or the DocumentError saying why it has none."""
     try:
         return parse_line(line)
     except DocumentError as exc:
