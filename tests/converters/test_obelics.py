@@ -412,3 +412,25 @@ def test_cli_names_a_missing_input_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1, result.stderr
     assert "absent.parquet names no document file (--docs)" in result.stderr
     assert list((tmp_path / "out").rglob("*")) == []  # the CLI's writable check made it only
+
+
+def test_text_metadata_is_kept_one_entry_per_sentence() -> None:
+    """A text position's metadata entry, when not null, is kept aligned with ``text_list`` (null
+    for the sentences images own); without any, the record has no ``text_metadata``."""
+    from flamingo_data.converters.obelics_docs import check_document, interleaved_record
+
+    doc = {
+        "images": ["http://x/1", "http://x/2", None],
+        "texts": [None, None, "words"],
+        "metadata": json.dumps([None, {"src": "http://x/2"}, {"lang": "en"}]),
+        "general_metadata": json.dumps({"url": 7}),  # not a string: the record has no url
+    }
+    checked = check_document(doc)
+    record = interleaved_record(checked, {0: b"one", 1: b"two"})
+    assert record["text_list"] == ["\n", "words"]
+    assert record["text_metadata"] == [None, {"lang": "en"}]
+    assert [i["matched_text_index"] for i in record["image_info"]] == [0, 1]
+    assert "metadata" not in record["image_info"][0]
+    assert "url" not in record and record["general_metadata"] == {"url": 7}
+    plain = dict(doc, metadata=None)
+    assert "text_metadata" not in interleaved_record(check_document(plain), {0: b"one"})
