@@ -541,7 +541,7 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str
     folder = (
         url_store(options.images) if layout == "url" else image_folder(options.images, unit, layout)
     )
-    lines = _unit_lines if kind_of(unit.source) is None else _stream_unit_lines
+    lines = _unit_lines if kind_of(unit.source) is None else stream_unit_lines
     for key, line in lines(unit, ctx):
         convert_line(line, key, folder, ctx, options)
 
@@ -573,7 +573,7 @@ def _unit_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[str, bytes | Non
         ctx.reject("units", unit.name, reason, f"{type(exc).__name__}: {exc}")
 
 
-def _stream_unit_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[str, bytes | None]]:
+def stream_unit_lines(unit: Unit, ctx: UnitContext) -> Iterator[tuple[str, bytes | None]]:
     """(key, line) for each non-blank line of a .jsonl, .jsonl.gz or .jsonl.zst file, keyed as a
     zip's (lines from 1, blank ones included). A compressed file that inflates past its cap
     (compression_bomb) or fails its format's checks (unreadable_stream) is refused before a line

@@ -36,6 +36,9 @@ PUBLIC = {
     "ChatGptOptions": "flamingo_data.converters.chatgpt",
     "convert_conversations": "flamingo_data.converters.conversations",
     "ConversationOptions": "flamingo_data.converters.conversations",
+    "convert_obelics": "flamingo_data.converters.obelics",
+    "ObelicsOptions": "flamingo_data.converters.obelics",
+    "UrlImages": "flamingo_data.fetch.url_images",
     "RunOptions": "flamingo_data.run.units",
     "Execution": "flamingo_data.run.executors",
     "DownloadOptions": "flamingo_data.fetch.i2d_run",
@@ -117,6 +120,7 @@ def imported_modules(argv: list[str], cwd: Path) -> set[str]:
         ["convert", "conversations", "--help"],
         ["convert", "laion", "--help"],
         ["convert", "chatgpt", "--help"],
+        ["convert", "obelics", "--help"],
         ["demo", "--help"],
         ["train", "--help"],
     ],
@@ -268,6 +272,13 @@ def _missing_extra_cases() -> Iterator:
         "img2dataset",
         "download",
         id="chatgpt",
+    )
+    yield pytest.param(
+        ["convert", "obelics", "--docs", "{src}/seqs.jsonl", "--images", "{src}/i2d"]
+        + ["--download-images", "--out", "{out}"],
+        "img2dataset",
+        "download",
+        id="obelics-download",
     )
     yield pytest.param(["demo", "--out", "{out}"], "torch", "train", id="demo")
     yield pytest.param(

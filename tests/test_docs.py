@@ -21,6 +21,8 @@ from pathlib import Path
 
 import jsonschema
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import zstandard
 
@@ -89,6 +91,7 @@ SLOW_PAGES = {
     "README.md",
     "docs/convert-laion.md",
     "docs/convert-chatgpt.md",
+    "docs/convert-obelics.md",
     "docs/training.md",
     "docs/scale-out.md",
     "docs/openflamingo-checkpoints.md",
@@ -244,6 +247,44 @@ def _write_conversations(root: Path) -> None:
     (root / "data.json").write_text(json.dumps(items, indent=1))
 
 
+def _write_obelics(root: Path, urls: dict[str, str]) -> None:
+    """``obelics/web-00000.parquet`` in OBELICS's own schema (metadata as JSON strings) and
+    ``obelics/web-00001.jsonl`` (metadata as objects); one image url is dead, one document has no text."""
+    (root / "obelics").mkdir()
+
+    def doc(page: str, *parts: str) -> dict:
+        images = [urls.get(p) for p in parts]
+        return {
+            "images": images,
+            "metadata": [{"src": u, "alt_text": "a pet"} if u else None for u in images],
+            "general_metadata": {"url": page, "warc_filename": "crawl.warc.gz"},
+            "texts": [None if p in urls else p for p in parts],
+        }
+
+    first = [
+        doc("https://example.com/pets", "cat", "A cat on a mat.", "dog", "bird", "Two more pets."),
+        doc("https://example.com/lost", "A lost picture:", "gone"),
+    ]
+    rows = [{**d, **{k: json.dumps(d[k]) for k in ("metadata", "general_metadata")}} for d in first]
+    schema = pa.schema(
+        [
+            ("images", pa.list_(pa.string())),
+            ("metadata", pa.string()),
+            ("general_metadata", pa.string()),
+            ("texts", pa.list_(pa.string())),
+        ]
+    )
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schema), root / "obelics" / "web-00000.parquet"
+    )
+    second = [
+        doc("https://example.com/bird", "Birds sing.", "bird"),
+        doc("https://example.com/x", "dog"),
+    ]
+    text = "".join(json.dumps(d) + "\n" for d in second)
+    (root / "obelics" / "web-00001.jsonl").write_text(text)
+
+
 FAST = DownloadOptions(processes=1, threads=4, timeout=5, retries=0)
 
 
@@ -302,6 +343,7 @@ def workspace(server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     _write_laion(inputs, urls)
     _write_gpt(inputs, urls)
     _write_conversations(inputs)
+    _write_obelics(inputs, urls)
     _prebuild(inputs, built)
     return inputs, built
 

@@ -240,3 +240,31 @@ def test_fuzz_image_bytes(data) -> None:
         assert sniff_format(result.data) in ("jpeg", "png", "webp") and result.width > 0
     else:
         assert result.reason and result.data is None
+
+
+OBELICS = {
+    "images": ["http://x/1", None, "http://x/2", None],
+    "metadata": [{"src": "http://x/1"}, None, {"src": "http://x/2"}, None],
+    "general_metadata": {"url": "https://example.org/page"},
+    "texts": [None, "A cat.", None, "The end."],
+}
+
+
+@FUZZ
+@given(st.data(), st.booleans())
+def test_fuzz_obelics_documents(data, as_strings: bool) -> None:
+    """Mutated documents (metadata as objects or as OBELICS's JSON strings), through the line
+    reader's parse and the converter: one outcome each, and what is written validates."""
+    from flamingo_data.converters import obelics, obelics_read
+    from flamingo_data.fetch.url_images import UrlImages
+
+    store = Store({"http://x/1": make_image(1, 30, 20), "http://x/2": make_image(2, 30, 20)})
+    doc = dict(OBELICS)
+    if as_strings:
+        doc.update({k: json.dumps(doc[k]) for k in ("metadata", "general_metadata")})
+    item = mutate(doc, data.draw) if data.draw(st.booleans()) else doc
+    raw = mutate_bytes(json.dumps(item, allow_nan=True).encode(), data.draw)
+    ctx = context()
+    options = obelics.ObelicsOptions(images=UrlImages("unused"))
+    obelics.convert_document(obelics_read.line_item(raw), "u-1", store, ctx, options)
+    assert_accounted(ctx, "interleaved")

@@ -33,6 +33,7 @@ CONVERTERS = {
     "laion": "LAION-style parquet -> image-text pair shards (downloads with img2dataset)",
     "chatgpt": "ChatGPT-generated sequences -> GPT shards with embedded images",
     "conversations": "LLaVA-style conversation JSON + image folder -> interleaved or GPT shards",
+    "obelics": "OBELICS-style interleaved documents + images by url -> interleaved shards",
 }
 # an option shared by several commands whose value needs an extra: (option, value) -> extra
 OPTION_EXTRAS = {
@@ -151,6 +152,7 @@ PARAMETER_DESTS = {
     "sizes_path": "sizes",
     "json_specs": "json",
     "specs": "sequences",
+    "download": "download_images",
 }
 
 # What survives a run that stopped, by the command that ran it ({} takes "fix it and " after an

@@ -90,6 +90,12 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("documents", "placeholder_mismatch", "the placeholders differ from image_map's keys"),
     Reason("documents", "placeholder_repeated", "a placeholder appears more than once"),
     Reason("documents", "bad_crc", "its zip member fails its CRC-32: its text may be damaged"),
+    Reason("documents", "bad_fields", "images or texts is not a list of strings and nulls"),
+    Reason("documents", "length_mismatch", "images and texts differ in length"),
+    Reason("documents", "position_both", "a position holds both an image url and a text"),
+    Reason("documents", "position_empty", "a position holds neither an image url nor a text"),
+    Reason("documents", "no_text", "the document holds no text that is not blank"),
+    Reason("documents", "bad_metadata", "metadata or general_metadata is not JSON of its shape"),
     # images: one image of a document, through the image stage
     Reason("images", "in", "images named by the documents read"),
     Reason("images", "found", "images whose file was found"),
@@ -120,6 +126,8 @@ _REGISTERED: tuple[Reason, ...] = (
     Reason("units", "bad_crc", "a zip member fails its CRC-32: redone on resume"),
     Reason("units", "duplicate_input", "an input named twice (a glob and its path): read once"),
     Reason("units", "damaged_marker", "an unreadable completion marker: the unit is redone"),
+    Reason("units", "unreadable_parquet", "a .parquet file cannot be read, or breaks off"),
+    Reason("units", "missing_columns", "a .parquet file has no images or texts column"),
     # rows: LAION parquet rows through img2dataset
     Reason("rows", "in", "parquet rows read"),
     Reason("rows", "downloaded", "rows whose image was downloaded"),

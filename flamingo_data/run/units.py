@@ -53,9 +53,9 @@ class OutputFile:
     rejects_only: bool = False
 
 
-UNIT_CONVERTERS = ("mmc4", "chatgpt", "conversations")
+UNIT_CONVERTERS = ("mmc4", "chatgpt", "conversations", "obelics")
 OUTPUT_FILES = (
-    OutputFile("<unit>-NNNNN.tar", "MMC4, ChatGPT, conversations", UNIT_CONVERTERS),
+    OutputFile("<unit>-NNNNN.tar", "MMC4, ChatGPT, conversations, OBELICS", UNIT_CONVERTERS),
     OutputFile("<shard>.tar", "LAION", ("laion",)),
     OutputFile("<shard>.parquet", "LAION", ("laion",)),
     OutputFile("<shard>_stats.json", "LAION", ("laion",)),

@@ -20,23 +20,32 @@ from flamingo_data.converters.chatgpt import ChatGptOptions, convert_chatgpt
 from flamingo_data.converters.conversations import ConversationOptions, convert_conversations
 from flamingo_data.converters.laion import LaionOptions, convert_laion
 from flamingo_data.converters.mmc4 import Mmc4Options, convert_mmc4
+from flamingo_data.converters.obelics import ObelicsOptions, convert_obelics
 from flamingo_data.demo.sample_data import make_image, write_mmc4_sample
 from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.fetch.url_images import UrlImages
 from flamingo_data.run import driver
 from flamingo_data.run.executors import Execution
 from flamingo_data.run.units import OUTPUT_FILES, WORK_DIR, OutputFile, RunOptions
 from tests.conftest import LocalServer, serve
+from tests.test_upstream_compat import write_img2dataset_output
 
 FAST = DownloadOptions(processes=1, threads=2, timeout=2, retries=0, samples_per_shard=2)
 ONE = Execution(processes=1, progress=False)
-CONVERTERS = ("mmc4", "laion", "chatgpt", "conversations")
+CONVERTERS = ("mmc4", "laion", "chatgpt", "conversations", "obelics")
 # img2dataset runs take seconds each: those converters' cases are slow
 BY_CONVERTER = [
     pytest.param(n, marks=[pytest.mark.slow] if n in ("laion", "chatgpt") else [])
     for n in CONVERTERS
 ]
 HOWS = ("resume", "overwrite")
-WORK = {"mmc4": set(), "laion": {"_download"}, "chatgpt": {"_images"}, "conversations": {"_chunks"}}
+WORK = {
+    "mmc4": set(),
+    "laion": {"_download"},
+    "chatgpt": {"_images"},
+    "conversations": {"_chunks"},
+    "obelics": set(),
+}
 
 Convert = Callable[..., object]  # (out, rejects, resume=, overwrite=) -> Stats
 
@@ -70,6 +79,16 @@ def inputs(server: LocalServer, tmp_path_factory: pytest.TempPathFactory) -> Pat
     items = [{"id": f"c{k}", "image": "cat.jpg", "conversations": turns} for k in range(3)]
     items.append({"id": "bad", "image": "absent.jpg", "conversations": turns})
     (root / "talk.json").write_text(json.dumps(items))
+    # OBELICS-style documents over an img2dataset output written directly (no download)
+    pictures = [(f"http://127.0.0.1:9/o{k}.jpg", "", make_image(50 + k), "jpg") for k in range(2)]
+    write_img2dataset_output(root / "obelics-i2d", pictures)
+    for part in range(2):
+        docs = [
+            {"images": [None, url], "texts": [f"doc {part}.{k}", None]}
+            for k, (url, *_rest) in enumerate([*pictures, ("http://127.0.0.1:9/gone.jpg",)])
+        ]
+        lines = "".join(json.dumps(d) + "\n" for d in docs)
+        (root / f"obelics-{part}.jsonl").write_text(lines)
     return root
 
 
@@ -91,6 +110,9 @@ def runner(name: str, root: Path) -> Convert:
         if name == "chatgpt":
             gpt = ChatGptOptions(download=FAST)
             return convert_chatgpt(str(root / "seq-{0..1}.json"), gpt, options, **common)
+        if name == "obelics":
+            obelics = ObelicsOptions(images=UrlImages(str(root / "obelics-i2d")))
+            return convert_obelics(str(root / "obelics-{0..1}.jsonl"), obelics, options, **common)
         talk = ConversationOptions(images=str(root / "images"))
         return convert_conversations(str(root / "talk.json"), talk, options, chunk_size=2, **common)
 
@@ -204,6 +226,7 @@ def interrupted_after_one_unit(monkeypatch: pytest.MonkeyPatch) -> None:
 # the downloading converters once each way (they share the work-folder code and cost ~7 s a run)
 INTERRUPTED = [
     *[pytest.param(n, how, id=f"{n}-{how}") for n in ("mmc4", "conversations") for how in HOWS],
+    pytest.param("obelics", "resume", id="obelics-resume"),
     pytest.param("laion", "resume", id="laion-resume", marks=pytest.mark.slow),
     pytest.param("chatgpt", "overwrite", id="chatgpt-overwrite", marks=pytest.mark.slow),
 ]

@@ -1,0 +1,79 @@
+"""``flamingo-data convert obelics``: OBELICS-style documents + images by url -> interleaved shards."""
+
+from __future__ import annotations
+
+import argparse
+
+from flamingo_data.cli.options import (
+    add_fetch_options,
+    add_image_options,
+    add_run_options,
+    check_writable,
+    download_options,
+    execution,
+    image_policy,
+    print_summary,
+    run_options,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--docs",
+        required=True,
+        nargs="+",
+        help=".parquet, .jsonl, .jsonl.gz or .jsonl.zst document files: brace pattern, glob or folder",
+    )
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="img2dataset output the images are read from by url (the download target with "
+        "--download-images)",
+    )
+    parser.add_argument(
+        "--download-images",
+        action="store_true",
+        help="first fetch every distinct http(s) image url into --images with img2dataset "
+        "(needs the [download] extra)",
+    )
+    parser.add_argument(
+        "--keep-docs-without-images",
+        action="store_true",
+        help="write documents none of whose images were kept (default: drop)",
+    )
+    parser.add_argument(
+        "--drop-docs-with-missing-images",
+        action="store_true",
+        help="drop documents with any image not kept (default: keep them without it)",
+    )
+    add_fetch_options(parser)
+    add_image_options(parser)
+    add_run_options(parser)
+
+
+def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """img2dataset only for --download-images."""
+    return [("download", "convert obelics --download-images")] if args.download_images else []
+
+
+def run(args: argparse.Namespace) -> int:
+    from flamingo_data.converters.obelics import ObelicsOptions, convert_obelics
+    from flamingo_data.fetch.url_images import UrlImages
+
+    check_writable(args.out)
+    download = download_options(args) if args.download_images else None
+    options = ObelicsOptions(
+        images=UrlImages(args.images, download=download),
+        keep_docs_without_images=args.keep_docs_without_images,
+        drop_docs_with_missing_images=args.drop_docs_with_missing_images,
+        policy=image_policy(args),
+    )
+    stats = convert_obelics(
+        args.docs,
+        options,
+        run_options(args, "obelics"),
+        overwrite=args.overwrite,
+        execution=execution(args),
+    )
+    print_summary(stats, args)
+    return 0
