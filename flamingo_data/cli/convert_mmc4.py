@@ -4,12 +4,13 @@ interleaved shards."""
 from __future__ import annotations
 
 import argparse
-import re
 
 from flamingo_data.cli.options import (
+    add_download_images_options,
     add_fetch_options,
     add_image_options,
     add_run_options,
+    check_retry_failed,
     check_writable,
     download_options,
     execution,
@@ -18,7 +19,6 @@ from flamingo_data.cli.options import (
     run_options,
 )
 from flamingo_data.converters.mmc4 import LAYOUTS, Mmc4Options, convert_mmc4
-from flamingo_data.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,19 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="indexed: <images>/<position>/<name>; flat: <images>/<shard>_images/<name>; "
         "url: <images> is an img2dataset output, images found by raw_url",
     )
-    parser.add_argument(
-        "--download-images",
-        action="store_true",
-        help="fetch each distinct raw_url into --images (img2dataset, bounded, opt-outs honoured)",
-    )
-    parser.add_argument(
-        "--retry-failed",
-        type=reason_list,
-        default=(),
-        metavar="REASON[,REASON]",
-        help="with --download-images: rerun the earlier run into --out, fetching again only the "
-        "urls that failed with these reasons (e.g. timeout,http_5xx); implies --resume",
-    )
+    add_download_images_options(parser, "raw_url")
     parser.add_argument(
         "--keep-docs-without-images",
         action="store_true",
@@ -74,26 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_options(parser)
 
 
-def reason_list(text: str) -> tuple[str, ...]:
-    """Comma-separated reason codes (``timeout,http_503``; ``http_5xx`` for every 5xx)."""
-    reasons = tuple(r.strip() for r in text.split(",") if r.strip())
-    if not reasons or not all(re.fullmatch(r"[a-z0-9_]+", r) for r in reasons):
-        raise argparse.ArgumentTypeError(
-            f"must be reason codes such as timeout,http_5xx, not {text!r}"
-        )
-    return reasons
-
-
 def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
     """Downloading images needs img2dataset."""
     return [("download", "convert mmc4 --download-images")] if args.download_images else []
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.retry_failed and not args.download_images:
-        raise UsageError("--retry-failed needs --download-images: only a download fetches again")
-    if args.retry_failed:
-        args.resume = True
+    check_retry_failed(args)
     check_writable(args.out)
     options = Mmc4Options(
         images=args.images,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from flamingo_data.cli.options import (
+    add_download_images_options,
     add_fetch_options,
     add_image_options,
     add_run_options,
+    check_retry_failed,
     check_writable,
     download_options,
     execution,
@@ -30,12 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="img2dataset output the images are read from by url (the download target with "
         "--download-images)",
     )
-    parser.add_argument(
-        "--download-images",
-        action="store_true",
-        help="first fetch every distinct http(s) image url into --images with img2dataset "
-        "(needs the [download] extra)",
-    )
+    add_download_images_options(parser, "image url")
     parser.add_argument(
         "--keep-docs-without-images",
         action="store_true",
@@ -60,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
     from flamingo_data.converters.obelics import ObelicsOptions, convert_obelics
     from flamingo_data.fetch.url_images import UrlImages
 
+    check_retry_failed(args)
     check_writable(args.out)
     download = download_options(args) if args.download_images else None
     options = ObelicsOptions(
-        images=UrlImages(args.images, download=download),
+        images=UrlImages(args.images, download=download, retry_failed=args.retry_failed),
         keep_docs_without_images=args.keep_docs_without_images,
         drop_docs_with_missing_images=args.drop_docs_with_missing_images,
         policy=image_policy(args),

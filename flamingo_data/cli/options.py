@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 from flamingo_data.core.stats import Stats
@@ -99,6 +100,42 @@ def add_fetch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retries", type=non_negative, default=1, help="extra tries per url (default 1)"
     )
+
+
+def add_download_images_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--download-images`` and ``--retry-failed`` of the document converters (images by url)."""
+    parser.add_argument(
+        "--download-images",
+        action="store_true",
+        help=f"first fetch each distinct http(s) {what} into --images with img2dataset (bounded, "
+        "robots.txt and X-Robots-Tag opt-outs honoured; needs the [download] extra)",
+    )
+    parser.add_argument(
+        "--retry-failed",
+        type=reason_list,
+        default=(),
+        metavar="REASON[,REASON]",
+        help="with --download-images: rerun the earlier run into --out, fetching again only the "
+        "urls that failed with these reasons (e.g. timeout,http_5xx); implies --resume",
+    )
+
+
+def reason_list(text: str) -> tuple[str, ...]:
+    """Comma-separated reason codes (``timeout,http_503``; ``http_5xx`` for every 5xx)."""
+    reasons = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not reasons or not all(re.fullmatch(r"[a-z0-9_]+", r) for r in reasons):
+        raise argparse.ArgumentTypeError(
+            f"must be reason codes such as timeout,http_5xx, not {text!r}"
+        )
+    return reasons
+
+
+def check_retry_failed(args: argparse.Namespace) -> None:
+    """``--retry-failed`` needs ``--download-images`` and reruns the run in ``--out``."""
+    if args.retry_failed and not args.download_images:
+        raise UsageError("--retry-failed needs --download-images: only a download fetches again")
+    if args.retry_failed:
+        args.resume = True
 
 
 def download_options(args: argparse.Namespace) -> DownloadOptions:

@@ -285,8 +285,14 @@ def test_retry_failed_fetches_only_those_reasons_and_writes_a_first_time_success
     assert stats["reasons"]["images"] == {"http_404": 1}
 
 
-def test_retry_failed_without_download_images_is_one_line(tmp_path: Path) -> None:
-    done = convert(
+@pytest.mark.parametrize("converter", ["mmc4", "obelics"])
+def test_retry_failed_without_download_images_is_one_line(converter: str, tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "flamingo_data",
+        "convert",
+        converter,
         "--docs",
         "x.jsonl",
         "--images",
@@ -295,8 +301,8 @@ def test_retry_failed_without_download_images_is_one_line(tmp_path: Path) -> Non
         str(tmp_path / "o"),
         "--retry-failed",
         "timeout",
-        check=False,
-    )
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "--download-images" in done.stderr
 

@@ -316,7 +316,7 @@ def test_cli_download_images_fetches_each_url_and_gives_the_same_records(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "obelics: 9 of 36 documents written into 3 shards" in result.stdout
     fetched = {path: n - before.get(path, 0) for path, n in server.hits.items()}
-    assert fetched == {f"/{name}": 1 for name in [*IMAGES, "gone.jpg"]}
+    assert fetched == {f"/{name}": 1 for name in [*IMAGES, "gone.jpg", "robots.txt"]}
     assert records(tmp_path / "out") == records(converted["out"])
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats == converted["stats"]
