@@ -434,7 +434,11 @@ def _safe_image_name(name: str) -> bool:
 
 
 def attach_images(
-    doc: InterleavedDoc, images: str | UrlStore, ctx: UnitContext, key: str, policy: ImagePolicy
+    doc: InterleavedDoc,
+    images: str | os.PathLike[str] | UrlStore,
+    ctx: UnitContext,
+    key: str,
+    policy: ImagePolicy,
 ) -> int:
     """Load, check and attach each image's bytes, from the unit's image folder (by
     ``image_name``) or a url store (by ``raw_url``); returns how many have bytes. Every outcome
@@ -442,8 +446,8 @@ def attach_images(
     found = 0
     for info in doc.image_info:
         image_key = f"{key}/{info.image_name}"
-        if isinstance(images, str):
-            data = _image_by_name(images, info, ctx, image_key, policy)
+        if isinstance(images, (str, os.PathLike)):
+            data = _image_by_name(os.fspath(images), info, ctx, image_key, policy)
         else:
             data = _image_by_url(images, info.raw_url, ctx, image_key, policy)
         if data is None:
