@@ -27,12 +27,17 @@ TINY_ARGS = {
     ],
     "bench_validate.py": ["--shards", "1", "--docs-per-shard", "6"],
     "bench_decode_scales.py": ["--images", "3"],
+    "bench_download.py": ["--quick", "--slow", "1", "--timeout", "1"],
     "bench_hostile_inputs.py": ["--pax-digits", "2000", "--runs", "1"],
     "bench_loader.py": ["--docs-per-shard", "4", "--repeats", "1", "--quick"],
     "bench_quality_at_224.py": ["--images", "3"],
     "bench_resize_filters.py": ["--images", "3"],
 }
-CHECKED_BELOW = {"bench_convert_mmc4.py", "bench_validate.py"}  # their JSON checked field by field
+CHECKED_BELOW = {
+    "bench_convert_mmc4.py",
+    "bench_validate.py",
+    "bench_download.py",
+}  # their JSON checked field by field
 
 
 def test_every_benchmark_script_is_listed_here() -> None:
@@ -76,3 +81,34 @@ def test_validate_benchmark_reports_both_modes_and_process_counts(tmp_path: Path
     for mode in ("default", "deep"):
         assert result[mode]["baseline_seconds"] > 0
         assert {"processes_1", "processes_2"} <= set(result[mode])
+
+
+@pytest.mark.slow
+def test_download_benchmark_runs_both_tools_on_the_same_urls_with_the_same_outcome(
+    tmp_path: Path,
+) -> None:
+    out = run("bench_download.py", tmp_path, ["--json", str(tmp_path / "r.json")])
+    assert "flamingo-data download / img2dataset:" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    setup, rows = result["setup"], result["rows"]
+    kinds = setup["kinds"]
+    assert setup["urls"] == 41 and kinds["slow"] == 1 and setup["references"] > setup["urls"]
+    stored = [k for k in kinds if k.startswith("image_") and k != "image_missing"]
+    expected_images = sum(kinds[k] for k in (*stored, "html", "redirect") if k in kinds)
+    expected_failed = {
+        "http_404": kinds.get("not_found", 0) + kinds.get("image_missing", 0),
+        "http_500": kinds.get("server_error", 0),
+        "opted_out": kinds.get("opted_out", 0),
+        "timeout": 1,
+    }
+    for row in rows.values():  # every tool stores and refuses the same urls, for the same reasons
+        assert row["images"] == expected_images
+        assert row["failed"] == {reason: n for reason, n in expected_failed.items() if n}
+        assert min(row["seconds"], row["start_seconds"], row["cpu_seconds"]) > 0
+        assert row["images_per_s"] > 0 and row["cpu_ms_per_image"] > 0
+    base, ours = rows["img2dataset"], rows["flamingo-data download"]
+    # img2dataset fetches and stores a shared url once per document naming it, ours once
+    assert base["stored_rows"] > base["images"] and ours["stored_rows"] == ours["images"]
+    assert ours["requests"] < base["requests"]
+    for row in [r for label, r in rows.items() if label != "img2dataset"]:
+        assert row["speed_ratio"] > 0 and row["cpu_ratio"] > 0

@@ -1,0 +1,358 @@
+"""Downloading images by url: flamingo-data against img2dataset's own download, in one run, on the same urls.
+
+The urls are a local web site on 127.0.0.1 (benchmarks/website.py): web-like images (weblike.py's mix,
+300-1,200 px) beside 404s, 500s, an HTML page where an image was linked, redirects, opted-out images and,
+optionally, slow urls past the timeout; MMC4 documents name them ~3 to a document, a few urls shared by
+several documents. Every row runs in a fresh process on the documents' url list (shared urls once per
+document), with the same processes, threads, timeout, retries, shard size and opt-out directives:
+- img2dataset: its own ``download`` (webdataset output, ``resize_mode="no"``,
+  ``disable_all_reencoding=True``, ``distributor="multiprocessing"``, no wandb, no hash);
+- flamingo-data download: ``fetch_url_images`` (each distinct url once, every fetch bounded in time
+  and size, opt-out checks);
+- flamingo-data convert: ``flamingo-data convert mmc4 --download-images`` end to end, when the
+  installed CLI has that option: documents in, shards out.
+Wall time is the process's from start to exit (start and imports included); CPU is user + sys of the
+process and of every process it started. images/s counts distinct urls whose bytes were stored.
+Usage: python benchmarks/bench_download.py [--urls 2000] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from website import build_site, serve, write_documents  # noqa: E402
+
+from flamingo_data.fetch.i2d_output import failure_reason, finished_shards, read_rows  # noqa: E402
+from flamingo_data.fetch.i2d_run import OPT_OUT_DIRECTIVES  # noqa: E402
+from flamingo_data.run.executors import default_processes  # noqa: E402
+
+RUNNER = Path(__file__).resolve().parent / "download_runs.py"
+BASELINE = "img2dataset"
+DOWNLOAD = "flamingo-data download"
+CONVERT = "flamingo-data convert mmc4 --download-images"
+DEFAULTS = {"urls": 2000, "distinct_images": 500, "slow": 2, "repeats": 3}
+QUICK = {"urls": 40, "distinct_images": 40, "slow": 0, "repeats": 1}
+
+
+@dataclass
+class Row:
+    """One measured run: wall seconds, CPU seconds (user + sys, children included), requests
+    the site answered, and what its output holds; ``start_*``: the same tool's run on one url."""
+
+    seconds: float
+    cpu_seconds: float
+    requests: int
+    images: int  # distinct urls whose bytes were stored
+    stored_rows: int  # rows stored, a url named twice counted twice
+    failed: dict[str, int] = field(default_factory=dict)  # distinct urls by reason
+    extra: dict[str, int] = field(default_factory=dict)
+    server_cpu_seconds: float = 0.0
+    start_seconds: float = 0.0
+    start_cpu_seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000 * self.cpu_seconds / max(1, self.images)
+
+    @property
+    def images_per_s_after_start(self) -> float:
+        return self.images / max(1e-3, self.seconds - self.start_seconds)
+
+    @property
+    def cpu_ms_per_image_after_start(self) -> float:
+        return 1000 * max(0.0, self.cpu_seconds - self.start_cpu_seconds) / max(1, self.images)
+
+    def as_json(self, baseline: Row | None) -> dict:
+        figures = (
+            "images_per_s",
+            "cpu_ms_per_image",
+            "images_per_s_after_start",
+            "cpu_ms_per_image_after_start",
+        )
+        result = {**asdict(self), **{name: getattr(self, name) for name in figures}}
+        if baseline is not None:
+            result["speed_ratio"] = self.images_per_s / baseline.images_per_s
+            result["cpu_ratio"] = self.cpu_ms_per_image / baseline.cpu_ms_per_image
+            result["speed_ratio_after_start"] = (
+                self.images_per_s_after_start / baseline.images_per_s_after_start
+            )
+            result["cpu_ratio_after_start"] = (
+                self.cpu_ms_per_image_after_start / baseline.cpu_ms_per_image_after_start
+            )
+        return result
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one process cost: wall and CPU seconds, requests served, the server's own CPU."""
+
+    seconds: float
+    cpu_seconds: float
+    requests: int
+    server_cpu_seconds: float
+
+
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], hits: list[str], args) -> Run:
+    """``command`` run to its exit; the server runs in this process, so its CPU is apart."""
+    children, server, served = (
+        cpu_seconds(resource.RUSAGE_CHILDREN),
+        cpu_seconds(resource.RUSAGE_SELF),
+        len(hits),
+    )
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.run_timeout)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{done.stderr[-3000:]}")
+    return Run(
+        seconds,
+        cpu_seconds(resource.RUSAGE_CHILDREN) - children,
+        len(hits) - served,
+        cpu_seconds(resource.RUSAGE_SELF) - server,
+    )
+
+
+def outcome(folder: Path) -> tuple[int, int, dict[str, int]]:
+    """(distinct urls stored, rows stored, distinct failed urls by reason) of an img2dataset output."""
+    shards = finished_shards(folder)
+    if not shards:
+        raise SystemExit(f"no finished img2dataset shard in {folder}")
+    rows = pd.concat([read_rows(tar.with_suffix(".parquet")) for tar in shards])
+    ok = rows["status"] == "success"
+    stored = set(rows.loc[ok, "url"])
+    failed = {
+        row.url: failure_reason(row.error_message, str(row.status))
+        for row in rows[~ok].itertuples()
+        if row.url not in stored
+    }
+    return len(stored), int(ok.sum()), dict(Counter(failed.values()).most_common())
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A row's command on the one-url input (``start``) or on the whole input (``whole``), writing
+    under a folder whose ``images`` subfolder is then an img2dataset output."""
+
+    label: str
+    command: Callable[[str, Path], list[str]]
+    extra: Callable[[Path], dict[str, int]] = lambda folder: {}
+
+
+def download_tool(tool: str, lists: dict[str, Path], args) -> Tool:
+    def command(which: str, folder: Path) -> list[str]:
+        urls, out = str(lists[which]), str(folder / "images")
+        return [sys.executable, str(RUNNER), tool, urls, out, *download_flags(args)]
+
+    return Tool(BASELINE if tool == "img2dataset" else DOWNLOAD, command)
+
+
+def download_flags(args) -> list[str]:
+    return [
+        *("--processes", str(args.processes), "--threads", str(args.threads)),
+        *("--timeout", str(args.timeout), "--retries", str(args.retries)),
+        *("--per-shard", str(args.per_shard), "--opt-out", ",".join(OPT_OUT_DIRECTIVES)),
+    ]
+
+
+def convert_tool(docs: dict[str, Path], args) -> Tool:
+    def command(which: str, folder: Path) -> list[str]:
+        return [
+            *(sys.executable, "-m", "flamingo_data", "convert", "mmc4", "--docs", str(docs[which])),
+            *("--download-images", "--images", str(folder / "images")),
+            *("--out", str(folder / "out"), "--no-progress"),
+            *("--processes", str(args.processes), "--download-processes", str(args.processes)),
+            *("--threads", str(args.threads), "--timeout", str(args.timeout)),
+            *("--retries", str(args.retries)),
+        ]
+
+    def written(folder: Path) -> dict[str, int]:
+        stats = json.loads((folder / "out" / "stats.json").read_text())
+        return {
+            "documents_written": stats.get("documents", {}).get("written", 0),
+            "images_written": stats.get("images", {}).get("written", 0),
+        }
+
+    return Tool(CONVERT, command, written)
+
+
+def cli_has_download_images() -> bool:
+    done = subprocess.run(
+        [sys.executable, "-m", "flamingo_data", "convert", "mmc4", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return "--download-images" in done.stdout
+
+
+def median_run(runs: list[Run]) -> Run:
+    return Run(
+        statistics.median(r.seconds for r in runs),
+        statistics.median(r.cpu_seconds for r in runs),
+        runs[0].requests,
+        statistics.median(r.server_cpu_seconds for r in runs),
+    )
+
+
+def measure(tools: list[Tool], root: Path, hits: list[str], args) -> dict[str, Row]:
+    """Each tool's start and whole runs, ``args.repeats`` rounds of every tool in turn (drift on
+    a shared machine then hits every row alike); medians, and the first whole run's output."""
+    runs: dict[str, dict[str, list[Run]]] = {t.label: {"start": [], "whole": []} for t in tools}
+    outputs: dict[str, tuple] = {}
+    for _ in range(args.repeats):
+        for tool in tools:
+            for which in ("start", "whole"):
+                folder = root / "run"
+                runs[tool.label][which].append(timed(tool.command(which, folder), hits, args))
+                if which == "whole" and tool.label not in outputs:
+                    outputs[tool.label] = (*outcome(folder / "images"), tool.extra(folder))
+                shutil.rmtree(folder)
+    rows = {}
+    for label, by_input in runs.items():
+        run, start = median_run(by_input["whole"]), median_run(by_input["start"])
+        images, stored_rows, failed, extra = outputs[label]
+        rows[label] = Row(
+            *(run.seconds, run.cpu_seconds, run.requests, images, stored_rows, failed, extra),
+            *(run.server_cpu_seconds, start.seconds, start.cpu_seconds),
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--urls", type=int, help="distinct urls on the site (2000)")
+    parser.add_argument(
+        "--distinct-images", type=int, help="images generated, reused over the urls (500)"
+    )
+    parser.add_argument("--slow", type=int, help="urls that answer after the timeout (2)")
+    parser.add_argument("--processes", type=int, default=default_processes())
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--timeout", type=int, default=3, help="seconds per url")
+    parser.add_argument("--retries", type=int, default=1)
+    parser.add_argument("--per-shard", type=int, default=None, help="urls per img2dataset shard")
+    parser.add_argument("--repeats", type=int, help="rounds of every row, medians taken (3)")
+    parser.add_argument("--quick", action="store_true", help="defaults: 40 urls, no slow, 1 round")
+    parser.add_argument("--run-timeout", type=float, default=900, help="seconds per row at most")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--scratch", default=None, help="folder for the outputs (default: temp)")
+    args = parser.parse_args(argv)
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    root = Path(tempfile.mkdtemp(prefix="bench-download-", dir=args.scratch))
+    try:
+        results = run_rows(args, root)
+        report(results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_rows(args, root: Path) -> dict:
+    site = build_site(args.urls, args.distinct_images, args.slow, args.timeout + 1.0)
+    with serve(site) as (base_url, hits):
+        docs = {"start": root / "one-doc.jsonl", "whole": root / "docs.jsonl"}
+        references = write_documents(docs["whole"], base_url, site)
+        lines = docs["whole"].read_text().splitlines(keepends=True)
+        docs["start"].write_text(lines[0])
+        lists = {"start": root / "one-url.parquet", "whole": root / "urls.parquet"}
+        pd.DataFrame({"url": references[:1]}).to_parquet(lists["start"])
+        pd.DataFrame({"url": references}).to_parquet(lists["whole"])
+        # every process gets a shard of its own
+        args.per_shard = args.per_shard or math.ceil(len(references) / args.processes)
+        setup = {
+            "urls": len(site.paths),
+            "references": len(references),
+            "documents": len(lines),
+            "distinct_images": min(args.urls, args.distinct_images),
+            "kinds": dict(site.kinds.most_common()),
+            "processes": args.processes,
+            "threads": args.threads,
+            "timeout": args.timeout,
+            "retries": args.retries,
+            "per_shard": args.per_shard,
+        }
+        print_setup(setup)
+        tools = [download_tool(t, lists, args) for t in ("img2dataset", "flamingo-data")]
+        if cli_has_download_images():
+            tools.append(convert_tool(docs, args))
+        else:
+            print(f"({CONVERT} skipped: this flamingo-data's CLI has no --download-images)")
+        rows = measure(tools, root, hits, args)
+    baseline = rows[BASELINE]
+    return {
+        "setup": setup,
+        "rows": {
+            label: row.as_json(None if label == BASELINE else baseline)
+            for label, row in rows.items()
+        },
+    }
+
+
+def print_setup(setup: dict) -> None:
+    kinds = ", ".join(f"{kind} {n}" for kind, n in setup["kinds"].items())
+    print(
+        f"site: {setup['urls']} urls ({kinds}); {setup['documents']} documents naming them "
+        f"{setup['references']} times; {setup['distinct_images']} distinct images"
+    )
+    print(
+        f"{setup['processes']} processes x {setup['threads']} threads, timeout {setup['timeout']} s, "
+        f"{setup['retries']} retry, {setup['per_shard']} urls per shard"
+    )
+
+
+def report(results: dict) -> None:
+    rows = results["rows"]
+    print(
+        f"\n{'':<46} {'wall s':>6} {'images':>6} {'images/s':>8} {'CPU ms/img':>10} {'requests':>8}"
+        f"  {'start s':>7} {'images/s':>8} {'CPU ms/img':>10}  (after the start: the tool's run on one url)"
+    )
+    for label, row in rows.items():
+        print(
+            f"{label:<46} {row['seconds']:6.2f} {row['images']:6d} {row['images_per_s']:8.1f} "
+            f"{row['cpu_ms_per_image']:10.2f} {row['requests']:8d}  {row['start_seconds']:7.2f} "
+            f"{row['images_per_s_after_start']:8.1f} {row['cpu_ms_per_image_after_start']:10.2f}"
+        )
+    print()
+    for label, row in rows.items():
+        failed = ", ".join(f"{reason} {n}" for reason, n in row["failed"].items())
+        extra = "".join(f", {name} {n}" for name, n in row["extra"].items())
+        print(f"{label}: failed urls: {failed}{extra}")
+    for label, row in rows.items():
+        if "speed_ratio" in row:
+            print(
+                f"{label} / {BASELINE}: {row['speed_ratio']:.2f}x images/s, "
+                f"{row['cpu_ratio']:.2f}x CPU per image; after the start "
+                f"{row['speed_ratio_after_start']:.2f}x images/s, "
+                f"{row['cpu_ratio_after_start']:.2f}x CPU per image"
+            )
+
+
+if __name__ == "__main__":
+    main()
