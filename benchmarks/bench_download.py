@@ -12,7 +12,9 @@ document), with the same processes, threads, timeout, retries, shard size and op
 - flamingo-data convert: ``flamingo-data convert mmc4 --download-images`` end to end, when the
   installed CLI has that option: documents in, shards out.
 Wall time is the process's from start to exit (start and imports included); CPU is user + sys of the
-process and of every process it started. images/s counts distinct urls whose bytes were stored.
+process and of every process it started. images/s counts distinct urls whose bytes were stored. Each row
+also has a start run (one url per process, each its own shard): its time and CPU taken off give the
+figures "after the start". Rows run in turn, ``--repeats`` rounds; the figures are medians.
 Usage: python benchmarks/bench_download.py [--urls 2000] [--quick] [--json out.json]
 """
 
@@ -46,14 +48,15 @@ RUNNER = Path(__file__).resolve().parent / "download_runs.py"
 BASELINE = "img2dataset"
 DOWNLOAD = "flamingo-data download"
 CONVERT = "flamingo-data convert mmc4 --download-images"
-DEFAULTS = {"urls": 2000, "distinct_images": 500, "slow": 2, "repeats": 3}
+DEFAULTS = {"urls": 2000, "distinct_images": 500, "slow": 0, "repeats": 3}
 QUICK = {"urls": 40, "distinct_images": 40, "slow": 0, "repeats": 1}
 
 
 @dataclass
 class Row:
     """One measured run: wall seconds, CPU seconds (user + sys, children included), requests
-    the site answered, and what its output holds; ``start_*``: the same tool's run on one url."""
+    the site answered, and what its output holds; ``start_*``: the same tool's start run (one
+    url per process, each its own shard, so every worker starts as in the whole run)."""
 
     seconds: float
     cpu_seconds: float
@@ -155,7 +158,7 @@ def outcome(folder: Path) -> tuple[int, int, dict[str, int]]:
 
 @dataclass(frozen=True)
 class Tool:
-    """A row's command on the one-url input (``start``) or on the whole input (``whole``), writing
+    """A row's command on the start input (``start``) or on the whole input (``whole``), writing
     under a folder whose ``images`` subfolder is then an img2dataset output."""
 
     label: str
@@ -166,16 +169,17 @@ class Tool:
 def download_tool(tool: str, lists: dict[str, Path], args) -> Tool:
     def command(which: str, folder: Path) -> list[str]:
         urls, out = str(lists[which]), str(folder / "images")
-        return [sys.executable, str(RUNNER), tool, urls, out, *download_flags(args)]
+        return [sys.executable, str(RUNNER), tool, urls, out, *download_flags(args, which)]
 
     return Tool(BASELINE if tool == "img2dataset" else DOWNLOAD, command)
 
 
-def download_flags(args) -> list[str]:
+def download_flags(args, which: str) -> list[str]:
+    per_shard = 1 if which == "start" else args.per_shard
     return [
         *("--processes", str(args.processes), "--threads", str(args.threads)),
         *("--timeout", str(args.timeout), "--retries", str(args.retries)),
-        *("--per-shard", str(args.per_shard), "--opt-out", ",".join(OPT_OUT_DIRECTIVES)),
+        *("--per-shard", str(per_shard), "--opt-out", ",".join(OPT_OUT_DIRECTIVES)),
     ]
 
 
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--distinct-images", type=int, help="images generated, reused over the urls (500)"
     )
-    parser.add_argument("--slow", type=int, help="urls that answer after the timeout (2)")
+    parser.add_argument("--slow", type=int, help="urls that answer after the timeout (0)")
     parser.add_argument("--processes", type=int, default=default_processes())
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--timeout", type=int, default=3, help="seconds per url")
@@ -281,8 +285,9 @@ def run_rows(args, root: Path) -> dict:
         references = write_documents(docs["whole"], base_url, site)
         lines = docs["whole"].read_text().splitlines(keepends=True)
         docs["start"].write_text(lines[0])
-        lists = {"start": root / "one-url.parquet", "whole": root / "urls.parquet"}
-        pd.DataFrame({"url": references[:1]}).to_parquet(lists["start"])
+        lists = {"start": root / "start-urls.parquet", "whole": root / "urls.parquet"}
+        firsts = list(dict.fromkeys(references))[: args.processes]
+        pd.DataFrame({"url": firsts}).to_parquet(lists["start"])
         pd.DataFrame({"url": references}).to_parquet(lists["whole"])
         # every process gets a shard of its own
         args.per_shard = args.per_shard or math.ceil(len(references) / args.processes)
@@ -331,7 +336,7 @@ def report(results: dict) -> None:
     rows = results["rows"]
     print(
         f"\n{'':<46} {'wall s':>6} {'images':>6} {'images/s':>8} {'CPU ms/img':>10} {'requests':>8}"
-        f"  {'start s':>7} {'images/s':>8} {'CPU ms/img':>10}  (after the start: the tool's run on one url)"
+        f"  {'start s':>7} {'images/s':>8} {'CPU ms/img':>10}  (after the start: the tool's run on one url a process)"
     )
     for label, row in rows.items():
         print(
