@@ -41,15 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from website import build_site, serve, write_documents  # noqa: E402
 
 from flamingo_data.fetch.i2d_output import failure_reason, finished_shards, read_rows  # noqa: E402
-from flamingo_data.fetch.i2d_run import OPT_OUT_DIRECTIVES  # noqa: E402
+from flamingo_data.fetch.i2d_run import OPT_OUT_DIRECTIVES, DownloadOptions  # noqa: E402
 from flamingo_data.run.executors import default_processes  # noqa: E402
 
 RUNNER = Path(__file__).resolve().parent / "download_runs.py"
 BASELINE = "img2dataset"
 DOWNLOAD = "flamingo-data download"
 CONVERT = "flamingo-data convert mmc4 --download-images"
-DEFAULTS = {"urls": 2000, "distinct_images": 500, "slow": 0, "repeats": 3}
-QUICK = {"urls": 40, "distinct_images": 40, "slow": 0, "repeats": 1}
+DEFAULTS = {"urls": 2000, "distinct_images": 500, "slow": 0, "repeats": 3, "start_runs": True}
+QUICK = {"urls": 40, "distinct_images": 40, "slow": 0, "repeats": 1, "start_runs": False}
 
 
 @dataclass
@@ -66,8 +66,8 @@ class Row:
     failed: dict[str, int] = field(default_factory=dict)  # distinct urls by reason
     extra: dict[str, int] = field(default_factory=dict)
     server_cpu_seconds: float = 0.0
-    start_seconds: float = 0.0
-    start_cpu_seconds: float = 0.0
+    start_seconds: float | None = None  # None: no start run (--quick)
+    start_cpu_seconds: float | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -78,12 +78,19 @@ class Row:
         return 1000 * self.cpu_seconds / max(1, self.images)
 
     @property
-    def images_per_s_after_start(self) -> float:
-        return self.images / max(1e-3, self.seconds - self.start_seconds)
+    def images_per_s_after_start(self) -> float | None:
+        """None where the start run took as long as the whole one (a tiny input, a busy machine)."""
+        if self.start_seconds is None:
+            return None
+        spent = self.seconds - self.start_seconds
+        return self.images / spent if spent > 0 and self.images else None
 
     @property
-    def cpu_ms_per_image_after_start(self) -> float:
-        return 1000 * max(0.0, self.cpu_seconds - self.start_cpu_seconds) / max(1, self.images)
+    def cpu_ms_per_image_after_start(self) -> float | None:
+        if self.start_cpu_seconds is None:
+            return None
+        spent = self.cpu_seconds - self.start_cpu_seconds
+        return 1000 * spent / self.images if spent > 0 and self.images else None
 
     def as_json(self, baseline: Row | None) -> dict:
         figures = (
@@ -96,13 +103,17 @@ class Row:
         if baseline is not None:
             result["speed_ratio"] = self.images_per_s / baseline.images_per_s
             result["cpu_ratio"] = self.cpu_ms_per_image / baseline.cpu_ms_per_image
-            result["speed_ratio_after_start"] = (
-                self.images_per_s_after_start / baseline.images_per_s_after_start
+            result["speed_ratio_after_start"] = ratio(
+                self.images_per_s_after_start, baseline.images_per_s_after_start
             )
-            result["cpu_ratio_after_start"] = (
-                self.cpu_ms_per_image_after_start / baseline.cpu_ms_per_image_after_start
+            result["cpu_ratio_after_start"] = ratio(
+                self.cpu_ms_per_image_after_start, baseline.cpu_ms_per_image_after_start
             )
         return result
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    return ours / theirs if ours is not None and theirs else None
 
 
 @dataclass(frozen=True)
@@ -196,9 +207,14 @@ def convert_tool(docs: dict[str, Path], args) -> Tool:
 
     def written(folder: Path) -> dict[str, int]:
         stats = json.loads((folder / "out" / "stats.json").read_text())
+        counts, reasons = stats["counts"], stats.get("reasons", {}).get("images", {})
         return {
-            "documents_written": stats.get("documents", {}).get("written", 0),
-            "images_written": stats.get("images", {}).get("written", 0),
+            **{
+                f"{kind}_{outcome}": n
+                for kind in ("documents", "images")
+                for outcome, n in counts.get(kind, {}).items()
+            },
+            **{f"images_rejected_{reason}": n for reason, n in reasons.items()},
         }
 
     return Tool(CONVERT, command, written)
@@ -226,11 +242,12 @@ def median_run(runs: list[Run]) -> Run:
 def measure(tools: list[Tool], root: Path, hits: list[str], args) -> dict[str, Row]:
     """Each tool's start and whole runs, ``args.repeats`` rounds of every tool in turn (drift on
     a shared machine then hits every row alike); medians, and the first whole run's output."""
+    inputs = ("start", "whole") if args.start_runs else ("whole",)
     runs: dict[str, dict[str, list[Run]]] = {t.label: {"start": [], "whole": []} for t in tools}
     outputs: dict[str, tuple] = {}
     for _ in range(args.repeats):
         for tool in tools:
-            for which in ("start", "whole"):
+            for which in inputs:
                 folder = root / "run"
                 runs[tool.label][which].append(timed(tool.command(which, folder), hits, args))
                 if which == "whole" and tool.label not in outputs:
@@ -238,11 +255,13 @@ def measure(tools: list[Tool], root: Path, hits: list[str], args) -> dict[str, R
                 shutil.rmtree(folder)
     rows = {}
     for label, by_input in runs.items():
-        run, start = median_run(by_input["whole"]), median_run(by_input["start"])
+        run = median_run(by_input["whole"])
+        start = median_run(by_input["start"]) if by_input["start"] else None
         images, stored_rows, failed, extra = outputs[label]
         rows[label] = Row(
             *(run.seconds, run.cpu_seconds, run.requests, images, stored_rows, failed, extra),
-            *(run.server_cpu_seconds, start.seconds, start.cpu_seconds),
+            run.server_cpu_seconds,
+            *((start.seconds, start.cpu_seconds) if start else (None, None)),
         )
     return rows
 
@@ -260,7 +279,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retries", type=int, default=1)
     parser.add_argument("--per-shard", type=int, default=None, help="urls per img2dataset shard")
     parser.add_argument("--repeats", type=int, help="rounds of every row, medians taken (3)")
-    parser.add_argument("--quick", action="store_true", help="defaults: 40 urls, no slow, 1 round")
+    parser.add_argument(
+        "--start-runs",
+        action=argparse.BooleanOptionalAction,
+        help="also run each tool on one url a process, to take its start off (default: not --quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="defaults: 40 urls, no slow url, 1 round, no start runs",
+    )
     parser.add_argument("--run-timeout", type=float, default=900, help="seconds per row at most")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--scratch", default=None, help="folder for the outputs (default: temp)")
@@ -302,6 +330,7 @@ def run_rows(args, root: Path) -> dict:
             "timeout": args.timeout,
             "retries": args.retries,
             "per_shard": args.per_shard,
+            "convert_per_shard": DownloadOptions().samples_per_shard,  # the CLI's, fixed
         }
         print_setup(setup)
         tools = [download_tool(t, lists, args) for t in ("img2dataset", "flamingo-data")]
@@ -328,34 +357,41 @@ def print_setup(setup: dict) -> None:
     )
     print(
         f"{setup['processes']} processes x {setup['threads']} threads, timeout {setup['timeout']} s, "
-        f"{setup['retries']} retry, {setup['per_shard']} urls per shard"
+        f"{setup['retries']} retry, {setup['per_shard']} urls per shard "
+        f"(convert: the CLI's {setup['convert_per_shard']})"
     )
+
+
+def figure(value: float | None, width: int, suffix: str = "") -> str:
+    return f"{value:{width}.2f}{suffix}" if value is not None else f"{'-':>{width}}{suffix}"
 
 
 def report(results: dict) -> None:
     rows = results["rows"]
     print(
-        f"\n{'':<46} {'wall s':>6} {'images':>6} {'images/s':>8} {'CPU ms/img':>10} {'requests':>8}"
-        f"  {'start s':>7} {'images/s':>8} {'CPU ms/img':>10}  (after the start: the tool's run on one url a process)"
+        f"\n{'':<46} {'wall s':>6} {'images':>6} {'images/s':>8} {'CPU ms/img':>10} "
+        f"{'requests':>8} {'start s':>7} {'images/s':>8} {'CPU ms/img':>10}"
     )
     for label, row in rows.items():
         print(
             f"{label:<46} {row['seconds']:6.2f} {row['images']:6d} {row['images_per_s']:8.1f} "
-            f"{row['cpu_ms_per_image']:10.2f} {row['requests']:8d}  {row['start_seconds']:7.2f} "
-            f"{row['images_per_s_after_start']:8.1f} {row['cpu_ms_per_image_after_start']:10.2f}"
+            f"{row['cpu_ms_per_image']:10.2f} {row['requests']:8d} {figure(row['start_seconds'], 7)} "
+            f"{figure(row['images_per_s_after_start'], 8)} "
+            f"{figure(row['cpu_ms_per_image_after_start'], 10)}"
         )
-    print()
+    print("(the last two: after the start, i.e. less the tool's run on one url a process)\n")
     for label, row in rows.items():
         failed = ", ".join(f"{reason} {n}" for reason, n in row["failed"].items())
-        extra = "".join(f", {name} {n}" for name, n in row["extra"].items())
-        print(f"{label}: failed urls: {failed}{extra}")
+        print(f"{label}: failed urls: {failed}")
+        if row["extra"]:
+            print(f"{label}: " + ", ".join(f"{name} {n}" for name, n in row["extra"].items()))
     for label, row in rows.items():
         if "speed_ratio" in row:
             print(
                 f"{label} / {BASELINE}: {row['speed_ratio']:.2f}x images/s, "
                 f"{row['cpu_ratio']:.2f}x CPU per image; after the start "
-                f"{row['speed_ratio_after_start']:.2f}x images/s, "
-                f"{row['cpu_ratio_after_start']:.2f}x CPU per image"
+                f"{figure(row['speed_ratio_after_start'], 0, 'x')} images/s, "
+                f"{figure(row['cpu_ratio_after_start'], 0, 'x')} CPU per image"
             )
 
 

@@ -1,7 +1,8 @@
 """One download in its own process, for bench_download.py to time and to charge CPU to.
 
 ``img2dataset``: img2dataset's own ``download`` (webdataset output, bytes stored as fetched).
-``flamingo-data``: ``fetch_url_images`` (each distinct url once, bounded fetches, opt-out checks).
+``flamingo-data``: ``fetch_url_images`` (each distinct url once, bounded fetches, opt-out checks,
+a per-url journal).
 Both read the same parquet url list and use the same processes, threads, timeout, retries, shard
 size and opt-out directives. img2dataset's spawned workers import this module as their main one,
 so it imports only the standard library at the top.
@@ -53,7 +54,7 @@ def flamingo_download(args: argparse.Namespace) -> None:
         samples_per_shard=args.per_shard,
     )
     urls = pd.read_parquet(args.urls)["url"].tolist()
-    fetch_url_images(urls, UrlImages(args.out, download=options), resume=False)
+    fetch_url_images(urls, UrlImages(args.out, download=options))
 
 
 def main() -> None:
