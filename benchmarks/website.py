@@ -146,13 +146,30 @@ def write_documents(path: Path, base_url: str, site: Site, seed: int = 0) -> lis
     return references
 
 
+@dataclass
+class Hit:
+    """One request the site got: its path, when it arrived and when it was answered (a delayed
+    page, which the client gives up on, counts as answered on arrival)."""
+
+    path: str
+    arrived: float
+    answered: float
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     site: Site
-    hits: list[str]
+    hits: list[Hit]
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self.hits.append(self.path)
+        arrived = time.perf_counter()
+        hit = Hit(self.path, arrived, arrived)
+        self.hits.append(hit)  # on arrival: a run's requests are all listed once it has ended
         page = self.site.pages.get(self.path, Page(404, b"Not Found", "text/html"))
+        self.answer(page)
+        if not page.delay:
+            hit.answered = time.perf_counter()
+
+    def answer(self, page: Page) -> None:
         try:
             if page.delay:
                 time.sleep(page.delay)
@@ -176,9 +193,9 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def serve(site: Site) -> Iterator[tuple[str, list[str]]]:
-    """The site on 127.0.0.1 (a free port): (base url, the paths requested so far)."""
-    hits: list[str] = []
+def serve(site: Site) -> Iterator[tuple[str, list[Hit]]]:
+    """The site on 127.0.0.1 (a free port): (base url, the requests answered so far)."""
+    hits: list[Hit] = []
     handler = type("Handler", (_Handler,), {"site": site, "hits": hits})
     httpd = _Server(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
