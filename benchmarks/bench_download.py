@@ -4,17 +4,19 @@ The urls are a local web site on 127.0.0.1 (benchmarks/website.py): web-like ima
 300-1,200 px) beside 404s, 500s, an HTML page where an image was linked, redirects, opted-out images and,
 optionally, slow urls past the timeout; MMC4 documents name them ~3 to a document, a few urls shared by
 several documents. Every row runs in a fresh process on the documents' url list (shared urls once per
-document), with the same processes, threads, timeout, retries, shard size and opt-out directives:
+document), with the same processes, threads, timeout, retries and opt-out directives (the download
+rows also the same shard size; the CLI has its own):
 - img2dataset: its own ``download`` (webdataset output, ``resize_mode="no"``,
   ``disable_all_reencoding=True``, ``distributor="multiprocessing"``, no wandb, no hash);
 - flamingo-data download: ``fetch_url_images`` (each distinct url once, every fetch bounded in time
-  and size, opt-out checks);
+  and size, opt-out checks, a per-url journal);
 - flamingo-data convert: ``flamingo-data convert mmc4 --download-images`` end to end, when the
   installed CLI has that option: documents in, shards out.
-Wall time is the process's from start to exit (start and imports included); CPU is user + sys of the
-process and of every process it started. images/s counts distinct urls whose bytes were stored. Each row
-also has a start run (one url per process, each its own shard): its time and CPU taken off give the
-figures "after the start". Rows run in turn, ``--repeats`` rounds; the figures are medians.
+Wall time is the process's from start to exit (start and imports included); "fetching" runs from the
+site's first request to its last answer; CPU is user + sys of the process and of every process it
+started. images/s counts distinct urls whose bytes were stored. Each row also has a start run (one url
+per process, each its own shard): its CPU taken off gives "CPU after the start". Rows run in turn,
+``--repeats`` rounds; the figures are medians.
 Usage: python benchmarks/bench_download.py [--urls 2000] [--quick] [--json out.json]
 """
 
