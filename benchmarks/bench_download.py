@@ -50,8 +50,22 @@ RUNNER = Path(__file__).resolve().parent / "download_runs.py"
 BASELINE = "img2dataset"
 DOWNLOAD = "flamingo-data download"
 CONVERT = "flamingo-data convert mmc4 --download-images"
-DEFAULTS = {"urls": 2000, "distinct_images": 500, "slow": 0, "repeats": 3, "start_runs": True}
-QUICK = {"urls": 40, "distinct_images": 40, "slow": 0, "repeats": 1, "start_runs": False}
+DEFAULTS = {
+    "urls": 2000,
+    "sites": 400,
+    "distinct_images": 500,
+    "slow": 0,
+    "repeats": 3,
+    "start_runs": True,
+}
+QUICK = {
+    "urls": 40,
+    "sites": 8,
+    "distinct_images": 40,
+    "slow": 0,
+    "repeats": 1,
+    "start_runs": False,
+}
 
 
 @dataclass
@@ -65,6 +79,7 @@ class Row:
     fetch_seconds: float
     cpu_seconds: float
     requests: int
+    robots_requests: int  # of them, for a robots.txt
     images: int  # distinct urls whose bytes were stored
     stored_rows: int  # rows stored, a url named twice counted twice
     failed: dict[str, int] = field(default_factory=dict)  # distinct urls by reason
@@ -126,6 +141,7 @@ class Run:
     fetch_seconds: float
     cpu_seconds: float
     requests: int
+    robots_requests: int
     server_cpu_seconds: float
 
 
@@ -152,6 +168,7 @@ def timed(command: list[str], hits: list[Hit], args) -> Run:
         max(h.answered for h in these) - min(h.arrived for h in these) if these else seconds,
         cpu_seconds(resource.RUSAGE_CHILDREN) - children,
         len(these),
+        sum(1 for h in these if h.path == "/robots.txt"),
         cpu_seconds(resource.RUSAGE_SELF) - server,
     )
 
@@ -241,6 +258,7 @@ def median_run(runs: list[Run]) -> Run:
         statistics.median(r.fetch_seconds for r in runs),
         statistics.median(r.cpu_seconds for r in runs),
         runs[0].requests,
+        runs[0].robots_requests,
         statistics.median(r.server_cpu_seconds for r in runs),
     )
 
@@ -265,7 +283,7 @@ def measure(tools: list[Tool], root: Path, hits: list[Hit], args) -> dict[str, R
         start = median_run(by_input["start"]) if by_input["start"] else None
         images, stored_rows, failed, extra = outputs[label]
         rows[label] = Row(
-            *(run.seconds, run.fetch_seconds, run.cpu_seconds, run.requests),
+            *(run.seconds, run.fetch_seconds, run.cpu_seconds, run.requests, run.robots_requests),
             *(images, stored_rows, failed, extra),
             run.server_cpu_seconds,
             *((start.seconds, start.cpu_seconds) if start else (None, None)),
@@ -275,7 +293,8 @@ def measure(tools: list[Tool], root: Path, hits: list[Hit], args) -> dict[str, R
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--urls", type=int, help="distinct urls on the site (2000)")
+    parser.add_argument("--urls", type=int, help="distinct urls (2000)")
+    parser.add_argument("--sites", type=int, help="sites the urls are on, a port each (400)")
     parser.add_argument(
         "--distinct-images", type=int, help="images generated, reused over the urls (500)"
     )
@@ -314,10 +333,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_rows(args, root: Path) -> dict:
-    site = build_site(args.urls, args.distinct_images, args.slow, args.timeout + 1.0)
-    with serve(site) as (base_url, hits):
+    site = build_site(args.urls, args.distinct_images, args.slow, args.timeout + 1.0, args.sites)
+    with serve(site) as (base_urls, hits):
         docs = {"start": root / "one-doc.jsonl", "whole": root / "docs.jsonl"}
-        references = write_documents(docs["whole"], base_url, site)
+        references = write_documents(docs["whole"], base_urls, site)
         lines = docs["whole"].read_text().splitlines(keepends=True)
         docs["start"].write_text(lines[0])
         lists = {"start": root / "start-urls.parquet", "whole": root / "urls.parquet"}
@@ -332,6 +351,9 @@ def run_rows(args, root: Path) -> dict:
             "documents": len(lines),
             "distinct_images": min(args.urls, args.distinct_images),
             "kinds": dict(site.kinds.most_common()),
+            "sites": len(site.robots),
+            "robots": dict(Counter(site.robots).most_common()),
+            "expected": {BASELINE: site.expected(False), DOWNLOAD: site.expected(True)},
             "processes": args.processes,
             "threads": args.threads,
             "timeout": args.timeout,
@@ -362,6 +384,8 @@ def print_setup(setup: dict) -> None:
         f"site: {setup['urls']} urls ({kinds}); {setup['documents']} documents naming them "
         f"{setup['references']} times; {setup['distinct_images']} distinct images"
     )
+    robots = ", ".join(f"{kind} {n}" for kind, n in setup["robots"].items())
+    print(f"{setup['sites']} sites, their robots.txt: {robots}")
     print(
         f"{setup['processes']} processes x {setup['threads']} threads, timeout {setup['timeout']} s, "
         f"{setup['retries']} retry, {setup['per_shard']} urls per shard "
@@ -390,9 +414,14 @@ def report(results: dict) -> None:
         "(fetching: from the site's first request to its last answer; CPU after start: less the "
         "CPU of the tool's run on one url a process)\n"
     )
+    expected = results["setup"]["expected"]
     for label, row in rows.items():
         failed = ", ".join(f"{reason} {n}" for reason, n in row["failed"].items())
-        print(f"{label}: failed urls: {failed}")
+        wanted = expected[BASELINE if label == BASELINE else DOWNLOAD]
+        verdict = "as" if [row["images"], row["failed"]] == list(wanted.values()) else "NOT as"
+        print(
+            f"{label}: {row['images']} stored, failed urls: {failed} ({verdict} the site expects)"
+        )
         if row["extra"]:
             print(f"{label}: " + ", ".join(f"{name} {n}" for name, n in row["extra"].items()))
     for label, row in rows.items():
