@@ -1,9 +1,10 @@
 """Downloading images by url: flamingo-data against img2dataset's own download, in one run, on the same urls.
 
-The urls are a local web site on 127.0.0.1 (benchmarks/website.py): web-like images (weblike.py's mix,
-300-1,200 px) beside 404s, 500s, an HTML page where an image was linked, redirects, opted-out images and,
-optionally, slow urls past the timeout; MMC4 documents name them ~3 to a document, a few urls shared by
-several documents. Every row runs in a fresh process on the documents' url list (shared urls once per
+The urls are a local web on 127.0.0.1 (benchmarks/website.py: many sites, a port each, each with its
+robots.txt): web-like images (weblike.py's mix, 300-1,200 px) beside 404s, 500s, an HTML page where an
+image was linked, redirects, opted-out images and, optionally, slow urls past the timeout; MMC4 documents
+name them ~3 to a document, a few urls shared by several documents. Each row's stored and refused urls
+are checked against what the site sets up (img2dataset never reads robots.txt; flamingo-data does). Every row runs in a fresh process on the documents' url list (shared urls once per
 document), with the same processes, threads, timeout, retries and opt-out directives (the download
 rows also the same shard size; the CLI has its own):
 - img2dataset: its own ``download`` (webdataset output, ``resize_mode="no"``,
@@ -15,7 +16,8 @@ rows also the same shard size; the CLI has its own):
 Wall time is the process's from start to exit (start and imports included); "fetching" runs from the
 site's first request to its last answer; CPU is user + sys of the process and of every process it
 started. images/s counts distinct urls whose bytes were stored. Each row also has a start run (one url
-per process, each its own shard): its CPU taken off gives "CPU after the start". Rows run in turn,
+per process, each its own shard; the CLI's: the first document): its CPU taken off gives "CPU after
+the start". Rows run in turn,
 ``--repeats`` rounds; the figures are medians.
 Usage: python benchmarks/bench_download.py [--urls 2000] [--quick] [--json out.json]
 """
@@ -40,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from website import Hit, build_site, serve, write_documents  # noqa: E402
+from website import Hit, Site, build_site, serve, write_documents  # noqa: E402
 
 from flamingo_data.fetch.i2d_output import failure_reason, finished_shards, read_rows  # noqa: E402
 from flamingo_data.fetch.i2d_run import OPT_OUT_DIRECTIVES, DownloadOptions  # noqa: E402
@@ -73,7 +75,8 @@ class Row:
     """One measured run: wall seconds, the seconds from the site's first request to its last
     answer (``fetch_seconds``), CPU seconds (user + sys, children included), requests the site
     answered, and what the output holds; ``start_*``: the same tool's start run (one url per
-    process, each its own shard, so every worker starts as in the whole run)."""
+    process, each its own shard, so every worker starts as in the whole run; for the CLI, the
+    first document)."""
 
     seconds: float
     fetch_seconds: float
@@ -150,7 +153,7 @@ def cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(command: list[str], hits: list[Hit], args) -> Run:
+def timed(command: list[str], hits: list[Hit], args: argparse.Namespace) -> Run:
     """``command`` run to its exit; the server runs in this process, so its CPU is apart."""
     children, server, served = (
         cpu_seconds(resource.RUSAGE_CHILDREN),
@@ -158,7 +161,10 @@ def timed(command: list[str], hits: list[Hit], args) -> Run:
         len(hits),
     )
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.run_timeout)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.run_timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{' '.join(command[:4])} ... ran past --run-timeout") from None
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{done.stderr[-3000:]}")
@@ -199,7 +205,7 @@ class Tool:
     extra: Callable[[Path], dict[str, int]] = lambda folder: {}
 
 
-def download_tool(tool: str, lists: dict[str, Path], args) -> Tool:
+def download_tool(tool: str, lists: dict[str, Path], args: argparse.Namespace) -> Tool:
     def command(which: str, folder: Path) -> list[str]:
         urls, out = str(lists[which]), str(folder / "images")
         return [sys.executable, str(RUNNER), tool, urls, out, *download_flags(args, which)]
@@ -207,7 +213,7 @@ def download_tool(tool: str, lists: dict[str, Path], args) -> Tool:
     return Tool(BASELINE if tool == "img2dataset" else DOWNLOAD, command)
 
 
-def download_flags(args, which: str) -> list[str]:
+def download_flags(args: argparse.Namespace, which: str) -> list[str]:
     per_shard = 1 if which == "start" else args.per_shard
     return [
         *("--processes", str(args.processes), "--threads", str(args.threads)),
@@ -216,7 +222,7 @@ def download_flags(args, which: str) -> list[str]:
     ]
 
 
-def convert_tool(docs: dict[str, Path], args) -> Tool:
+def convert_tool(docs: dict[str, Path], args: argparse.Namespace) -> Tool:
     def command(which: str, folder: Path) -> list[str]:
         return [
             *(sys.executable, "-m", "flamingo_data", "convert", "mmc4", "--docs", str(docs[which])),
@@ -263,7 +269,9 @@ def median_run(runs: list[Run]) -> Run:
     )
 
 
-def measure(tools: list[Tool], root: Path, hits: list[Hit], args) -> dict[str, Row]:
+def measure(
+    tools: list[Tool], root: Path, hits: list[Hit], args: argparse.Namespace
+) -> dict[str, Row]:
     """Each tool's start and whole runs, ``args.repeats`` rounds of every tool in turn (drift on
     a shared machine then hits every row alike); medians, and the first whole run's output."""
     inputs = ("start", "whole") if args.start_runs else ("whole",)
@@ -332,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_rows(args, root: Path) -> dict:
+def run_rows(args: argparse.Namespace, root: Path) -> dict:
     site = build_site(args.urls, args.distinct_images, args.slow, args.timeout + 1.0, args.sites)
     with serve(site) as (base_urls, hits):
         docs = {"start": root / "one-doc.jsonl", "whole": root / "docs.jsonl"}
@@ -345,22 +353,7 @@ def run_rows(args, root: Path) -> dict:
         pd.DataFrame({"url": references}).to_parquet(lists["whole"])
         # every process gets a shard of its own
         args.per_shard = args.per_shard or math.ceil(len(references) / args.processes)
-        setup = {
-            "urls": len(site.paths),
-            "references": len(references),
-            "documents": len(lines),
-            "distinct_images": min(args.urls, args.distinct_images),
-            "kinds": dict(site.kinds.most_common()),
-            "sites": len(site.robots),
-            "robots": dict(Counter(site.robots).most_common()),
-            "expected": {BASELINE: site.expected(False), DOWNLOAD: site.expected(True)},
-            "processes": args.processes,
-            "threads": args.threads,
-            "timeout": args.timeout,
-            "retries": args.retries,
-            "per_shard": args.per_shard,
-            "convert_per_shard": DownloadOptions().samples_per_shard,  # the CLI's, fixed
-        }
+        setup = setup_of(args, site, references, len(lines))
         print_setup(setup)
         tools = [download_tool(t, lists, args) for t in ("img2dataset", "flamingo-data")]
         if cli_has_download_images():
@@ -375,6 +368,25 @@ def run_rows(args, root: Path) -> dict:
             label: row.as_json(None if label == BASELINE else baseline)
             for label, row in rows.items()
         },
+    }
+
+
+def setup_of(args: argparse.Namespace, site: Site, references: list[str], documents: int) -> dict:
+    return {
+        "urls": len(site.paths),
+        "references": len(references),
+        "documents": documents,
+        "distinct_images": min(args.urls, args.distinct_images),
+        "kinds": dict(site.kinds.most_common()),
+        "sites": len(site.robots),
+        "robots": dict(Counter(site.robots).most_common()),
+        "expected": {BASELINE: site.expected(False), DOWNLOAD: site.expected(True)},
+        "processes": args.processes,
+        "threads": args.threads,
+        "timeout": args.timeout,
+        "retries": args.retries,
+        "per_shard": args.per_shard,
+        "convert_per_shard": DownloadOptions().samples_per_shard,  # the CLI's, fixed
     }
 
 
