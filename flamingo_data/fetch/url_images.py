@@ -14,7 +14,7 @@ import math
 import re
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +29,7 @@ from flamingo_data.fetch.journal import JournalCounter
 URL_LIST = "_urls.parquet"  # the attempt's sorted url list: a resumed attempt shards it alike
 RETRY_PREFIX = "_retry-"
 JOURNAL_DIR = "_journal"  # see flamingo_data.fetch.journal
+URLS_PER_SHARD = 1_000  # so that --download-processes shares even a small download out
 DONE_FILE = "_done.json"  # an attempt every shard of which img2dataset finished
 # Reason families --retry-failed accepts beside exact reason codes.
 REASON_FAMILIES = {"http_5xx": re.compile(r"http_5\d\d"), "http_4xx": re.compile(r"http_4\d\d")}
@@ -148,6 +149,7 @@ def _attempt(urls: list[str], folder: Path, options: DownloadOptions, progress: 
         return
     folder.mkdir(parents=True, exist_ok=True)
     _check_same_urls(folder / URL_LIST, folder, urls)
+    options = replace(options, samples_per_shard=URLS_PER_SHARD)
     pd.DataFrame({"url": urls}).to_parquet(folder / URL_LIST)
     journal = folder / JOURNAL_DIR
     with tqdm(total=len(urls), unit="img", desc="download", disable=not progress) as bar:
