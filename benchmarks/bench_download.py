@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from website import Hit, Site, build_site, serve, write_documents  # noqa: E402
 
 from flamingo_data.fetch.i2d_output import failure_reason, finished_shards, read_rows  # noqa: E402
-from flamingo_data.fetch.i2d_run import OPT_OUT_DIRECTIVES, DownloadOptions  # noqa: E402
+from flamingo_data.fetch.i2d_run import OPT_OUT_DIRECTIVES  # noqa: E402
+from flamingo_data.fetch.url_images import URLS_PER_SHARD  # noqa: E402
 from flamingo_data.run.executors import default_processes  # noqa: E402
 
 RUNNER = Path(__file__).resolve().parent / "download_runs.py"
@@ -386,7 +387,7 @@ def setup_of(args: argparse.Namespace, site: Site, references: list[str], docume
         "timeout": args.timeout,
         "retries": args.retries,
         "per_shard": args.per_shard,
-        "convert_per_shard": DownloadOptions().samples_per_shard,  # the CLI's, fixed
+        "convert_per_shard": URLS_PER_SHARD,  # the CLI's, fixed
     }
 
 

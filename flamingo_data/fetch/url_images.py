@@ -3,7 +3,7 @@
 A url-image folder is an img2dataset webdataset output (``<n>.tar``, ``<n>.parquet``,
 ``<n>_stats.json``), downloaded here or elsewhere. A download writes its first attempt in the
 folder itself, so the folder stays a plain img2dataset output, and each ``retry_failed`` attempt in
-``_retry-NN/`` inside it; ``open_url_store`` reads them as one store in which a later attempt's
+``_retry-NN/`` inside it; ``UrlStore`` reads them as one store in which a later attempt's
 success or failure replaces an earlier one's. Each distinct url is fetched once per attempt.
 """
 
@@ -92,10 +92,6 @@ class UrlStore:
                 stats.reject("urls", self.failed.get(url, "not_downloaded"))
 
 
-def open_url_store(folder: str | Path) -> UrlStore:
-    return UrlStore(folder)
-
-
 def matches_reason(reason: str, wanted: Iterable[str]) -> bool:
     """``reason`` is one of ``wanted``: an exact code, or a family (``http_5xx``, ``http_4xx``)."""
     return any(
@@ -129,7 +125,11 @@ def _retry(urls: list[str], folder: Path, source: UrlImages, progress: bool) -> 
             f"the download in `images` {folder} is unfinished: resume it before `retry_failed`"
         )
     store = UrlStore(folder)
-    again = [u for u in urls if matches_reason(store.failed.get(u, ""), source.retry_failed)]
+    again = [
+        u
+        for u in urls
+        if u not in store.found and matches_reason(_why(store, u), source.retry_failed)
+    ]
     attempts = attempt_folders(folder)
     last = attempts[-1]
     if last != folder and (last / URL_LIST).exists() and not (last / DONE_FILE).exists():
@@ -140,6 +140,11 @@ def _retry(urls: list[str], folder: Path, source: UrlImages, progress: bool) -> 
     if again:
         _attempt(again, target, source.download, progress)
     return again
+
+
+def _why(store: UrlStore, url: str) -> str:
+    """Why ``url`` has no image: its attempt's reason, or ``not_downloaded`` (in no attempt)."""
+    return store.failed.get(url, "not_downloaded")
 
 
 def _attempt(urls: list[str], folder: Path, options: DownloadOptions, progress: bool) -> None:

@@ -322,3 +322,26 @@ def test_an_image_layout_other_than_url_is_refused_with_download(tmp_path: Path)
         check=False,
     )
     assert done.returncode == 2 and "layout" in done.stderr
+
+
+def test_documents_naming_new_urls_are_refused_then_fetched_with_retry_not_downloaded(
+    http_server: LocalServer, tmp_path: Path
+) -> None:
+    first = [serve_image(http_server, f"a{i}.jpg", i) for i in range(2)]
+    docs = tmp_path / "docs_00000.jsonl"
+    write_docs(docs, [document(first)])
+    out, images = tmp_path / "out", tmp_path / "downloads"
+    args = ["--docs", str(docs), "--images", str(images), "--download-images", "--out", str(out)]
+    convert(*args, "--no-progress")
+
+    new = serve_image(http_server, "new.jpg", 5)
+    write_docs(docs, [document(first), document([new])])
+    refused = convert(*args, "--resume", "--no-progress", check=False)
+    assert refused.returncode == 2 and "1 new" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0
+
+    convert(*args, "--retry-failed", "not_downloaded", "--no-progress")
+    assert http_server.hits["/new.jpg"] == 1 and http_server.hits["/a0.jpg"] == 1
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["counts"]["documents"] == {"in": 2, "written": 2}
+    assert stats["counts"]["urls"] == {"in": 3, "fetched": 3}
