@@ -9,14 +9,10 @@ that placeholder and the rest are renumbered contiguously: never a hole the load
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 from flamingo_data.converters.jsonchunks import nonblank_lines, one_object
 from flamingo_data.converters.mmc4 import unit_stem
@@ -27,11 +23,11 @@ from flamingo_data.core.stats import Stats
 from flamingo_data.errors import InputError
 from flamingo_data.fetch.i2d_output import (
     ImageStore,
-    check_finished,
     check_sidecars,
     finished_shards,
 )
-from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
+from flamingo_data.fetch.i2d_run import DownloadOptions
+from flamingo_data.fetch.url_images import UrlImages, UrlListChanged, fetch_url_images
 from flamingo_data.fetch.web import is_web_url
 from flamingo_data.images.stage import ImagePolicy, ImageResult, process_image
 from flamingo_data.run.driver import ConversionPlan, run_conversion
@@ -245,34 +241,17 @@ def _convert_sequence(
     return True
 
 
-def _download(urls: list[str], root: Path, images: str, options: DownloadOptions) -> None:
-    """Each distinct url once; the url list is sorted, so a resumed run shards it the same way.
-
-    A shard img2dataset could not finish stops the run (RunIncomplete): its urls would otherwise be
+def _download(urls: list[str], images: str, options: DownloadOptions, progress: bool) -> None:
+    """Each distinct url once, resumable without fetching a url again (``fetch_url_images``). A
+    shard img2dataset could not finish stops the run (RunIncomplete): its urls would otherwise be
     ``not_downloaded``, and the units committed with those losses would be skipped by --resume."""
-    if urls:
-        root.mkdir(parents=True, exist_ok=True)
-        _check_same_urls(root / "_urls.parquet", images, urls)
-        pd.DataFrame({"url": urls}).to_parquet(root / "_urls.parquet")
-        run_img2dataset(
-            str(root / "_urls.parquet"), images, url_col="url", caption_col=None, options=options
-        )
-        check_finished(Path(images), math.ceil(len(urls) / options.samples_per_shard))
-
-
-def _check_same_urls(previous: Path, images: str, urls: list[str]) -> None:
-    """img2dataset's incremental mode skips the shards it finished, by number: had the sequence
-    files changed since the interrupted run, the urls now sorted into those shards would never
-    be fetched, and their sequences would be dropped as not_downloaded. Refuse instead."""
-    if not previous.exists() or not finished_shards(images):
-        return
-    before = pd.read_parquet(previous)["url"].tolist()
-    if before != urls:
-        new, gone = len(set(urls) - set(before)), len(set(before) - set(urls))
+    try:
+        fetch_url_images(urls, UrlImages(images, download=options), progress=progress)
+    except UrlListChanged as exc:
         raise OutputExistsError(
-            f"the sequence files name other image urls than the interrupted run did ({new} new, "
-            f"{gone} gone): its downloads would miss the new ones; pass `overwrite`"
-        )
+            f"the sequence files name other image urls than the interrupted run did ({exc.new} "
+            f"new, {exc.gone} gone): its downloads would miss the new ones; pass `overwrite`"
+        ) from None
 
 
 def convert_chatgpt(
@@ -326,7 +305,9 @@ def plan_chatgpt(
     def download(run: RunOptions, overwrite: bool) -> None:
         finished = run.resume and all_done(run.out_dir, (unit.name for unit in units))
         if options.images_from is None and not finished:
-            _download(collect_urls(sources, options.url_key), work, images, options.download)
+            _download(
+                collect_urls(sources, options.url_key), images, options.download, run.progress
+            )
 
     return ConversionPlan(
         converter="chatgpt",

@@ -29,7 +29,7 @@ from flamingo_data.fetch.journal import JournalCounter
 URL_LIST = "_urls.parquet"  # the attempt's sorted url list: a resumed attempt shards it alike
 RETRY_PREFIX = "_retry-"
 JOURNAL_DIR = "_journal"  # see flamingo_data.fetch.journal
-URLS_PER_SHARD = 1_000  # so that --download-processes shares even a small download out
+URLS_PER_SHARD = 1_000  # at most, so that --download-processes shares even a small download out
 DONE_FILE = "_done.json"  # an attempt every shard of which img2dataset finished
 # Reason families --retry-failed accepts beside exact reason codes.
 REASON_FAMILIES = {"http_5xx": re.compile(r"http_5\d\d"), "http_4xx": re.compile(r"http_4\d\d")}
@@ -154,7 +154,7 @@ def _attempt(urls: list[str], folder: Path, options: DownloadOptions, progress: 
         return
     folder.mkdir(parents=True, exist_ok=True)
     _check_same_urls(folder / URL_LIST, folder, urls)
-    options = replace(options, samples_per_shard=URLS_PER_SHARD)
+    options = replace(options, samples_per_shard=min(options.samples_per_shard, URLS_PER_SHARD))
     pd.DataFrame({"url": urls}).to_parquet(folder / URL_LIST)
     journal = folder / JOURNAL_DIR
     with tqdm(total=len(urls), unit="img", desc="download", disable=not progress) as bar:
@@ -191,8 +191,15 @@ def _check_same_urls(previous: Path, folder: Path, urls: list[str]) -> None:
         return
     before = pd.read_parquet(previous)["url"].tolist()
     if before != urls:
-        new, gone = len(set(urls) - set(before)), len(set(before) - set(urls))
-        raise OutputExistsError(
+        raise UrlListChanged(folder, len(set(urls) - set(before)), len(set(before) - set(urls)))
+
+
+class UrlListChanged(OutputExistsError):
+    """The documents name other urls than the unfinished or finished download in ``folder``."""
+
+    def __init__(self, folder: Path, new: int, gone: int) -> None:
+        super().__init__(
             f"the documents name other image urls than the download in {folder} ({new} new, "
             f"{gone} gone): use another `images` folder or remove it"
         )
+        self.new, self.gone = new, gone
