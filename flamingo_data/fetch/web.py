@@ -4,9 +4,12 @@ redirects to http(s) only, urls percent-encoded as a browser sends them."""
 from __future__ import annotations
 
 import contextlib
+import heapq
 import http.client
+import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -64,6 +67,7 @@ class _Deadline:
 
     sockets: list[socket.socket] = field(default_factory=list)
     expired: bool = False
+    done: bool = False  # the fetch ended: its deadline no longer matters
 
     def watch(self, sock: socket.socket) -> None:
         self.sockets.append(sock)
@@ -76,6 +80,41 @@ class _Deadline:
             with contextlib.suppress(OSError):  # already closed
                 # the plain socket's shutdown, TLS too: it wakes a blocked read at once
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Deadlines:
+    """One watcher thread per process expires every fetch's deadline at its time (a timer thread
+    per fetch costs more CPU than the fetch of a small image)."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)  # the parent's watcher is not in the child
+
+    def reset(self) -> None:
+        self.pending: list[tuple[float, int, _Deadline]] = []
+        self.ready = threading.Condition()
+        self.owner: int | None = None  # the process whose watcher runs
+
+    def add(self, when: float, deadline: _Deadline) -> None:
+        with self.ready:
+            if self.owner != os.getpid():
+                self.owner, self.pending = os.getpid(), []
+                threading.Thread(target=self._watch, daemon=True, name="fetch-deadlines").start()
+            heapq.heappush(self.pending, (when, id(deadline), deadline))
+            self.ready.notify()
+
+    def _watch(self) -> None:
+        while True:
+            with self.ready:
+                while not self.pending or self.pending[0][0] > time.monotonic():
+                    wait = self.pending[0][0] - time.monotonic() if self.pending else None
+                    self.ready.wait(wait)
+                _, _, deadline = heapq.heappop(self.pending)
+            if not deadline.done:
+                deadline.expire()
+
+
+DEADLINES = _Deadlines()
 
 
 class _Watched:
@@ -143,9 +182,7 @@ def fetch(
     http(s) redirects only; ``url`` is percent-encoded as a browser does (``request_url``).
     ``check(response)`` may refuse it from its headers before the body."""
     deadline = _Deadline()
-    timer = threading.Timer(timeout, deadline.expire)
-    timer.daemon = True
-    timer.start()
+    DEADLINES.add(time.monotonic() + timeout, deadline)
     try:
         require_web_url(url)
         opener = web_only_opener(deadline)
@@ -158,7 +195,7 @@ def fetch(
             raise TimeoutError(f"download timed out after {timeout} s") from exc
         raise
     finally:
-        timer.cancel()
+        deadline.done = True
     if deadline.expired:  # a read cut short by the deadline can end without an error
         raise TimeoutError(f"download timed out after {timeout} s")
     return body

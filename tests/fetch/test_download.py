@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -102,6 +103,36 @@ def test_fetch_bounds_time_size_and_redirects(server) -> None:
     with pytest.raises(OSError, match="non-http"):
         get("ftp.jpg")
     assert ftp_hits == []
+
+
+def _drip_times_out(base: str) -> bool:
+    try:
+        fetch(f"{base}/drip.jpg", timeout=0.5, max_bytes=CAP, headers={})
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_deadlines_share_one_watcher_thread_and_hold_in_a_forked_child(server, monkeypatch) -> None:
+    """Many fetches start no thread each; a process forked after fetches still times out."""
+    base, _ = server
+    fetch(f"{base}/ok.jpg", timeout=5, max_bytes=CAP, headers={})
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(thread: threading.Thread) -> None:
+        if thread.name != "fetch-deadlines" and "process_request" not in thread.name:
+            started.append(thread.name)
+        start(thread)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", counted)
+        for _ in range(30):
+            assert fetch(f"{base}/ok.jpg", timeout=5, max_bytes=CAP, headers={}) == JPEG
+    assert started == []
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply_async(_drip_times_out, (base,)).get(timeout=30)
 
 
 def test_urls_with_spaces_and_non_ascii_text_are_fetched_as_a_browser_does(http_server) -> None:
