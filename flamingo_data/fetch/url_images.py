@@ -191,15 +191,18 @@ def _check_same_urls(previous: Path, folder: Path, urls: list[str]) -> None:
         return
     before = pd.read_parquet(previous)["url"].tolist()
     if before != urls:
-        raise UrlListChanged(folder, len(set(urls) - set(before)), len(set(before) - set(urls)))
-
-
-class UrlListChanged(OutputExistsError):
-    """The documents name other urls than the unfinished or finished download in ``folder``."""
-
-    def __init__(self, folder: Path, new: int, gone: int) -> None:
-        super().__init__(
+        new, gone = len(set(urls) - set(before)), len(set(before) - set(urls))
+        error = UrlListChanged(
             f"the documents name other image urls than the download in {folder} ({new} new, "
             f"{gone} gone): use another `images` folder or remove it"
         )
-        self.new, self.gone = new, gone
+        error.new, error.gone = new, gone
+        raise error
+
+
+class UrlListChanged(OutputExistsError):
+    """The documents name other urls than the download in a url-image folder: ``new`` and
+    ``gone`` count them."""
+
+    new: int = 0
+    gone: int = 0

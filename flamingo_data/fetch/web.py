@@ -67,7 +67,7 @@ class _Deadline:
 
     sockets: list[socket.socket] = field(default_factory=list)
     expired: bool = False
-    done: bool = False  # the fetch ended: its deadline no longer matters
+    done: bool = False  # the fetch ended: its deadline is moot
 
     def watch(self, sock: socket.socket) -> None:
         self.sockets.append(sock)
