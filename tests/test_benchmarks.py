@@ -27,7 +27,9 @@ TINY_ARGS = {
     ],
     "bench_validate.py": ["--shards", "1", "--docs-per-shard", "6"],
     "bench_decode_scales.py": ["--images", "3"],
-    "bench_download.py": ["--quick", "--slow", "1", "--timeout", "1", "--sites", "40"],
+    "bench_download.py": [
+        *("--quick", "--slow", "1", "--timeout", "1", "--sites", "40", "--processes", "1"),
+    ],
     "bench_hostile_inputs.py": ["--pax-digits", "2000", "--runs", "1"],
     "bench_loader.py": ["--docs-per-shard", "4", "--repeats", "1", "--quick"],
     "bench_quality_at_224.py": ["--images", "3"],

@@ -237,14 +237,8 @@ def test_retry_failed_fetches_only_those_reasons_and_writes_a_first_time_success
     good = [serve_image(http_server, f"ok{i}.jpg", i) for i in range(3)]
     flaky, gone = http_server.url("flaky.jpg"), http_server.url("gone.jpg")
     http_server.routes["/flaky.jpg"] = Route(b"busy", "text/plain", status=503)
-    docs = write_docs(
-        tmp_path / "docs_00000.jsonl",
-        [
-            document([good[0], flaky]),
-            document([good[1], gone]),
-            document([good[2]]),
-        ],
-    )
+    documents = [document([good[0], flaky]), document([good[1], gone]), document([good[2]])]
+    docs = write_docs(tmp_path / "docs_00000.jsonl", documents)
     out, images = tmp_path / "out", tmp_path / "downloads"
     args = [
         "--docs",
@@ -284,6 +278,20 @@ def test_retry_failed_fetches_only_those_reasons_and_writes_a_first_time_success
     stats = json.loads((out / "stats.json").read_text())
     assert stats["reasons"]["images"] == {"http_404": 1}
 
+    # documents naming a url no attempt saw: refused, then fetched with `not_downloaded`
+    new = serve_image(http_server, "new.jpg", 9)
+    write_docs(docs, [*documents, document([new])])
+    before = dict(http_server.hits)
+    refused = convert(*args, "--resume", check=False)
+    assert refused.returncode == 2 and "1 new" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0
+    convert(*args, "--retry-failed", "not_downloaded")
+    fetched = {p: n - before.get(p, 0) for p, n in http_server.hits.items() if n != before.get(p)}
+    assert fetched == {"/new.jpg": 1, "/robots.txt": 1}  # robots.txt: once per download process
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["counts"]["documents"] == {"in": 4, "written": 4}
+    assert stats["counts"]["urls"] == {"in": 6, "fetched": 5, "rejected": 1}
+
 
 @pytest.mark.parametrize("converter", ["mmc4", "obelics"])
 def test_retry_failed_without_download_images_is_one_line(converter: str, tmp_path: Path) -> None:
@@ -322,26 +330,3 @@ def test_an_image_layout_other_than_url_is_refused_with_download(tmp_path: Path)
         check=False,
     )
     assert done.returncode == 2 and "layout" in done.stderr
-
-
-def test_documents_naming_new_urls_are_refused_then_fetched_with_retry_not_downloaded(
-    http_server: LocalServer, tmp_path: Path
-) -> None:
-    first = [serve_image(http_server, f"a{i}.jpg", i) for i in range(2)]
-    docs = tmp_path / "docs_00000.jsonl"
-    write_docs(docs, [document(first)])
-    out, images = tmp_path / "out", tmp_path / "downloads"
-    args = ["--docs", str(docs), "--images", str(images), "--download-images", "--out", str(out)]
-    convert(*args, "--no-progress")
-
-    new = serve_image(http_server, "new.jpg", 5)
-    write_docs(docs, [document(first), document([new])])
-    refused = convert(*args, "--resume", "--no-progress", check=False)
-    assert refused.returncode == 2 and "1 new" in refused.stderr
-    assert refused.stderr.strip().count("\n") == 0
-
-    convert(*args, "--retry-failed", "not_downloaded", "--no-progress")
-    assert http_server.hits["/new.jpg"] == 1 and http_server.hits["/a0.jpg"] == 1
-    stats = json.loads((out / "stats.json").read_text())
-    assert stats["counts"]["documents"] == {"in": 2, "written": 2}
-    assert stats["counts"]["urls"] == {"in": 3, "fetched": 3}
