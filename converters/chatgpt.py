@@ -23,8 +23,7 @@ from flamingo_data.core.stats import Stats
 from flamingo_data.errors import InputError
 from flamingo_data.fetch.i2d_output import (
     ImageStore,
-    check_sidecars,
-    finished_shards,
+    require_output,
 )
 from flamingo_data.fetch.i2d_run import DownloadOptions
 from flamingo_data.fetch.url_images import UrlImages, UrlListChanged, fetch_url_images
@@ -289,13 +288,8 @@ def plan_chatgpt(
         raise SpecError(f"no sequence file matches {specs!r}")
     if unmatched:  # beside files that exist: a mistyped one is not skipped without a word
         raise SpecError(f"{unmatched[0]} names no sequence file (.json or .jsonl)")
-    if options.images_from is not None and not finished_shards(options.images_from):
-        # a mistyped folder would otherwise drop every sequence as not_downloaded, and exit 0
-        raise SpecError(
-            f"no finished img2dataset shard (tar + _stats.json) in `images_from` {options.images_from}"
-        )
     if options.images_from is not None:
-        check_sidecars(options.images_from)
+        require_output(options.images_from, "images_from")
     work = work_dir(run.out_dir)  # downloads stay local; a remote --out gets only shards + sidecars
     if earlier_work(run.out_dir, "_images") and not (run.resume or overwrite):
         raise OutputExistsError(f"{run.out_dir} holds an earlier run: pass `resume` or `overwrite`")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from flamingo_data.core.stats import Stats
 from flamingo_data.errors import InputError
-from flamingo_data.fetch.url_images import UrlImages, UrlStore, fetch_url_images
+from flamingo_data.fetch.url_images import UrlImages, fetch_url_images, url_store
 from flamingo_data.fetch.web import is_web_url
 from flamingo_data.run.units import RunOptions, Unit, discard_partial
 
@@ -39,7 +39,7 @@ class DownloadStep:
             again = fetch_url_images(urls, self.source, progress=run.progress)
             if self.source.retry_failed:
                 self.redo_units_naming(set(again), run.out_dir)
-        UrlStore(self.source.folder).count_urls(urls, self.counts)
+        url_store(self.source.folder).count_urls(urls, self.counts)
 
     def web_urls(self) -> set[str]:
         """Every distinct http(s) url of every unit (others are never fetched: ``bad_url``)."""

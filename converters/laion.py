@@ -29,8 +29,8 @@ from flamingo_data.core.extras import require_extra
 from flamingo_data.core.stats import Stats
 from flamingo_data.fetch.i2d_output import (
     check_finished,
-    check_sidecars,
     finished_shards,
+    require_output,
     shard_rows,
 )
 from flamingo_data.fetch.i2d_run import DownloadOptions, run_img2dataset
@@ -191,10 +191,8 @@ def plan_laion(
     out, folder, root = run.out_dir, local_out(run.out_dir), work_dir(run.out_dir)
     _check_earlier_run(out, folder, run.resume or overwrite)
     staging = Path(from_img2dataset) if from_img2dataset else root / "_download"
-    if from_img2dataset is not None and not finished_shards(staging):
-        raise SpecError(f"no finished img2dataset shard (tar + _stats.json) in {from_img2dataset}")
     if from_img2dataset is not None:
-        check_sidecars(staging)
+        require_output(staging, "from_img2dataset")
 
     def download(local: RunOptions, overwrite: bool) -> None:
         if overwrite:

@@ -543,7 +543,9 @@ def convert_unit(unit: Unit, ctx: UnitContext, options: Mmc4Options, layout: str
     Only errors from *reading* the zip are caught: a write error (full disk) must stop the run.
     """
     folder = (
-        url_store(options.images) if layout == "url" else image_folder(options.images, unit, layout)
+        _url_store(options.images)
+        if layout == "url"
+        else image_folder(options.images, unit, layout)
     )
     lines = _unit_lines if kind_of(unit.source) is None else stream_unit_lines
     for key, line in lines(unit, ctx):
@@ -766,13 +768,10 @@ def plan_mmc4(docs: str | list[str], options: Mmc4Options) -> ConversionPlan:
 
 def _is_url_folder(options: Mmc4Options) -> bool:
     """Images by url: asked for, or ``auto`` and ``images`` is an img2dataset output."""
-    from flamingo_data.fetch.i2d_output import finished_shards
+    from flamingo_data.fetch.i2d_output import finished_shards, require_output
 
     if options.layout == "url":
-        if not finished_shards(options.images):
-            raise SpecError(
-                f"no finished img2dataset shard (tar + _stats.json) in `images` {options.images}"
-            )
+        require_output(options.images, "images")
         return True
     return options.layout == "auto" and bool(finished_shards(options.images))
 
@@ -813,19 +812,7 @@ def unit_raw_urls(unit: Unit) -> Iterator[str]:
         return
 
 
-_STORES: dict[tuple[str, tuple[tuple[str, int], ...]], UrlStore] = {}
+def _url_store(folder: str) -> UrlStore:
+    from flamingo_data.fetch.url_images import url_store  # pandas loads only for images by url
 
-
-def url_store(folder: str) -> UrlStore:
-    """The url store of ``folder``, read once per process while its shards stay the same."""
-    from flamingo_data.fetch.url_images import UrlStore, attempt_folders
-
-    signature = tuple(
-        (str(p), p.stat().st_mtime_ns)
-        for attempt in attempt_folders(folder)
-        for p in sorted(attempt.glob("*_stats.json"))
-    )
-    if (folder, signature) not in _STORES:
-        _STORES.clear()
-        _STORES[(folder, signature)] = UrlStore(folder)
-    return _STORES[(folder, signature)]
+    return url_store(folder)

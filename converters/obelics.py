@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from flamingo_data.converters.downloads import DownloadStep
-from flamingo_data.converters.mmc4 import MAX_LINE_BYTES, url_store
+from flamingo_data.converters.mmc4 import MAX_LINE_BYTES
 from flamingo_data.converters.obelics_docs import (
     Document,
     DocumentError,
@@ -31,8 +31,8 @@ from flamingo_data.converters.obelics_read import (
 from flamingo_data.core.extras import require_extra
 from flamingo_data.core.records import RecordEncodingError, encode_record
 from flamingo_data.core.stats import Stats
-from flamingo_data.fetch.i2d_output import check_sidecars, finished_shards
-from flamingo_data.fetch.url_images import UrlImages, UrlStore
+from flamingo_data.fetch.i2d_output import require_output
+from flamingo_data.fetch.url_images import UrlImages, UrlStore, url_store
 from flamingo_data.fetch.web import is_web_url
 from flamingo_data.images.stage import ImagePolicy, process_image
 from flamingo_data.run.driver import ConversionPlan, run_conversion
@@ -197,9 +197,5 @@ def _document_files(docs: str | list[str]) -> tuple[list[str], list[str]]:
 
 def _check_image_folder(folder: str) -> None:
     """A mistyped folder would drop every document as not_downloaded: refuse it instead."""
-    if not finished_shards(folder):
-        raise SpecError(
-            f"no finished img2dataset shard (tar + _stats.json) in `images` {folder}: "
-            "give an img2dataset output, or pass `download` to fetch the images into it"
-        )
-    check_sidecars(folder)
+    hint = ": give an img2dataset output, or pass `download` to fetch the images into it"
+    require_output(folder, "images", hint)

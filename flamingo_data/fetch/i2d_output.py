@@ -132,6 +132,17 @@ def check_sidecars(folder: str | Path) -> None:
             read_rows(parquet)
 
 
+def require_output(folder: str | Path, name: str, hint: str = "") -> None:
+    """``folder``, given as parameter ``name``, must be an img2dataset output with a finished shard
+    and readable sidecars: a mistyped folder would otherwise drop every item as not_downloaded and
+    exit 0. Raises SpecError (``Img2datasetOutputError`` for a broken sidecar); ``hint`` follows."""
+    if not finished_shards(folder):
+        raise SpecError(
+            f"no finished img2dataset shard (tar + _stats.json) in `{name}` {folder}{hint}"
+        )
+    check_sidecars(folder)
+
+
 def finished_shards(folder: str | Path) -> list[Path]:
     """img2dataset's finished shards: a tar file whose ``_stats.json`` exists (written last)."""
     folder = Path(folder)

@@ -92,6 +92,24 @@ class UrlStore:
                 stats.reject("urls", self.failed.get(url, "not_downloaded"))
 
 
+_STORES: dict[tuple[str, tuple[tuple[str, int], ...]], UrlStore] = {}
+
+
+def url_store(folder: str | Path) -> UrlStore:
+    """The url store of ``folder``, read once per process while its shards stay the same (a
+    process forked after reading it, as a unit worker is, has it too)."""
+    signature = tuple(
+        (str(p), p.stat().st_mtime_ns)
+        for attempt in attempt_folders(folder)
+        for p in sorted(attempt.glob("*_stats.json"))
+    )
+    key = (str(folder), signature)
+    if key not in _STORES:
+        _STORES.clear()
+        _STORES[key] = UrlStore(folder)
+    return _STORES[key]
+
+
 def matches_reason(reason: str, wanted: Iterable[str]) -> bool:
     """``reason`` is one of ``wanted``: an exact code, or a family (``http_5xx``, ``http_4xx``)."""
     return any(
