@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 
 from flamingo_data.cli.options import (
-    add_download_images_options,
-    add_fetch_options,
+    add_document_options,
     add_image_options,
     add_run_options,
     check_retry_failed,
     check_writable,
-    download_options,
+    download_images_extra,
     execution,
     image_policy,
+    images_download,
     print_summary,
     run_options,
 )
@@ -40,31 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="indexed: <images>/<position>/<name>; flat: <images>/<shard>_images/<name>; "
         "url: <images> is an img2dataset output, images found by raw_url",
     )
-    add_download_images_options(parser, "raw_url")
-    parser.add_argument(
-        "--keep-docs-without-images",
-        action="store_true",
-        help="write documents none of whose images were found (default: drop)",
-    )
-    parser.add_argument(
-        "--drop-docs-with-missing-images",
-        action="store_true",
-        help="drop documents with any image missing (default: keep them)",
-    )
+    add_document_options(parser, "raw_url")
     parser.add_argument(
         "--schema-check",
         action="store_true",
         help="also re-validate every record with jsonschema (slower; the converter's own checks "
         "already enforce the schema)",
     )
-    add_fetch_options(parser)
     add_image_options(parser)
     add_run_options(parser)
 
 
 def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """Downloading images needs img2dataset."""
-    return [("download", "convert mmc4 --download-images")] if args.download_images else []
+    return download_images_extra(args, "convert mmc4")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         drop_docs_with_missing_images=args.drop_docs_with_missing_images,
         policy=image_policy(args),
         schema_check=args.schema_check,
-        download=download_options(args) if args.download_images else None,
+        download=images_download(args),
         retry_failed=args.retry_failed,
     )
     stats = convert_mmc4(

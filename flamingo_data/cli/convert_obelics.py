@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 
 from flamingo_data.cli.options import (
-    add_download_images_options,
-    add_fetch_options,
+    add_document_options,
     add_image_options,
     add_run_options,
     check_retry_failed,
     check_writable,
-    download_options,
+    download_images_extra,
     execution,
     image_policy,
+    images_download,
     print_summary,
     run_options,
 )
@@ -32,25 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="img2dataset output the images are read from by url (the download target with "
         "--download-images)",
     )
-    add_download_images_options(parser, "image url")
-    parser.add_argument(
-        "--keep-docs-without-images",
-        action="store_true",
-        help="write documents none of whose images were kept (default: drop)",
-    )
-    parser.add_argument(
-        "--drop-docs-with-missing-images",
-        action="store_true",
-        help="drop documents with any image not kept (default: keep them without it)",
-    )
-    add_fetch_options(parser)
+    add_document_options(parser, "image url")
     add_image_options(parser)
     add_run_options(parser)
 
 
 def required_extras(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """img2dataset only for --download-images."""
-    return [("download", "convert obelics --download-images")] if args.download_images else []
+    return download_images_extra(args, "convert obelics")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     check_retry_failed(args)
     check_writable(args.out)
-    download = download_options(args) if args.download_images else None
     options = ObelicsOptions(
-        images=UrlImages(args.images, download=download, retry_failed=args.retry_failed),
+        images=UrlImages(
+            args.images, download=images_download(args), retry_failed=args.retry_failed
+        ),
         keep_docs_without_images=args.keep_docs_without_images,
         drop_docs_with_missing_images=args.drop_docs_with_missing_images,
         policy=image_policy(args),

@@ -102,8 +102,25 @@ def add_fetch_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_download_images_options(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--download-images`` and ``--retry-failed`` of the document converters (images by url)."""
+def add_document_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """The document converters' (MMC4, OBELICS) shared options: which documents are kept when
+    images are missing, and fetching the images by url (``what``: the field holding it)."""
+    parser.add_argument(
+        "--keep-docs-without-images",
+        action="store_true",
+        help="write documents none of whose images were kept (default: drop)",
+    )
+    parser.add_argument(
+        "--drop-docs-with-missing-images",
+        action="store_true",
+        help="drop documents with any image missing or refused (default: keep them without it)",
+    )
+    _add_download_images_options(parser, what)
+    add_fetch_options(parser)
+
+
+def _add_download_images_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--download-images`` and ``--retry-failed``."""
     parser.add_argument(
         "--download-images",
         action="store_true",
@@ -136,6 +153,16 @@ def check_retry_failed(args: argparse.Namespace) -> None:
         raise UsageError("--retry-failed needs --download-images: only a download fetches again")
     if args.retry_failed:
         args.resume = True
+
+
+def download_images_extra(args: argparse.Namespace, command: str) -> list[tuple[str, str]]:
+    """A document converter needs img2dataset (the [download] extra) only to download."""
+    return [("download", f"{command} --download-images")] if args.download_images else []
+
+
+def images_download(args: argparse.Namespace) -> DownloadOptions | None:
+    """How a document converter downloads its images, or None when it reads them only."""
+    return download_options(args) if args.download_images else None
 
 
 def download_options(args: argparse.Namespace) -> DownloadOptions:
