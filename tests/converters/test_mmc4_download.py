@@ -66,21 +66,13 @@ def write_docs(path: Path, docs: list[dict]) -> Path:
     return path
 
 
+def cli(converter: str, *args: str) -> list[str]:
+    """The command line of ``flamingo-data convert <converter> <args>`` in this interpreter."""
+    return [sys.executable, "-m", "flamingo_data", "convert", converter, *args]
+
+
 def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "flamingo_data",
-        "convert",
-        "mmc4",
-        "--processes",
-        "1",
-        "--timeout",
-        "3",
-        "--retries",
-        "0",
-        *args,
-    ]
+    command = cli("mmc4", "--processes", "1", "--timeout", "3", "--retries", "0", *args)
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
@@ -186,18 +178,7 @@ def test_an_interrupted_download_resumes_without_fetching_a_url_twice(
         "1",
         "--no-progress",
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "flamingo_data",
-        "convert",
-        "mmc4",
-        "--processes",
-        "1",
-        "--timeout",
-        "5",
-        *args,
-    ]
+    command = cli("mmc4", "--processes", "1", "--timeout", "5", *args)
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while len(read_journal(images / JOURNAL_DIR)) < 4 and time.monotonic() < deadline:
@@ -295,21 +276,10 @@ def test_retry_failed_fetches_only_those_reasons_and_writes_a_first_time_success
 
 @pytest.mark.parametrize("converter", ["mmc4", "obelics"])
 def test_retry_failed_without_download_images_is_one_line(converter: str, tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "flamingo_data",
-        "convert",
-        converter,
-        "--docs",
-        "x.jsonl",
-        "--images",
-        "d",
-        "--out",
-        str(tmp_path / "o"),
-        "--retry-failed",
-        "timeout",
-    ]
+    out = str(tmp_path / "o")
+    command = cli(
+        converter, "--docs", "x.jsonl", "--images", "d", "--out", out, "--retry-failed", "timeout"
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "--download-images" in done.stderr
